@@ -1,0 +1,20 @@
+"""nbflash: FlashAttention as Numba CUDA kernels, with a naive CuPy baseline and experiments.
+
+    import nbflash
+    o = nbflash.attention(q, k, v, causal=True)
+    o, lse = nbflash.attention_forward(q, k, v)
+    dq, dk, dv = nbflash.attention_backward(do, q, k, v, o, lse)
+
+The device mode (GPU or Numba's CUDA simulator) is decided at import from NBFLASH_DEVICE
+(gpu | sim | auto | compile); see :mod:`nbflash._cuda`.
+"""
+
+__version__ = "0.1.0"
+
+from ._cuda import MODE, DeviceModeError  # noqa: E402  (decides the device mode first)
+from .api import attention, attention_backward, attention_forward  # noqa: E402
+from .inputs import InputError  # noqa: E402
+from .info import info  # noqa: E402
+
+__all__ = ["attention", "attention_forward", "attention_backward", "info", "InputError",
+           "DeviceModeError", "MODE", "__version__"]

@@ -1,0 +1,72 @@
+"""The public functions: check the inputs once, pick the implementation, run it.
+
+Layout is (batch, heads, seqlen, head_dim), as in torch's scaled_dot_product_attention. q has Nq
+rows, k and v have Nk rows; neither needs to be a multiple of any block size.
+
+Causal masking is bottom-right aligned, as in FlashAttention 2: query i sees key j when
+j <= i + Nk - Nq. With Nq > Nk the first Nq - Nk queries see no key at all; their output is 0,
+their lse is -inf and their gradients are 0 (no NaN anywhere).
+"""
+
+from . import inputs, naive
+from .kernels import launch
+
+
+def _to_host(prob, arrays):
+    if not prob.to_host:
+        return arrays
+    return tuple(prob.xp.asnumpy(a) for a in arrays)
+
+
+def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
+                      block_rule=None):
+    """Attention forward: returns (o, lse).
+
+    q: (B, H, Nq, d); k, v: (B, H, Nk, d); float16 or float32 (math in float32), CuPy arrays on the
+    GPU, NumPy arrays in the simulator. o has q's shape and dtype; lse = m + log ℓ per query row,
+    float32 of shape (B, H, Nq), -inf for a row that sees no key.
+
+    causal: mask keys after the query, bottom-right aligned (key j visible to query i when
+    j <= i + Nk - Nq). softmax_scale (τ): default 1/sqrt(d).
+    impl: "fa1" (FlashAttention paper, Algorithm 1), "naive" (plain array operations) or "auto"
+    (the fastest available: fa1).
+    M, block_rule (fa1 only): on-chip memory in elements (default: the most a block gets) and
+    the block-size rule, "paper" (Bc = ceil(M/4d), Br = min(Bc, d)) or "seed" (the reverse).
+    Raises nbflash.InputError, naming the problem, before any kernel runs.
+    """
+    prob, (q, k, v) = inputs.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                           impl=impl, M=M, block_rule=block_rule)
+    if prob.impl == "naive":
+        out = naive.attention_forward(q, k, v, causal=prob.causal, softmax_scale=prob.scale)
+    else:
+        out = launch.fa1_forward(prob.xp, q, k, v, causal=prob.causal, scale=prob.scale,
+                                 tiles=prob.tiles)
+    return _to_host(prob, out)
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
+              block_rule=None):
+    """Attention output softmax(τ q kᵀ) v; see :func:`attention_forward` for the arguments."""
+    return attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, impl=impl,
+                             M=M, block_rule=block_rule)[0]
+
+
+def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, impl="auto",
+                       M=None, block_rule=None):
+    """Attention backward: returns (dq, dk, dv) for upstream gradient do = dL/do.
+
+    o and lse are what :func:`attention_forward` returned for the same q, k, v and options.
+    P is recomputed from q, k and lse instead of being stored (fa1: the paper's Algorithm 4).
+    Gradients have the dtypes and shapes of q, k, v; rows that see no key get zero gradients.
+    """
+    prob, arrays = inputs.check_backward(do, q, k, v, o, lse, causal=causal,
+                                         softmax_scale=softmax_scale, impl=impl, M=M,
+                                         block_rule=block_rule)
+    if prob.impl == "naive":
+        do, q, k, v, o, lse = arrays
+        out = naive.attention_backward(do, q, k, v, o, lse, causal=prob.causal,
+                                       softmax_scale=prob.scale)
+    else:
+        out = launch.fa1_backward(prob.xp, *arrays, causal=prob.causal, scale=prob.scale,
+                                  tiles=prob.tiles)
+    return _to_host(prob, out)

@@ -1,0 +1,346 @@
+"""FlashAttention as the paper writes it: Algorithm 1 (forward) and Algorithm 4 (backward).
+
+Dao, Fu, Ermon, Rudra, Ré, "FlashAttention: Fast and Memory-Efficient Exact Attention with
+IO-Awareness" (NeurIPS 2022). Line numbers below are those of the paper's Algorithms 1, 2 and 4.
+
+Both kernels follow the paper's loop order: the outer loop walks key/value blocks j (K_j, V_j are
+loaded into shared memory once), the inner loop walks query blocks i. One thread block handles one
+(batch, head) pair, so the grid is B*H blocks and every statistic of a row is only ever touched by
+the block that owns it. Tiles are float32 in shared memory whatever the input dtype; the running
+output O and the statistics ℓ, m live in float32 buffers in HBM and are read and written at every
+(i, j) step, as the algorithm says. This is the readable, paper-faithful pair: it is what the IO
+experiments measure, not the fastest way to compute attention.
+
+Masking (Algorithm 2's MASK): a key column c is visible to query row r when c < Nk and, if
+causal, c <= r + Nk - Nq (bottom-right alignment). Blocks that causal masking hides entirely are
+skipped: no load, no compute, no write. A row that sees no key keeps O = 0, ℓ = 0, m = -inf, so
+lse = -inf and its gradients are 0.
+
+The kernels are built by :func:`make_forward` and :func:`make_backward` for fixed tile shapes,
+head dim, causal flag and output cast; :mod:`nbflash.kernels.launch` caches what they build.
+"""
+
+import math
+
+from numba import float32
+
+from .._cuda import cuda
+from .online_softmax import NEG_INF, ZERO, online_softmax_update
+
+
+def _visible(row, col, Nq, Nk, causal):
+    """MASK of Algorithm 2: is key `col` visible to query `row`? (Also false past the ends.)"""
+    return row < Nq and col < Nk and (not causal or col <= row + Nk - Nq)
+
+
+_visible = cuda.jit(device=True, inline=True)(_visible)
+
+
+def _block_hidden(i, j, Br, Bc, Nq, Nk):
+    """True when causal masking hides every entry of block (i, j): its first key lies after the
+    last key its last query row may see."""
+    last_row = min(i * Br + Br - 1, Nq - 1)
+    return j * Bc > last_row + Nk - Nq
+
+
+_block_hidden = cuda.jit(device=True, inline=True)(_block_hidden)
+
+
+def make_forward(tiles, causal, cast_output):
+    """Build the Algorithm 1 kernel for `tiles` (Br, Bc, d, threads).
+
+    `cast_output`: the output dtype is not float32, so O is accumulated in a float32 buffer and
+    converted at the end; otherwise the output array is itself that buffer.
+    """
+    BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
+    DP, BCP = tiles.dp, tiles.bcp
+    CAUSAL, CAST = bool(causal), bool(cast_output)
+
+    def fa1_forward(q, k, v, o_acc, o, m, l, scale):
+        """FlashAttention forward, Algorithm 1 with Algorithm 2's scaling and masking.
+
+        Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.
+        Shared memory (float32): Q_i (Br x d), K_j, V_j (Bc x d), O_i (Br x d), S_ij / P~_ij
+        (Br x Bc), and per-row rescaling factors (2 x Br); rows of Q, K, V and S are padded
+        to an odd stride against bank conflicts (see nbflash.tiling.Tiles for the bytes).
+        Registers: the m, ℓ of the row a thread owns during lines 11-14.
+        HBM per (i, j) step: reads Q_i, O_i, ℓ_i, m_i; writes O_i, ℓ_i, m_i. Per j: reads K_j, V_j.
+        Arguments: q (B, H, Nq, d), k and v (B, H, Nk, d), o_acc (float32 running O), o (output,
+        may be o_acc itself), m and l (float32, B x H x Nq; m holds lse on return), scale (τ).
+        """
+        H = q.shape[1]
+        Nq = q.shape[2]
+        Nk = k.shape[2]
+        b = cuda.blockIdx.x // H
+        h = cuda.blockIdx.x % H
+        tid = cuda.threadIdx.x
+        Tr = (Nq + BR - 1) // BR
+        Tc = (Nk + BC - 1) // BC
+
+        Qi = cuda.shared.array((BR, DP), float32)
+        Kj = cuda.shared.array((BC, DP), float32)
+        Vj = cuda.shared.array((BC, DP), float32)
+        Oi = cuda.shared.array((BR, D), float32)
+        S = cuda.shared.array((BR, BCP), float32)      # S_ij, then P~_ij in place
+        keep = cuda.shared.array(BR, float32)          # diag(ℓ_new)^-1 diag(ℓ_i) e^(m_i - m_new)
+        new = cuda.shared.array(BR, float32)           # diag(ℓ_new)^-1 e^(m~_ij - m_new)
+
+        # line 3: initialise O = 0, ℓ = 0, m = -inf in HBM
+        for e in range(tid, Nq * D, T):
+            o_acc[b, h, e // D, e % D] = ZERO
+        for r in range(tid, Nq, T):
+            l[b, h, r] = ZERO
+            m[b, h, r] = NEG_INF
+        cuda.syncthreads()  # line 9 reads what other threads initialised
+
+        for j in range(Tc):  # line 6
+            # line 7: load K_j, V_j from HBM to on-chip SRAM (zeros past Nk)
+            for e in range(tid, BC * D, T):
+                c = e // D
+                x = e % D
+                col = j * BC + c
+                if col < Nk:
+                    Kj[c, x] = float32(k[b, h, col, x])
+                    Vj[c, x] = float32(v[b, h, col, x])
+                else:
+                    Kj[c, x] = ZERO
+                    Vj[c, x] = ZERO
+            cuda.syncthreads()  # K_j, V_j complete before any thread reads them
+
+            for i in range(Tr):  # line 8
+                if CAUSAL and _block_hidden(i, j, BR, BC, Nq, Nk):
+                    continue  # block-uniform condition: every thread skips together
+                # line 9: load Q_i, O_i from HBM (ℓ_i, m_i are loaded by their row's thread below)
+                for e in range(tid, BR * D, T):
+                    r = e // D
+                    x = e % D
+                    row = i * BR + r
+                    if row < Nq:
+                        Qi[r, x] = float32(q[b, h, row, x])
+                        Oi[r, x] = o_acc[b, h, row, x]
+                    else:
+                        Qi[r, x] = ZERO
+                        Oi[r, x] = ZERO
+                cuda.syncthreads()  # Q_i complete before S_ij reads it
+
+                # line 10: S_ij = τ Q_i K_j^T, with MASK applied (Alg. 2)
+                for e in range(tid, BR * BC, T):
+                    r = e // BC
+                    c = e % BC
+                    if _visible(i * BR + r, j * BC + c, Nq, Nk, CAUSAL):
+                        s = ZERO
+                        for x in range(D):
+                            s += Qi[r, x] * Kj[c, x]
+                        S[r, c] = s * scale
+                    else:
+                        S[r, c] = NEG_INF
+                cuda.syncthreads()  # S_ij complete before the row statistics read it
+
+                # lines 11-12 and 14, one thread per row: m~, P~, ℓ~; m_new, ℓ_new; write ℓ_i, m_i
+                for r in range(tid, BR, T):
+                    m_blk = NEG_INF
+                    for c in range(BC):
+                        m_blk = max(m_blk, S[r, c])
+                    l_blk = ZERO
+                    for c in range(BC):
+                        p = ZERO
+                        if S[r, c] != NEG_INF:
+                            p = math.exp(S[r, c] - m_blk)
+                        S[r, c] = p
+                        l_blk += p
+                    row = i * BR + r
+                    m_i = NEG_INF
+                    l_i = ZERO
+                    if row < Nq:
+                        m_i = m[b, h, row]
+                        l_i = l[b, h, row]
+                    m_new, l_new, alpha, beta = online_softmax_update(m_i, l_i, m_blk, l_blk)
+                    keep[r] = ZERO
+                    new[r] = ZERO
+                    if l_new > ZERO:
+                        keep[r] = l_i * alpha / l_new
+                        new[r] = beta / l_new
+                    if row < Nq:  # line 14
+                        m[b, h, row] = m_new
+                        l[b, h, row] = l_new
+                cuda.syncthreads()  # P~_ij and the factors complete before line 13 reads them
+
+                # line 13: O_i <- diag(ℓ_new)^-1 (diag(ℓ_i) e^(m_i - m_new) O_i
+                #                                 + e^(m~_ij - m_new) P~_ij V_j), written to HBM
+                for e in range(tid, BR * D, T):
+                    r = e // D
+                    x = e % D
+                    row = i * BR + r
+                    if row < Nq:
+                        pv = ZERO
+                        for c in range(BC):
+                            pv += S[r, c] * Vj[c, x]
+                        o_acc[b, h, row, x] = keep[r] * Oi[r, x] + new[r] * pv
+                cuda.syncthreads()  # the next i overwrites Q_i, O_i, S and the factors
+            cuda.syncthreads()  # the next j overwrites K_j, V_j (also when every i was skipped)
+
+        # epilogue (after line 17): lse = m + log ℓ, kept for the backward; O in the output dtype
+        for r in range(tid, Nq, T):
+            l_r = l[b, h, r]
+            m[b, h, r] = m[b, h, r] + math.log(l_r) if l_r > ZERO else NEG_INF
+        if CAST:
+            for e in range(tid, Nq * D, T):
+                o[b, h, e // D, e % D] = o_acc[b, h, e // D, e % D]
+
+    return fa1_forward
+
+
+def make_backward(tiles, causal, cast_dq):
+    """Build the Algorithm 4 kernel for `tiles` (Br, Bc, d, threads).
+
+    `cast_dq`: the gradient dtype is not float32, so dQ is accumulated in a float32 buffer and
+    converted at the end; otherwise dq is itself that buffer.
+    """
+    BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
+    DP, BCP = tiles.dp, tiles.bcp
+    CAUSAL, CAST = bool(causal), bool(cast_dq)
+    NPT = (BC * D + T - 1) // T  # elements of dK~_j and dV~_j each thread keeps in registers
+
+    def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale):
+        """FlashAttention backward, Algorithm 4 (without dropout), from the saved lse.
+
+        P_ij = diag(ℓ_i)^-1 exp(S_ij - m_i) is computed as exp(S_ij - lse_i), lse = m + log ℓ.
+        Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.
+        Shared memory (float32): Q_i, dO_i (Br x d), K_j, V_j (Bc x d), P_ij and dS_ij
+        (Br x Bc; dP_ij is never stored: each entry becomes dS_ij where it is computed),
+        lse_i and D_i (Br each). Registers: dK~_j, dV~_j (Bc x d), ceil(Bc d / T) entries of
+        each per thread, written to HBM once per j.
+        HBM per (i, j) step: reads Q_i, O_i, dO_i, lse_i and dQ_i; writes dQ_i. Per j: reads
+        K_j, V_j; writes dK_j, dV_j.
+        """
+        H = q.shape[1]
+        Nq = q.shape[2]
+        Nk = k.shape[2]
+        b = cuda.blockIdx.x // H
+        h = cuda.blockIdx.x % H
+        tid = cuda.threadIdx.x
+        Tr = (Nq + BR - 1) // BR
+        Tc = (Nk + BC - 1) // BC
+
+        Qi = cuda.shared.array((BR, DP), float32)
+        dOi = cuda.shared.array((BR, DP), float32)
+        Kj = cuda.shared.array((BC, DP), float32)
+        Vj = cuda.shared.array((BC, DP), float32)
+        P = cuda.shared.array((BR, BCP), float32)
+        dS = cuda.shared.array((BR, BCP), float32)
+        lse_i = cuda.shared.array(BR, float32)
+        D_i = cuda.shared.array(BR, float32)
+        dK_acc = cuda.local.array(NPT, float32)
+        dV_acc = cuda.local.array(NPT, float32)
+
+        # line 6: initialise dQ = 0 in HBM (dK_j and dV_j are written whole, once per j)
+        for e in range(tid, Nq * D, T):
+            dq_acc[b, h, e // D, e % D] = ZERO
+        cuda.syncthreads()  # line 22 adds to what other threads initialised
+
+        for j in range(Tc):  # line 7
+            # line 8: load K_j, V_j from HBM to on-chip SRAM (zeros past Nk)
+            for e in range(tid, BC * D, T):
+                c = e // D
+                x = e % D
+                col = j * BC + c
+                if col < Nk:
+                    Kj[c, x] = float32(k[b, h, col, x])
+                    Vj[c, x] = float32(v[b, h, col, x])
+                else:
+                    Kj[c, x] = ZERO
+                    Vj[c, x] = ZERO
+            # line 9: dK~_j = 0, dV~_j = 0 on chip
+            for t in range(NPT):
+                dK_acc[t] = ZERO
+                dV_acc[t] = ZERO
+            cuda.syncthreads()  # K_j, V_j complete before any thread reads them
+
+            for i in range(Tr):  # line 10
+                if CAUSAL and _block_hidden(i, j, BR, BC, Nq, Nk):
+                    continue  # block-uniform condition: every thread skips together
+                # line 11: load Q_i, dO_i, lse_i (O_i is read in line 20, dQ_i in line 22)
+                for e in range(tid, BR * D, T):
+                    r = e // D
+                    x = e % D
+                    row = i * BR + r
+                    if row < Nq:
+                        Qi[r, x] = float32(q[b, h, row, x])
+                        dOi[r, x] = float32(do[b, h, row, x])
+                    else:
+                        Qi[r, x] = ZERO
+                        dOi[r, x] = ZERO
+                cuda.syncthreads()  # dO_i complete before line 20 reads whole rows of it
+
+                # line 20: D_i = rowsum(dO_i ∘ O_i), O_i streamed from HBM by the row's thread
+                for r in range(tid, BR, T):
+                    row = i * BR + r
+                    acc = ZERO
+                    lse_r = NEG_INF
+                    if row < Nq:
+                        for x in range(D):
+                            acc += dOi[r, x] * float32(o[b, h, row, x])
+                        lse_r = lse[b, h, row]
+                    D_i[r] = acc
+                    lse_i[r] = lse_r
+                cuda.syncthreads()  # D_i, lse_i complete before line 21 reads them
+
+                # lines 12-14, 18 and 21 per entry: S_ij = τ Q_i K_j^T, MASK, P_ij = exp(S - lse_i),
+                # dP_ij = dO_i V_j^T, dS_ij = P_ij ∘ (dP_ij - D_i)
+                for e in range(tid, BR * BC, T):
+                    r = e // BC
+                    c = e % BC
+                    if _visible(i * BR + r, j * BC + c, Nq, Nk, CAUSAL):
+                        s = ZERO
+                        dp = ZERO
+                        for x in range(D):
+                            s += Qi[r, x] * Kj[c, x]
+                            dp += dOi[r, x] * Vj[c, x]
+                        p = math.exp(s * scale - lse_i[r])  # finite: the row sees key c
+                        P[r, c] = p
+                        dS[r, c] = p * (dp - D_i[r])
+                    else:
+                        P[r, c] = ZERO
+                        dS[r, c] = ZERO
+                cuda.syncthreads()  # P_ij, dS_ij complete before lines 17, 22, 23 read them
+
+                # line 17: dV~_j += P_ij^T dO_i;  line 23: dK~_j += τ dS_ij^T Q_i  (registers)
+                for t in range(NPT):
+                    e = tid + t * T
+                    if e < BC * D:
+                        c = e // D
+                        x = e % D
+                        pdo = ZERO
+                        dsq = ZERO
+                        for r in range(BR):
+                            pdo += P[r, c] * dOi[r, x]
+                            dsq += dS[r, c] * Qi[r, x]
+                        dV_acc[t] += pdo
+                        dK_acc[t] += scale * dsq
+
+                # line 22: dQ_i <- dQ_i + τ dS_ij K_j, read-modify-written in HBM
+                for e in range(tid, BR * D, T):
+                    r = e // D
+                    x = e % D
+                    row = i * BR + r
+                    if row < Nq:
+                        acc = ZERO
+                        for c in range(BC):
+                            acc += dS[r, c] * Kj[c, x]
+                        dq_acc[b, h, row, x] += scale * acc
+                cuda.syncthreads()  # the next i overwrites Q_i, dO_i, P, dS, D_i, lse_i
+
+            # line 25: write dK_j <- dK~_j, dV_j <- dV~_j to HBM
+            for t in range(NPT):
+                e = tid + t * T
+                col = j * BC + e // D
+                if e < BC * D and col < Nk:
+                    dk[b, h, col, e % D] = dK_acc[t]
+                    dv[b, h, col, e % D] = dV_acc[t]
+            cuda.syncthreads()  # the next j overwrites K_j, V_j
+
+        if CAST:  # epilogue: dQ in the output dtype
+            for e in range(tid, Nq * D, T):
+                dq[b, h, e // D, e % D] = dq_acc[b, h, e // D, e % D]
+
+    return fa1_backward
