@@ -10,9 +10,9 @@ The notes nbflash was started from (``shared/seed``) write it the other way roun
     seed rule:   Br = ceil(M / 4d),  Bc = min(ceil(M / 4d), d)
 
 Both keep Br * Bc <= M/4 (up to the rounding of the ceiling), so the S_ij tile also fits in a
-quarter. The paper keeps S_ij in registers; nbflash's fa1 kernels keep it (and the backward's dS_ij)
-in shared memory, so they need somewhat more than M elements of shared memory: the functions
-below count it exactly, and the default M is the largest one whose kernel fits in the shared
+quarter. The paper keeps S_ij in registers; nbflash's fa1 kernels keep it (and the backward's
+dS_ij, dK~_j and dV~_j) in shared memory, so they need somewhat more than M elements of shared
+memory: the functions below count it exactly, and the default M is the largest one whose kernel fits in the shared
 memory a block gets (48 KB of static shared memory on every CUDA GPU since Volta).
 """
 
@@ -71,8 +71,9 @@ class Tiles:
             + self.Br * self.bcp + 2 * self.Br
 
     def backward_smem_elements(self):
-        # Q_i, dO_i, K_j, V_j (padded), P_ij and dS_ij, and lse_i, D_i
-        return 2 * (self.Br + self.Bc) * self.dp + 2 * self.Br * self.bcp + 2 * self.Br
+        # Q_i, dO_i, K_j, V_j (padded), dK~_j, dV~_j, P_ij and dS_ij, and lse_i, D_i
+        return 2 * (self.Br + self.Bc) * self.dp + 2 * self.Bc * self.d \
+            + 2 * self.Br * self.bcp + 2 * self.Br
 
     def smem_bytes(self, pass_):
         n = self.forward_smem_elements() if pass_ == "forward" else self.backward_smem_elements()

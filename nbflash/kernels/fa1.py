@@ -199,17 +199,15 @@ def make_backward(tiles, causal, cast_dq):
     BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
     DP, BCP = tiles.dp, tiles.bcp
     CAUSAL, CAST = bool(causal), bool(cast_dq)
-    NPT = (BC * D + T - 1) // T  # elements of dK~_j and dV~_j each thread keeps in registers
 
     def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale):
         """FlashAttention backward, Algorithm 4 (without dropout), from the saved lse.
 
         P_ij = diag(ℓ_i)^-1 exp(S_ij - m_i) is computed as exp(S_ij - lse_i), lse = m + log ℓ.
         Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.
-        Shared memory (float32): Q_i, dO_i (Br x d), K_j, V_j (Bc x d), P_ij and dS_ij
-        (Br x Bc; dP_ij is never stored: each entry becomes dS_ij where it is computed),
-        lse_i and D_i (Br each). Registers: dK~_j, dV~_j (Bc x d), ceil(Bc d / T) entries of
-        each per thread, written to HBM once per j.
+        Shared memory (float32): Q_i, dO_i (Br x d), K_j, V_j, dK~_j, dV~_j (Bc x d), P_ij and
+        dS_ij (Br x Bc; dP_ij is never stored: each entry becomes dS_ij where it is computed),
+        lse_i and D_i (Br each). Each entry of dK~_j, dV~_j is updated by one thread only.
         HBM per (i, j) step: reads Q_i, O_i, dO_i, lse_i and dQ_i; writes dQ_i. Per j: reads
         K_j, V_j; writes dK_j, dV_j.
         """
@@ -230,8 +228,8 @@ def make_backward(tiles, causal, cast_dq):
         dS = cuda.shared.array((BR, BCP), float32)
         lse_i = cuda.shared.array(BR, float32)
         D_i = cuda.shared.array(BR, float32)
-        dK_acc = cuda.local.array(NPT, float32)
-        dV_acc = cuda.local.array(NPT, float32)
+        dKj = cuda.shared.array((BC, D), float32)      # dK~_j
+        dVj = cuda.shared.array((BC, D), float32)      # dV~_j
 
         # line 6: initialise dQ = 0 in HBM (dK_j and dV_j are written whole, once per j)
         for e in range(tid, Nq * D, T):
@@ -250,10 +248,9 @@ def make_backward(tiles, causal, cast_dq):
                 else:
                     Kj[c, x] = ZERO
                     Vj[c, x] = ZERO
-            # line 9: dK~_j = 0, dV~_j = 0 on chip
-            for t in range(NPT):
-                dK_acc[t] = ZERO
-                dV_acc[t] = ZERO
+                # line 9: dK~_j = 0, dV~_j = 0 on SRAM (the same thread owns each entry below)
+                dKj[c, x] = ZERO
+                dVj[c, x] = ZERO
             cuda.syncthreads()  # K_j, V_j complete before any thread reads them
 
             for i in range(Tr):  # line 10
@@ -304,19 +301,17 @@ def make_backward(tiles, causal, cast_dq):
                         dS[r, c] = ZERO
                 cuda.syncthreads()  # P_ij, dS_ij complete before lines 17, 22, 23 read them
 
-                # line 17: dV~_j += P_ij^T dO_i;  line 23: dK~_j += τ dS_ij^T Q_i  (registers)
-                for t in range(NPT):
-                    e = tid + t * T
-                    if e < BC * D:
-                        c = e // D
-                        x = e % D
-                        pdo = ZERO
-                        dsq = ZERO
-                        for r in range(BR):
-                            pdo += P[r, c] * dOi[r, x]
-                            dsq += dS[r, c] * Qi[r, x]
-                        dV_acc[t] += pdo
-                        dK_acc[t] += scale * dsq
+                # line 17: dV~_j += P_ij^T dO_i;  line 23: dK~_j += τ dS_ij^T Q_i  (on SRAM)
+                for e in range(tid, BC * D, T):
+                    c = e // D
+                    x = e % D
+                    pdo = ZERO
+                    dsq = ZERO
+                    for r in range(BR):
+                        pdo += P[r, c] * dOi[r, x]
+                        dsq += dS[r, c] * Qi[r, x]
+                    dVj[c, x] += pdo
+                    dKj[c, x] += scale * dsq
 
                 # line 22: dQ_i <- dQ_i + τ dS_ij K_j, read-modify-written in HBM
                 for e in range(tid, BR * D, T):
@@ -330,13 +325,14 @@ def make_backward(tiles, causal, cast_dq):
                         dq_acc[b, h, row, x] += scale * acc
                 cuda.syncthreads()  # the next i overwrites Q_i, dO_i, P, dS, D_i, lse_i
 
-            # line 25: write dK_j <- dK~_j, dV_j <- dV~_j to HBM
-            for t in range(NPT):
-                e = tid + t * T
-                col = j * BC + e // D
-                if e < BC * D and col < Nk:
-                    dk[b, h, col, e % D] = dK_acc[t]
-                    dv[b, h, col, e % D] = dV_acc[t]
+            # line 25: write dK_j <- dK~_j, dV_j <- dV~_j to HBM (same thread-to-entry mapping)
+            for e in range(tid, BC * D, T):
+                c = e // D
+                x = e % D
+                col = j * BC + c
+                if col < Nk:
+                    dk[b, h, col, x] = dKj[c, x]
+                    dv[b, h, col, x] = dVj[c, x]
             cuda.syncthreads()  # the next j overwrites K_j, V_j
 
         if CAST:  # epilogue: dQ in the output dtype

@@ -82,3 +82,19 @@ def fa1_backward(xp, do, q, k, v, o, lse, *, causal, scale, tiles):
     kernel = build("fa1_backward", tiles, bool(causal), cast)
     _launch(kernel, B * H, tiles.threads, q, k, v, o, do, lse, dq_acc, dq, dk, dv, f32(scale))
     return (dq if cast else dq_acc), dk, dv
+
+
+def signature(name, dtype, cast):
+    """Numba signature of kernel `name` for inputs of `dtype` (as :func:`fa1_forward` and
+    :func:`fa1_backward` launch it), for compiling without a GPU."""
+    from numba import types  # noqa: PLC0415
+
+    io = types.Array(types.float16 if str(dtype) == "float16" else types.float32, 4, "C")
+    f32_4d = types.Array(types.float32, 4, "C")
+    f32_3d = types.Array(types.float32, 3, "C")
+    out = io if cast else f32_4d  # the placeholder is float32
+    if name == "fa1_forward":
+        args = (io, io, io, f32_4d, out, f32_3d, f32_3d, types.float32)
+    else:
+        args = (io, io, io, io, io, f32_3d, f32_4d, out, io, io, types.float32)
+    return types.void(*args)
