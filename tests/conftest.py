@@ -1,0 +1,22 @@
+"""Test configuration. Tests run wherever nbflash's device mode points: in Numba's CUDA
+simulator on a machine without a GPU (CI), on the GPU with NBFLASH_DEVICE=gpu (or auto there).
+Tests marked `gpu` use sizes that only make sense on a GPU and are skipped elsewhere."""
+
+import pytest
+
+from nbflash import MODE
+
+
+def pytest_collection_modifyitems(config, items):
+    if MODE == "gpu":
+        return
+    skip = pytest.mark.skip(reason=f"needs a GPU (device mode here: {MODE})")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    import nbflash  # noqa: PLC0415
+    i = nbflash.info()
+    return f"nbflash device mode: {i['mode']}, GPU: {i['gpu']}, versions: {i['versions']}"

@@ -1,0 +1,105 @@
+"""Helpers shared by the tests: inputs, the fp64 reference, and the tolerance rule.
+
+Tolerance rule (shared/TESTING.md, after FlashAttention's and PyTorch's suites): a kernel's max
+error against the float64 reference may be at most `factor` times the max error of the naive
+implementation run in the kernel's dtype on the same inputs, plus a floor of two roundings at
+the reference's magnitude, 2·max|fl(fl(ref + 0.3) - 0.3) - ref| in the output dtype, so that a
+naive error of exactly zero does not demand bit equality.
+"""
+
+import numpy as np
+
+import nbflash
+from nbflash import naive
+
+if nbflash.MODE == "gpu":
+    import cupy as xp
+else:
+    xp = np
+
+#: factor per output: 2x for o and lse, 3x for dk and dv, 4x for dq (FlashAttention / PyTorch)
+FACTORS = {"o": 2.0, "lse": 2.0, "dq": 4.0, "dk": 3.0, "dv": 3.0}
+
+
+def host(x):
+    return xp.asnumpy(x) if xp is not np else np.asarray(x)
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    """Device array of normal samples in `dtype`."""
+    return xp.asarray((rng.standard_normal(shape) * scale).astype(dtype))
+
+
+def make_inputs(rng, B, H, Nq, Nk, d, dtype, noncontiguous=False, scales=(1.0, 1.0, 1.0)):
+    """q, k, v, do as device arrays. noncontiguous: each is a (B, N, H, d) array transposed to
+    (B, H, N, d), as a model that keeps heads innermost would pass them."""
+    def one(N, scale):
+        if noncontiguous:
+            return randn(rng, (B, N, H, d), dtype, scale).transpose(0, 2, 1, 3)
+        return randn(rng, (B, H, N, d), dtype, scale)
+    q, k, v = one(Nq, scales[0]), one(Nk, scales[1]), one(Nk, scales[2])
+    do = one(Nq, 1.0)
+    return q, k, v, do
+
+
+def reference(q, k, v, do, causal, scale=None):
+    """float64 (o, lse, dq, dk, dv) on the host."""
+    q64, k64, v64, do64 = (x.astype(xp.float64) for x in (q, k, v, do))
+    o, lse = naive.attention_forward(q64, k64, v64, causal=causal, softmax_scale=scale)
+    grads = naive.attention_backward(do64, q64, k64, v64, o, lse, causal=causal,
+                                     softmax_scale=scale)
+    return dict(zip(("o", "lse", "dq", "dk", "dv"), (host(x) for x in (o, lse, *grads))))
+
+
+def run(impl, q, k, v, do, causal, scale=None, **opts):
+    """(o, lse, dq, dk, dv) of `impl` through the public API, on the host."""
+    o, lse = nbflash.attention_forward(q, k, v, causal=causal, softmax_scale=scale, impl=impl,
+                                       **opts)
+    grads = nbflash.attention_backward(do, q, k, v, o, lse, causal=causal, softmax_scale=scale,
+                                       impl=impl, **opts)
+    return dict(zip(("o", "lse", "dq", "dk", "dv"), (host(x) for x in (o, lse, *grads))))
+
+
+def _max_err(out, ref):
+    out = out.astype(np.float64)
+    same_inf = np.isinf(ref) & (out == ref)
+    with np.errstate(invalid="ignore"):  # -inf - -inf where both are -inf: masked just below
+        diff = np.where(same_inf, 0.0, np.abs(out - ref))
+    return float(np.nan_to_num(diff, nan=np.inf).max()), float(np.nan_to_num(diff).mean())
+
+
+def floor(ref, dtype):
+    """2·max|fl(fl(ref + 0.3) - 0.3) - ref| in `dtype` (finite entries only)."""
+    r = ref[np.isfinite(ref)]
+    if r.size == 0:
+        return 0.0
+    rt = ((r + 0.3).astype(dtype) - dtype(0.3)).astype(dtype)
+    return 2.0 * float(np.abs(rt.astype(np.float64) - r).max())
+
+
+def assert_close(got, naive_out, ref, dtype, what=""):
+    """Apply the tolerance rule to each of o, lse, dq, dk, dv; print the errors first."""
+    failures = []
+    for name in FACTORS:
+        out_dtype = np.float32 if name == "lse" else dtype
+        err, mean = _max_err(got[name], ref[name])
+        nerr, _ = _max_err(naive_out[name], ref[name])
+        tol = FACTORS[name] * nerr + floor(ref[name], out_dtype)
+        print(f"{what} {name}: max err {err:.3g} (mean {mean:.3g}), naive {nerr:.3g}, "
+              f"allowed {tol:.3g}")
+        if not err <= tol:
+            failures.append(f"{name}: max err {err:.3g} > allowed {tol:.3g} (naive {nerr:.3g})")
+    assert not failures, f"{what}: " + "; ".join(failures)
+
+
+def assert_masked_rows(got, Nq, Nk, causal):
+    """Rows that see no key (causal, Nq > Nk): o and dq exactly 0, lse -inf. No NaN anywhere."""
+    for name, x in got.items():
+        assert not np.isnan(x).any(), f"NaN in {name}"
+    if not causal or Nq <= Nk:
+        return
+    hidden = Nq - Nk
+    assert np.all(got["o"][:, :, :hidden] == 0), "o of rows that see no key is not 0"
+    assert np.all(got["dq"][:, :, :hidden] == 0), "dq of rows that see no key is not 0"
+    assert np.all(np.isneginf(got["lse"][:, :, :hidden])), "lse of rows that see no key"
+    assert np.all(np.isfinite(got["lse"][:, :, hidden:])), "lse of rows that see keys"

@@ -1,0 +1,138 @@
+"""fa1 (and the naive baseline) against the float64 reference, forward and backward.
+
+In the simulator the shapes are tiny and M is small, so that Nq and Nk span several ragged
+blocks; the `gpu` tests run realistic sizes with the default tiles.
+"""
+
+import numpy as np
+import pytest
+
+import nbflash
+from support import (assert_close, assert_masked_rows, host, make_inputs, reference, run, xp)
+
+# (Nq, Nk): lengths that are not multiples of any block, both directions, including 1
+PAIRS = [(1, 1), (1, 17), (17, 1), (3, 40), (40, 3), (13, 21), (21, 13)]
+DTYPES = [np.float32, np.float16]
+
+
+def check(B, H, Nq, Nk, d, dtype, causal, seed=0, scale=None, noncontiguous=False, **opts):
+    rng = np.random.default_rng(seed)
+    q, k, v, do = make_inputs(rng, B, H, Nq, Nk, d, dtype, noncontiguous=noncontiguous)
+    ref = reference(q, k, v, do, causal, scale)
+    got = run("fa1", q, k, v, do, causal, scale, **opts)
+    base = run("naive", q, k, v, do, causal, scale)
+    what = f"B={B} H={H} Nq={Nq} Nk={Nk} d={d} {np.dtype(dtype).name} causal={causal} {opts}"
+    assert got["o"].dtype == dtype and got["dq"].dtype == dtype and got["lse"].dtype == np.float32
+    assert got["o"].shape == (B, H, Nq, d) and got["lse"].shape == (B, H, Nq)
+    assert got["dk"].shape == (B, H, Nk, d) and got["dv"].shape == (B, H, Nk, d)
+    assert_masked_rows(got, Nq, Nk, causal)
+    assert_close(got, base, ref, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Nq,Nk", PAIRS)
+def test_ragged_lengths(Nq, Nk, causal, dtype):
+    # M = 128, d = 8: Br = Bc = 4, so every length above 4 spans several blocks
+    check(1, 2, Nq, Nk, 8, dtype, causal, M=128)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [1, 3, 24, 40])
+def test_head_dims_not_powers_of_two(d, causal):
+    check(1, 1, 9, 14, d, np.float32, causal, M=12 * d)  # Br = Bc = 3
+
+
+def test_batch_and_heads_not_powers_of_two():
+    check(3, 5, 5, 7, 4, np.float16, True, M=64)
+
+
+@pytest.mark.parametrize("rule", ["paper", "seed"])
+def test_block_rules(rule):
+    # d = 4, M = 128: paper Br = 4, Bc = 8; seed Br = 8, Bc = 4
+    check(1, 2, 19, 23, 4, np.float32, True, M=128, block_rule=rule)
+
+
+def test_default_tiles_and_scale():
+    check(1, 2, 20, 33, 16, np.float32, False, scale=0.37)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_noncontiguous_inputs_and_do(causal):
+    check(2, 2, 13, 21, 8, np.float16, causal, noncontiguous=True, M=128)
+
+
+def test_auto_is_a_kernel_and_naive_runs_through_the_api():
+    rng = np.random.default_rng(1)
+    q, k, v, do = make_inputs(rng, 1, 1, 6, 9, 4, np.float32)
+    ref = reference(q, k, v, do, True)
+    auto = run("auto", q, k, v, do, True, M=64)
+    fa1 = run("fa1", q, k, v, do, True, M=64)
+    base = run("naive", q, k, v, do, True)
+    for name in auto:
+        np.testing.assert_array_equal(auto[name], fa1[name])
+        np.testing.assert_allclose(base[name], ref[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(host(nbflash.attention(q, k, v, causal=True, M=64)), fa1["o"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+def test_large_inputs_give_no_nan_or_inf(dtype):
+    rng = np.random.default_rng(2)
+    Nq, Nk, d = 11, 14, 8
+    q, k, v, do = make_inputs(rng, 1, 2, Nq, Nk, d, dtype, scales=(5.0, 3.0, 1.0))
+    got = run("fa1", q, k, v, do, True, M=128)
+    ref = reference(q, k, v, do, True)
+    for name, x in got.items():
+        assert np.isfinite(x[np.isfinite(ref[name])]).all(), f"non-finite {name}"
+    assert_close(got, run("naive", q, k, v, do, True), ref, dtype, "q x5, k x3")
+    # constant 1e4-scale inputs: every score equal and huge, softmax uniform
+    big = xp.full((1, 1, Nq, d), 1e4, dtype=dtype)
+    kbig = xp.full((1, 1, Nk, d), -1e4, dtype=dtype)
+    got = run("fa1", big, kbig, v[:, :1].copy(), do[:, :1].copy(), False, M=128)
+    ref = reference(big, kbig, v[:, :1].copy(), do[:, :1].copy(), False)
+    for name, x in got.items():
+        assert np.isfinite(x).all(), f"non-finite {name} for constant 1e4 inputs"
+    tol = 4 * np.finfo(dtype).eps * (1 + np.abs(ref["o"]).max())
+    np.testing.assert_allclose(got["o"], ref["o"], atol=tol)
+
+
+def test_runs_are_bitwise_reproducible():
+    rng = np.random.default_rng(3)
+    q, k, v, do = make_inputs(rng, 2, 1, 10, 12, 4, np.float32)
+    first = run("fa1", q, k, v, do, True, M=64)
+    for _ in range(2):
+        again = run("fa1", q, k, v, do, True, M=64)
+        for name in first:
+            np.testing.assert_array_equal(again[name], first[name], err_msg=name)
+
+
+# ---------------------------------------------------------------- GPU sizes
+
+GPU_PAIRS = [(1024, 1024), (4096, 4096), (1000, 4096), (4096, 1000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("Nq,Nk", GPU_PAIRS)
+def test_gpu_realistic_sizes(Nq, Nk, d, causal, dtype):
+    check(4, 8, Nq, Nk, d, dtype, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [80, 96])
+def test_gpu_other_head_dims_noncontiguous(d):
+    check(3, 5, 777, 1031, d, np.float16, True, noncontiguous=True)
+
+
+@pytest.mark.gpu
+def test_gpu_no_race_at_large_batch():
+    """A race shows as results that move between runs: B = 60, 20 reruns, bitwise equal."""
+    rng = np.random.default_rng(4)
+    q, k, v, do = make_inputs(rng, 60, 2, 300, 301, 64, np.float16)
+    first = run("fa1", q, k, v, do, True)
+    for _ in range(19):
+        again = run("fa1", q, k, v, do, True)
+        for name in first:
+            np.testing.assert_array_equal(again[name], first[name], err_msg=name)

@@ -1,0 +1,98 @@
+"""Bad input raises nbflash.InputError naming the problem, before any kernel runs."""
+
+import numpy as np
+import pytest
+
+import nbflash
+from nbflash.kernels import launch
+from support import randn, xp
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_may_run(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel was launched for bad input")
+    monkeypatch.setattr(launch, "_launch", refuse)
+
+
+def arrays(B=1, H=2, Nq=5, Nk=6, d=8, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    q = randn(rng, (B, H, Nq, d), dtype)
+    k = randn(rng, (B, H, Nk, d), dtype)
+    v = randn(rng, (B, H, Nk, d), dtype)
+    return q, k, v
+
+
+def fwd(q, k, v, **kw):
+    return nbflash.attention_forward(q, k, v, **kw)
+
+
+CASES = {
+    "q ndim": (lambda q, k, v: fwd(q[0], k, v), r"q has 3 dimensions"),
+    "k ndim": (lambda q, k, v: fwd(q, k[None], v), r"k has 5 dimensions"),
+    "batch": (lambda q, k, v: fwd(q, xp.concatenate([k, k]), v), r"batch of k is 2 but .* q is 1"),
+    "heads": (lambda q, k, v: fwd(q, k, v[:, :1]), r"heads of v is 1 but heads of q is 2"),
+    "head_dim": (lambda q, k, v: fwd(q, k[..., :4], v), r"head_dim of k is 4"),
+    "k v seqlen": (lambda q, k, v: fwd(q, k, v[:, :, :3]), r"k and v must have the same seqlen"),
+    "Nq 0": (lambda q, k, v: fwd(q[:, :, :0], k, v), r"seqlen of q \(Nq\) is 0"),
+    "Nk 0": (lambda q, k, v: fwd(q, k[:, :, :0], v[:, :, :0]), r"seqlen of k and v \(Nk\) is 0"),
+    "dtype": (lambda q, k, v: fwd(q.astype(xp.float64), k, v), r"dtype float64, which nbflash"),
+    "int dtype": (lambda q, k, v: fwd(q, k.astype(xp.int32), v), r"k has dtype int32"),
+    "mixed dtype": (lambda q, k, v: fwd(q, k.astype(xp.float16), v),
+                    r"share one dtype; got float32, float16, float32"),
+    "head_dim limit": (lambda q, k, v: fwd(*(xp.zeros((1, 1, 2, 257), xp.float32),) * 3),
+                       r"head_dim 257 is above fa1's limit of 256"),
+    "impl": (lambda q, k, v: fwd(q, k, v, impl="fa9"), r"impl='fa9' is not an implementation"),
+    "causal": (lambda q, k, v: fwd(q, k, v, causal="yes"), r"causal must be True or False"),
+    "scale nan": (lambda q, k, v: fwd(q, k, v, softmax_scale=float("nan")),
+                  r"softmax_scale must be finite"),
+    "scale str": (lambda q, k, v: fwd(q, k, v, softmax_scale="0.1"),
+                  r"softmax_scale must be a number"),
+    "M too big": (lambda q, k, v: fwd(q, k, v, M=100000), r"M=100000 gives Br=8, Bc=3125 .* bytes"),
+    "M zero": (lambda q, k, v: fwd(q, k, v, M=0), r"M \(on-chip memory in elements\)"),
+    "rule": (lambda q, k, v: fwd(q, k, v, block_rule="mine"), r"block_rule='mine' is not a rule"),
+    "M for naive": (lambda q, k, v: fwd(q, k, v, impl="naive", M=64),
+                    r"M only apply to impl='fa1'"),
+    "list": (lambda q, k, v: fwd(q.tolist(), k, v), r"q is a builtins.list"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_rejects(case):
+    call, message = CASES[case]
+    with pytest.raises(nbflash.InputError, match=message):
+        call(*arrays())
+
+
+def test_backward_rejects_mismatched_do_o_lse():
+    q, k, v = arrays()
+    o = xp.zeros_like(q)
+    lse = xp.zeros(q.shape[:3], xp.float32)
+    bwd = nbflash.attention_backward
+    with pytest.raises(nbflash.InputError, match=r"do has shape \(1, 2, 4, 8\)"):
+        bwd(q[:, :, :4], q, k, v, o, lse)
+    with pytest.raises(nbflash.InputError, match=r"o has dtype float16"):
+        bwd(q, q, k, v, o.astype(xp.float16), lse)
+    with pytest.raises(nbflash.InputError, match=r"lse has shape \(1, 2\)"):
+        bwd(q, q, k, v, o, lse[..., 0])
+    with pytest.raises(nbflash.InputError, match=r"lse has dtype float64"):
+        bwd(q, q, k, v, o, lse.astype(xp.float64))
+    with pytest.raises(nbflash.InputError, match=r"M=100000 gives .* backward kernel"):
+        bwd(q, q, k, v, o, lse, M=100000)
+
+
+def test_wrong_array_kind_for_the_device_mode():
+    q, k, v = arrays()
+    if nbflash.MODE == "gpu":
+        with pytest.raises(nbflash.InputError, match=r"arrays must all be of one kind"):
+            fwd(xp.asnumpy(q), k, v)
+    else:
+        class FakeCupy:  # an object whose type says it comes from cupy
+            __module__ = "cupy"
+            ndim, shape, dtype = 4, q.shape, q.dtype
+        with pytest.raises(nbflash.InputError, match=r"simulator .* takes NumPy arrays"):
+            fwd(FakeCupy(), FakeCupy(), FakeCupy())
+
+
+def test_input_error_is_a_value_error():
+    assert issubclass(nbflash.InputError, ValueError)
