@@ -17,6 +17,7 @@ CUDA package is a change to this file alone.
 import ctypes
 import os
 import sys
+import threading
 
 MODES = ("gpu", "sim", "auto", "compile")
 
@@ -87,5 +88,43 @@ from numba import cuda  # noqa: E402  (must follow the mode decision)
 
 SIMULATOR = MODE == "sim"
 ON_GPU = MODE == "gpu"
+
+
+def _lock_simulator_shared_arrays():
+    """Make the simulator's cuda.shared.array thread-safe.
+
+    numba-cuda 0.30's simulator gives every thread of a block the same shared array by looking
+    its call site up in a dict and inserting a new array when it is missing, without a lock.
+    Two threads that get there together can each insert one; a thread then works on an array
+    the others never see, and the kernel's result changes from run to run (seen: 1 launch in
+    200 of an 8-array kernel). This replacement does the same look-up under a lock, keyed the
+    same way (the caller's file and line).
+    """
+    import numpy as np  # noqa: PLC0415
+    from numba.core import types  # noqa: PLC0415
+    from numba.np import numpy_support  # noqa: PLC0415
+    from numba.cuda.simulator import kernelapi  # noqa: PLC0415
+
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory: no look-up
+            return original(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                if isinstance(dtype, types.Type):
+                    dtype = numpy_support.as_dtype(dtype)
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    kernelapi.FakeCUDAShared.array = array
+
+
+if SIMULATOR:
+    _lock_simulator_shared_arrays()
 
 __all__ = ["cuda", "MODE", "SIMULATOR", "ON_GPU", "DeviceModeError"]

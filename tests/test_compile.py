@@ -1,0 +1,77 @@
+"""Compile-only: every fa1 variant the tests use, and the GPU's default tiles, compiled for
+sm_90 without a GPU (NVVM -> PTX -> nvJitLink), with the compiler's resource report checked:
+no stack frame, no spills, no local memory, and exactly the shared memory nbflash.tiling counts.
+
+Runs in a subprocess because the device mode (simulator or real target) is fixed at import.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nbflash import tiling
+
+# (M, d, rule, causal, dtype) of the kernels tests/test_attention.py builds in the simulator;
+# M None is the default M of each pass
+SIM_CASES = sorted({
+    *[(128, 8, "paper", c, t) for c in (False, True) for t in ("float32", "float16")],
+    *[(12 * d, d, "paper", c, "float32") for d in (1, 3, 24, 40) for c in (False, True)],
+    (64, 4, "paper", True, "float16"),
+    (64, 4, "paper", True, "float32"),
+    *[(128, 4, r, True, "float32") for r in ("paper", "seed")],
+    (None, 16, "paper", False, "float32"),
+}, key=str)
+
+# the tiles a GPU run uses by default, and the extra head dims of the GPU tests
+GPU_HEAD_DIMS = (64, 80, 96, 128)
+
+SCRIPT = r"""
+import json, sys
+from nbflash import compilecheck, tiling
+cases, head_dims = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+variants = []
+for M, d, rule, causal, dtype in cases:
+    for name, pass_ in (("fa1_forward", "forward"), ("fa1_backward", "backward")):
+        m = M if M is not None else tiling.default_M(d, pass_, rule)
+        tiles = tiling.tiles_for(m, d, rule, compilecheck.SIM_THREADS)
+        variants.append(compilecheck.Variant(name, tiles, causal, dtype))
+variants += compilecheck.default_variants(tuple(head_dims))
+print(json.dumps([compilecheck.as_dict(compilecheck.compile_report(v)) for v in variants]))
+"""
+
+#: sm_80 and later reserve 1 KB of shared memory per block for the system; the report counts it
+RESERVED_SMEM = 1024
+
+
+def compile_reports(cases, head_dims):
+    env = {**os.environ, "NBFLASH_DEVICE": "compile"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases),
+                           json.dumps(head_dims)], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("which", ["simulator-test variants", "gpu default variants"])
+def test_kernels_compile_for_sm90_without_spills(which):
+    if which.startswith("sim"):
+        reports = compile_reports(SIM_CASES, [])
+    else:
+        reports = compile_reports([], list(GPU_HEAD_DIMS))
+    assert reports
+    bad = []
+    for r in reports:
+        print(r)
+        if r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"] \
+                or r["local_bytes"] or r["registers"] > 255:
+            bad.append(f"{r['variant']}: {r['registers']} registers, stack {r['stack_bytes']}, "
+                       f"spills {r['spill_store_bytes']}/{r['spill_load_bytes']}")
+        if r["shared_bytes"] != r["expected_shared_bytes"] + RESERVED_SMEM:
+            bad.append(f"{r['variant']}: {r['shared_bytes']} bytes of shared memory, "
+                       f"nbflash.tiling counts {r['expected_shared_bytes']} + {RESERVED_SMEM}")
+        if r["expected_shared_bytes"] > tiling.STATIC_SMEM_BYTES:
+            bad.append(f"{r['variant']}: over the static shared-memory limit")
+    assert not bad, "\n".join(bad)
