@@ -77,6 +77,7 @@ def cmd_check(args):
     table = Table(title=title)
     for col in ("impl", "fwd ms", "bwd ms", "peak MB fwd+bwd", "max err o", "dq", "dk", "dv"):
         table.add_column(col, justify="right")
+    records = []
     for impl in args.impls:
         def fwd():
             return nbflash.attention_forward(q, k, v, causal=args.causal, impl=impl)
@@ -92,7 +93,17 @@ def cmd_check(args):
                         repeats=repeats, warmup=0)
         table.add_row(impl, f"{t_fwd:.3f}", f"{t_bwd:.3f}", f"{mem['bytes'] / 2**20:.1f}",
                       *(f"{e:.2e}" for e in errs))
+        records.append({"impl": impl, "B": B, "H": H, "N": N, "d": d, "dtype": dtype.name,
+                        "causal": args.causal, "fwd_ms": t_fwd, "bwd_ms": t_bwd,
+                        "fwdbwd_ms": t_fwd + t_bwd, "peak_bytes": mem["bytes"],
+                        **dict(zip(("err_o", "err_dq", "err_dk", "err_dv"), errs))})
     _console().print(table)
+    if args.json:
+        import datetime  # noqa: PLC0415
+        doc = {"info": nbflash.info(), "date": datetime.date.today().isoformat(),
+               "repeats": repeats, "records": records}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
     if not gpu:
         print("Simulator times are of Python threads on the CPU, not of a GPU.")
     return 0
@@ -142,6 +153,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (median)")
+    p.add_argument("--json", help="also write the measurements to this file")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("compile", help="compile every fa1 kernel for a GPU (no GPU needed) and "
                                        "report registers, stack and spills")
