@@ -127,4 +127,19 @@ def _lock_simulator_shared_arrays():
 if SIMULATOR:
     _lock_simulator_shared_arrays()
 
-__all__ = ["cuda", "MODE", "SIMULATOR", "ON_GPU", "DeviceModeError"]
+
+def _simulated_mul_rn(x, y):
+    import numpy as np  # noqa: PLC0415
+    return np.float32(np.float32(x) * np.float32(y))
+
+
+if SIMULATOR:
+    mul_rn = cuda.jit(device=True)(_simulated_mul_rn)
+else:
+    from numba.cuda import libdevice
+
+    #: float32 x * y rounded to nearest and never contracted into an FMA (libdevice __nv_fmul_rn),
+    #: so that two kernels computing the same product get the same float32
+    mul_rn = libdevice.fmul_rn
+
+__all__ = ["cuda", "mul_rn", "MODE", "SIMULATOR", "ON_GPU", "DeviceModeError"]

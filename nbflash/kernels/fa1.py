@@ -24,7 +24,7 @@ import math
 
 from numba import float32
 
-from .._cuda import cuda
+from .._cuda import cuda, mul_rn
 from .online_softmax import NEG_INF, ZERO, online_softmax_update
 
 
@@ -131,7 +131,7 @@ def make_forward(tiles, causal, cast_output):
                         s = ZERO
                         for x in range(D):
                             s += Qi[r, x] * Kj[c, x]
-                        S[r, c] = s * scale
+                        S[r, c] = mul_rn(s, scale)  # rounded as the backward rounds it
                     else:
                         S[r, c] = NEG_INF
                 cuda.syncthreads()  # S_ij complete before the row statistics read it
@@ -293,7 +293,9 @@ def make_backward(tiles, causal, cast_dq):
                         for x in range(D):
                             s += Qi[r, x] * Kj[c, x]
                             dp += dOi[r, x] * Vj[c, x]
-                        p = math.exp(s * scale - lse_i[r])  # finite: the row sees key c
+                        # τ s rounded exactly as the forward rounded it (no FMA), so that
+                        # τ s <= m <= lse and P <= 1 even where lse has lost log ℓ to rounding
+                        p = math.exp(mul_rn(s, scale) - lse_i[r])
                         P[r, c] = p
                         dS[r, c] = p * (dp - D_i[r])
                     else:
