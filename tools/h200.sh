@@ -12,20 +12,18 @@ case "${1:-}" in
 test)
   step tests; timeout 420 python3 -m pytest -n 2 -q -p no:cacheprovider tests 2>&1 \
     | tee "$O/pytest.log" | tail -15
-  step memcheck; /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 99 \
-    python3 tools/sanitize_case.py > "$O/memcheck.log" 2>&1; echo "memcheck rc=$?"
-  tail -4 "$O/memcheck.log"
+  # memcheck also reports host API calls that fail, and cuda-bindings probes driver entry points
+  # with cuGetProcAddress, some of which fail by design (34 such reports, 0 device errors, on
+  # 2026-11-24): --report-api-errors no keeps the device memory errors alone
+  step memcheck; /usr/local/cuda/bin/compute-sanitizer --tool memcheck \
+    --report-api-errors no --error-exitcode 99 python3 tools/sanitize_case.py \
+    > "$O/memcheck.log" 2>&1; echo "memcheck rc=$?"
+  tail -2 "$O/memcheck.log"
   step racecheck; /usr/local/cuda/bin/compute-sanitizer --tool racecheck --error-exitcode 99 \
     python3 tools/sanitize_case.py > "$O/racecheck.log" 2>&1; echo "racecheck rc=$?"
   tail -4 "$O/racecheck.log"
   ;;
 measure)
-  # memcheck also reports host API calls that fail; cuda-bindings probes driver entry points
-  # with cuGetProcAddress, some of which fail by design: count device memory errors alone
-  step memcheck-device; /usr/local/cuda/bin/compute-sanitizer --tool memcheck \
-    --report-api-errors no --error-exitcode 99 python3 tools/sanitize_case.py \
-    > "$O/memcheck_device.log" 2>&1; echo "memcheck (device errors only) rc=$?"
-  tail -2 "$O/memcheck_device.log"
   step gpu; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
   step info; python3 -m nbflash info
   step compile; python3 -m nbflash compile --head-dims 64 128 --json "$O/compile.json" | tail -20
