@@ -46,6 +46,25 @@ def _block_hidden(i, j, Br, Bc, Nq, Nk):
 _block_hidden = cuda.jit(device=True, inline=True)(_block_hidden)
 
 
+def make_tile_loader(ROWS, D, T):
+    """Device function loading rows start .. start+ROWS-1 of two (B, H, n, D) arrays of head
+    (b, h) into two (ROWS, >=D) shared tiles as float32, with zeros past row n - 1; the T threads
+    of the block share the work, entry e = r*D + x going to thread e mod T."""
+
+    def load_tiles(src1, src2, tile1, tile2, b, h, start, n, tid):
+        for e in range(tid, ROWS * D, T):
+            r = e // D
+            x = e % D
+            if start + r < n:
+                tile1[r, x] = float32(src1[b, h, start + r, x])
+                tile2[r, x] = float32(src2[b, h, start + r, x])
+            else:
+                tile1[r, x] = ZERO
+                tile2[r, x] = ZERO
+
+    return cuda.jit(device=True, inline=True)(load_tiles)
+
+
 def make_forward(tiles, causal, cast_output):
     """Build the Algorithm 1 kernel for `tiles` (Br, Bc, d, threads).
 
@@ -55,6 +74,8 @@ def make_forward(tiles, causal, cast_output):
     BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
     DP, BCP = tiles.dp, tiles.bcp
     CAUSAL, CAST = bool(causal), bool(cast_output)
+    load_key_rows = make_tile_loader(BC, D, T)
+    load_query_rows = make_tile_loader(BR, D, T)
 
     def fa1_forward(q, k, v, o_acc, o, m, l, scale):
         """FlashAttention forward, Algorithm 1 with Algorithm 2's scaling and masking.
@@ -95,32 +116,15 @@ def make_forward(tiles, causal, cast_output):
 
         for j in range(Tc):  # line 6
             # line 7: load K_j, V_j from HBM to on-chip SRAM (zeros past Nk)
-            for e in range(tid, BC * D, T):
-                c = e // D
-                x = e % D
-                col = j * BC + c
-                if col < Nk:
-                    Kj[c, x] = float32(k[b, h, col, x])
-                    Vj[c, x] = float32(v[b, h, col, x])
-                else:
-                    Kj[c, x] = ZERO
-                    Vj[c, x] = ZERO
+            load_key_rows(k, v, Kj, Vj, b, h, j * BC, Nk, tid)
             cuda.syncthreads()  # K_j, V_j complete before any thread reads them
 
             for i in range(Tr):  # line 8
                 if CAUSAL and _block_hidden(i, j, BR, BC, Nq, Nk):
                     continue  # block-uniform condition: every thread skips together
-                # line 9: load Q_i, O_i from HBM (ℓ_i, m_i are loaded by their row's thread below)
-                for e in range(tid, BR * D, T):
-                    r = e // D
-                    x = e % D
-                    row = i * BR + r
-                    if row < Nq:
-                        Qi[r, x] = float32(q[b, h, row, x])
-                        Oi[r, x] = o_acc[b, h, row, x]
-                    else:
-                        Qi[r, x] = ZERO
-                        Oi[r, x] = ZERO
+                # line 9: load Q_i, O_i from HBM (ℓ_i, m_i are loaded by their row's thread below;
+                # O_i entry (r, x) is loaded by the thread that writes it in line 13)
+                load_query_rows(q, o_acc, Qi, Oi, b, h, i * BR, Nq, tid)
                 cuda.syncthreads()  # Q_i complete before S_ij reads it
 
                 # line 10: S_ij = τ Q_i K_j^T, with MASK applied (Alg. 2)
@@ -199,6 +203,8 @@ def make_backward(tiles, causal, cast_dq):
     BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
     DP, BCP = tiles.dp, tiles.bcp
     CAUSAL, CAST = bool(causal), bool(cast_dq)
+    load_key_rows = make_tile_loader(BC, D, T)
+    load_query_rows = make_tile_loader(BR, D, T)
 
     def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale):
         """FlashAttention backward, Algorithm 4 (without dropout), from the saved lse.
@@ -238,35 +244,18 @@ def make_backward(tiles, causal, cast_dq):
 
         for j in range(Tc):  # line 7
             # line 8: load K_j, V_j from HBM to on-chip SRAM (zeros past Nk)
+            load_key_rows(k, v, Kj, Vj, b, h, j * BC, Nk, tid)
+            # line 9: dK~_j = 0, dV~_j = 0 on SRAM (the same thread owns each entry below)
             for e in range(tid, BC * D, T):
-                c = e // D
-                x = e % D
-                col = j * BC + c
-                if col < Nk:
-                    Kj[c, x] = float32(k[b, h, col, x])
-                    Vj[c, x] = float32(v[b, h, col, x])
-                else:
-                    Kj[c, x] = ZERO
-                    Vj[c, x] = ZERO
-                # line 9: dK~_j = 0, dV~_j = 0 on SRAM (the same thread owns each entry below)
-                dKj[c, x] = ZERO
-                dVj[c, x] = ZERO
+                dKj[e // D, e % D] = ZERO
+                dVj[e // D, e % D] = ZERO
             cuda.syncthreads()  # K_j, V_j complete before any thread reads them
 
             for i in range(Tr):  # line 10
                 if CAUSAL and _block_hidden(i, j, BR, BC, Nq, Nk):
                     continue  # block-uniform condition: every thread skips together
-                # line 11: load Q_i, dO_i, lse_i (O_i is read in line 20, dQ_i in line 22)
-                for e in range(tid, BR * D, T):
-                    r = e // D
-                    x = e % D
-                    row = i * BR + r
-                    if row < Nq:
-                        Qi[r, x] = float32(q[b, h, row, x])
-                        dOi[r, x] = float32(do[b, h, row, x])
-                    else:
-                        Qi[r, x] = ZERO
-                        dOi[r, x] = ZERO
+                # line 11: load Q_i, dO_i (lse_i and O_i are read in line 20, dQ_i in line 22)
+                load_query_rows(q, do, Qi, dOi, b, h, i * BR, Nq, tid)
                 cuda.syncthreads()  # dO_i complete before line 20 reads whole rows of it
 
                 # line 20: D_i = rowsum(dO_i ∘ O_i), O_i streamed from HBM by the row's thread
