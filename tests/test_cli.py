@@ -52,3 +52,12 @@ def test_compile_mode_refuses_to_run_kernels():
     done = run("-c", code, env={"NBFLASH_DEVICE": "compile"})
     assert "(1, 1, 2, 4)" in done.stdout
     assert "NBFLASH_DEVICE=compile builds kernels for inspection but cannot run them" in done.stderr
+
+
+def test_numba_cuda_imported_first_decides_the_mode():
+    sim = {"NUMBA_ENABLE_CUDASIM": "1"}
+    done = run("-c", "import numba.cuda, nbflash; print(nbflash.MODE)", env=sim)
+    assert done.returncode == 0 and done.stdout.strip() == "sim", done.stderr
+    done = run("-c", "import numba.cuda, nbflash", env={**sim, "NBFLASH_DEVICE": "gpu"})
+    assert done.returncode != 0
+    assert "numba.cuda was already imported in simulator mode" in done.stderr

@@ -68,8 +68,8 @@ def make_tile_loader(ROWS, D, T):
 def make_forward(tiles, causal, cast_output):
     """Build the Algorithm 1 kernel for `tiles` (Br, Bc, d, threads).
 
-    `cast_output`: the output dtype is not float32, so O is accumulated in a float32 buffer and
-    converted at the end; otherwise the output array is itself that buffer.
+    `cast_output`: the output dtype is not float32, so O, accumulated in a float32 buffer, is
+    converted into the output array at the end; otherwise the float32 buffer is the output.
     """
     BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
     DP, BCP = tiles.dp, tiles.bcp
@@ -82,12 +82,15 @@ def make_forward(tiles, causal, cast_output):
 
         Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.
         Shared memory (float32): Q_i (Br x d), K_j, V_j (Bc x d), O_i (Br x d), S_ij / P~_ij
-        (Br x Bc), and per-row rescaling factors (2 x Br); rows of Q, K, V and S are padded
-        to an odd stride against bank conflicts (see nbflash.tiling.Tiles for the bytes).
+        (Br x Bc), and per-row rescaling factors (2 x Br). Rows of Q, K, V and S are padded to
+        an odd stride (d', Bc') against bank conflicts, so the kernel uses
+        4 ((Br + 2 Bc) d' + Br d + Br Bc' + 2 Br) bytes (nbflash.tiling.Tiles counts them;
+        e.g. 48320 for d = 64, Br = Bc = 40).
         Registers: the m, ℓ of the row a thread owns during lines 11-14.
         HBM per (i, j) step: reads Q_i, O_i, ℓ_i, m_i; writes O_i, ℓ_i, m_i. Per j: reads K_j, V_j.
-        Arguments: q (B, H, Nq, d), k and v (B, H, Nk, d), o_acc (float32 running O), o (output,
-        may be o_acc itself), m and l (float32, B x H x Nq; m holds lse on return), scale (τ).
+        Arguments: q (B, H, Nq, d), k and v (B, H, Nk, d), o_acc (float32 running O, the output
+        when that is float32), o (the output in another dtype, else an unused placeholder), m and
+        l (float32, B x H x Nq; m holds lse on return), scale (τ).
         """
         H = q.shape[1]
         Nq = q.shape[2]
@@ -197,8 +200,8 @@ def make_forward(tiles, causal, cast_output):
 def make_backward(tiles, causal, cast_dq):
     """Build the Algorithm 4 kernel for `tiles` (Br, Bc, d, threads).
 
-    `cast_dq`: the gradient dtype is not float32, so dQ is accumulated in a float32 buffer and
-    converted at the end; otherwise dq is itself that buffer.
+    `cast_dq`: the gradient dtype is not float32, so dQ, accumulated in a float32 buffer, is
+    converted into dq at the end; otherwise the float32 buffer is dq.
     """
     BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
     DP, BCP = tiles.dp, tiles.bcp
@@ -213,7 +216,9 @@ def make_backward(tiles, causal, cast_dq):
         Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.
         Shared memory (float32): Q_i, dO_i (Br x d), K_j, V_j, dK~_j, dV~_j (Bc x d), P_ij and
         dS_ij (Br x Bc; dP_ij is never stored: each entry becomes dS_ij where it is computed),
-        lse_i and D_i (Br each). Each entry of dK~_j, dV~_j is updated by one thread only.
+        lse_i and D_i (Br each): 4 (2 (Br + Bc) d' + 2 Bc d + 2 Br Bc' + 2 Br) bytes with the
+        padded strides d', Bc' (e.g. 47952 for d = 64, Br = Bc = 27). Each entry of dK~_j, dV~_j
+        is updated by one thread only.
         HBM per (i, j) step: reads Q_i, O_i, dO_i, lse_i and dQ_i; writes dQ_i. Per j: reads
         K_j, V_j; writes dK_j, dV_j.
         """

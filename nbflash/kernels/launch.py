@@ -12,7 +12,7 @@ import sys
 from .._cuda import SIMULATOR, cuda
 from . import fa1
 
-#: Threads per block. On the H200 (tools/fa1_threads.py, figures/data/fa1_threads_h200.json)
+#: Threads per block. On the H200 (experiments/fa1_threads.py, its data in figures/data/)
 #: 256 ran fa1 forward+backward 1.25-1.3x faster than 128 when B*H fills few SMs (32 or 128
 #: blocks) and as fast at B*H = 512; 512 was faster still on small grids but slower on large
 #: ones. The simulator runs each CUDA thread as a Python thread, so it gets fewer.

@@ -1,6 +1,6 @@
 """How fa1's speed depends on threads per block, and on B*H (the grid), on the GPU.
 
-    python3 tools/fa1_threads.py OUT.json
+    python3 experiments/fa1_threads.py figures/data/fa1_threads_h200.json
 Every configuration is checked against the float64 reference before it is timed (median of 5
 CUDA-event timings). The naive CuPy baseline is timed at the same points for the ratio.
 """
