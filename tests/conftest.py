@@ -2,9 +2,15 @@
 simulator on a machine without a GPU (CI), on the GPU with NBFLASH_DEVICE=gpu (or auto there).
 Tests marked `gpu` use sizes that only make sense on a GPU and are skipped elsewhere."""
 
-import pytest
+import os
 
-from nbflash import MODE
+# The tests use deliberately small grids; Numba's "grid size N will likely result in GPU
+# under-utilization" warning on each of them hides the warnings that matter.
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
+
+import pytest  # noqa: E402
+
+from nbflash import MODE  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
