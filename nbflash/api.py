@@ -29,8 +29,10 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     causal: mask keys after the query, bottom-right aligned (key j visible to query i when
     j <= i + Nk - Nq). softmax_scale (τ): default 1/sqrt(d).
     impl: "fa1" (FlashAttention paper, Algorithm 1), "naive" (plain array operations) or "auto"
-    (the fastest available: fa1).
-    M, block_rule (fa1 only): on-chip memory in elements (default: the most a block gets) and
+    (the best FlashAttention kernel available: fa1 for now, which has the O(N) memory but, as
+    the README measures, not yet the speed).
+    M, block_rule (fa1 only): on-chip memory in elements (default: the largest whose kernel fits
+    the shared memory a block gets; the forward and backward kernels differ in size) and
     the block-size rule, "paper" (Bc = ceil(M/4d), Br = min(Bc, d)) or "seed" (the reverse).
     Raises nbflash.InputError, naming the problem, before any kernel runs.
     """

@@ -102,7 +102,7 @@ def compile_report(variant, cc=(9, 0)):
         expected_shared_bytes=variant.tiles.smem_bytes(pass_))
 
 
-def default_variants(head_dims=(32, 64, 96, 128, 256)):
+def default_variants(head_dims=(32, 64, 96, 128)):
     """The kernels a GPU run builds by default (largest M that fits), for each head dim."""
     out = []
     for d in head_dims:
@@ -115,17 +115,8 @@ def default_variants(head_dims=(32, 64, 96, 128, 256)):
     return out
 
 
-def test_variants(cases):
-    """Variants for (M, d, rule, causal, dtype) cases run with the simulator's thread count."""
-    out = set()
-    for M, d, rule, causal, dtype in cases:
-        for name in ("fa1_forward", "fa1_backward"):
-            out.add(Variant(name, tiling.tiles_for(M, d, rule, SIM_THREADS), causal, dtype))
-    return sorted(out, key=lambda v: v.label())
-
-
 def as_dict(report):
     return asdict(report)
 
 
-__all__ = ["Variant", "Report", "compile_report", "default_variants", "test_variants", "as_dict"]
+__all__ = ["Variant", "Report", "compile_report", "default_variants", "as_dict"]

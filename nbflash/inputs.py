@@ -16,8 +16,8 @@ from ._cuda import MODE
 
 IMPLS = ("auto", "naive", "fa1")
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
-#: Largest head dim each kernel family is built for (fa1: S and the tiles must fit in 48 KB).
-MAX_HEAD_DIM = {"fa1": 256}
+#: Largest head dim each kernel family takes: what the tests cover (fa1 on the GPU up to 128).
+MAX_HEAD_DIM = {"fa1": 128}
 
 
 class InputError(ValueError):
@@ -134,6 +134,8 @@ def _check_scalars(causal, softmax_scale, d):
         raise InputError(f"softmax_scale must be a number; got {softmax_scale!r}")
     if not math.isfinite(float(softmax_scale)):
         raise InputError(f"softmax_scale must be finite; got {softmax_scale!r}")
+    if abs(float(softmax_scale)) > np.finfo(np.float32).max:  # the kernels take τ as float32
+        raise InputError(f"softmax_scale {softmax_scale!r} overflows float32")
     return bool(causal), float(softmax_scale)
 
 
@@ -148,18 +150,27 @@ def _check_tiles(impl, d, pass_, M, block_rule):
     if rule not in tiling.RULES:
         raise InputError(f"block_rule={block_rule!r} is not a rule; use one of {tiling.RULES}")
     if M is None:
-        M = tiling.default_M(d, pass_, rule, DEFAULT_THREADS)
+        M = tiling.default_M(d, pass_, rule, DEFAULT_THREADS, _smem_limit())
     elif isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 1:
         raise InputError(f"M (on-chip memory in elements) must be a positive integer; got {M!r}")
     tiles = tiling.tiles_for(int(M), d, rule, DEFAULT_THREADS)
-    need = tiles.smem_bytes(pass_)
-    if need > tiling.STATIC_SMEM_BYTES:
+    need, limit = tiles.smem_bytes(pass_), _smem_limit()
+    if need > limit:
         raise InputError(
             f"M={M} gives Br={tiles.Br}, Bc={tiles.Bc} at head_dim {d}, and the fa1 {pass_} "
-            f"kernel would need {need} bytes of shared memory, above the "
-            f"{tiling.STATIC_SMEM_BYTES} a block gets; use a smaller M (default: largest "
-            f"that fits, {tiling.default_M(d, pass_, rule, DEFAULT_THREADS)})")
+            f"kernel would need {need} bytes of shared memory, above the {limit} a block "
+            f"gets; use a smaller M (default: largest that fits, "
+            f"{tiling.default_M(d, pass_, rule, DEFAULT_THREADS, limit)})")
     return tiles
+
+
+def _smem_limit():
+    """Static shared memory a block gets: the device's figure on a GPU (48 KB on every CUDA GPU
+    since Volta), at most the 48 KB static shared arrays may use."""
+    if MODE != "gpu":
+        return tiling.STATIC_SMEM_BYTES
+    from ._cuda import cuda  # noqa: PLC0415
+    return min(tiling.STATIC_SMEM_BYTES, cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK)
 
 
 def _contiguous(xp, x):

@@ -23,10 +23,13 @@ def check(B, H, Nq, Nk, d, dtype, causal, seed=0, scale=None, noncontiguous=Fals
     got = run("fa1", q, k, v, do, causal, scale, **opts)
     base = run("naive", q, k, v, do, causal, scale)
     what = f"B={B} H={H} Nq={Nq} Nk={Nk} d={d} {np.dtype(dtype).name} causal={causal} {opts}"
-    assert got["o"].dtype == dtype and got["dq"].dtype == dtype and got["lse"].dtype == np.float32
+    for name in ("o", "dq", "dk", "dv"):
+        assert got[name].dtype == dtype, name
+    assert got["lse"].dtype == np.float32
     assert got["o"].shape == (B, H, Nq, d) and got["lse"].shape == (B, H, Nq)
     assert got["dk"].shape == (B, H, Nk, d) and got["dv"].shape == (B, H, Nk, d)
     assert_masked_rows(got, Nq, Nk, causal)
+    assert_masked_rows(base, Nq, Nk, causal)
     assert_close(got, base, ref, dtype, what)
 
 
@@ -40,8 +43,14 @@ def test_ragged_lengths(Nq, Nk, causal, dtype):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [1, 3, 24, 40])
-def test_head_dims_not_powers_of_two(d, causal):
-    check(1, 1, 9, 14, d, np.float32, causal, M=12 * d)  # Br = Bc = 3
+def test_small_and_odd_head_dims(d, causal):
+    check(1, 1, 9, 14, d, np.float32, causal, M=12 * d)  # Bc = 3, Br = min(3, d)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_more_rows_per_tile_than_threads(causal):
+    # seed rule, M = 200, d = 2: Br = 25 rows, more than the simulator's 16 threads per block
+    check(1, 1, 37, 29, 2, np.float32, causal, M=200, block_rule="seed")
 
 
 def test_batch_and_heads_not_powers_of_two():

@@ -22,7 +22,10 @@ SIM_CASES = sorted({
     (64, 4, "paper", True, "float16"),
     (64, 4, "paper", True, "float32"),
     *[(128, 4, r, True, "float32") for r in ("paper", "seed")],
-    (None, 16, "paper", False, "float32"),
+    (None, 16, "paper", False, "float32"),   # default tiles; also `nbflash check` in the sim
+    (None, 4, "paper", True, "float32"),     # tests/test_cli.py runs check --d 4 --causal
+    (200, 2, "seed", False, "float32"),      # more rows per tile than threads
+    (200, 2, "seed", True, "float32"),
 }, key=str)
 
 # the tiles a GPU run uses by default, and the extra head dims of the GPU tests
@@ -66,7 +69,7 @@ def test_kernels_compile_for_sm90_without_spills(which):
     for r in reports:
         print(r)
         if r["stack_bytes"] or r["spill_store_bytes"] or r["spill_load_bytes"] \
-                or r["local_bytes"] or r["registers"] > 255:
+                or r["local_bytes"]:
             bad.append(f"{r['variant']}: {r['registers']} registers, stack {r['stack_bytes']}, "
                        f"spills {r['spill_store_bytes']}/{r['spill_load_bytes']}")
         if r["shared_bytes"] != r["expected_shared_bytes"] + RESERVED_SMEM:
