@@ -134,7 +134,7 @@ def _check_scalars(causal, softmax_scale, d):
         raise InputError(f"softmax_scale must be a number; got {softmax_scale!r}")
     if not math.isfinite(float(softmax_scale)):
         raise InputError(f"softmax_scale must be finite; got {softmax_scale!r}")
-    if abs(float(softmax_scale)) > np.finfo(np.float32).max:  # the kernels take τ as float32
+    if abs(float(softmax_scale)) > float(np.finfo(np.float32).max):  # kernels take τ as float32
         raise InputError(f"softmax_scale {softmax_scale!r} overflows float32")
     return bool(causal), float(softmax_scale)
 
