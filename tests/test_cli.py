@@ -56,7 +56,8 @@ def test_compile_mode_refuses_to_run_kernels():
 
 def test_numba_cuda_imported_first_decides_the_mode():
     sim = {"NUMBA_ENABLE_CUDASIM": "1"}
-    done = run("-c", "import numba.cuda, nbflash; print(nbflash.MODE)", env=sim)
+    done = run("-c", "import numba.cuda, nbflash; print(nbflash.MODE)",
+               env={**sim, "NBFLASH_DEVICE": "auto"})
     assert done.returncode == 0 and done.stdout.strip() == "sim", done.stderr
     done = run("-c", "import numba.cuda, nbflash", env={**sim, "NBFLASH_DEVICE": "gpu"})
     assert done.returncode != 0
