@@ -12,10 +12,7 @@ from dataclasses import asdict, dataclass
 
 from . import tiling
 from ._cuda import SIMULATOR, cuda
-from .kernels.launch import DEFAULT_THREADS, build, signature
-
-#: Threads per block of the test suite's simulator runs (see tests/conftest.py).
-SIM_THREADS = 16
+from .kernels.launch import DEFAULT_THREADS, SIM_THREADS, build, signature  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -46,11 +43,10 @@ class Report:
     local_bytes: int
     expected_shared_bytes: int
 
-    def ok(self, max_registers=255):
+    def ok(self):
         # a stack frame means a local array went to local memory (e.g. a loop was not unrolled)
         return (self.spill_store_bytes == 0 and self.spill_load_bytes == 0
-                and self.stack_bytes == 0 and self.local_bytes == 0
-                and self.registers <= max_registers)
+                and self.stack_bytes == 0 and self.local_bytes == 0)
 
 
 def _link(ptx, arch):
@@ -107,7 +103,7 @@ def default_variants(head_dims=(32, 64, 96, 128)):
     out = []
     for d in head_dims:
         for name, pass_ in (("fa1_forward", "forward"), ("fa1_backward", "backward")):
-            M = tiling.default_M(d, pass_, "paper", DEFAULT_THREADS)
+            M = tiling.default_M(d, pass_, "paper")
             tiles = tiling.tiles_for(M, d, "paper", DEFAULT_THREADS)
             for causal in (False, True):
                 for dtype in ("float32", "float16"):

@@ -150,7 +150,7 @@ def _check_tiles(impl, d, pass_, M, block_rule):
     if rule not in tiling.RULES:
         raise InputError(f"block_rule={block_rule!r} is not a rule; use one of {tiling.RULES}")
     if M is None:
-        M = tiling.default_M(d, pass_, rule, DEFAULT_THREADS, _smem_limit())
+        M = tiling.default_M(d, pass_, rule, _smem_limit())
     elif isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 1:
         raise InputError(f"M (on-chip memory in elements) must be a positive integer; got {M!r}")
     tiles = tiling.tiles_for(int(M), d, rule, DEFAULT_THREADS)
@@ -160,7 +160,7 @@ def _check_tiles(impl, d, pass_, M, block_rule):
             f"M={M} gives Br={tiles.Br}, Bc={tiles.Bc} at head_dim {d}, and the fa1 {pass_} "
             f"kernel would need {need} bytes of shared memory, above the {limit} a block "
             f"gets; use a smaller M (default: largest that fits, "
-            f"{tiling.default_M(d, pass_, rule, DEFAULT_THREADS, limit)})")
+            f"{tiling.default_M(d, pass_, rule, limit)})")
     return tiles
 
 

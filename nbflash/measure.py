@@ -41,27 +41,26 @@ def time_ms(fn, repeats=5, warmup=1):
     return statistics.median(times)
 
 
-class _PoolHook:
-    """Counts bytes handed out by CuPy's memory pool: the device memory arrays hold."""
+def _pool_hook():
+    """A CuPy memory hook counting the bytes CuPy's pool hands out (what arrays hold) and their
+    peak. CuPy is imported here, so the simulator never needs it."""
+    import cupy  # noqa: PLC0415
 
-    def __new__(cls):
-        import cupy  # noqa: PLC0415
+    class PeakHook(cupy.cuda.MemoryHook):
+        name = "nbflash-peak"
 
-        class Hook(cupy.cuda.MemoryHook):
-            name = "nbflash-peak"
+        def __init__(self):
+            self.current = 0
+            self.peak = 0
 
-            def __init__(self):
-                self.current = 0
-                self.peak = 0
+        def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+            self.current += mem_size
+            self.peak = max(self.peak, self.current)
 
-            def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
-                self.current += mem_size
-                self.peak = max(self.peak, self.current)
+        def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+            self.current -= mem_size
 
-            def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
-                self.current -= mem_size
-
-        return Hook()
+    return PeakHook()
 
 
 @contextlib.contextmanager
@@ -71,7 +70,7 @@ def peak_memory():
     through tracemalloc in the simulator, which also counts the simulator's array copies)."""
     out = {"bytes": 0}
     if MODE == "gpu":
-        hook = _PoolHook()
+        hook = _pool_hook()
         with hook:
             yield out
         out["bytes"] = hook.peak

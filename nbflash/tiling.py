@@ -85,13 +85,14 @@ def tiles_for(M, d, rule, threads):
     return Tiles(Br, Bc, d, threads)
 
 
-def default_M(d, pass_, rule="paper", threads=128, limit=STATIC_SMEM_BYTES):
+def default_M(d, pass_, rule="paper", limit=STATIC_SMEM_BYTES):
     """Largest M whose kernel for this pass ("forward" or "backward") fits in `limit` bytes.
 
-    The footprint grows with M, so a bisection finds it. Returns None if not even M = 4 fits.
+    The footprint grows with M (threads per block do not enter it), so a bisection finds it.
+    Returns None if not even M = 4 fits.
     """
     def fits(M):
-        return tiles_for(M, d, rule, threads).smem_bytes(pass_) <= limit
+        return tiles_for(M, d, rule, threads=1).smem_bytes(pass_) <= limit
 
     lo, hi = 4, limit // TILE_ITEMSIZE
     if not fits(lo):

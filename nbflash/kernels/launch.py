@@ -16,7 +16,8 @@ from . import fa1
 #: 256 ran fa1 forward+backward 1.25-1.3x faster than 128 when B*H fills few SMs (32 or 128
 #: blocks) and as fast at B*H = 512; 512 was faster still on small grids but slower on large
 #: ones. The simulator runs each CUDA thread as a Python thread, so it gets fewer.
-DEFAULT_THREADS = 16 if SIMULATOR else 256
+GPU_THREADS, SIM_THREADS = 256, 16
+DEFAULT_THREADS = SIM_THREADS if SIMULATOR else GPU_THREADS
 
 #: The simulator's scheduler polls its threads under the GIL; with Python's default 5 ms switch
 #: interval a block spends most of its time waiting. 0.1 ms made simulated kernels ~10x faster.
