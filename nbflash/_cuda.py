@@ -135,11 +135,13 @@ def _simulated_mul_rn(x, y):
 
 if SIMULATOR:
     mul_rn = cuda.jit(device=True)(_simulated_mul_rn)
+    intrinsic = None
 else:
     from numba.cuda import libdevice
+    from numba.cuda.extending import intrinsic  # for nbflash.kernels.primitives
 
     #: float32 x * y rounded to nearest and never contracted into an FMA (libdevice __nv_fmul_rn),
     #: so that two kernels computing the same product get the same float32
     mul_rn = libdevice.fmul_rn
 
-__all__ = ["cuda", "mul_rn", "MODE", "SIMULATOR", "ON_GPU", "DeviceModeError"]
+__all__ = ["cuda", "mul_rn", "intrinsic", "MODE", "SIMULATOR", "ON_GPU", "DeviceModeError"]

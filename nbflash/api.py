@@ -12,25 +12,20 @@ from . import inputs, naive
 from .kernels import launch
 
 
-def _to_host(prob, arrays):
-    if not prob.to_host:
-        return arrays
-    return tuple(prob.xp.asnumpy(a) for a in arrays)
-
-
 def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
                       block_rule=None):
     """Attention forward: returns (o, lse).
 
-    q: (B, H, Nq, d); k, v: (B, H, Nk, d); float16 or float32 (math in float32), CuPy arrays on the
-    GPU, NumPy arrays in the simulator. o has q's shape and dtype; lse = m + log ℓ per query row,
-    float32 of shape (B, H, Nq), -inf for a row that sees no key.
+    q: (B, H, Nq, d); k, v: (B, H, Nk, d); float16 or float32 (math in float32): CuPy arrays or
+    torch CUDA tensors on the GPU, NumPy arrays (or torch CPU tensors) in the simulator; torch
+    inputs give torch outputs, computed on torch's current stream. o has q's shape and dtype;
+    lse = m + log ℓ per query row, float32 of shape (B, H, Nq), -inf for a row that sees no key.
 
     causal: mask keys after the query, bottom-right aligned (key j visible to query i when
     j <= i + Nk - Nq). softmax_scale (τ): default 1/sqrt(d).
-    impl: "fa1" (FlashAttention paper, Algorithm 1), "naive" (plain array operations) or "auto"
-    (the best FlashAttention kernel available: fa1 for now, which has the O(N) memory but, as
-    the README measures, not yet the speed).
+    impl: "fa2" (FlashAttention-2 structure, register-tiled; the fast one), "fa1" (the
+    FlashAttention paper's Algorithm 1, as written), "naive" (plain array operations), or
+    "auto" (fa2).
     M, block_rule (fa1 only): on-chip memory in elements (default: the largest whose kernel fits
     the shared memory a block gets; the forward and backward kernels differ in size) and
     the block-size rule, "paper" (Bc = ceil(M/4d), Br = min(Bc, d)) or "seed" (the reverse).
@@ -38,12 +33,16 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     """
     prob, (q, k, v) = inputs.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                            impl=impl, M=M, block_rule=block_rule)
-    if prob.impl == "naive":
-        out = naive.attention_forward(q, k, v, causal=prob.causal, softmax_scale=prob.scale)
-    else:
-        out = launch.fa1_forward(prob.xp, q, k, v, causal=prob.causal, scale=prob.scale,
-                                 tiles=prob.tiles)
-    return _to_host(prob, out)
+    with prob.stream_context():
+        if prob.impl == "naive":
+            out = naive.attention_forward(q, k, v, causal=prob.causal, softmax_scale=prob.scale)
+        elif prob.impl == "fa1":
+            out = launch.fa1_forward(prob.xp, q, k, v, causal=prob.causal, scale=prob.scale,
+                                     tiles=prob.tiles)
+        else:
+            out = launch.fa2_forward(prob.xp, q, k, v, causal=prob.causal, scale=prob.scale,
+                                     stream=prob.stream)
+    return prob.outputs(out)
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
@@ -54,21 +53,31 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
 
 
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, impl="auto",
-                       M=None, block_rule=None):
+                       M=None, block_rule=None, deterministic=False):
     """Attention backward: returns (dq, dk, dv) for upstream gradient do = dL/do.
 
     o and lse are what :func:`attention_forward` returned for the same q, k, v and options.
-    P is recomputed from q, k and lse instead of being stored (fa1: the paper's Algorithm 4).
-    Gradients have the dtypes and shapes of q, k, v; rows that see no key get zero gradients.
+    P is recomputed from q, k and lse instead of being stored (fa1: the paper's Algorithm 4;
+    fa2: FlashAttention-2's Algorithm 2). Gradients have the dtypes and shapes of q, k, v; rows
+    that see no key get zero gradients.
+
+    deterministic (fa2): compute dq in a separate pass, so that it is bitwise reproducible; by
+    default fa2 adds each block's share of dq with atomics, which is faster but leaves the
+    order of the additions, and so the last bits of dq, to the GPU. fa1 and naive are always
+    deterministic.
     """
     prob, arrays = inputs.check_backward(do, q, k, v, o, lse, causal=causal,
                                          softmax_scale=softmax_scale, impl=impl, M=M,
-                                         block_rule=block_rule)
-    if prob.impl == "naive":
-        do, q, k, v, o, lse = arrays
-        out = naive.attention_backward(do, q, k, v, o, lse, causal=prob.causal,
-                                       softmax_scale=prob.scale)
-    else:
-        out = launch.fa1_backward(prob.xp, *arrays, causal=prob.causal, scale=prob.scale,
-                                  tiles=prob.tiles)
-    return _to_host(prob, out)
+                                         block_rule=block_rule, deterministic=deterministic)
+    with prob.stream_context():
+        if prob.impl == "naive":
+            do, q, k, v, o, lse = arrays
+            out = naive.attention_backward(do, q, k, v, o, lse, causal=prob.causal,
+                                           softmax_scale=prob.scale)
+        elif prob.impl == "fa1":
+            out = launch.fa1_backward(prob.xp, *arrays, causal=prob.causal, scale=prob.scale,
+                                      tiles=prob.tiles)
+        else:
+            out = launch.fa2_backward(prob.xp, *arrays, causal=prob.causal, scale=prob.scale,
+                                      deterministic=bool(deterministic), stream=prob.stream)
+    return prob.outputs(out)

@@ -3,9 +3,13 @@
 Everything here runs before any kernel; kernels never re-check what this module checked.
 Arrays are CuPy on the GPU and NumPy in the simulator. On the GPU, NumPy inputs are also taken
 (copied to the device, results copied back) as a convenience; CuPy arrays in the simulator are
-refused with a message saying so.
+refused with a message saying so. torch tensors (CUDA tensors on the GPU, CPU tensors in the
+simulator) are taken without a copy through DLPack, run on torch's current stream, and the
+results come back as torch tensors; torch is only imported when such a tensor arrives.
 """
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -14,10 +18,12 @@ import numpy as np
 from . import tiling
 from ._cuda import MODE
 
-IMPLS = ("auto", "naive", "fa1")
+IMPLS = ("auto", "naive", "fa1", "fa2")
+#: what impl="auto" runs: the fastest FlashAttention kernel nbflash has
+AUTO = "fa2"
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
-#: Largest head dim each kernel family takes: what the tests cover (fa1 on the GPU up to 128).
-MAX_HEAD_DIM = {"fa1": 128}
+#: Largest head dim each kernel family takes: what the tests cover (on the GPU up to 128).
+MAX_HEAD_DIM = {"fa1": 128, "fa2": 128}
 
 
 class InputError(ValueError):
@@ -40,29 +46,75 @@ class Problem:
     xp: object
     to_host: bool          # inputs were NumPy on the GPU: return NumPy
     tiles: object = None   # tiling.Tiles for fa1
+    torch: bool = False    # inputs were torch tensors: return torch tensors
+    stream: int = 0        # the CUDA stream kernels are launched on
+
+    def stream_context(self):
+        """On torch's current stream when the inputs were torch tensors (so that CuPy's
+        allocations and the kernels are ordered with the caller's torch work)."""
+        if self.torch and MODE == "gpu":
+            import cupy  # noqa: PLC0415
+            return cupy.cuda.ExternalStream(self.stream)
+        return contextlib.nullcontext()
+
+    def outputs(self, arrays):
+        """Results in the kind of array the caller passed."""
+        if self.to_host:
+            return tuple(self.xp.asnumpy(a) for a in arrays)
+        if self.torch:
+            import torch  # noqa: PLC0415
+            return tuple(torch.from_dlpack(a) for a in arrays)
+        return arrays
 
 
 def _kind(x):
     mod = type(x).__module__.split(".")[0]
     if isinstance(x, np.ndarray):
         return "numpy"
-    if mod == "cupy":
-        return "cupy"
+    if mod in ("cupy", "torch"):
+        return mod
     return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def _from_torch(named):
+    """torch tensors -> CuPy (GPU) or NumPy (simulator) arrays sharing their memory (DLPack);
+    returns (arrays, stream of torch's current stream or 0)."""
+    import torch  # noqa: PLC0415
+
+    want = "cuda" if MODE == "gpu" else "cpu"
+    for name, x in named.items():
+        if x.device.type != want:
+            raise InputError(
+                f"{name} is a torch tensor on {x.device}; nbflash in "
+                f"{'GPU' if MODE == 'gpu' else 'simulator'} mode takes {want} tensors")
+        if x.requires_grad:
+            named[name] = x = x.detach()
+    if MODE == "gpu":
+        import cupy  # noqa: PLC0415
+        dev = next(iter(named.values())).device
+        for name, x in named.items():
+            if x.device != dev:
+                raise InputError(f"{name} is on {x.device} but q is on {dev}")
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        with cupy.cuda.Device(dev.index):
+            return {n: cupy.from_dlpack(x) for n, x in named.items()}, stream
+    return {n: np.from_dlpack(x) for n, x in named.items()}, 0
 
 
 def _array_module(named):
     """Check that all arrays are of one kind the device mode takes; return (xp, to_host)."""
     kinds = {name: _kind(x) for name, x in named.items()}
     for name, kind in kinds.items():
-        if kind not in ("numpy", "cupy"):
+        if kind not in ("numpy", "cupy", "torch"):
             raise InputError(
-                f"{name} is a {kind}; nbflash takes CuPy arrays on the GPU and NumPy arrays in "
-                "the simulator")
+                f"{name} is a {kind}; nbflash takes CuPy arrays on the GPU, NumPy arrays in "
+                "the simulator, and torch tensors")
     if len(set(kinds.values())) > 1:
         desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
         raise InputError(f"arrays must all be of one kind: {desc}")
     kind = next(iter(kinds.values()))
+    if kind == "torch":
+        raise AssertionError("torch tensors are converted before this check")
     if MODE == "gpu":
         import cupy  # noqa: PLC0415
         if kind == "cupy":
@@ -85,11 +137,11 @@ def _array_module(named):
 def _check_impl(impl, tiles_opts):
     if impl not in IMPLS:
         raise InputError(f"impl={impl!r} is not an implementation; use one of {IMPLS}")
-    impl = "fa1" if impl == "auto" else impl
+    impl = AUTO if impl == "auto" else impl
     if impl != "fa1" and any(v is not None for v in tiles_opts.values()):
         given = ", ".join(k for k, v in tiles_opts.items() if v is not None)
         raise InputError(f"{given} only apply to impl='fa1' (got impl={impl!r})")
-    if impl == "fa1" and MODE == "compile":
+    if impl != "naive" and MODE == "compile":
         raise InputError(
             "NBFLASH_DEVICE=compile builds kernels for inspection but cannot run them; use "
             "NBFLASH_DEVICE=gpu or sim (or impl='naive')")
@@ -139,7 +191,32 @@ def _check_scalars(causal, softmax_scale, d):
     return bool(causal), float(softmax_scale)
 
 
+def _check_fa2(d, pass_):
+    """fa2's head-dim limit, and its tiles' shared memory against what a block may opt in to."""
+    limit = MAX_HEAD_DIM["fa2"]
+    if d > limit:
+        raise InputError(f"head_dim {d} is above fa2's limit of {limit}")
+    if MODE != "gpu":
+        return
+    from .kernels.launch import FA2_TABLE  # noqa: PLC0415
+    most = _smem_optin()
+    for kernel in (("forward",) if pass_ == "forward" else ("dkdv", "dq")):
+        need = tiling.fa2_tiles(kernel, d, FA2_TABLE).smem_bytes(kernel)
+        if need > most:
+            raise InputError(f"fa2's {kernel} kernel at head_dim {d} needs {need} bytes of "
+                             f"shared memory; this GPU gives a block at most {most}")
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin():
+    from ._cuda import cuda  # noqa: PLC0415
+    return cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+
+
 def _check_tiles(impl, d, pass_, M, block_rule):
+    if impl == "fa2":
+        _check_fa2(d, pass_)
+        return None
     if impl != "fa1":
         return None
     from .kernels.launch import DEFAULT_THREADS  # noqa: PLC0415  (fa1 only)
@@ -174,25 +251,62 @@ def _smem_limit():
 
 
 def _contiguous(xp, x):
-    return xp.ascontiguousarray(xp.asarray(x))
+    """A C-contiguous device array of x; 16-byte aligned too, as fa2 reads rows 16 bytes at a
+    time (a contiguous view that starts inside an allocation may not be)."""
+    if not isinstance(x, xp.ndarray):
+        x = xp.asarray(x)
+    if not x.flags.c_contiguous:
+        return xp.ascontiguousarray(x)
+    if xp is not np and x.data.ptr % 16:
+        return x.copy()
+    return x
+
+
+def _arrays(named):
+    """(xp, to_host, torch, stream, arrays): torch tensors converted, kinds checked."""
+    first = next(iter(named.values()))
+    torch = type(first).__module__.split(".")[0] == "torch"
+    stream = 0
+    if torch:
+        kinds = {n: _kind(x) for n, x in named.items()}
+        if set(kinds.values()) != {"torch"}:
+            desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
+            raise InputError(f"arrays must all be of one kind: {desc}")
+        try:
+            named, stream = _from_torch(dict(named))
+        except (TypeError, BufferError, ValueError) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"a torch tensor could not be taken through DLPack ({exc}); "
+                             "nbflash takes float16 and float32 tensors") from exc
+    xp, to_host = _array_module(named)
+    if not torch and xp is not np:
+        stream = xp.cuda.get_current_stream().ptr
+    return xp, to_host, torch, stream, named
 
 
 def check_forward(q, k, v, *, causal, softmax_scale, impl, M=None, block_rule=None):
     """Check a forward call; returns (Problem, (q, k, v)) with contiguous device arrays."""
     impl = _check_impl(impl, {"M": M, "block_rule": block_rule})
-    xp, to_host = _array_module({"q": q, "k": k, "v": v})
+    xp, to_host, torch, stream, a = _arrays({"q": q, "k": k, "v": v})
+    q, k, v = a["q"], a["k"], a["v"]
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
     causal, scale = _check_scalars(causal, softmax_scale, d)
     tiles = _check_tiles(impl, d, "forward", M, block_rule)
-    prob = Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl, xp, to_host, tiles)
+    prob = Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl, xp, to_host, tiles, torch,
+                   stream)
     return prob, tuple(_contiguous(xp, x) for x in (q, k, v))
 
 
 def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
-                   block_rule=None):
+                   block_rule=None, deterministic=False):
     """Check a backward call; returns (Problem, (do, q, k, v, o, lse)) as contiguous arrays."""
     impl = _check_impl(impl, {"M": M, "block_rule": block_rule})
-    xp, to_host = _array_module({"do": do, "q": q, "k": k, "v": v, "o": o, "lse": lse})
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise InputError(f"deterministic must be True or False; got {deterministic!r}")
+    xp, to_host, torch, stream, a = _arrays(
+        {"do": do, "q": q, "k": k, "v": v, "o": o, "lse": lse})
+    do, q, k, v, o, lse = (a[n] for n in ("do", "q", "k", "v", "o", "lse"))
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
     for name, x in (("do", do), ("o", o)):
         if tuple(x.shape) != tuple(q.shape):
@@ -205,5 +319,6 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
         raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
     causal, scale = _check_scalars(causal, softmax_scale, d)
     tiles = _check_tiles(impl, d, "backward", M, block_rule)
-    prob = Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl, xp, to_host, tiles)
+    prob = Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl, xp, to_host, tiles, torch,
+                   stream)
     return prob, tuple(_contiguous(xp, x) for x in (do, q, k, v, o, lse))

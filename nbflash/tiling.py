@@ -104,3 +104,119 @@ def default_M(d, pass_, rule="paper", limit=STATIC_SMEM_BYTES):
         else:
             hi = mid - 1
     return lo
+
+
+# ------------------------------------------------------------------------------------------ fa2
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class RegTiles:
+    """Register tiling of one fa2 kernel (nbflash.kernels.fa2).
+
+    The block owns R rows of one operand (query rows in the forward and the dQ pass, key rows
+    in the dK/dV pass) and walks the other operand C rows at a time; head dim d. The R x C score
+    tile is cut into tm x tn register tiles, one per thread: thread (rg, cg) owns rows
+    rg, rg + R/tm, ... and columns cg, cg + C/tn, ... (interleaved, so that 16-byte shared-memory
+    reads of whole rows hit distinct banks). The `lanes` = C/tn threads of a row are consecutive
+    in one warp, so row statistics reduce with warp shuffles. The thread's slice of each R x d
+    output (O, dK, dV, dQ) is the same rows, times chunks of 4 columns strided by 4 * lanes.
+    """
+
+    R: int
+    C: int
+    d: int
+    tm: int
+    tn: int
+
+    def __post_init__(self):
+        problems = []
+        if min(self.R, self.C, self.d, self.tm, self.tn) < 1:
+            problems.append("all sizes must be positive")
+        elif self.R % self.tm or self.C % self.tn:
+            problems.append("tm must divide R and tn must divide C")
+        elif self.lanes & (self.lanes - 1) or 32 % self.lanes:
+            problems.append(f"C/tn = {self.lanes} must be a power of two dividing 32")
+        elif self.R % 4 or self.C % 4:
+            problems.append("R and C must be multiples of 4 (16-byte reads)")
+        elif self.C % self.row_groups:
+            problems.append("R/tm must divide C (the dK/dV pass gives each thread C/(R/tm) "
+                            "rows of dQ)")
+        if problems:
+            raise ValueError(f"{self}: {'; '.join(problems)}")
+
+    @property
+    def lanes(self):
+        """Threads sharing a row of the score tile (C / tn)."""
+        return self.C // self.tn
+
+    @property
+    def row_groups(self):
+        return self.R // self.tm
+
+    @property
+    def threads(self):
+        return self.row_groups * self.lanes
+
+    @property
+    def d4(self):
+        """Chunks of 4 along the head dim (the contraction of Q Kᵀ)."""
+        return -(-self.d // 4)
+
+    @property
+    def tx4(self):
+        """Chunks of 4 output columns per thread."""
+        return -(-self.d // (4 * self.lanes))
+
+    @property
+    def dp(self):
+        """Head dim padded to whole output chunks (tx4 * 4 * lanes)."""
+        return self.tx4 * 4 * self.lanes
+
+    @property
+    def ds(self):
+        """Row stride of the d-wide shared tiles (Q, K, V, dO): 4 more than a multiple of 32
+        words, so the rows read by 8 neighbouring lanes start in 8 different bank quads."""
+        return _round_up(max(self.dp, 4 * self.d4), 32) + 4
+
+    def ps(self, cols):
+        """Row stride of a score-shaped tile (P, dS) with `cols` columns: the lanes of a warp
+        store one column each, lanes consecutive; a stride of lanes mod 32 keeps the warp's rows
+        in distinct banks (and 16-byte aligned)."""
+        return _round_up(cols, 32) + max(4, self.lanes)
+
+    def smem_elements(self, kernel):
+        R, C, ds = self.R, self.C, self.ds
+        if kernel == "forward":       # Q (R x d), K, V (C x d), P (R x C)
+            return (R + 2 * C) * ds + R * self.ps(C)
+        if kernel == "dq":            # Q, dO (R x d), K, V (C x d), dS (R x C)
+            return 2 * (R + C) * ds + R * self.ps(C)
+        if kernel == "dkdv":          # K, V (R x d), Q, dO (C x d), Pᵀ, dSᵀ (R x C), dS (C x R),
+            return 2 * (R + C) * ds + 2 * R * self.ps(C) + C * self.ps(R) + 2 * C  # lse, D
+        raise ValueError(kernel)
+
+    def smem_bytes(self, kernel):
+        return self.smem_elements(kernel) * TILE_ITEMSIZE
+
+
+#: fa2's tiles on the GPU per kernel, for head dims up to the key: (R, C, tm, tn). Chosen by
+#: experiments/fa2_tiles.py on the H200 (its data in figures/data/); the simulator uses
+#: SIM_FA2_TILES, small enough that the tests' short sequences span several blocks.
+GPU_FA2_TILES = {
+    "forward": {64: (64, 64, 8, 4), 128: (64, 32, 8, 2)},
+    "dkdv": {64: (64, 32, 8, 2), 128: (32, 32, 4, 2)},
+    "dq": {64: (64, 64, 8, 4), 128: (64, 32, 8, 2)},
+}
+SIM_FA2_TILES = {kernel: {64: (8, 8, 2, 2), 128: (8, 8, 2, 2)} for kernel in GPU_FA2_TILES}
+FA2_KERNELS = tuple(GPU_FA2_TILES)
+
+
+def fa2_tiles(kernel, d, table):
+    """RegTiles of fa2 `kernel` ("forward", "dkdv" or "dq") for head dim d from `table`: the
+    entry of the smallest head dim >= d (head dims above the largest key are refused by the
+    input checks)."""
+    sizes = table[kernel]
+    key = min((k for k in sizes if k >= d), default=max(sizes))
+    return RegTiles(*sizes[key][:2], d, *sizes[key][2:])

@@ -51,12 +51,12 @@ def reference(q, k, v, do, causal, scale=None):
     return dict(zip(("o", "lse", "dq", "dk", "dv"), (host(x) for x in (o, lse, *grads))))
 
 
-def run(impl, q, k, v, do, causal, scale=None, **opts):
+def run(impl, q, k, v, do, causal, scale=None, deterministic=False, **opts):
     """(o, lse, dq, dk, dv) of `impl` through the public API, on the host."""
     o, lse = nbflash.attention_forward(q, k, v, causal=causal, softmax_scale=scale, impl=impl,
                                        **opts)
     grads = nbflash.attention_backward(do, q, k, v, o, lse, causal=causal, softmax_scale=scale,
-                                       impl=impl, **opts)
+                                       impl=impl, deterministic=deterministic, **opts)
     return dict(zip(("o", "lse", "dq", "dk", "dv"), (host(x) for x in (o, lse, *grads))))
 
 

@@ -9,8 +9,10 @@ import contextlib
 import functools
 import sys
 
+from .. import tiling
 from .._cuda import SIMULATOR, cuda
-from . import fa1
+from . import fa1, fa2
+from .fastlaunch import Kernel
 
 #: Threads per block. On the H200 (experiments/fa1_threads.py, its data in figures/data/)
 #: 256 ran fa1 forward+backward 1.25-1.3x faster than 128 when B*H fills few SMs (32 or 128
@@ -86,6 +88,110 @@ def fa1_backward(xp, do, q, k, v, o, lse, *, causal, scale, tiles):
     kernel = build("fa1_backward", tiles, bool(causal), cast)
     _launch(kernel, B * H, tiles.threads, q, k, v, o, do, lse, dq_acc, dq, dk, dv, f32(scale))
     return (dq if cast else dq_acc), dk, dv
+
+
+# ---------------------------------------------------------------------------------------- fa2
+
+FA2_TABLE = tiling.SIM_FA2_TILES if SIMULATOR else tiling.GPU_FA2_TILES
+DELTA_THREADS = 128
+
+
+def _fa2_types(name, dtype, atomic=False):
+    """Numba argument types of fa2 kernel `name` for storage dtype `dtype`."""
+    from numba import types  # noqa: PLC0415
+
+    io = types.Array(types.float16 if str(dtype) == "float16" else types.float32, 1, "C")
+    f32 = types.Array(types.float32, 1, "C")
+    i64, f = types.int64, types.float32
+    if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, τ log2 e (hi, lo)
+        return (io, io, io, io, f32, i64, i64, i64, f, f)
+    if name == "delta":      # o, do, delta, n_rows, d
+        return (io, io, f32, i64, i64)
+    if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, τ log2 e (2), τ
+        return (io, io, io, io, f32, f32, f32, io, io, i64, i64, i64, f, f, f)
+    if name == "dq":     # q, k, v, do, lse, delta, dq, Nq, Nk, H, τ log2 e (hi, lo), τ
+        return (io, io, io, io, f32, f32, io, i64, i64, i64, f, f, f)
+    raise ValueError(name)
+
+
+@functools.lru_cache(maxsize=None)
+def build_fa2(name, tiles, causal, dtype, atomic=False):
+    """fa2 kernel `name` ("forward", "delta", "dkdv", "dq") compiled for these constants."""
+    if name == "forward":
+        fn, smem = fa2.make_forward(tiles, causal), tiles.smem_bytes("forward")
+    elif name == "delta":
+        fn, smem = fa2.make_delta(DELTA_THREADS), 0
+    elif name == "dkdv":
+        fn, smem = fa2.make_dkdv(tiles, causal, atomic), tiles.smem_bytes("dkdv")
+    else:
+        fn, smem = fa2.make_dq(tiles, causal), tiles.smem_bytes("dq")
+    return Kernel(fn, _fa2_types(name, dtype, atomic), max_smem=smem)
+
+
+def _fa2_launch(kernel, grid, tiles, smem_kind, stream, arrays, scalars):
+    smem = tiles.smem_bytes(smem_kind)
+    if SIMULATOR:
+        with _switch_interval(SIM_SWITCH_INTERVAL):
+            kernel(grid, tiles.threads, smem, stream, arrays, scalars)
+    else:
+        kernel(grid, tiles.threads, smem, stream, arrays, scalars)
+
+
+def _flat(x):
+    return x.reshape(-1)
+
+
+def fa2_forward(xp, q, k, v, *, causal, scale, stream=0, tiles=None):
+    """FA2 forward on contiguous, checked arrays; returns (o, lse)."""
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    t = tiles or tiling.fa2_tiles("forward", d, FA2_TABLE)
+    o = xp.empty(q.shape, q.dtype)
+    lse = xp.empty((B, H, Nq), xp.float32)
+    kernel = build_fa2("forward", t, bool(causal), str(q.dtype))
+    grid = (-(-Nq // t.R), H, B)
+    _fa2_launch(kernel, grid, t, "forward", stream, (_flat(q), _flat(k), _flat(v), _flat(o),
+                                                     _flat(lse)),
+                (Nq, Nk, H, *fa2.split_scale(scale)))
+    return o, lse
+
+
+def fa2_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False, stream=0,
+                 tiles=None):
+    """FA2 backward on contiguous, checked arrays; returns (dq, dk, dv).
+
+    deterministic: dQ from a separate pass over key blocks (bitwise reproducible) instead of
+    atomic adds from the dK/dV pass. `tiles`: optional {"dkdv": RegTiles, "dq": RegTiles}.
+    """
+    B, H, Nq, d = q.shape
+    Nk = k.shape[2]
+    tiles = tiles or {}
+    t_kv = tiles.get("dkdv") or tiling.fa2_tiles("dkdv", d, FA2_TABLE)
+    dtype, causal = str(q.dtype), bool(causal)
+    f32 = xp.float32
+    delta = xp.empty((B, H, Nq), f32)
+    rows = B * H * Nq
+    build_fa2("delta", None, False, dtype)(
+        (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0, stream,
+        (_flat(o), _flat(do), _flat(delta)), (rows, d))
+    dk = xp.empty(k.shape, k.dtype)
+    dv = xp.empty(v.shape, v.dtype)
+    atomic = not deterministic
+    dq_acc = xp.zeros(q.shape, f32) if atomic else xp.empty((1,), f32)
+    sl2 = fa2.split_scale(scale)
+    arrays = (_flat(q), _flat(k), _flat(v), _flat(do), _flat(lse), _flat(delta))
+    _fa2_launch(build_fa2("dkdv", t_kv, causal, dtype, atomic), (-(-Nk // t_kv.R), H, B), t_kv,
+                "dkdv", stream, arrays + (_flat(dq_acc), _flat(dk), _flat(dv)),
+                (Nq, Nk, H, *sl2, float(scale)))
+    if atomic:
+        dq = dq_acc if q.dtype == f32 else dq_acc.astype(q.dtype)
+        return dq, dk, dv
+    t_q = tiles.get("dq") or tiling.fa2_tiles("dq", d, FA2_TABLE)
+    dq = xp.empty(q.shape, q.dtype)
+    _fa2_launch(build_fa2("dq", t_q, causal, dtype), (-(-Nq // t_q.R), H, B), t_q, "dq", stream,
+                arrays + (_flat(dq),), (Nq, Nk, H, *sl2, float(scale)))
+    return dq, dk, dv
+
 
 
 def signature(name, dtype, cast):

@@ -1,0 +1,408 @@
+"""FlashAttention-2 for float32 math on CUDA cores: register-tiled forward and backward kernels.
+
+Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning" (2023).
+What differs from fa1 (the FlashAttention paper's Algorithms 1 and 4) is the work partitioning
+(FA2 §3.1-3.2); the maths is the same:
+
+- Forward (FA2 Algorithm 1): one block per (query block i, head, batch); it loads Q_i once and
+  walks the key/value blocks j. Each thread keeps its rows' running max m and sum ℓ and its
+  slice of the *unnormalised* output O_i in registers; O_i is divided by ℓ once at the end and
+  only lse = m + log ℓ is written for the backward.
+- Backward (FA2 Algorithm 2): D = rowsum(dO ∘ O) first (:func:`make_delta`); then one block per
+  (key block j, head, batch) keeps dK_j and dV_j in registers while it walks the query blocks,
+  recomputing S and P from Q, K and lse (:func:`make_dkdv`). dQ gets the contribution of each
+  (i, j) pair either by atomic adds from that same loop (fast, but the order of the adds, and so
+  the last bits of dq, vary from run to run) or, for ``deterministic=True``, from a separate pass
+  with one block per query block that walks the key blocks in order (:func:`make_dq`).
+- Causal: blocks above the diagonal are skipped; only blocks that straddle the diagonal (or the
+  ragged ends of the sequences) evaluate the mask, element by element.
+
+Scores are handled in base 2: τ log2(e) is folded into one scale so that P = 2^(s' - m') with
+math.exp2 (``ex2.approx``). That scale is passed as two float32 (hi + lo) and the product is
+taken as fma(s, hi, s·lo), so folding it in costs no accuracy: s' is s·τ·log2(e) rounded once,
+as the naive baseline rounds s·τ. The forward and the backward compute s' the same way, bit for
+bit. lse is stored in natural-log units, as fa1 and the naive baseline store it; the backward
+takes s' - lse log2(e) with log2(e) in two parts too, and P = 2^min(s' - lse log2(e), 0) <= 1
+(converting lse back can put it an ulp below the forward's largest score).
+
+Tiles are described by nbflash.tiling.RegTiles (R rows owned by the block, C rows of the other
+operand per step, tm x tn scores per thread); products go through nbflash.kernels.regtile and
+the row reductions through warp shuffles (nbflash.kernels.primitives). Inputs are flat
+(contiguous) views of the (B, H, N, d) arrays, so a launch passes few arguments.
+"""
+
+import math
+
+from numba import float32
+
+from .._cuda import cuda
+from .online_softmax import NEG_INF, ONE, ZERO, new_max
+from .primitives import make_row_reduce
+from .regtile import make_dot_cols, make_dot_rows, make_tile_loader
+
+LOG2E = float32(math.log2(math.e))
+LOG2E_LO = float32(math.log2(math.e) - float(LOG2E))   # LOG2E + LOG2E_LO = log2(e) to ~1e-15
+LN2 = float32(math.log(2.0))
+
+
+def _visible(row, col, Nq, Nk, causal):
+    """Key `col` is visible to query `row` (bottom-right causal alignment; both inside)."""
+    return row < Nq and col < Nk and (not causal or col <= row + Nk - Nq)
+
+
+_visible = cuda.jit(device=True, inline=True)(_visible)
+
+
+def _scaled(s, scale_hi, scale_lo):
+    """s · τ log2(e), rounded once: τ log2(e) = scale_hi + scale_lo (see the module docstring)."""
+    return cuda.fma(s, scale_hi, s * scale_lo)
+
+
+_scaled = cuda.jit(device=True, inline=True)(_scaled)
+
+
+def split_scale(scale):
+    """(hi, lo): τ log2(e) as the sum of two float32, for the kernels' scale arguments."""
+    import numpy as np  # noqa: PLC0415
+    exact = float(scale) * math.log2(math.e)
+    hi = np.float32(exact)
+    return float(hi), float(np.float32(exact - float(hi)))
+
+
+def _layout(t):
+    """Compile-time constants shared by the kernels for RegTiles `t`."""
+    return dict(R=t.R, C=t.C, D=t.d, TM=t.tm, TN=t.tn, L=t.lanes, RG=t.row_groups,
+                T=t.threads, TX4=t.tx4, TX=4 * t.tx4, DS=t.ds, W=max(t.dp, 4 * t.d4))
+
+
+def make_forward(t, causal):
+    """FA2 forward for RegTiles `t` (R query rows per block, C keys per step)."""
+    c = _layout(t)
+    R, C, D, TM, TN, L, RG, T = c["R"], c["C"], c["D"], c["TM"], c["TN"], c["L"], c["RG"], c["T"]
+    TX4, TX, DS, W = c["TX4"], c["TX"], c["DS"], c["W"]
+    N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
+    PS = t.ps(C)
+    CAUSAL = bool(causal)
+    Q_OFF, K_OFF = 0, R * DS
+    V_OFF = K_OFF + C * DS
+    P_OFF = V_OFF + C * DS
+    load_q = make_tile_loader(R, D, W, DS, T)
+    load_kv = make_tile_loader(C, D, W, DS, T)
+    qk = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)          # S = Q Kᵀ
+    pv = make_dot_cols(TM, TX4, C // 4, RG * PS, DS, 4 * L)    # O += P̃ V
+    row_max, row_sum = make_row_reduce(L, T)
+
+    def fa2_forward(q, k, v, o, lse, Nq, Nk, H, sc_hi, sc_lo):
+        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward") of dynamic shared memory.
+        q, o: flat (B, H, Nq, d); k, v: flat (B, H, Nk, d); lse: flat (B, H, Nq) float32.
+        sc_hi + sc_lo = τ log2(e) (:func:`split_scale`)."""
+        smem = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        rg = tid // L
+        cg = tid % L
+        bh = cuda.blockIdx.z * H + cuda.blockIdx.y
+        row0 = cuda.blockIdx.x * R
+        q_base = bh * Nq * D
+        k_base = bh * Nk * D
+
+        load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)          # Q_i, once
+        m = cuda.local.array(TM, float32)                       # running max (base 2)
+        l = cuda.local.array(TM, float32)                       # this thread's part of ℓ
+        acc = cuda.local.array(N_ACC, float32)                # unnormalised O_i slice
+        for i in range(TM):
+            m[i] = NEG_INF
+            l[i] = ZERO
+        for x in range(TM * TX):
+            acc[x] = ZERO
+        s = cuda.local.array(N_S, float32)
+
+        n_blocks = (Nk + C - 1) // C
+        if CAUSAL:   # key blocks after the last key the block's last row sees are skipped
+            last_key = min(row0 + R - 1, Nq - 1) + Nk - Nq
+            n_blocks = min(n_blocks, last_key // C + 1) if last_key >= 0 else 0
+        for j in range(n_blocks):
+            col0 = j * C
+            cuda.syncthreads()   # the previous step has finished reading K_j, V_j and P̃
+            load_kv(k, k_base, col0, Nk, smem, K_OFF, tid)
+            load_kv(v, k_base, col0, Nk, smem, V_OFF, tid)
+            cuda.syncthreads()
+
+            for x in range(TM * TN):
+                s[x] = ZERO
+            qk(smem, Q_OFF + rg * DS, K_OFF + cg * DS, s)
+            # the mask is evaluated only where the block reaches past Nk or over the diagonal
+            masked = col0 + C > Nk or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq)
+            for i in range(TM):
+                row = row0 + rg + RG * i
+                m_blk = NEG_INF
+                for u in range(TN):
+                    sc = _scaled(s[i * TN + u], sc_hi, sc_lo)
+                    if masked and not _visible(row, col0 + cg + L * u, Nq, Nk, CAUSAL):
+                        sc = NEG_INF
+                    s[i * TN + u] = sc
+                    m_blk = max(m_blk, sc)
+                m_new, m_ref, alpha = new_max(m[i], row_max(m_blk, tid))
+                m[i] = m_new
+                l_blk = ZERO
+                for u in range(TN):
+                    p = math.exp2(s[i * TN + u] - m_ref)
+                    l_blk += p
+                    smem[P_OFF + (rg + RG * i) * PS + cg + L * u] = p
+                l[i] = l[i] * alpha + l_blk
+                for x in range(TX):
+                    acc[i * TX + x] *= alpha
+            cuda.syncthreads()   # P̃ complete
+            pv(smem, P_OFF + rg * PS, V_OFF + 4 * cg, acc)
+
+        # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
+        for i in range(TM):
+            row = row0 + rg + RG * i
+            l_row = row_sum(l[i], tid)
+            if row < Nq:
+                for u in range(TX4):
+                    for e in range(4):
+                        col = u * 4 * L + 4 * cg + e
+                        if col < D:
+                            o[q_base + row * D + col] = acc[i * TX + 4 * u + e] / l_row \
+                                if l_row > ZERO else ZERO
+                if cg == 0:
+                    lse[bh * Nq + row] = (m[i] + math.log2(l_row)) * LN2 \
+                        if l_row > ZERO else NEG_INF
+
+    return fa2_forward
+
+
+def make_delta(threads):
+    """D = rowsum(dO ∘ O) per query row (FA2 Algorithm 2, line 4), one thread per row."""
+    T = threads
+
+    def fa2_delta(o, do, delta, n_rows, D):
+        """Grid ceil(n_rows / T); o, do: flat (rows, D); delta: float32 (rows)."""
+        row = cuda.blockIdx.x * T + cuda.threadIdx.x
+        if row < n_rows:
+            acc = ZERO
+            for x in range(D):
+                acc += float32(o[row * D + x]) * float32(do[row * D + x])
+            delta[row] = acc
+
+    return fa2_delta
+
+
+def _p_and_ds(s, dp, sc_hi, sc_lo, lse, lse_lo, dlt):
+    """P = 2^min(s' - lse log2(e), 0) (see the module docstring) and dS = P (dP - D);
+    lse_lo = lse · LOG2E_LO."""
+    p = math.exp2(min(cuda.fma(-lse, LOG2E, _scaled(s, sc_hi, sc_lo)) - lse_lo, ZERO))
+    return p, p * (dp - dlt)
+
+
+_p_and_ds = cuda.jit(device=True, inline=True)(_p_and_ds)
+
+
+def make_dkdv(t, causal, atomic_dq):
+    """FA2 backward over key blocks for RegTiles `t` (R keys per block, C queries per step).
+
+    atomic_dq: also add τ dS K_j into the float32 buffer dq_acc with atomics.
+    """
+    c = _layout(t)
+    R, C, D, TM, TN, L, RG, T = c["R"], c["C"], c["D"], c["TM"], c["TN"], c["L"], c["RG"], c["T"]
+    TX4, TX, DS, W = c["TX4"], c["TX"], c["DS"], c["W"]
+    N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
+    PSC, PSR = t.ps(C), t.ps(R)
+    TMQ = C // RG        # dQ rows per thread
+    N_DQ = TMQ * TX
+    CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
+    K_OFF, V_OFF = 0, R * DS
+    Q_OFF = 2 * R * DS
+    DO_OFF = Q_OFF + C * DS
+    PT_OFF = DO_OFF + C * DS
+    DST_OFF = PT_OFF + R * PSC
+    DS_OFF = DST_OFF + R * PSC
+    LSE_OFF = DS_OFF + C * PSR
+    DLT_OFF = LSE_OFF + C
+    load_kv = make_tile_loader(R, D, W, DS, T)
+    load_q = make_tile_loader(C, D, W, DS, T)
+    rows_dot = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)        # Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
+    cols_dot = make_dot_cols(TM, TX4, C // 4, RG * PSC, DS, 4 * L)  # dV += Pᵀ dO, dK += dSᵀ Q
+    dq_dot = make_dot_cols(TMQ, TX4, R // 4, RG * PSR, DS, 4 * L)   # dQ_i += dS K_j
+
+    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, sc_hi, sc_lo, scale):
+        """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv") of dynamic shared memory.
+        delta: D from fa2_delta; dq_acc: zeroed float32 (B, H, Nq, d), used if atomic_dq."""
+        smem = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        rg = tid // L
+        cg = tid % L
+        bh = cuda.blockIdx.z * H + cuda.blockIdx.y
+        key0 = cuda.blockIdx.x * R
+        q_base = bh * Nq * D
+        k_base = bh * Nk * D
+
+        load_kv(k, k_base, key0, Nk, smem, K_OFF, tid)
+        load_kv(v, k_base, key0, Nk, smem, V_OFF, tid)
+        dk_acc = cuda.local.array(N_ACC, float32)
+        dv_acc = cuda.local.array(N_ACC, float32)
+        for x in range(TM * TX):
+            dk_acc[x] = ZERO
+            dv_acc[x] = ZERO
+        st = cuda.local.array(N_S, float32)
+        dpt = cuda.local.array(N_S, float32)
+        dq_part = cuda.local.array(N_DQ, float32)
+
+        for i in range((Nq + C - 1) // C):
+            row0 = i * C
+            # query blocks whose last row sees no key of this block are skipped (uniform)
+            if CAUSAL and min(row0 + C - 1, Nq - 1) + Nk - Nq < key0:
+                continue
+            cuda.syncthreads()   # the previous step has finished reading Q_i, dO_i, Pᵀ, dSᵀ
+            load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
+            load_q(do, q_base, row0, Nq, smem, DO_OFF, tid)
+            for r in range(tid, C, T):   # lse (0 where it is -inf: all masked) and D
+                row = row0 + r
+                lse_r = ZERO
+                dlt = ZERO
+                if row < Nq:
+                    lse_r = lse[bh * Nq + row]
+                    if lse_r == NEG_INF:
+                        lse_r = ZERO
+                    dlt = delta[bh * Nq + row]
+                smem[LSE_OFF + r] = lse_r
+                smem[DLT_OFF + r] = dlt
+            cuda.syncthreads()
+
+            for x in range(TM * TN):
+                st[x] = ZERO
+                dpt[x] = ZERO
+            rows_dot(smem, K_OFF + rg * DS, Q_OFF + cg * DS, st)
+            rows_dot(smem, V_OFF + rg * DS, DO_OFF + cg * DS, dpt)
+            masked = row0 + C > Nq or key0 + R > Nk or \
+                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq)
+            for a in range(TM):
+                kr = rg + RG * a                  # key row within the block
+                for u in range(TN):
+                    qr = cg + L * u               # query row within the block
+                    lse_q = smem[LSE_OFF + qr]
+                    p, ds = _p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
+                                      lse_q * LOG2E_LO, smem[DLT_OFF + qr])
+                    if masked and not _visible(row0 + qr, key0 + kr, Nq, Nk, CAUSAL):
+                        p = ZERO
+                        ds = ZERO
+                    smem[PT_OFF + kr * PSC + qr] = p
+                    smem[DST_OFF + kr * PSC + qr] = ds
+                    if ATOMIC:
+                        smem[DS_OFF + qr * PSR + kr] = ds
+            cuda.syncthreads()   # Pᵀ, dSᵀ (and dS) complete
+            cols_dot(smem, PT_OFF + rg * PSC, DO_OFF + 4 * cg, dv_acc)
+            cols_dot(smem, DST_OFF + rg * PSC, Q_OFF + 4 * cg, dk_acc)
+            if ATOMIC:
+                for x in range(TMQ * TX):
+                    dq_part[x] = ZERO
+                dq_dot(smem, DS_OFF + rg * PSR, K_OFF + 4 * cg, dq_part)
+                for a in range(TMQ):
+                    row = row0 + rg + RG * a
+                    if row < Nq:
+                        for u in range(TX4):
+                            for e in range(4):
+                                col = u * 4 * L + 4 * cg + e
+                                if col < D:
+                                    cuda.atomic.add(dq_acc, q_base + row * D + col,
+                                                    dq_part[a * TX + 4 * u + e] * scale)
+
+        for a in range(TM):   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P_ijᵀ dO_i, written once
+            key = key0 + rg + RG * a
+            if key < Nk:
+                for u in range(TX4):
+                    for e in range(4):
+                        col = u * 4 * L + 4 * cg + e
+                        if col < D:
+                            dk[k_base + key * D + col] = dk_acc[a * TX + 4 * u + e] * scale
+                            dv[k_base + key * D + col] = dv_acc[a * TX + 4 * u + e]
+
+    return fa2_dkdv
+
+
+def make_dq(t, causal):
+    """The deterministic dQ pass for RegTiles `t` (R queries per block, C keys per step): the
+    forward's structure, with dS in place of P̃ and K in place of V."""
+    c = _layout(t)
+    R, C, D, TM, TN, L, RG, T = c["R"], c["C"], c["D"], c["TM"], c["TN"], c["L"], c["RG"], c["T"]
+    TX4, TX, DS, W = c["TX4"], c["TX"], c["DS"], c["W"]
+    N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
+    PS = t.ps(C)
+    CAUSAL = bool(causal)
+    Q_OFF, DO_OFF = 0, R * DS
+    K_OFF = 2 * R * DS
+    V_OFF = K_OFF + C * DS
+    DS_OFF = V_OFF + C * DS
+    load_q = make_tile_loader(R, D, W, DS, T)
+    load_kv = make_tile_loader(C, D, W, DS, T)
+    rows_dot = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)        # S = Q Kᵀ, dP = dO Vᵀ
+    dq_dot = make_dot_cols(TM, TX4, C // 4, RG * PS, DS, 4 * L)     # dQ_i += dS K_j
+
+    def fa2_dq(q, k, v, do, lse, delta, dq, Nq, Nk, H, sc_hi, sc_lo, scale):
+        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq") of dynamic shared memory."""
+        smem = cuda.shared.array(0, float32)
+        tid = cuda.threadIdx.x
+        rg = tid // L
+        cg = tid % L
+        bh = cuda.blockIdx.z * H + cuda.blockIdx.y
+        row0 = cuda.blockIdx.x * R
+        q_base = bh * Nq * D
+        k_base = bh * Nk * D
+
+        load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
+        load_q(do, q_base, row0, Nq, smem, DO_OFF, tid)
+        lse_r = cuda.local.array(TM, float32)   # lse (0 where it is -inf: all masked)
+        lse_lo = cuda.local.array(TM, float32)
+        dlt = cuda.local.array(TM, float32)
+        for a in range(TM):
+            row = row0 + rg + RG * a
+            lse_r[a] = ZERO
+            dlt[a] = ZERO
+            if row < Nq:
+                if lse[bh * Nq + row] != NEG_INF:
+                    lse_r[a] = lse[bh * Nq + row]
+                dlt[a] = delta[bh * Nq + row]
+            lse_lo[a] = lse_r[a] * LOG2E_LO
+        acc = cuda.local.array(N_ACC, float32)
+        for x in range(TM * TX):
+            acc[x] = ZERO
+        s = cuda.local.array(N_S, float32)
+        dp = cuda.local.array(N_S, float32)
+
+        n_blocks = (Nk + C - 1) // C
+        if CAUSAL:
+            last_key = min(row0 + R - 1, Nq - 1) + Nk - Nq
+            n_blocks = min(n_blocks, last_key // C + 1) if last_key >= 0 else 0
+        for j in range(n_blocks):
+            col0 = j * C
+            cuda.syncthreads()
+            load_kv(k, k_base, col0, Nk, smem, K_OFF, tid)
+            load_kv(v, k_base, col0, Nk, smem, V_OFF, tid)
+            cuda.syncthreads()
+            for x in range(TM * TN):
+                s[x] = ZERO
+                dp[x] = ZERO
+            rows_dot(smem, Q_OFF + rg * DS, K_OFF + cg * DS, s)
+            rows_dot(smem, DO_OFF + rg * DS, V_OFF + cg * DS, dp)
+            masked = col0 + C > Nk or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq)
+            for a in range(TM):
+                row = row0 + rg + RG * a
+                for u in range(TN):
+                    p, ds = _p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, lse_r[a],
+                                      lse_lo[a], dlt[a])
+                    if masked and not _visible(row, col0 + cg + L * u, Nq, Nk, CAUSAL):
+                        ds = ZERO
+                    smem[DS_OFF + (rg + RG * a) * PS + cg + L * u] = ds
+            cuda.syncthreads()
+            dq_dot(smem, DS_OFF + rg * PS, K_OFF + 4 * cg, acc)
+
+        for a in range(TM):
+            row = row0 + rg + RG * a
+            if row < Nq:
+                for u in range(TX4):
+                    for e in range(4):
+                        col = u * 4 * L + 4 * cg + e
+                        if col < D:
+                            dq[q_base + row * D + col] = acc[a * TX + 4 * u + e] * scale
+
+    return fa2_dq

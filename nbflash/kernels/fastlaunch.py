@@ -1,0 +1,149 @@
+"""Launch compiled Numba kernels with little host overhead.
+
+A Numba launch (``kernel[grid, block](*args)``) inspects every argument on every call, about
+33 us per CuPy array on the H200 (shared/device/README.md), far more than a FlashAttention call
+on a small problem takes on the GPU. fa2's kernels are compiled once per signature; this module
+then launches them through the driver directly: it takes the compiled kernel's handle from
+Numba, packs the arguments the way Numba's ABI lays them out (an array is meminfo, parent,
+nitems, itemsize, data, shape and strides; nbflash passes only 1-D contiguous arrays, so that is
+7 machine words), and calls ``cuLaunchKernel`` through ctypes.
+
+The kernels also take more than the 48 KB of shared memory a block gets by default: their
+dynamic shared memory size is raised with ``cuFuncSetAttribute``.
+
+In the simulator the same kernels run through Numba's simulated launch instead.
+"""
+
+import ctypes
+import struct
+import threading
+
+from .._cuda import SIMULATOR, cuda
+
+#: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+_MAX_DYNAMIC_SMEM = 8
+_libcuda = None
+
+
+def _driver():
+    global _libcuda
+    if _libcuda is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        vp, u = ctypes.c_void_p, ctypes.c_uint
+        lib.cuLaunchKernel.argtypes = [vp, u, u, u, u, u, u, u, vp,
+                                       ctypes.POINTER(vp), ctypes.POINTER(vp)]
+        lib.cuKernelGetFunction.argtypes = [ctypes.POINTER(vp), vp]
+        lib.cuFuncSetAttribute.argtypes = [vp, ctypes.c_int, ctypes.c_int]
+        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        _libcuda = lib
+    return _libcuda
+
+
+def _check(rc, what):
+    if rc != 0:
+        msg = ctypes.c_char_p()
+        _driver().cuGetErrorString(rc, ctypes.byref(msg))
+        raise RuntimeError(f"{what} failed: CUDA error {rc} "
+                           f"({(msg.value or b'?').decode()})")
+
+
+class Kernel:
+    """A kernel compiled for one signature: ``k(grid, block, smem, stream, arrays, scalars)``.
+
+    `argtypes`: Numba types, the 1-D contiguous arrays first, then the scalars (int64 or
+    float32). At a call, `arrays` are array objects (anything with the CUDA array interface; on
+    the fast path CuPy arrays or torch tensors) and `scalars` Python numbers.
+    """
+
+    def __init__(self, pyfunc, argtypes, max_smem=0):
+        from numba import types  # noqa: PLC0415
+
+        n_arrays = sum(isinstance(t, types.Array) for t in argtypes)
+        if any(isinstance(t, types.Array) for t in argtypes[n_arrays:]):
+            raise ValueError("arrays must come before scalars")
+        for t in argtypes[:n_arrays]:
+            if t.ndim != 1 or t.layout != "C":
+                raise ValueError(f"{t}: only 1-D contiguous arrays are passed")
+        fmt = "<" + "qqqqqqq" * n_arrays
+        for t in argtypes[n_arrays:]:
+            if t == types.float32:
+                fmt += "f4x"
+            elif t == types.int64:
+                fmt += "q"
+            else:
+                raise ValueError(f"scalar type {t} is not supported")
+        self.name = pyfunc.__name__
+        self.n_arrays = n_arrays
+        self.max_smem = max_smem
+        if SIMULATOR:
+            self._dispatcher = cuda.jit(pyfunc)
+            return
+        self._dispatcher = cuda.jit(types.void(*argtypes))(pyfunc)
+        self._fmt = fmt
+        n = struct.calcsize(fmt) // 8
+        self._buf = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self._buf)
+        self._params = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        self._lock = threading.Lock()
+        self._func = None
+        self._argtypes = tuple(argtypes)
+
+    def _function(self):
+        """The CUfunction in the current context (loaded at first use)."""
+        if self._func is None:
+            overload = self._dispatcher.overloads[self._argtypes]
+            kernel = overload._codelibrary.get_cufunc().handle   # a CUkernel (cuda.core)
+            func = ctypes.c_void_p()
+            lib = _driver()
+            _check(lib.cuKernelGetFunction(ctypes.byref(func), int(kernel)),
+                   f"cuKernelGetFunction({self.name})")
+            if self.max_smem > 48 * 1024:
+                _check(lib.cuFuncSetAttribute(func, _MAX_DYNAMIC_SMEM, self.max_smem),
+                       f"raising {self.name}'s shared memory to {self.max_smem} bytes")
+            self._func = func.value
+        return self._func
+
+    def resources(self):
+        """Registers, local memory bytes and static shared bytes of the compiled kernel."""
+        attrs = self._dispatcher.overloads[self._argtypes]._codelibrary.get_cufunc().attrs
+        return {"registers": attrs.regs, "local_bytes": attrs.local,
+                "static_shared_bytes": attrs.shared}
+
+    def sass(self):
+        return self._dispatcher.inspect_sass(self._argtypes)
+
+    def __call__(self, grid, block, smem, stream, arrays, scalars):
+        if smem > self.max_smem:
+            raise ValueError(f"{self.name}: {smem} bytes of shared memory requested, "
+                             f"{self.max_smem} allowed")
+        if SIMULATOR:
+            self._dispatcher[grid, block, 0, smem](*arrays, *scalars)
+            return
+        values = []
+        for a in arrays:
+            ptr, size, itemsize = _describe(a)
+            values += (0, 0, size, itemsize, ptr, size, itemsize)
+        values += scalars
+        func = self._func or self._function()
+        gx, gy, gz = grid
+        with self._lock:   # the parameter buffer is shared; the driver copies it at launch
+            struct.pack_into(self._fmt, self._buf, 0, *values)
+            rc = _driver().cuLaunchKernel(func, gx, gy, gz, block, 1, 1, smem, stream,
+                                          self._params, None)
+        if rc:
+            _check(rc, f"launching {self.name}")
+
+
+def _describe(a):
+    """(device pointer, number of items, itemsize) of a contiguous device array."""
+    data = getattr(a, "data", None)
+    if data is not None and hasattr(data, "ptr"):           # CuPy
+        return data.ptr, a.size, a.itemsize
+    if hasattr(a, "data_ptr"):                               # torch
+        return a.data_ptr(), a.numel(), a.element_size()
+    iface = a.__cuda_array_interface__                       # anything else (e.g. Numba)
+    n = 1
+    for s in iface["shape"]:
+        n *= s
+    import numpy as np  # noqa: PLC0415
+    return iface["data"][0], n, np.dtype(iface["typestr"]).itemsize

@@ -1,0 +1,91 @@
+"""Register tiling for the fa2 kernels: shared-memory tile loads and the two tile products.
+
+Every fa2 kernel keeps its operand tiles in one dynamic shared-memory array of float32, row-major
+with padded strides (nbflash.tiling.RegTiles), and every thread accumulates a small tile of the
+result in registers:
+
+- :func:`make_dot_rows`: acc[i, t] += Σ_k A[row_i, k] · B[col_t, k] (A Bᵀ, e.g. S = Q Kᵀ). Both
+  operands are read along k, four at a time, with 16-byte loads.
+- :func:`make_dot_cols`: acc[i, x] += Σ_j A[row_i, j] · B[j, x] (A B, e.g. O += P V): A read
+  along j, B along x, both four at a time.
+
+For tm x tn register tiles each step loads tm + tn 16-byte vectors and does 4·tm·tn FMAs.
+The loops have compile-time trip counts, so the accumulators and operands stay in registers.
+"""
+
+from numba import float32
+
+from .._cuda import cuda
+from .online_softmax import ZERO
+from .primitives import load4
+
+
+def make_tile_loader(ROWS, D, WIDTH, STRIDE, T):
+    """Device function: rows start .. start+ROWS-1 of head `base` (the flat offset of row 0) of
+    a flat (B, H, n, D) array into shared memory at `off`, as float32 rows of WIDTH values
+    (zeros past column D - 1 and past row n - 1) with row stride STRIDE. Consecutive threads take
+    consecutive columns: the global reads coalesce and the shared writes hit distinct banks."""
+
+    def load(src, base, start, n, smem, off, tid):
+        for e in range(tid, ROWS * WIDTH, T):
+            r = e // WIDTH
+            x = e % WIDTH
+            val = ZERO
+            if start + r < n and x < D:
+                val = float32(src[base + (start + r) * D + x])
+            smem[off + r * STRIDE + x] = val
+
+    return cuda.jit(device=True, inline=True)(load)
+
+
+def make_dot_rows(TM, TN, K4, A_STEP, B_STEP):
+    """acc[i*TN + t] += Σ_{k < 4 K4} smem[a + i A_STEP + k] · smem[b + t B_STEP + k]."""
+
+    NA, NB = TM * 4, TN * 4   # local array sizes must be compile-time constants
+
+    def dot_rows(smem, a, b, acc):
+        av = cuda.local.array(NA, float32)
+        bv = cuda.local.array(NB, float32)
+        for k4 in range(K4):
+            k = 4 * k4
+            for i in range(TM):
+                av[4 * i], av[4 * i + 1], av[4 * i + 2], av[4 * i + 3] = \
+                    load4(smem, a + i * A_STEP + k)
+            for t in range(TN):
+                bv[4 * t], bv[4 * t + 1], bv[4 * t + 2], bv[4 * t + 3] = \
+                    load4(smem, b + t * B_STEP + k)
+            for i in range(TM):
+                for t in range(TN):
+                    s = acc[i * TN + t]
+                    for e in range(4):
+                        s += av[4 * i + e] * bv[4 * t + e]
+                    acc[i * TN + t] = s
+
+    return cuda.jit(device=True, inline=True)(dot_rows)
+
+
+def make_dot_cols(TM, TX4, J4, A_STEP, B_ROW, B_CHUNK):
+    """acc[i*4*TX4 + 4u + e] += Σ_{j < 4 J4} smem[a + i A_STEP + j] · smem[b + j B_ROW + u B_CHUNK + e]
+    (b includes the thread's first column)."""
+
+    NA = TM * 4
+
+    def dot_cols(smem, a, b, acc):
+        av = cuda.local.array(NA, float32)
+        for j4 in range(J4):
+            j = 4 * j4
+            for i in range(TM):
+                av[4 * i], av[4 * i + 1], av[4 * i + 2], av[4 * i + 3] = \
+                    load4(smem, a + i * A_STEP + j)
+            for jj in range(4):
+                for u in range(TX4):
+                    b0, b1, b2, b3 = load4(smem, b + (j + jj) * B_ROW + u * B_CHUNK)
+                    for i in range(TM):
+                        p = av[4 * i + jj]
+                        base = i * 4 * TX4 + 4 * u
+                        acc[base] += p * b0
+                        acc[base + 1] += p * b1
+                        acc[base + 2] += p * b2
+                        acc[base + 3] += p * b3
+
+    return cuda.jit(device=True, inline=True)(dot_cols)
