@@ -1,8 +1,9 @@
-"""Command line: ``python -m nbflash info | check | compile``."""
+"""Command line: ``python -m nbflash info | check | compile | bench``."""
 
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -139,6 +140,56 @@ def cmd_compile(args):
     return 0 if all(compilecheck.Report(**r).ok() for r in reports) else 1
 
 
+def cmd_bench(args):
+    """The benchmark grid (nbflash.bench): a table on screen and a JSON file, resumable."""
+    from nbflash import bench  # noqa: PLC0415
+
+    if MODE == "compile":
+        print("bench runs kernels: use NBFLASH_DEVICE=gpu or sim", file=sys.stderr)
+        return 2
+    console = _console()
+    out = args.out or bench.default_out()
+    result = bench.run(impls=args.impls, dtypes=args.dtypes, Ns=args.N, ds=args.d,
+                       causal=[c == "on" for c in args.causal], passes=args.passes,
+                       tokens=args.tokens, hidden=args.hidden, repeats=args.repeats,
+                       warmup=args.warmup, out=out, resume=not args.no_resume,
+                       host_overhead=not args.no_host_overhead,
+                       command=shlex.join(["python", "-m", "nbflash", *args.argv]),
+                       console=console)
+    bench.print_table(result, console)
+    bench.print_host_overhead(result, console)
+    console.print(f"wrote {out}", highlight=False)
+    return 0
+
+
+def _add_bench_parser(sub):
+    from nbflash import bench  # noqa: PLC0415
+
+    defaults = ", ".join(f"{k} {v}" for k, v in bench.defaults().items())
+    p = sub.add_parser("bench", help="the FlashAttention-2 benchmark grid: every impl checked, "
+                                     "then timed; a table and a JSON file (resumable)",
+                       epilog=f"Defaults in {MODE} mode: {defaults}.")
+    p.add_argument("--impls", nargs="+", choices=bench.known_impls(), default=None,
+                   help="default: every nbflash impl, and torch, torch-flash when torch runs")
+    p.add_argument("--dtypes", nargs="+", choices=bench.DTYPES, default=list(bench.DTYPES))
+    p.add_argument("--N", type=int, nargs="+", default=None, help="sequence lengths")
+    p.add_argument("--d", type=int, nargs="+", default=None, help="head dims")
+    p.add_argument("--causal", nargs="+", choices=("off", "on"), default=["off", "on"])
+    p.add_argument("--passes", nargs="+", choices=bench.PASSES, default=list(bench.PASSES))
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per point (median)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before them")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per batch: B = tokens // N")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size: H = hidden // d")
+    p.add_argument("--out", default=None,
+                   help="JSON file (default figures/data/bench_<gpu>.json, bench_sim.json in "
+                        "the simulator); rewritten after every point")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh instead of skipping the points already in --out")
+    p.add_argument("--no-host-overhead", action="store_true",
+                   help="skip the host-time-per-call measurement")
+    p.set_defaults(func=cmd_bench)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nbflash", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,7 +212,10 @@ def main(argv=None):
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--json", help="also write the reports to this file")
     p.set_defaults(func=cmd_compile)
+    _add_bench_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

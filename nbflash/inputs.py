@@ -191,6 +191,7 @@ def _check_scalars(causal, softmax_scale, d):
     return bool(causal), float(softmax_scale)
 
 
+@functools.lru_cache(maxsize=None)
 def _check_fa2(d, pass_):
     """fa2's head-dim limit, and its tiles' shared memory against what a block may opt in to."""
     limit = MAX_HEAD_DIM["fa2"]
@@ -198,10 +199,10 @@ def _check_fa2(d, pass_):
         raise InputError(f"head_dim {d} is above fa2's limit of {limit}")
     if MODE != "gpu":
         return
-    from .kernels.launch import FA2_TABLE  # noqa: PLC0415
+    from .kernels.launch import fa2_tiles  # noqa: PLC0415
     most = _smem_optin()
     for kernel in (("forward",) if pass_ == "forward" else ("dkdv", "dq")):
-        need = tiling.fa2_tiles(kernel, d, FA2_TABLE).smem_bytes(kernel)
+        need = fa2_tiles(kernel, d).smem_bytes(kernel)
         if need > most:
             raise InputError(f"fa2's {kernel} kernel at head_dim {d} needs {need} bytes of "
                              f"shared memory; this GPU gives a block at most {most}")

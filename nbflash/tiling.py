@@ -130,11 +130,16 @@ class RegTiles:
     d: int
     tm: int
     tn: int
+    #: buffers for the streamed tiles (K, V in the forward): 2 loads the next block while the
+    #: current one is computed on (cp.async; float32 inputs with d a multiple of 4)
+    stages: int = 1
 
     def __post_init__(self):
         problems = []
         if min(self.R, self.C, self.d, self.tm, self.tn) < 1:
             problems.append("all sizes must be positive")
+        elif self.stages not in (1, 2):
+            problems.append("stages must be 1 or 2")
         elif self.R % self.tm or self.C % self.tn:
             problems.append("tm must divide R and tn must divide C")
         elif self.lanes & (self.lanes - 1) or 32 % self.lanes:
@@ -189,8 +194,8 @@ class RegTiles:
 
     def smem_elements(self, kernel):
         R, C, ds = self.R, self.C, self.ds
-        if kernel == "forward":       # Q (R x d), K, V (C x d), P (R x C)
-            return (R + 2 * C) * ds + R * self.ps(C)
+        if kernel == "forward":       # Q (R x d), K, V (C x d) per stage, P (R x C)
+            return (R + 2 * C * self.stages) * ds + R * self.ps(C)
         if kernel == "dq":            # Q, dO (R x d), K, V (C x d), dS (R x C)
             return 2 * (R + C) * ds + R * self.ps(C)
         if kernel == "dkdv":          # K, V (R x d), Q, dO (C x d), Pᵀ, dSᵀ (R x C), dS (C x R),
@@ -219,4 +224,5 @@ def fa2_tiles(kernel, d, table):
     input checks)."""
     sizes = table[kernel]
     key = min((k for k in sizes if k >= d), default=max(sizes))
-    return RegTiles(*sizes[key][:2], d, *sizes[key][2:])
+    R, C, *rest = sizes[key]
+    return RegTiles(R, C, d, *rest)

@@ -11,10 +11,12 @@ from nbflash.kernels import launch
 from support import assert_close, make_inputs, reference, xp
 
 SHAPES = [
-    # (R, C, tm, tn) for all kernels, d
+    # (R, C, tm, tn[, stages]) for all kernels, d
     ((4, 16, 2, 1), 40),     # 16 lanes, 2 row groups, d < 4 * lanes: one padded chunk
     ((8, 8, 4, 2), 72),      # 4 lanes, 5 chunks of 4 output columns per thread
     ((4, 8, 1, 2), 12),      # one row per thread; dK/dV: 8 query rows per 4 key rows
+    ((8, 8, 2, 2, 2), 16),   # double-buffered K, V (the asynchronous copies' path)
+    ((8, 8, 2, 2, 2), 6),    # double-buffered, d not a multiple of 4 (synchronous copies)
 ]
 
 
@@ -32,8 +34,7 @@ def _run(tiles, q, k, v, do, causal, deterministic):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape,d", SHAPES, ids=[str(s) for s, _ in SHAPES])
 def test_other_tiles(shape, d, causal):
-    R, C, tm, tn = shape
-    tiles = tiling.RegTiles(R, C, d, tm, tn)
+    tiles = tiling.RegTiles(shape[0], shape[1], d, *shape[2:])
     rng = np.random.default_rng(7)
     q, k, v, do = make_inputs(rng, 1, 1, 19, 27, d, np.float32)
     ref = reference(q, k, v, do, causal)

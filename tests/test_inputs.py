@@ -12,7 +12,8 @@ from support import randn, xp
 def no_kernel_may_run(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was launched for bad input")
-    monkeypatch.setattr(launch, "_launch", refuse)
+    monkeypatch.setattr(launch, "_launch", refuse)   # fa1
+    monkeypatch.setattr(launch, "_run", refuse)      # fa2
 
 
 def arrays(B=1, H=2, Nq=5, Nk=6, d=8, dtype=np.float32):
@@ -41,7 +42,11 @@ CASES = {
     "mixed dtype": (lambda q, k, v: fwd(q, k.astype(xp.float16), v),
                     r"share one dtype; got float32, float16, float32"),
     "head_dim limit": (lambda q, k, v: fwd(*(xp.zeros((1, 1, 2, 129), xp.float32),) * 3),
-                       r"head_dim 129 is above fa1's limit of 128"),
+                       r"head_dim 129 is above fa2's limit of 128"),
+    "fa1 head_dim limit": (lambda q, k, v: fwd(*(xp.zeros((1, 1, 2, 129), xp.float32),) * 3,
+                                               impl="fa1"),
+                           r"head_dim 129 is above fa1's limit of 128"),
+    "M for fa2": (lambda q, k, v: fwd(q, k, v, impl="fa2", M=64), r"M only apply to impl='fa1'"),
     "impl": (lambda q, k, v: fwd(q, k, v, impl="fa9"), r"impl='fa9' is not an implementation"),
     "causal": (lambda q, k, v: fwd(q, k, v, causal="yes"), r"causal must be True or False"),
     "scale nan": (lambda q, k, v: fwd(q, k, v, softmax_scale=float("nan")),
@@ -50,9 +55,9 @@ CASES = {
                         r"softmax_scale 1e\+39 overflows float32"),
     "scale str": (lambda q, k, v: fwd(q, k, v, softmax_scale="0.1"),
                   r"softmax_scale must be a number"),
-    "M too big": (lambda q, k, v: fwd(q, k, v, M=100000), r"M=100000 gives Br=8, Bc=3125 .* bytes"),
-    "M zero": (lambda q, k, v: fwd(q, k, v, M=0), r"M \(on-chip memory in elements\)"),
-    "rule": (lambda q, k, v: fwd(q, k, v, block_rule="mine"), r"block_rule='mine' is not a rule"),
+    "M too big": (lambda q, k, v: fwd(q, k, v, impl="fa1", M=100000), r"M=100000 gives Br=8, Bc=3125 .* bytes"),
+    "M zero": (lambda q, k, v: fwd(q, k, v, impl="fa1", M=0), r"M \(on-chip memory in elements\)"),
+    "rule": (lambda q, k, v: fwd(q, k, v, impl="fa1", block_rule="mine"), r"block_rule='mine' is not a rule"),
     "M for naive": (lambda q, k, v: fwd(q, k, v, impl="naive", M=64),
                     r"M only apply to impl='fa1'"),
     "list": (lambda q, k, v: fwd(q.tolist(), k, v), r"q is a builtins.list"),
@@ -64,6 +69,13 @@ def test_forward_rejects(case):
     call, message = CASES[case]
     with pytest.raises(nbflash.InputError, match=message):
         call(*arrays())
+
+
+def test_backward_rejects_a_deterministic_that_is_not_a_bool():
+    q, k, v = arrays()
+    with pytest.raises(nbflash.InputError, match=r"deterministic must be True or False"):
+        nbflash.attention_backward(q, q, k, v, q, xp.zeros(q.shape[:3], xp.float32),
+                                   deterministic="yes")
 
 
 def test_backward_rejects_mismatched_do_o_lse():
@@ -80,7 +92,7 @@ def test_backward_rejects_mismatched_do_o_lse():
     with pytest.raises(nbflash.InputError, match=r"lse has dtype float64"):
         bwd(q, q, k, v, o, lse.astype(xp.float64))
     with pytest.raises(nbflash.InputError, match=r"M=100000 gives .* backward kernel"):
-        bwd(q, q, k, v, o, lse, M=100000)
+        bwd(q, q, k, v, o, lse, impl="fa1", M=100000)
 
 
 def test_wrong_array_kind_for_the_device_mode():

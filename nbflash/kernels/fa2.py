@@ -37,7 +37,7 @@ from numba import float32
 
 from .._cuda import cuda
 from .online_softmax import NEG_INF, ONE, ZERO, new_max
-from .primitives import make_row_reduce
+from .primitives import commit_async, make_row_reduce, wait_async_all, wait_async_all_but_1
 from .regtile import make_dot_cols, make_dot_rows, make_tile_loader
 
 LOG2E = float32(math.log2(math.e))
@@ -75,19 +75,25 @@ def _layout(t):
                 T=t.threads, TX4=t.tx4, TX=4 * t.tx4, DS=t.ds, W=max(t.dp, 4 * t.d4))
 
 
-def make_forward(t, causal):
-    """FA2 forward for RegTiles `t` (R query rows per block, C keys per step)."""
+def make_forward(t, causal, dtype="float32"):
+    """FA2 forward for RegTiles `t` (R query rows per block, C keys per step).
+
+    With t.stages = 2 the K, V tiles are double-buffered: block j + 1 is copied (cp.async for
+    float32 inputs) while block j is computed on.
+    """
     c = _layout(t)
     R, C, D, TM, TN, L, RG, T = c["R"], c["C"], c["D"], c["TM"], c["TN"], c["L"], c["RG"], c["T"]
     TX4, TX, DS, W = c["TX4"], c["TX"], c["DS"], c["W"]
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
+    STAGES = t.stages
+    ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
+    KV = 2 * C * DS                     # one stage of K and V
     Q_OFF, K_OFF = 0, R * DS
-    V_OFF = K_OFF + C * DS
-    P_OFF = V_OFF + C * DS
+    P_OFF = K_OFF + STAGES * KV
     load_q = make_tile_loader(R, D, W, DS, T)
-    load_kv = make_tile_loader(C, D, W, DS, T)
+    load_kv = make_tile_loader(C, D, W, DS, T, ASYNC)
     qk = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)          # S = Q Kᵀ
     pv = make_dot_cols(TM, TX4, C // 4, RG * PS, DS, 4 * L)    # O += P̃ V
     row_max, row_sum = make_row_reduce(L, T)
@@ -120,16 +126,33 @@ def make_forward(t, causal):
         if CAUSAL:   # key blocks after the last key the block's last row sees are skipped
             last_key = min(row0 + R - 1, Nq - 1) + Nk - Nq
             n_blocks = min(n_blocks, last_key // C + 1) if last_key >= 0 else 0
+        if STAGES == 2 and n_blocks > 0:   # block 0 into stage 0
+            load_kv(k, k_base, 0, Nk, smem, K_OFF, tid)
+            load_kv(v, k_base, 0, Nk, smem, K_OFF + C * DS, tid)
+            commit_async()
         for j in range(n_blocks):
             col0 = j * C
-            cuda.syncthreads()   # the previous step has finished reading K_j, V_j and P̃
-            load_kv(k, k_base, col0, Nk, smem, K_OFF, tid)
-            load_kv(v, k_base, col0, Nk, smem, V_OFF, tid)
-            cuda.syncthreads()
+            cuda.syncthreads()   # the previous step has finished reading its K, V and P̃
+            if STAGES == 2:      # K_j, V_j were loaded one step ahead; fetch K_j+1, V_j+1
+                k_off = K_OFF + (j % 2) * KV
+                if j + 1 < n_blocks:
+                    nxt = K_OFF + ((j + 1) % 2) * KV
+                    load_kv(k, k_base, col0 + C, Nk, smem, nxt, tid)
+                    load_kv(v, k_base, col0 + C, Nk, smem, nxt + C * DS, tid)
+                    commit_async()
+                    wait_async_all_but_1()
+                else:
+                    wait_async_all()
+            else:
+                k_off = K_OFF
+                load_kv(k, k_base, col0, Nk, smem, K_OFF, tid)
+                load_kv(v, k_base, col0, Nk, smem, K_OFF + C * DS, tid)
+            v_off = k_off + C * DS
+            cuda.syncthreads()   # K_j, V_j complete for every thread
 
             for x in range(TM * TN):
                 s[x] = ZERO
-            qk(smem, Q_OFF + rg * DS, K_OFF + cg * DS, s)
+            qk(smem, Q_OFF + rg * DS, k_off + cg * DS, s)
             # the mask is evaluated only where the block reaches past Nk or over the diagonal
             masked = col0 + C > Nk or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq)
             for i in range(TM):
@@ -152,7 +175,7 @@ def make_forward(t, causal):
                 for x in range(TX):
                     acc[i * TX + x] *= alpha
             cuda.syncthreads()   # P̃ complete
-            pv(smem, P_OFF + rg * PS, V_OFF + 4 * cg, acc)
+            pv(smem, P_OFF + rg * PS, v_off + 4 * cg, acc)
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
         for i in range(TM):
@@ -173,16 +196,20 @@ def make_forward(t, causal):
 
 
 def make_delta(threads):
-    """D = rowsum(dO ∘ O) per query row (FA2 Algorithm 2, line 4), one thread per row."""
+    """D = rowsum(dO ∘ O) per query row (FA2 Algorithm 2, line 4), one thread per row; also
+    zeroes the row of the dQ accumulator that the dK/dV pass adds into (saves a launch)."""
     T = threads
 
-    def fa2_delta(o, do, delta, n_rows, D):
-        """Grid ceil(n_rows / T); o, do: flat (rows, D); delta: float32 (rows)."""
+    def fa2_delta(o, do, delta, dq_acc, n_rows, D, zero_dq):
+        """Grid ceil(n_rows / T); o, do, dq_acc: flat (rows, D); delta: float32 (rows).
+        zero_dq: 1 to zero dq_acc (else it may be a placeholder)."""
         row = cuda.blockIdx.x * T + cuda.threadIdx.x
         if row < n_rows:
             acc = ZERO
             for x in range(D):
                 acc += float32(o[row * D + x]) * float32(do[row * D + x])
+                if zero_dq:
+                    dq_acc[row * D + x] = ZERO
             delta[row] = acc
 
     return fa2_delta

@@ -105,8 +105,8 @@ def _fa2_types(name, dtype, atomic=False):
     i64, f = types.int64, types.float32
     if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, τ log2 e (hi, lo)
         return (io, io, io, io, f32, i64, i64, i64, f, f)
-    if name == "delta":      # o, do, delta, n_rows, d
-        return (io, io, f32, i64, i64)
+    if name == "delta":      # o, do, delta, dq_acc, n_rows, d, zero_dq
+        return (io, io, f32, f32, i64, i64, i64)
     if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, τ log2 e (2), τ
         return (io, io, io, io, f32, f32, f32, io, io, i64, i64, i64, f, f, f)
     if name == "dq":     # q, k, v, do, lse, delta, dq, Nq, Nk, H, τ log2 e (hi, lo), τ
@@ -118,7 +118,7 @@ def _fa2_types(name, dtype, atomic=False):
 def build_fa2(name, tiles, causal, dtype, atomic=False):
     """fa2 kernel `name` ("forward", "delta", "dkdv", "dq") compiled for these constants."""
     if name == "forward":
-        fn, smem = fa2.make_forward(tiles, causal), tiles.smem_bytes("forward")
+        fn, smem = fa2.make_forward(tiles, causal, dtype), tiles.smem_bytes("forward")
     elif name == "delta":
         fn, smem = fa2.make_delta(DELTA_THREADS), 0
     elif name == "dkdv":
@@ -128,32 +128,82 @@ def build_fa2(name, tiles, causal, dtype, atomic=False):
     return Kernel(fn, _fa2_types(name, dtype, atomic), max_smem=smem)
 
 
-def _fa2_launch(kernel, grid, tiles, smem_kind, stream, arrays, scalars):
-    smem = tiles.smem_bytes(smem_kind)
+@functools.lru_cache(maxsize=None)
+def fa2_tiles(kernel, d):
+    """The RegTiles fa2 `kernel` uses at head dim d on this device (GPU or simulator table)."""
+    return tiling.fa2_tiles(kernel, d, FA2_TABLE)
+
+
+class Fa2Plan:
+    """Everything about an fa2 call that depends only on its sizes and options, worked out once:
+    tiles, compiled kernels, grids and scalar arguments. :func:`fa2_plan` caches plans, so that a
+    repeated call only allocates its outputs and launches (see fastlaunch)."""
+
+    def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles):
+        causal = bool(causal)
+        self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H, Nk, d), (B, H, Nq)
+        self.dtype = dtype
+        sc = fa2.split_scale(scale)
+        tiles = dict(tiles or ())
+        t = tiles.get("forward") or fa2_tiles("forward", d)
+        self.fwd = (build_fa2("forward", t, causal, dtype), (-(-Nq // t.R), H, B), t.threads,
+                    t.smem_bytes("forward"), (Nq, Nk, H, *sc))
+        self.atomic = not deterministic
+        rows = B * H * Nq
+        self.delta = (build_fa2("delta", None, False, dtype), (-(-rows // DELTA_THREADS), 1, 1),
+                      DELTA_THREADS, 0, (rows, d, int(self.atomic)))
+        t = tiles.get("dkdv") or fa2_tiles("dkdv", d)
+        self.dkdv = (build_fa2("dkdv", t, causal, dtype, self.atomic), (-(-Nk // t.R), H, B),
+                     t.threads, t.smem_bytes("dkdv"), (Nq, Nk, H, *sc, float(scale)))
+        t = tiles.get("dq") or fa2_tiles("dq", d)
+        self.dq = None if self.atomic else (
+            build_fa2("dq", t, causal, dtype), (-(-Nq // t.R), H, B), t.threads,
+            t.smem_bytes("dq"), (Nq, Nk, H, *sc, float(scale)))
+
+    def forward(self, xp, q, k, v, stream):
+        o = xp.empty(self.q_shape, self.dtype)
+        lse = xp.empty(self.lse_shape, xp.float32)
+        _run(self.fwd, stream, (q, k, v, o, lse))
+        return o, lse
+
+    def backward(self, xp, do, q, k, v, o, lse, stream):
+        f32 = xp.float32
+        delta = xp.empty(self.lse_shape, f32)
+        dk = xp.empty(self.k_shape, self.dtype)
+        dv = xp.empty(self.k_shape, self.dtype)
+        dq_acc = xp.empty(self.q_shape if self.atomic else (1,), f32)
+        _run(self.delta, stream, (o, do, delta, dq_acc))       # and zeroes dq_acc
+        inputs = (q, k, v, do, lse, delta)
+        _run(self.dkdv, stream, inputs + (dq_acc, dk, dv))
+        if self.atomic:
+            return (dq_acc if self.dtype == "float32" else dq_acc.astype(self.dtype)), dk, dv
+        dq = xp.empty(self.q_shape, self.dtype)
+        _run(self.dq, stream, inputs + (dq,))
+        return dq, dk, dv
+
+
+def _run(step, stream, arrays):
+    kernel, grid, threads, smem, scalars = step
     if SIMULATOR:
         with _switch_interval(SIM_SWITCH_INTERVAL):
-            kernel(grid, tiles.threads, smem, stream, arrays, scalars)
-    else:
-        kernel(grid, tiles.threads, smem, stream, arrays, scalars)
+            kernel(grid, threads, smem, stream, tuple(x.reshape(-1) for x in arrays), scalars)
+    else:   # the launcher reads pointer, size and itemsize only: any contiguous shape will do
+        kernel(grid, threads, smem, stream, arrays, scalars)
 
 
-def _flat(x):
-    return x.reshape(-1)
+@functools.lru_cache(maxsize=256)
+def fa2_plan(B, H, Nq, Nk, d, dtype, causal, scale, deterministic=False, tiles=None):
+    """The cached :class:`Fa2Plan`; `tiles`: None or a tuple of (kernel, RegTiles) pairs."""
+    return Fa2Plan(B, H, Nq, Nk, d, str(dtype), causal, scale, deterministic, tiles)
 
 
 def fa2_forward(xp, q, k, v, *, causal, scale, stream=0, tiles=None):
-    """FA2 forward on contiguous, checked arrays; returns (o, lse)."""
+    """FA2 forward on contiguous, checked arrays; returns (o, lse). `tiles`: a RegTiles for the
+    forward kernel instead of the default."""
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
-    t = tiles or tiling.fa2_tiles("forward", d, FA2_TABLE)
-    o = xp.empty(q.shape, q.dtype)
-    lse = xp.empty((B, H, Nq), xp.float32)
-    kernel = build_fa2("forward", t, bool(causal), str(q.dtype))
-    grid = (-(-Nq // t.R), H, B)
-    _fa2_launch(kernel, grid, t, "forward", stream, (_flat(q), _flat(k), _flat(v), _flat(o),
-                                                     _flat(lse)),
-                (Nq, Nk, H, *fa2.split_scale(scale)))
-    return o, lse
+    plan = fa2_plan(B, H, Nq, k.shape[2], d, str(q.dtype), bool(causal), float(scale),
+                    tiles=(("forward", tiles),) if tiles else None)
+    return plan.forward(xp, q, k, v, stream)
 
 
 def fa2_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False, stream=0,
@@ -164,34 +214,9 @@ def fa2_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False,
     atomic adds from the dK/dV pass. `tiles`: optional {"dkdv": RegTiles, "dq": RegTiles}.
     """
     B, H, Nq, d = q.shape
-    Nk = k.shape[2]
-    tiles = tiles or {}
-    t_kv = tiles.get("dkdv") or tiling.fa2_tiles("dkdv", d, FA2_TABLE)
-    dtype, causal = str(q.dtype), bool(causal)
-    f32 = xp.float32
-    delta = xp.empty((B, H, Nq), f32)
-    rows = B * H * Nq
-    build_fa2("delta", None, False, dtype)(
-        (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0, stream,
-        (_flat(o), _flat(do), _flat(delta)), (rows, d))
-    dk = xp.empty(k.shape, k.dtype)
-    dv = xp.empty(v.shape, v.dtype)
-    atomic = not deterministic
-    dq_acc = xp.zeros(q.shape, f32) if atomic else xp.empty((1,), f32)
-    sl2 = fa2.split_scale(scale)
-    arrays = (_flat(q), _flat(k), _flat(v), _flat(do), _flat(lse), _flat(delta))
-    _fa2_launch(build_fa2("dkdv", t_kv, causal, dtype, atomic), (-(-Nk // t_kv.R), H, B), t_kv,
-                "dkdv", stream, arrays + (_flat(dq_acc), _flat(dk), _flat(dv)),
-                (Nq, Nk, H, *sl2, float(scale)))
-    if atomic:
-        dq = dq_acc if q.dtype == f32 else dq_acc.astype(q.dtype)
-        return dq, dk, dv
-    t_q = tiles.get("dq") or tiling.fa2_tiles("dq", d, FA2_TABLE)
-    dq = xp.empty(q.shape, q.dtype)
-    _fa2_launch(build_fa2("dq", t_q, causal, dtype), (-(-Nq // t_q.R), H, B), t_q, "dq", stream,
-                arrays + (_flat(dq),), (Nq, Nk, H, *sl2, float(scale)))
-    return dq, dk, dv
-
+    plan = fa2_plan(B, H, Nq, k.shape[2], d, str(q.dtype), bool(causal), float(scale),
+                    bool(deterministic), tuple(sorted(tiles.items())) if tiles else None)
+    return plan.backward(xp, do, q, k, v, o, lse, stream)
 
 
 def signature(name, dtype, cast):

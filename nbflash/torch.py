@@ -1,0 +1,43 @@
+"""nbflash inside a PyTorch model: attention with autograd.
+
+    from nbflash.torch import attention
+    o = attention(q, k, v, causal=True)     # q, k, v: torch CUDA tensors, (B, H, N, d)
+    o.sum().backward()                      # q.grad, k.grad, v.grad from nbflash's backward
+
+The forward saves q, k, v, o and lse; the backward recomputes P from them (nbflash's
+attention_backward). Tensors pass to the kernels without copies (DLPack) and the kernels run on
+torch's current stream. Importing this module imports torch; the rest of nbflash never does.
+"""
+
+import torch
+
+from . import api
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, impl, deterministic):
+        o, lse = api.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                       impl=impl)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.options = dict(causal=causal, softmax_scale=softmax_scale, impl=impl,
+                           deterministic=deterministic)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = api.attention_backward(do, q, k, v, o, lse, **ctx.options)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", deterministic=False):
+    """softmax(τ q kᵀ) v for torch tensors, differentiable in q, k and v.
+
+    Arguments as :func:`nbflash.attention_forward`; deterministic as
+    :func:`nbflash.attention_backward`.
+    """
+    return _Attention.apply(q, k, v, causal, softmax_scale, impl, deterministic)
+
+
+__all__ = ["attention"]

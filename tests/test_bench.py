@@ -1,0 +1,186 @@
+"""The benchmark harness (nbflash.bench) on tiny grids: records, resume, failures kept as
+records, the FLOP formula, and `python -m nbflash bench`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import nbflash
+from nbflash import bench
+from nbflash.inputs import IMPLS
+
+#: the newest FlashAttention kernel the API has right now
+KERNEL = "fa2" if "fa2" in IMPLS else "fa1"
+#: one problem, B=1 H=2 N=8 d=8 (two heads: the check slice takes heads 0 and 1)
+TINY = {"dtypes": ("float32",), "Ns": (8,), "ds": (8,), "tokens": 8, "hidden": 16,
+        "repeats": 1, "warmup": 0, "host_overhead": False, "progress": False}
+FIELDS = ("impl", "dtype", "B", "H", "N", "d", "causal", "pass", "median_ms", "tflops",
+          "status", "max_err")
+
+
+def by_point(doc):
+    return {(r["impl"], r["causal"], r["pass"], r["N"]): r for r in doc["records"]}
+
+
+@pytest.fixture
+def count_timings(monkeypatch):
+    """Counts the timed measurements bench makes (one per timed point)."""
+    calls = []
+    real = bench.median_ms
+
+    def counting(*args, **kw):
+        calls.append(args)
+        return real(*args, **kw)
+    monkeypatch.setattr(bench, "median_ms", counting)
+    return calls
+
+
+def test_flops_match_the_anchor_formula():
+    # shared/anchors h200: torch fp16 d64 N512 (B=32, H=32): 0.2048 ms -> 335.49 TFLOP/s
+    # forward, causal 0.1558 ms -> 220.59, fwd+bwd 0.8554 ms -> 281.17
+    assert bench.problem_size(16384, 2048, 512, 64) == (32, 32)
+    for causal, pass_, ms, tflops in ((False, "fwd", 0.2048, 335.49),
+                                      (True, "fwd", 0.1558, 220.59),
+                                      (False, "fwdbwd", 0.8554, 281.17)):
+        got = bench.flops(32, 32, 512, 64, causal, pass_) / ms / 1e9
+        assert got == pytest.approx(tflops, rel=1e-3)
+    assert bench.flops(1, 1, 8, 8, False, "bwd") == 2.5 * 4 * 8 * 8 * 8
+
+
+def test_rotation_copies_and_names():
+    assert bench.copies_for(1) == bench.MAX_COPIES
+    assert bench.copies_for(10**9) == bench.MIN_COPIES
+    assert bench.copies_for(40e6) == 4          # 4 x 40 MB > 150 MB
+    assert bench.gpu_short_name("NVIDIA H200") == "h200"
+    assert bench.gpu_short_name("NVIDIA GeForce RTX 4090") == "rtx-4090"
+
+
+def test_tiny_grid_records_every_point_checked_and_timed(tmp_path):
+    out = tmp_path / "b.json"
+    doc = bench.run(impls=(KERNEL, "naive"), out=out, **TINY)
+    recs = doc["records"]
+    assert len(recs) == 2 * 2 * 3                       # impls x causal x passes
+    for r in recs:
+        assert all(f in r for f in FIELDS), r
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["tflops"] > 0
+        assert (r["B"], r["H"], r["N"], r["d"], r["dtype"]) == (1, 2, 8, 8, "float32")
+        assert set(r["max_err"]) == ({"o"} if r["pass"] == "fwd" else {"o", "dq", "dk", "dv"})
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    meta = doc["meta"]
+    assert meta["gpu"] == ("simulator" if nbflash.MODE != "gpu" else nbflash.info()["gpu"])
+    assert meta["versions"]["numpy"] and meta["date"] and meta["git_commit"] and meta["command"]
+
+
+def test_resume_skips_finished_points_and_reruns_errors(tmp_path, count_timings):
+    out = tmp_path / "b.json"
+    grid = {**TINY, "impls": ("naive",), "passes": ("fwd", "bwd")}
+    bench.run(out=out, **grid)
+    assert len(count_timings) == 4
+    bench.run(out=out, **grid)
+    assert len(count_timings) == 4                      # nothing timed again
+    doc = json.loads(out.read_text())
+    doc["records"][0]["status"] = "error"
+    out.write_text(json.dumps(doc))
+    doc = bench.run(out=out, **grid)
+    assert len(count_timings) == 5                      # only the error point
+    assert len(doc["records"]) == 4 and all(r["status"] == "ok" for r in doc["records"])
+    assert len(doc["meta"]["earlier_runs"]) == 2
+    bench.run(out=out, resume=False, **grid)
+    assert len(count_timings) == 9                      # --no-resume: all again
+
+
+def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = nbflash.attention_forward
+
+    def forward(q, k, v, **kw):
+        if q.shape[2] == 16:
+            raise MemoryError("pretend the N=16 problem does not fit")
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(nbflash, "attention_forward", forward)
+    out = tmp_path / "b.json"
+    doc = bench.run(impls=("naive",), out=out, **{**TINY, "Ns": (16, 8), "tokens": 16})
+    recs = by_point(doc)
+    assert len(recs) == 2 * 2 * 3
+    for (_, _, _, N), r in recs.items():
+        if N == 16:
+            assert r["status"] == "oom" and "does not fit" in r["error"], r
+            assert r["median_ms"] is None
+        else:
+            assert r["status"] == "ok", r
+    assert len(json.loads(out.read_text())["records"]) == 12
+
+
+def test_wrong_output_is_an_error_and_not_timed(monkeypatch, count_timings):
+    real = nbflash.attention_forward
+    forwards = []
+
+    def wrong_forward(q, k, v, **kw):
+        forwards.append(kw["impl"])
+        o, lse = real(q, k, v, **kw)
+        return o + 1, lse
+    monkeypatch.setattr(nbflash, "attention_forward", wrong_forward)
+    doc = bench.run(impls=("naive",), causal=(False,), **TINY)
+    assert forwards == ["naive"]                        # the check run, nothing timed
+    assert not count_timings
+    for r in doc["records"]:
+        assert r["status"] == "error" and r["median_ms"] is None and r["tflops"] is None
+        assert "correctness check failed" in r["error"]
+        assert r["max_err"]["o"] > r["tolerance"]["o"]
+
+
+def test_wrong_gradient_fails_only_the_backward_points(monkeypatch):
+    real = nbflash.attention_backward
+
+    def wrong_backward(*args, **kw):
+        dq, dk, dv = real(*args, **kw)
+        return dq * 2, dk, dv
+    monkeypatch.setattr(nbflash, "attention_backward", wrong_backward)
+    doc = bench.run(impls=("naive",), causal=(True,), **TINY)
+    status = {r["pass"]: r["status"] for r in doc["records"]}
+    assert status == {"fwd": "ok", "bwd": "error", "fwdbwd": "error"}
+    bad = next(r for r in doc["records"] if r["pass"] == "bwd")
+    assert "dq" in bad["error"] and "dk" not in bad["error"]
+
+
+def test_peers_that_cannot_run_are_recorded_unsupported(monkeypatch):
+    real = nbflash.attention_forward
+
+    def refuse(q, k, v, **kw):
+        if q.dtype.name == "float16":
+            raise nbflash.InputError("pretend float16 is refused")
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(nbflash, "attention_forward", refuse)
+    impls = ("naive",) if nbflash.MODE == "gpu" else ("torch", "torch-flash", "naive")
+    doc = bench.run(impls=impls, passes=("fwd",), causal=(False,),
+                    **{**TINY, "dtypes": ("float32", "float16")})
+    for r in doc["records"]:
+        if r["impl"] == "naive":
+            assert r["status"] == ("ok" if r["dtype"] == "float32" else "unsupported"), r
+        else:
+            assert r["status"] == "unsupported" and "torch" in r["error"], r
+
+
+def test_host_overhead_has_forward_and_backward_per_impl():
+    got = bench.measure_host_overhead(("naive",), {**bench.SIM_HOST, "calls": 3})
+    assert got["naive"]["forward"] > 0 and got["naive"]["backward"] > 0
+
+
+def test_cli_writes_the_json(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "nbflash", "bench", "--impls", "naive", "--dtypes", "float32",
+         "--N", "8", "--d", "8", "--tokens", "8", "--hidden", "16", "--causal", "on",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "NBFLASH_DEVICE": "sim"})
+    assert done.returncode == 0, done.stderr
+    assert "TFLOP/s" in done.stdout and f"wrote {out}" in done.stdout.replace("\n", "")
+    doc = json.loads(out.read_text())
+    assert [r["pass"] for r in doc["records"]] == list(bench.PASSES)
+    assert all(r["status"] == "ok" and r["causal"] for r in doc["records"])
+    assert doc["host_overhead_us"]["naive"]["forward"] > 0
+    assert doc["meta"]["command"].startswith("python -m nbflash bench --impls naive")

@@ -1,0 +1,67 @@
+"""torch tensors through nbflash: the public functions (DLPack, no copy) and nbflash.torch's
+autograd Function. Needs torch: on the GPU with CUDA tensors; in the simulator with CPU tensors
+when torch is installed (it is not a dependency of nbflash, so these skip in CI)."""
+
+import numpy as np
+import pytest
+
+import nbflash
+from support import assert_close, reference
+
+torch = pytest.importorskip("torch")
+DEVICE = "cuda" if nbflash.MODE == "gpu" else "cpu"
+pytestmark = pytest.mark.skipif(nbflash.MODE == "compile", reason="runs kernels")
+
+
+def _inputs(B, H, Nq, Nk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Nq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, H, Nk, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, H, Nk, d, generator=g).to(DEVICE, dtype)
+    do = torch.randn(B, H, Nq, d, generator=g).to(DEVICE, dtype)
+    return q, k, v, do
+
+
+def _np(x):
+    return x.detach().cpu().numpy()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_autograd_matches_reference(dtype, causal):
+    N = 200 if DEVICE == "cuda" else 13
+    q, k, v, do = _inputs(2, 3, N, N + 7, 64 if DEVICE == "cuda" else 8, dtype)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    from nbflash.torch import attention  # noqa: PLC0415
+    o = attention(*leaves, causal=causal)
+    assert isinstance(o, torch.Tensor) and o.device.type == DEVICE and o.dtype == dtype
+    o.backward(do)
+    got = {"o": _np(o), "dq": _np(leaves[0].grad), "dk": _np(leaves[1].grad),
+           "dv": _np(leaves[2].grad)}
+    arrays = [_np(x) for x in (q, k, v, do)]
+    if DEVICE == "cuda":
+        import cupy  # noqa: PLC0415
+        arrays = [cupy.asarray(a) for a in arrays]
+    ref = reference(*arrays, causal)
+    o_n, lse_n = nbflash.attention_forward(*arrays[:3], causal=causal, impl="naive")
+    grads = nbflash.attention_backward(arrays[3], *arrays[:3], o_n, lse_n, causal=causal,
+                                       impl="naive")
+    base = {n: (x.get() if hasattr(x, "get") else x) for n, x in
+            zip(("o", "dq", "dk", "dv"), (o_n, *grads))}
+    o_f, lse = nbflash.attention_forward(q, k, v, causal=causal)
+    got["lse"], base["lse"] = _np(lse), (lse_n.get() if hasattr(lse_n, "get") else lse_n)
+    assert_close(got, base, ref, np.dtype(str(dtype).split(".")[-1]).type, f"torch {dtype}")
+
+
+def test_functions_return_torch_and_share_memory():
+    q, k, v, do = _inputs(1, 2, 9, 9, 8, torch.float32)
+    o, lse = nbflash.attention_forward(q, k, v)
+    assert isinstance(o, torch.Tensor) and isinstance(lse, torch.Tensor)
+    dq, dk, dv = nbflash.attention_backward(do, q, k, v, o, lse)
+    assert all(isinstance(x, torch.Tensor) and x.shape == q.shape for x in (dq, dk, dv))
+
+
+def test_mixed_kinds_are_refused():
+    q, k, v, _ = _inputs(1, 1, 4, 4, 8, torch.float32)
+    with pytest.raises(nbflash.InputError, match="one kind"):
+        nbflash.attention_forward(q, np.asarray(_np(k)), v)
