@@ -130,8 +130,9 @@ class RegTiles:
     d: int
     tm: int
     tn: int
-    #: buffers for the streamed tiles (K, V in the forward): 2 loads the next block while the
-    #: current one is computed on (cp.async; float32 inputs with d a multiple of 4)
+    #: buffers for the streamed tiles (K, V in the forward; Q, dO in the dK/dV pass): 2 loads
+    #: the next block while the current one is computed on (cp.async for float32 inputs with d
+    #: a multiple of 4)
     stages: int = 1
 
     def __post_init__(self):
@@ -198,8 +199,9 @@ class RegTiles:
             return (R + 2 * C * self.stages) * ds + R * self.ps(C)
         if kernel == "dq":            # Q, dO (R x d), K, V (C x d), dS (R x C)
             return 2 * (R + C) * ds + R * self.ps(C)
-        if kernel == "dkdv":          # K, V (R x d), Q, dO (C x d), Pᵀ, dSᵀ (R x C), dS (C x R),
-            return 2 * (R + C) * ds + 2 * R * self.ps(C) + C * self.ps(R) + 2 * C  # lse, D
+        if kernel == "dkdv":   # K, V (R x d), Pᵀ, dSᵀ (R x C), dS (C x R); per stage Q, dO
+            return (2 * R * ds + 2 * R * self.ps(C) + C * self.ps(R)   # (C x d), lse, D (C)
+                    + self.stages * (2 * C * ds + 2 * C))
         raise ValueError(kernel)
 
     def smem_bytes(self, kernel):
@@ -210,7 +212,7 @@ class RegTiles:
 #: experiments/fa2_tiles.py on the H200 (its data in figures/data/); the simulator uses
 #: SIM_FA2_TILES, small enough that the tests' short sequences span several blocks.
 GPU_FA2_TILES = {
-    "forward": {64: (64, 64, 8, 4), 128: (64, 32, 8, 2)},
+    "forward": {64: (64, 64, 8, 4, 2), 128: (128, 64, 8, 4)},
     "dkdv": {64: (64, 32, 8, 2), 128: (32, 32, 4, 2)},
     "dq": {64: (64, 64, 8, 4), 128: (64, 32, 8, 2)},
 }

@@ -225,10 +225,12 @@ def _p_and_ds(s, dp, sc_hi, sc_lo, lse, lse_lo, dlt):
 _p_and_ds = cuda.jit(device=True, inline=True)(_p_and_ds)
 
 
-def make_dkdv(t, causal, atomic_dq):
+def make_dkdv(t, causal, atomic_dq, dtype="float32"):
     """FA2 backward over key blocks for RegTiles `t` (R keys per block, C queries per step).
 
-    atomic_dq: also add τ dS K_j into the float32 buffer dq_acc with atomics.
+    atomic_dq: also add τ dS K_j into the float32 buffer dq_acc with atomics. With t.stages = 2
+    the streamed Q_i, dO_i (and lse_i, D_i) are double-buffered: step i + 1's are copied
+    (cp.async for float32 inputs) while step i computes.
     """
     c = _layout(t)
     R, C, D, TM, TN, L, RG, T = c["R"], c["C"], c["D"], c["TM"], c["TN"], c["L"], c["RG"], c["T"]
@@ -238,19 +240,37 @@ def make_dkdv(t, causal, atomic_dq):
     TMQ = C // RG        # dQ rows per thread
     N_DQ = TMQ * TX
     CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
+    STAGES = t.stages
+    ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     K_OFF, V_OFF = 0, R * DS
-    Q_OFF = 2 * R * DS
-    DO_OFF = Q_OFF + C * DS
-    PT_OFF = DO_OFF + C * DS
+    PT_OFF = 2 * R * DS
     DST_OFF = PT_OFF + R * PSC
     DS_OFF = DST_OFF + R * PSC
-    LSE_OFF = DS_OFF + C * PSR
-    DLT_OFF = LSE_OFF + C
+    Q_OFF = DS_OFF + C * PSR            # stage s: Q, dO, lse, D at Q_OFF + s * STAGE
+    STAGE = 2 * C * DS + 2 * C
     load_kv = make_tile_loader(R, D, W, DS, T)
-    load_q = make_tile_loader(C, D, W, DS, T)
+    load_q = make_tile_loader(C, D, W, DS, T, ASYNC)
     rows_dot = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)        # Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
     cols_dot = make_dot_cols(TM, TX4, C // 4, RG * PSC, DS, 4 * L)  # dV += Pᵀ dO, dK += dSᵀ Q
     dq_dot = make_dot_cols(TMQ, TX4, R // 4, RG * PSR, DS, 4 * L)   # dQ_i += dS K_j
+
+    def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid):
+        """Q_i, dO_i, lse_i (0 where -inf: those rows are all masked) and D_i to `off`."""
+        load_q(q, q_base, row0, Nq, smem, off, tid)
+        load_q(do, q_base, row0, Nq, smem, off + C * DS, tid)
+        for r in range(tid, C, T):
+            row = row0 + r
+            lse_r = ZERO
+            dlt = ZERO
+            if row < Nq:
+                lse_r = lse[bh * Nq + row]
+                if lse_r == NEG_INF:
+                    lse_r = ZERO
+                dlt = delta[bh * Nq + row]
+            smem[off + 2 * C * DS + r] = lse_r
+            smem[off + 2 * C * DS + C + r] = dlt
+
+    load_step = cuda.jit(device=True, inline=True)(load_step)
 
     def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, sc_hi, sc_lo, scale):
         """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv") of dynamic shared memory.
@@ -275,41 +295,45 @@ def make_dkdv(t, causal, atomic_dq):
         dpt = cuda.local.array(N_S, float32)
         dq_part = cuda.local.array(N_DQ, float32)
 
-        for i in range((Nq + C - 1) // C):
+        # causal: query blocks whose last row sees no key of this block come first; skip them
+        first = max(0, (key0 - Nk + Nq) // C) if CAUSAL else 0
+        n_steps = (Nq + C - 1) // C
+        if STAGES == 2 and first < n_steps:
+            load_step(q, do, lse, delta, q_base, bh, first * C, Nq, smem, Q_OFF, tid)
+            commit_async()
+        for i in range(first, n_steps):
             row0 = i * C
-            # query blocks whose last row sees no key of this block are skipped (uniform)
-            if CAUSAL and min(row0 + C - 1, Nq - 1) + Nk - Nq < key0:
-                continue
-            cuda.syncthreads()   # the previous step has finished reading Q_i, dO_i, Pᵀ, dSᵀ
-            load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
-            load_q(do, q_base, row0, Nq, smem, DO_OFF, tid)
-            for r in range(tid, C, T):   # lse (0 where it is -inf: all masked) and D
-                row = row0 + r
-                lse_r = ZERO
-                dlt = ZERO
-                if row < Nq:
-                    lse_r = lse[bh * Nq + row]
-                    if lse_r == NEG_INF:
-                        lse_r = ZERO
-                    dlt = delta[bh * Nq + row]
-                smem[LSE_OFF + r] = lse_r
-                smem[DLT_OFF + r] = dlt
-            cuda.syncthreads()
+            cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
+            if STAGES == 2:
+                off = Q_OFF + ((i - first) % 2) * STAGE
+                if i + 1 < n_steps:
+                    load_step(q, do, lse, delta, q_base, bh, row0 + C, Nq, smem,
+                              Q_OFF + ((i + 1 - first) % 2) * STAGE, tid)
+                    commit_async()
+                    wait_async_all_but_1()
+                else:
+                    wait_async_all()
+            else:
+                off = Q_OFF
+                load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid)
+            do_off = off + C * DS
+            lse_off = off + 2 * C * DS
+            cuda.syncthreads()   # Q_i, dO_i, lse_i, D_i complete
 
             for x in range(TM * TN):
                 st[x] = ZERO
                 dpt[x] = ZERO
-            rows_dot(smem, K_OFF + rg * DS, Q_OFF + cg * DS, st)
-            rows_dot(smem, V_OFF + rg * DS, DO_OFF + cg * DS, dpt)
+            rows_dot(smem, K_OFF + rg * DS, off + cg * DS, st)
+            rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
             masked = row0 + C > Nq or key0 + R > Nk or \
                 (CAUSAL and key0 + R - 1 > row0 + Nk - Nq)
             for a in range(TM):
                 kr = rg + RG * a                  # key row within the block
                 for u in range(TN):
                     qr = cg + L * u               # query row within the block
-                    lse_q = smem[LSE_OFF + qr]
+                    lse_q = smem[lse_off + qr]
                     p, ds = _p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
-                                      lse_q * LOG2E_LO, smem[DLT_OFF + qr])
+                                      lse_q * LOG2E_LO, smem[lse_off + C + qr])
                     if masked and not _visible(row0 + qr, key0 + kr, Nq, Nk, CAUSAL):
                         p = ZERO
                         ds = ZERO
@@ -318,8 +342,8 @@ def make_dkdv(t, causal, atomic_dq):
                     if ATOMIC:
                         smem[DS_OFF + qr * PSR + kr] = ds
             cuda.syncthreads()   # Pᵀ, dSᵀ (and dS) complete
-            cols_dot(smem, PT_OFF + rg * PSC, DO_OFF + 4 * cg, dv_acc)
-            cols_dot(smem, DST_OFF + rg * PSC, Q_OFF + 4 * cg, dk_acc)
+            cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, dv_acc)
+            cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, dk_acc)
             if ATOMIC:
                 for x in range(TMQ * TX):
                     dq_part[x] = ZERO

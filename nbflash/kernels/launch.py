@@ -122,7 +122,7 @@ def build_fa2(name, tiles, causal, dtype, atomic=False):
     elif name == "delta":
         fn, smem = fa2.make_delta(DELTA_THREADS), 0
     elif name == "dkdv":
-        fn, smem = fa2.make_dkdv(tiles, causal, atomic), tiles.smem_bytes("dkdv")
+        fn, smem = fa2.make_dkdv(tiles, causal, atomic, dtype), tiles.smem_bytes("dkdv")
     else:
         fn, smem = fa2.make_dq(tiles, causal), tiles.smem_bytes("dq")
     return Kernel(fn, _fa2_types(name, dtype, atomic), max_smem=smem)
