@@ -15,7 +15,7 @@ import nbflash
 from nbflash import naive
 from nbflash._cuda import MODE
 
-IMPLS = ("naive", "fa1")
+IMPLS = ("naive", "fa1", "fa2")
 
 
 def _console():
@@ -119,20 +119,18 @@ def cmd_compile(args):
 
     cc = (args.cc // 10, args.cc % 10)
     variants = compilecheck.default_variants(tuple(args.head_dims))
+    variants += compilecheck.fa2_default_variants(tuple(d for d in args.head_dims if d <= 128))
     reports = []
-    table = Table(title=f"fa1 kernels compiled for sm_{args.cc} (default tiles)")
-    for col in ("kernel", "d", "Br", "Bc", "threads", "mask", "dtype", "registers", "stack B",
-                "spill st/ld B", "smem B", "ok"):
+    table = Table(title=f"kernels compiled for sm_{args.cc} (default tiles)")
+    for col in ("kernel and tiles", "registers", "stack B", "spill st/ld B", "static smem B",
+                "dynamic smem B", "ok"):
         table.add_column(col, justify="right")
     for variant in variants:
         r = compilecheck.compile_report(variant, cc)
         reports.append(compilecheck.as_dict(r))
-        t = variant.tiles
-        table.add_row(variant.name, str(t.d), str(t.Br), str(t.Bc), str(t.threads),
-                      "causal" if variant.causal else "full", variant.dtype,
-                      str(r.registers), str(r.stack_bytes),
+        table.add_row(variant.label(), str(r.registers), str(r.stack_bytes),
                       f"{r.spill_store_bytes}/{r.spill_load_bytes}", str(r.shared_bytes),
-                      "yes" if r.ok() else "NO")
+                      str(r.dynamic_shared_bytes or ""), "yes" if r.ok() else "NO")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=1)

@@ -12,13 +12,21 @@ from dataclasses import asdict, dataclass
 
 from . import tiling
 from ._cuda import SIMULATOR, cuda
-from .kernels.launch import DEFAULT_THREADS, SIM_THREADS, build, signature  # noqa: F401
+from .kernels import fa2
+from .kernels.launch import (DEFAULT_THREADS, SIM_THREADS, _fa2_types, build,  # noqa: F401
+                             signature)
+
+#: Largest dynamic shared memory a block may opt in to on sm_90 (H100, H200)
+SM90_SMEM_OPTIN = 232448
 
 
 @dataclass(frozen=True)
 class Variant:
+    """A kernel to compile: fa1_forward / fa1_backward with tiling.Tiles, or fa2_forward /
+    fa2_dkdv / fa2_dq with tiling.RegTiles (fa2_dkdv with atomic dQ)."""
+
     name: str
-    tiles: tiling.Tiles
+    tiles: object
     causal: bool
     dtype: str
 
@@ -28,8 +36,11 @@ class Variant:
 
     def label(self):
         t = self.tiles
-        return (f"{self.name} d={t.d} Br={t.Br} Bc={t.Bc} T={t.threads} "
-                f"{'causal' if self.causal else 'full'} {self.dtype}")
+        mask = "causal" if self.causal else "full"
+        if self.name.startswith("fa2"):
+            return (f"{self.name} d={t.d} R={t.R} C={t.C} {t.tm}x{t.tn} stages={t.stages} "
+                    f"T={t.threads} {mask} {self.dtype}")
+        return f"{self.name} d={t.d} Br={t.Br} Bc={t.Bc} T={t.threads} {mask} {self.dtype}"
 
 
 @dataclass
@@ -41,12 +52,14 @@ class Report:
     spill_load_bytes: int
     shared_bytes: int
     local_bytes: int
-    expected_shared_bytes: int
+    expected_shared_bytes: int      # static shared memory nbflash counts
+    dynamic_shared_bytes: int = 0   # fa2: what a launch asks for
 
     def ok(self):
         # a stack frame means a local array went to local memory (e.g. a loop was not unrolled)
         return (self.spill_store_bytes == 0 and self.spill_load_bytes == 0
-                and self.stack_bytes == 0 and self.local_bytes == 0)
+                and self.stack_bytes == 0 and self.local_bytes == 0
+                and self.dynamic_shared_bytes <= SM90_SMEM_OPTIN)
 
 
 def _link(ptx, arch):
@@ -82,11 +95,30 @@ def compile_report(variant, cc=(9, 0)):
     if SIMULATOR:
         raise RuntimeError("compiling for a GPU target needs NBFLASH_DEVICE=compile (or gpu); "
                            "this process runs the CUDA simulator")
+    if variant.name.startswith("fa2"):
+        return _fa2_report(variant, cc)
     kernel = build(variant.name, variant.tiles, variant.causal, variant.cast)
     sig = signature(variant.name, variant.dtype, variant.cast)
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
     log = _link(ptx, f"sm_{cc[0]}{cc[1]}")
     pass_ = "forward" if variant.name.endswith("forward") else "backward"
+    return _report(variant, log, variant.tiles.smem_bytes(pass_))
+
+
+def _fa2_report(variant, cc):
+    from numba import types  # noqa: PLC0415
+
+    kind = variant.name.removeprefix("fa2_")
+    t, causal = variant.tiles, variant.causal
+    fn = {"forward": lambda: fa2.make_forward(t, causal, variant.dtype),
+          "dkdv": lambda: fa2.make_dkdv(t, causal, True, variant.dtype),
+          "dq": lambda: fa2.make_dq(t, causal)}[kind]()
+    ptx, _ = cuda.compile_ptx(fn, types.void(*_fa2_types(kind, variant.dtype)), cc=cc)
+    log = _link(ptx, f"sm_{cc[0]}{cc[1]}")
+    return _report(variant, log, 0, t.smem_bytes(kind))
+
+
+def _report(variant, log, expected_shared, dynamic_shared=0):
     return Report(
         variant=variant.label(),
         registers=_field(r"used (\d+) registers", log),
@@ -95,7 +127,8 @@ def compile_report(variant, cc=(9, 0)):
         spill_load_bytes=_field(r"(\d+) bytes spill loads", log),
         shared_bytes=_field(r"(\d+) bytes smem", log),
         local_bytes=_field(r"(\d+) bytes lmem", log),
-        expected_shared_bytes=variant.tiles.smem_bytes(pass_))
+        expected_shared_bytes=expected_shared,
+        dynamic_shared_bytes=dynamic_shared)
 
 
 def default_variants(head_dims=(32, 64, 96, 128)):
@@ -111,8 +144,20 @@ def default_variants(head_dims=(32, 64, 96, 128)):
     return out
 
 
+def fa2_default_variants(head_dims=(64, 128), dtypes=("float32", "float16"),
+                         causal=(False, True)):
+    """fa2's GPU kernels (nbflash.tiling.GPU_FA2_TILES), as the benchmark runs them."""
+    out = []
+    for d in head_dims:
+        for kind in tiling.FA2_KERNELS:
+            t = tiling.fa2_tiles(kind, d, tiling.GPU_FA2_TILES)
+            out += [Variant(f"fa2_{kind}", t, c, dt) for c in causal for dt in dtypes]
+    return out
+
+
 def as_dict(report):
     return asdict(report)
 
 
-__all__ = ["Variant", "Report", "compile_report", "default_variants", "as_dict"]
+__all__ = ["Variant", "Report", "compile_report", "default_variants", "fa2_default_variants",
+           "as_dict"]

@@ -1,6 +1,8 @@
-"""Compile-only: every fa1 variant the tests use, and the GPU's default tiles, compiled for
-sm_90 without a GPU (NVVM -> PTX -> nvJitLink), with the compiler's resource report checked:
-no stack frame, no spills, no local memory, and exactly the shared memory nbflash.tiling counts.
+"""Compile-only: every fa1 variant the tests use, fa2 with the simulator's tiles, and the GPU's
+default tiles of both (fa2's as the benchmark runs them), compiled for sm_90 without a GPU
+(NVVM -> PTX -> nvJitLink), with the compiler's resource report checked: no stack frame, no
+spills, no local memory, exactly the static shared memory nbflash.tiling counts (fa2: none;
+its dynamic shared memory within what an sm_90 block may opt in to).
 
 Runs in a subprocess because the device mode (simulator or real target) is fixed at import.
 """
@@ -42,11 +44,20 @@ for M, d, rule, causal, dtype in cases:
         tiles = tiling.tiles_for(m, d, rule, compilecheck.SIM_THREADS)
         variants.append(compilecheck.Variant(name, tiles, causal, dtype))
 variants += compilecheck.default_variants(tuple(head_dims))
+if head_dims:   # fa2's GPU kernels as benchmarked, and the simulator tests' small tiles
+    variants += compilecheck.fa2_default_variants()
+else:
+    for d in (8, 40):
+        for kind in tiling.FA2_KERNELS:
+            t = tiling.fa2_tiles(kind, d, tiling.SIM_FA2_TILES)
+            variants += [compilecheck.Variant(f"fa2_{kind}", t, c, "float32")
+                         for c in (False, True)]
 print(json.dumps([compilecheck.as_dict(compilecheck.compile_report(v)) for v in variants]))
 """
 
 #: sm_80 and later reserve 1 KB of shared memory per block for the system; the report counts it
 RESERVED_SMEM = 1024
+SM90_SMEM_OPTIN = 232448
 
 
 def compile_reports(cases, head_dims):
@@ -77,4 +88,7 @@ def test_kernels_compile_for_sm90_without_spills(which):
                        f"nbflash.tiling counts {r['expected_shared_bytes']} + {RESERVED_SMEM}")
         if r["expected_shared_bytes"] > tiling.STATIC_SMEM_BYTES:
             bad.append(f"{r['variant']}: over the static shared-memory limit")
+        if r["dynamic_shared_bytes"] > SM90_SMEM_OPTIN:
+            bad.append(f"{r['variant']}: {r['dynamic_shared_bytes']} bytes of dynamic shared "
+                       f"memory, above the {SM90_SMEM_OPTIN} an sm_90 block may have")
     assert not bad, "\n".join(bad)
