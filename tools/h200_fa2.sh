@@ -4,6 +4,7 @@
 #   tools/h200_fa2.sh bench   the benchmark grid (python -m nbflash bench)
 #   tools/h200_fa2.sh probe   host-time profile, forward/dkdv tile sweep, ncu stall reasons
 #   tools/h200_fa2.sh sanitize  compute-sanitizer memcheck and racecheck on fa2
+#   tools/h200_fa2.sh final   the test suite on the GPU (without fa1's slow GPU sizes), then sanitize
 set -uo pipefail
 export NBFLASH_DEVICE=gpu
 O=${OUT:-/tmp/out}; mkdir -p "$O"
@@ -44,13 +45,17 @@ bench)
   step info; python3 -m nbflash info | tail -12
   step bench; timeout 480 python3 -m nbflash bench --out "$O/bench.json" 2>&1 | tail -80
   ;;
+final)
+  step tests; timeout 300 python3 -m pytest -n 6 -q -p no:cacheprovider tests --ignore=tests/test_compile.py \
+      -k "not (fa1 and gpu)" 2>&1 | tee "$O/pytest.log" | tail -6
+  ;&
 sanitize)
-  step memcheck; /usr/local/cuda/bin/compute-sanitizer --tool memcheck \
+  step memcheck; timeout 150 /usr/local/cuda/bin/compute-sanitizer --tool memcheck \
     --report-api-errors no --error-exitcode 99 python3 tools/sanitize_case.py fa2 \
     > "$O/memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -2 "$O/memcheck.log"
-  step racecheck; /usr/local/cuda/bin/compute-sanitizer --tool racecheck --error-exitcode 99 \
-    python3 tools/sanitize_case.py fa2 > "$O/racecheck.log" 2>&1; echo "racecheck rc=$?"
+  step racecheck; timeout 170 /usr/local/cuda/bin/compute-sanitizer --tool racecheck \
+    --error-exitcode 99 python3 tools/sanitize_case.py fa2 > "$O/racecheck.log" 2>&1; echo "racecheck rc=$?"
   tail -4 "$O/racecheck.log"
   ;;
-*) echo "usage: tools/h200_fa2.sh sweep | probe | bench | sanitize"; exit 2 ;;
+*) echo "usage: tools/h200_fa2.sh sweep | probe | bench | final | sanitize"; exit 2 ;;
 esac
