@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import nbflash
-from nbflash.kernels import launch
+from nbflash.kernels import fastlaunch, launch
 from support import randn, xp
 
 
@@ -13,7 +13,8 @@ def no_kernel_may_run(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was launched for bad input")
     monkeypatch.setattr(launch, "_launch", refuse)   # fa1
-    monkeypatch.setattr(launch, "_run", refuse)      # fa2
+    monkeypatch.setattr(fastlaunch.Kernel, "__call__", refuse)   # fa2
+    monkeypatch.setattr(fastlaunch.Bound, "__call__", refuse)
 
 
 def arrays(B=1, H=2, Nq=5, Nk=6, d=8, dtype=np.float32):

@@ -45,6 +45,7 @@ for a in (q, k, v, o, lse):
 values += [128, 128, 1, *fa2.split_scale(0.125)]
 struct.pack_into(kern._fmt, kern._buf, 0, *values)
 
+plan = launch.fa2_plan(1, 1, 128, 128, 64, "float32", False, 0.125)
 steps = {
     "perf_counter pair": lambda: None,
     "cupy.empty x2": lambda: (cp.empty(q.shape, q.dtype), cp.empty((1, 1, 128), cp.float32)),
@@ -55,8 +56,11 @@ steps = {
                                                          0, kern._params, None),
     "Kernel.__call__": lambda: kern(grid, t.threads, smem, 0, (q, k, v, o, lse),
                                     (128, 128, 1, *fa2.split_scale(0.125))),
+    "Bound (plan's launch)": lambda: plan.fwd(0, (q, k, v, o, lse)),
+    "Fa2Plan.forward": lambda: plan.forward(cp, q, k, v, 0),
     "launch.fa2_forward": lambda: launch.fa2_forward(cp, q, k, v, causal=False, scale=0.125),
     "nbflash.attention_forward": lambda: nbflash.attention_forward(q, k, v),
+    "nbflash.attention_backward": lambda: nbflash.attention_backward(q, q, k, v, o, lse),
 }
 for name, fn in steps.items():
     fn()

@@ -1,18 +1,18 @@
 """The one place that builds kernels, and the host side that allocates buffers and launches them.
 
-Tile sizes, head dim, causal flag and output cast are compile-time constants of a kernel, so
-each combination is built once by :func:`build` and cached. Numba compiles the built kernel for
-the argument dtypes at its first launch.
+Tile sizes, head dim, causal flag and output cast (fa1) or storage dtype (fa2) are compile-time
+constants of a kernel, so each combination is built once and cached: fa1's by :func:`build`
+(Numba compiles it for the argument dtypes at its first launch), fa2's by :func:`build_fa2`
+(compiled for one signature and launched through nbflash.kernels.fastlaunch). An fa2 call's
+sizes and options make a :class:`Fa2Plan`, also cached.
 """
 
-import contextlib
 import functools
-import sys
 
 from .. import tiling
 from .._cuda import SIMULATOR, cuda
 from . import fa1, fa2
-from .fastlaunch import Kernel
+from .fastlaunch import Bound, Kernel, switch_interval
 
 #: Threads per block. On the H200 (experiments/fa1_threads.py, its data in figures/data/)
 #: 256 ran fa1 forward+backward 1.25-1.3x faster than 128 when B*H fills few SMs (32 or 128
@@ -20,10 +20,6 @@ from .fastlaunch import Kernel
 #: ones. The simulator runs each CUDA thread as a Python thread, so it gets fewer.
 GPU_THREADS, SIM_THREADS = 256, 16
 DEFAULT_THREADS = SIM_THREADS if SIMULATOR else GPU_THREADS
-
-#: The simulator's scheduler polls its threads under the GIL; with Python's default 5 ms switch
-#: interval a block spends most of its time waiting. 0.1 ms made simulated kernels ~10x faster.
-SIM_SWITCH_INTERVAL = 1e-4
 
 MAKERS = {
     "fa1_forward": fa1.make_forward,
@@ -42,18 +38,8 @@ def _launch(kernel, grid, threads, *args):
     if not SIMULATOR:
         kernel[grid, threads](*args)
         return
-    with _switch_interval(SIM_SWITCH_INTERVAL):
+    with switch_interval():
         kernel[grid, threads](*args)
-
-
-@contextlib.contextmanager
-def _switch_interval(seconds):
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 def _placeholder(xp):
@@ -136,34 +122,41 @@ def fa2_tiles(kernel, d):
 
 class Fa2Plan:
     """Everything about an fa2 call that depends only on its sizes and options, worked out once:
-    tiles, compiled kernels, grids and scalar arguments. :func:`fa2_plan` caches plans, so that a
-    repeated call only allocates its outputs and launches (see fastlaunch)."""
+    tiles, compiled kernels, grids and arguments, packed for launching (fastlaunch.Bound).
+    :func:`fa2_plan` caches plans, so that a repeated call only allocates its outputs and
+    writes pointers into ready parameter buffers."""
 
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles):
         causal = bool(causal)
         self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H, Nk, d), (B, H, Nq)
         self.dtype = dtype
+        io = 2 if dtype == "float16" else 4
+        nq, nk, rows = B * H * Nq * d, B * H * Nk * d, B * H * Nq
+        Q, K, L = (nq, io), (nk, io), (rows, 4)     # (items, itemsize) of q-, k-, lse-shaped
         sc = fa2.split_scale(scale)
         tiles = dict(tiles or ())
         t = tiles.get("forward") or fa2_tiles("forward", d)
-        self.fwd = (build_fa2("forward", t, causal, dtype), (-(-Nq // t.R), H, B), t.threads,
-                    t.smem_bytes("forward"), (Nq, Nk, H, *sc))
+        self.fwd = Bound(build_fa2("forward", t, causal, dtype), (-(-Nq // t.R), H, B),
+                         t.threads, t.smem_bytes("forward"), (Q, K, K, Q, L), (Nq, Nk, H, *sc))
         self.atomic = not deterministic
-        rows = B * H * Nq
-        self.delta = (build_fa2("delta", None, False, dtype), (-(-rows // DELTA_THREADS), 1, 1),
-                      DELTA_THREADS, 0, (rows, d, int(self.atomic)))
+        acc = (nq, 4) if self.atomic else (1, 4)
+        self.delta = Bound(build_fa2("delta", None, False, dtype),
+                           (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
+                           (Q, Q, L, acc), (rows, d, int(self.atomic)))
+        inputs = (Q, K, K, Q, L, L)                 # q, k, v, do, lse, delta
         t = tiles.get("dkdv") or fa2_tiles("dkdv", d)
-        self.dkdv = (build_fa2("dkdv", t, causal, dtype, self.atomic), (-(-Nk // t.R), H, B),
-                     t.threads, t.smem_bytes("dkdv"), (Nq, Nk, H, *sc, float(scale)))
+        self.dkdv = Bound(build_fa2("dkdv", t, causal, dtype, self.atomic),
+                          (-(-Nk // t.R), H, B), t.threads, t.smem_bytes("dkdv"),
+                          inputs + (acc, K, K), (Nq, Nk, H, *sc, float(scale)))
         t = tiles.get("dq") or fa2_tiles("dq", d)
-        self.dq = None if self.atomic else (
+        self.dq = None if self.atomic else Bound(
             build_fa2("dq", t, causal, dtype), (-(-Nq // t.R), H, B), t.threads,
-            t.smem_bytes("dq"), (Nq, Nk, H, *sc, float(scale)))
+            t.smem_bytes("dq"), inputs + (Q,), (Nq, Nk, H, *sc, float(scale)))
 
     def forward(self, xp, q, k, v, stream):
         o = xp.empty(self.q_shape, self.dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
-        _run(self.fwd, stream, (q, k, v, o, lse))
+        self.fwd(stream, _arrays((q, k, v, o, lse)))
         return o, lse
 
     def backward(self, xp, do, q, k, v, o, lse, stream):
@@ -172,23 +165,22 @@ class Fa2Plan:
         dk = xp.empty(self.k_shape, self.dtype)
         dv = xp.empty(self.k_shape, self.dtype)
         dq_acc = xp.empty(self.q_shape if self.atomic else (1,), f32)
-        _run(self.delta, stream, (o, do, delta, dq_acc))       # and zeroes dq_acc
+        self.delta(stream, _arrays((o, do, delta, dq_acc)))       # and zeroes dq_acc
         inputs = (q, k, v, do, lse, delta)
-        _run(self.dkdv, stream, inputs + (dq_acc, dk, dv))
+        self.dkdv(stream, _arrays(inputs + (dq_acc, dk, dv)))
         if self.atomic:
             return (dq_acc if self.dtype == "float32" else dq_acc.astype(self.dtype)), dk, dv
         dq = xp.empty(self.q_shape, self.dtype)
-        _run(self.dq, stream, inputs + (dq,))
+        self.dq(stream, _arrays(inputs + (dq,)))
         return dq, dk, dv
 
 
-def _run(step, stream, arrays):
-    kernel, grid, threads, smem, scalars = step
+def _arrays(arrays):
+    """In the simulator: the 1-D views the kernels are typed for (on the GPU the launch only
+    takes the pointers)."""
     if SIMULATOR:
-        with _switch_interval(SIM_SWITCH_INTERVAL):
-            kernel(grid, threads, smem, stream, tuple(x.reshape(-1) for x in arrays), scalars)
-    else:   # the launcher reads pointer, size and itemsize only: any contiguous shape will do
-        kernel(grid, threads, smem, stream, arrays, scalars)
+        return tuple(x.reshape(-1) for x in arrays)
+    return arrays
 
 
 @functools.lru_cache(maxsize=256)
