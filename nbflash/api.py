@@ -12,8 +12,10 @@ from . import inputs, naive
 from ._cuda import ON_GPU
 from .kernels import launch
 
-#: fa2 plans of calls that passed the checks, by what the checks depend on (see _fast_key)
+#: fa2 plans of calls that passed the checks, by what the checks depend on (see _fast_key);
+#: emptied when it reaches _CHECKED_MAX entries (e.g. a model with many sequence lengths)
 _CHECKED = {}
+_CHECKED_MAX = 1024
 _CUPY = []
 
 
@@ -33,7 +35,20 @@ def _fast_key(arrays, options):
         if type(x) is not cupy.ndarray or not x.flags.c_contiguous or x.data.ptr % 16:
             return None
         key += (x.shape, x.dtype, x.data.device_id)
-    return tuple(key)
+    key = tuple(key)
+    try:
+        hash(key)
+    except TypeError:   # an unhashable option: the checks will say what is wrong with it
+        return None
+    return key
+
+
+def _remember(key, plan):
+    if key is None:
+        return
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[key] = plan
 
 
 def _stream():
@@ -75,8 +90,7 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
             plan = launch.fa2_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, str(prob.dtype),
                                    prob.causal, prob.scale)
             out = plan.forward(prob.xp, q, k, v, prob.stream)
-            if key is not None:
-                _CHECKED[key] = plan
+            _remember(key, plan)
     return prob.outputs(out)
 
 
@@ -121,6 +135,5 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
             plan = launch.fa2_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, str(prob.dtype),
                                    prob.causal, prob.scale, bool(deterministic))
             out = plan.backward(prob.xp, *arrays, prob.stream)
-            if key is not None:
-                _CHECKED[key] = plan
+            _remember(key, plan)
     return prob.outputs(out)

@@ -111,3 +111,9 @@ def test_wrong_array_kind_for_the_device_mode():
 
 def test_input_error_is_a_value_error():
     assert issubclass(nbflash.InputError, ValueError)
+
+
+def test_unhashable_options_still_get_their_message():
+    q, k, v = arrays()
+    with pytest.raises(nbflash.InputError, match=r"softmax_scale must be a number"):
+        fwd(q, k, v, softmax_scale=[0.1])

@@ -103,12 +103,13 @@ class Kernel:
         base = ctypes.addressof(self._buf)
         self._params = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
         self._lock = threading.Lock()
-        self._func = None
+        self._funcs = {}     # device id -> CUfunction in that device's primary context
         self._argtypes = tuple(argtypes)
 
-    def _function(self):
-        """The CUfunction in the current context (loaded at first use)."""
-        if self._func is None:
+    def _function(self, device):
+        """The CUfunction for `device`, whose context is current (loaded at first use)."""
+        func = self._funcs.get(device)
+        if func is None:
             overload = self._dispatcher.overloads[self._argtypes]
             kernel = overload._codelibrary.get_cufunc().handle   # a CUkernel (cuda.core)
             func = ctypes.c_void_p()
@@ -118,8 +119,8 @@ class Kernel:
             if self.max_smem > 48 * 1024:
                 _check(lib.cuFuncSetAttribute(func, _MAX_DYNAMIC_SMEM, self.max_smem),
                        f"raising {self.name}'s shared memory to {self.max_smem} bytes")
-            self._func = func.value
-        return self._func
+            func = self._funcs[device] = func.value
+        return func
 
     def resources(self):
         """Registers, local memory bytes and static shared bytes of the compiled kernel."""
@@ -143,7 +144,8 @@ class Kernel:
             ptr, size, itemsize = _describe(a)
             values += (0, 0, size, itemsize, ptr, size, itemsize)
         values += scalars
-        func = self._func or self._function()
+        device = _device(arrays[0])
+        func = self._funcs.get(device) or self._function(device)
         gx, gy, gz = grid
         with self._lock:   # the parameter buffer is shared; the driver copies it at launch
             struct.pack_into(self._fmt, self._buf, 0, *values)
@@ -182,7 +184,8 @@ class Bound:
         if SIMULATOR:
             self.kernel(self.grid, self.block, self.smem, stream, arrays, self.scalars)
             return
-        func = self.kernel._func or self.kernel._function()
+        device = _device(arrays[0])
+        func = self.kernel._funcs.get(device) or self.kernel._function(device)
         gx, gy, gz = self.grid
         with self._lock:
             buf = self._buf
@@ -192,6 +195,16 @@ class Bound:
                                           stream, self._params, None)
         if rc:
             _check(rc, f"launching {self.kernel.name}")
+
+
+def _device(a):
+    """The CUDA device an array lives on (the kernels are loaded per device)."""
+    data = getattr(a, "data", None)
+    if data is not None and hasattr(data, "device_id"):     # CuPy
+        return data.device_id
+    if hasattr(a, "get_device"):                              # torch
+        return a.get_device()
+    return 0
 
 
 def _describe(a):
