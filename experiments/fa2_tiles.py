@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from nbflash import MODE, info, naive, tiling  # noqa: E402
+from nbflash.bench import write_json  # noqa: E402
 from nbflash.kernels import launch  # noqa: E402
 from nbflash.measure import time_ms  # noqa: E402
 
@@ -107,9 +108,7 @@ def main():
                 except Exception as exc:  # noqa: BLE001  (recorded, the sweep goes on)
                     point["error"] = f"{type(exc).__name__}: {exc}"[:300]
                 data["points"].append(point)
-                with open(out + ".tmp", "w") as f:
-                    json.dump(data, f, indent=1)
-                os.replace(out + ".tmp", out)
+                write_json(out, data)
                 print(json.dumps(point), flush=True)
             del q, k, v, do
             cp.get_default_memory_pool().free_all_blocks()

@@ -74,7 +74,7 @@ from typing import NamedTuple
 import numpy as np
 
 import nbflash
-from . import inputs, naive
+from . import inputs, naive, tolerance
 from ._cuda import MODE
 from .measure import sync as _sync_cupy
 
@@ -97,9 +97,10 @@ PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 ROTATE_BYTES = 150e6
 MIN_COPIES, MAX_COPIES = 2, 8
 
-#: the check slice (batch 0, the first two heads) and the tolerance factors of tests/support.py
+#: the check slice (batch 0, the first two heads) and the outputs checked there, with their
+#: factors in the tolerance rule (nbflash.tolerance, as in the tests)
 CHECK_SLICE = (slice(0, 1), slice(0, 2))
-FACTORS = {"o": 2.0, "dq": 4.0, "dk": 3.0, "dv": 3.0}
+FACTORS = {name: tolerance.FACTORS[name] for name in ("o", "dq", "dk", "dv")}
 
 #: host overhead: problem (B, H, N, d), calls measured, warm-up calls (compilation), sync period
 GPU_HOST = {"shape": (1, 1, 128, 64), "calls": 300, "warmup": 10, "sync_every": 50}
@@ -277,22 +278,8 @@ def _make_copies(xp, shape, dtype, n, seed):
 
 
 def max_err(out, ref):
-    """Max |out - ref| in float64 (entries that are -inf in both count 0; NaN counts inf)."""
-    out = out.astype(np.float64)
-    same_inf = np.isinf(ref) & (out == ref)
-    with np.errstate(invalid="ignore"):
-        diff = np.where(same_inf, 0.0, np.abs(out - ref))
-    return float(np.nan_to_num(diff, nan=np.inf).max())
-
-
-def floor(ref, dtype):
-    """2·max|fl(fl(ref + 0.3) - 0.3) - ref| in `dtype`: two roundings at the reference's scale."""
-    r = ref[np.isfinite(ref)]
-    if r.size == 0:
-        return 0.0
-    t = np.dtype(dtype).type
-    rt = ((r + 0.3).astype(t) - t(0.3)).astype(t)
-    return 2.0 * float(np.abs(rt.astype(np.float64) - r).max())
+    """Max |out - ref| (nbflash.tolerance.errors)."""
+    return tolerance.errors(out, ref)[0]
 
 
 def _slice_reference(copy, causal):
@@ -326,7 +313,7 @@ class Group:
 
     def tolerance(self, name):
         """The largest max error the tolerance rule allows for output `name`."""
-        return FACTORS[name] * self.naive_err[name] + floor(self.ref[name], self.dtype)
+        return tolerance.allowed(name, self.naive_err[name], self.ref[name], self.dtype)
 
 
 # -- the impls: one way to run checks and timed calls -----------------------------------------

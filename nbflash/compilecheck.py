@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass
 
 from . import tiling
 from ._cuda import SIMULATOR, cuda
-from .kernels import fa2
-from .kernels.launch import (DEFAULT_THREADS, SIM_THREADS, _fa2_types, build,  # noqa: F401
+from .kernels.launch import (DEFAULT_THREADS, SIM_THREADS, build, fa2_function,  # noqa: F401
                              signature)
 
 #: Largest dynamic shared memory a block may opt in to on sm_90 (H100, H200)
@@ -109,13 +108,10 @@ def _fa2_report(variant, cc):
     from numba import types  # noqa: PLC0415
 
     kind = variant.name.removeprefix("fa2_")
-    t, causal = variant.tiles, variant.causal
-    fn = {"forward": lambda: fa2.make_forward(t, causal, variant.dtype),
-          "dkdv": lambda: fa2.make_dkdv(t, causal, True, variant.dtype),
-          "dq": lambda: fa2.make_dq(t, causal)}[kind]()
-    ptx, _ = cuda.compile_ptx(fn, types.void(*_fa2_types(kind, variant.dtype)), cc=cc)
+    fn, argtypes = fa2_function(kind, variant.tiles, variant.causal, variant.dtype, atomic=True)
+    ptx, _ = cuda.compile_ptx(fn, types.void(*argtypes), cc=cc)
     log = _link(ptx, f"sm_{cc[0]}{cc[1]}")
-    return _report(variant, log, 0, t.smem_bytes(kind))
+    return _report(variant, log, 0, variant.tiles.smem_bytes(kind))
 
 
 def _report(variant, log, expected_shared, dynamic_shared=0):

@@ -101,8 +101,8 @@ def _from_torch(named):
     return {n: np.from_dlpack(x) for n, x in named.items()}, 0
 
 
-def _array_module(named):
-    """Check that all arrays are of one kind the device mode takes; return (xp, to_host)."""
+def _one_kind(named):
+    """Check that all arrays are of one kind nbflash takes; return it."""
     kinds = {name: _kind(x) for name, x in named.items()}
     for name, kind in kinds.items():
         if kind not in ("numpy", "cupy", "torch"):
@@ -112,9 +112,12 @@ def _array_module(named):
     if len(set(kinds.values())) > 1:
         desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
         raise InputError(f"arrays must all be of one kind: {desc}")
-    kind = next(iter(kinds.values()))
-    if kind == "torch":
-        raise AssertionError("torch tensors are converted before this check")
+    return next(iter(kinds.values()))
+
+
+def _array_module(kind, named):
+    """The array module for arrays of `kind` (NumPy or CuPy) in this device mode, checking
+    they are on the current device; returns (xp, to_host)."""
     if MODE == "gpu":
         import cupy  # noqa: PLC0415
         if kind == "cupy":
@@ -265,14 +268,10 @@ def _contiguous(xp, x):
 
 def _arrays(named):
     """(xp, to_host, torch, stream, arrays): torch tensors converted, kinds checked."""
-    first = next(iter(named.values()))
-    torch = type(first).__module__.split(".")[0] == "torch"
+    kind = _one_kind(named)
+    torch = kind == "torch"
     stream = 0
     if torch:
-        kinds = {n: _kind(x) for n, x in named.items()}
-        if set(kinds.values()) != {"torch"}:
-            desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
-            raise InputError(f"arrays must all be of one kind: {desc}")
         try:
             named, stream = _from_torch(dict(named))
         except (TypeError, BufferError, ValueError) as exc:
@@ -280,7 +279,8 @@ def _arrays(named):
                 raise
             raise InputError(f"a torch tensor could not be taken through DLPack ({exc}); "
                              "nbflash takes float16 and float32 tensors") from exc
-    xp, to_host = _array_module(named)
+        kind = _kind(next(iter(named.values())))
+    xp, to_host = _array_module(kind, named)
     if not torch and xp is not np:
         stream = xp.cuda.get_current_stream().ptr
     return xp, to_host, torch, stream, named

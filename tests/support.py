@@ -1,25 +1,16 @@
-"""Helpers shared by the tests: inputs, the fp64 reference, and the tolerance rule.
-
-Tolerance rule (shared/TESTING.md, after FlashAttention's and PyTorch's suites): a kernel's max
-error against the float64 reference may be at most `factor` times the max error of the naive
-implementation run in the kernel's dtype on the same inputs, plus a floor of two roundings at
-the reference's magnitude, 2·max|fl(fl(ref + 0.3) - 0.3) - ref| in the output dtype, so that a
-naive error of exactly zero does not demand bit equality.
-"""
+"""Helpers shared by the tests: inputs, the fp64 reference, and the tolerance rule
+(nbflash.tolerance, which the benchmark applies too)."""
 
 import numpy as np
 
 import nbflash
 from nbflash import naive
+from nbflash.tolerance import FACTORS, allowed, errors
 
 if nbflash.MODE == "gpu":
     import cupy as xp
 else:
     xp = np
-
-#: factor per output: 2x for o and lse, 3x for dk and dv, 4x for dq (FlashAttention / PyTorch)
-FACTORS = {"o": 2.0, "lse": 2.0, "dq": 4.0, "dk": 3.0, "dv": 3.0}
-
 
 def host(x):
     return xp.asnumpy(x) if xp is not np else np.asarray(x)
@@ -60,31 +51,14 @@ def run(impl, q, k, v, do, causal, scale=None, deterministic=False, **opts):
     return dict(zip(("o", "lse", "dq", "dk", "dv"), (host(x) for x in (o, lse, *grads))))
 
 
-def _max_err(out, ref):
-    out = out.astype(np.float64)
-    same_inf = np.isinf(ref) & (out == ref)
-    with np.errstate(invalid="ignore"):  # -inf - -inf where both are -inf: masked just below
-        diff = np.where(same_inf, 0.0, np.abs(out - ref))
-    return float(np.nan_to_num(diff, nan=np.inf).max()), float(np.nan_to_num(diff).mean())
-
-
-def floor(ref, dtype):
-    """2·max|fl(fl(ref + 0.3) - 0.3) - ref| in `dtype` (finite entries only)."""
-    r = ref[np.isfinite(ref)]
-    if r.size == 0:
-        return 0.0
-    rt = ((r + 0.3).astype(dtype) - dtype(0.3)).astype(dtype)
-    return 2.0 * float(np.abs(rt.astype(np.float64) - r).max())
-
-
 def assert_close(got, naive_out, ref, dtype, what=""):
     """Apply the tolerance rule to each of o, lse, dq, dk, dv; print the errors first."""
     failures = []
     for name in FACTORS:
         out_dtype = np.float32 if name == "lse" else dtype
-        err, mean = _max_err(got[name], ref[name])
-        nerr, _ = _max_err(naive_out[name], ref[name])
-        tol = FACTORS[name] * nerr + floor(ref[name], out_dtype)
+        err, mean = errors(got[name], ref[name])
+        nerr, _ = errors(naive_out[name], ref[name])
+        tol = allowed(name, nerr, ref[name], out_dtype)
         print(f"{what} {name}: max err {err:.3g} (mean {mean:.3g}), naive {nerr:.3g}, "
               f"allowed {tol:.3g}")
         if not err <= tol:

@@ -13,8 +13,7 @@ def no_kernel_may_run(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was launched for bad input")
     monkeypatch.setattr(launch, "_launch", refuse)   # fa1
-    monkeypatch.setattr(fastlaunch.Kernel, "__call__", refuse)   # fa2
-    monkeypatch.setattr(fastlaunch.Bound, "__call__", refuse)
+    monkeypatch.setattr(fastlaunch.Bound, "__call__", refuse)    # fa2 (every launch)
 
 
 def arrays(B=1, H=2, Nq=5, Nk=6, d=8, dtype=np.float32):

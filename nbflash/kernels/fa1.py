@@ -25,25 +25,8 @@ import math
 from numba import float32
 
 from .._cuda import cuda, mul_rn
+from .masks import block_hidden, visible
 from .online_softmax import NEG_INF, ZERO, online_softmax_update
-
-
-def _visible(row, col, Nq, Nk, causal):
-    """MASK of Algorithm 2: is key `col` visible to query `row`? (Also false past the ends.)"""
-    return row < Nq and col < Nk and (not causal or col <= row + Nk - Nq)
-
-
-_visible = cuda.jit(device=True, inline=True)(_visible)
-
-
-def _block_hidden(i, j, Br, Bc, Nq, Nk):
-    """True when causal masking hides every entry of block (i, j): its first key lies after the
-    last key its last query row may see."""
-    last_row = min(i * Br + Br - 1, Nq - 1)
-    return j * Bc > last_row + Nk - Nq
-
-
-_block_hidden = cuda.jit(device=True, inline=True)(_block_hidden)
 
 
 def make_tile_loader(ROWS, D, T):
@@ -123,7 +106,7 @@ def make_forward(tiles, causal, cast_output):
             cuda.syncthreads()  # K_j, V_j complete before any thread reads them
 
             for i in range(Tr):  # line 8
-                if CAUSAL and _block_hidden(i, j, BR, BC, Nq, Nk):
+                if CAUSAL and block_hidden(i, j, BR, BC, Nq, Nk):
                     continue  # block-uniform condition: every thread skips together
                 # line 9: load Q_i, O_i from HBM (ℓ_i, m_i are loaded by their row's thread below;
                 # O_i entry (r, x) is loaded by the thread that writes it in line 13)
@@ -134,7 +117,7 @@ def make_forward(tiles, causal, cast_output):
                 for e in range(tid, BR * BC, T):
                     r = e // BC
                     c = e % BC
-                    if _visible(i * BR + r, j * BC + c, Nq, Nk, CAUSAL):
+                    if visible(i * BR + r, j * BC + c, Nq, Nk, CAUSAL):
                         s = ZERO
                         for x in range(D):
                             s += Qi[r, x] * Kj[c, x]
@@ -257,7 +240,7 @@ def make_backward(tiles, causal, cast_dq):
             cuda.syncthreads()  # K_j, V_j complete before any thread reads them
 
             for i in range(Tr):  # line 10
-                if CAUSAL and _block_hidden(i, j, BR, BC, Nq, Nk):
+                if CAUSAL and block_hidden(i, j, BR, BC, Nq, Nk):
                     continue  # block-uniform condition: every thread skips together
                 # line 11: load Q_i, dO_i (lse_i and O_i are read in line 20, dQ_i in line 22)
                 load_query_rows(q, do, Qi, dOi, b, h, i * BR, Nq, tid)
@@ -281,7 +264,7 @@ def make_backward(tiles, causal, cast_dq):
                 for e in range(tid, BR * BC, T):
                     r = e // BC
                     c = e % BC
-                    if _visible(i * BR + r, j * BC + c, Nq, Nk, CAUSAL):
+                    if visible(i * BR + r, j * BC + c, Nq, Nk, CAUSAL):
                         s = ZERO
                         dp = ZERO
                         for x in range(D):

@@ -33,24 +33,19 @@ the row reductions through warp shuffles (nbflash.kernels.primitives). Inputs ar
 
 import math
 
+import numpy as np
 from numba import float32
 
 from .._cuda import cuda
+from .masks import first_query_block, key_blocks, visible
 from .online_softmax import NEG_INF, ONE, ZERO, new_max
 from .primitives import commit_async, make_row_reduce, wait_async_all, wait_async_all_but_1
-from .regtile import make_dot_cols, make_dot_rows, make_tile_loader
+from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_row_store,
+                      make_tile_loader)
 
 LOG2E = float32(math.log2(math.e))
 LOG2E_LO = float32(math.log2(math.e) - float(LOG2E))   # LOG2E + LOG2E_LO = log2(e) to ~1e-15
 LN2 = float32(math.log(2.0))
-
-
-def _visible(row, col, Nq, Nk, causal):
-    """Key `col` is visible to query `row` (bottom-right causal alignment; both inside)."""
-    return row < Nq and col < Nk and (not causal or col <= row + Nk - Nq)
-
-
-_visible = cuda.jit(device=True, inline=True)(_visible)
 
 
 def _scaled(s, scale_hi, scale_lo):
@@ -63,16 +58,45 @@ _scaled = cuda.jit(device=True, inline=True)(_scaled)
 
 def split_scale(scale):
     """(hi, lo): τ log2(e) as the sum of two float32, for the kernels' scale arguments."""
-    import numpy as np  # noqa: PLC0415
     exact = float(scale) * math.log2(math.e)
     hi = np.float32(exact)
     return float(hi), float(np.float32(exact - float(hi)))
 
 
 def _layout(t):
-    """Compile-time constants shared by the kernels for RegTiles `t`."""
-    return dict(R=t.R, C=t.C, D=t.d, TM=t.tm, TN=t.tn, L=t.lanes, RG=t.row_groups,
-                T=t.threads, TX4=t.tx4, TX=4 * t.tx4, DS=t.ds, W=max(t.dp, 4 * t.d4))
+    """Compile-time constants of the kernels for RegTiles `t`:
+    R, C, D, TM, TN, L (lanes), RG (row groups), T (threads), TX4, TX (output columns per
+    thread), DS (row stride of d-wide tiles), W (columns loaded per row)."""
+    return (t.R, t.C, t.d, t.tm, t.tn, t.lanes, t.row_groups, t.threads, t.tx4, 4 * t.tx4,
+            t.ds, max(t.dp, 4 * t.d4))
+
+
+def _coords(L, D, H, Nq, Nk):
+    """Where a thread is: (tid, rg, cg, bh, q_base, k_base). Thread tid is lane cg of row
+    group rg of its block's register tiles; the block works on head bh = b*H + h of grid
+    (x, h, b), whose q-shaped rows start at q_base and k-shaped rows at k_base."""
+    tid = cuda.threadIdx.x
+    bh = cuda.blockIdx.z * H + cuda.blockIdx.y
+    return tid, tid // L, tid % L, bh, bh * Nq * D, bh * Nk * D
+
+
+_coords = cuda.jit(device=True, inline=True)(_coords)
+
+
+def _row_stats(lse, delta, at, inside):
+    """lse and D of a query row for the backward: 0 for a row past Nq, and lse 0 where it is
+    -inf (a row that sees no key: all its entries are masked, so any finite value will do)."""
+    lse_r = ZERO
+    dlt = ZERO
+    if inside:
+        lse_r = lse[at]
+        if lse_r == NEG_INF:
+            lse_r = ZERO
+        dlt = delta[at]
+    return lse_r, dlt
+
+
+_row_stats = cuda.jit(device=True, inline=True)(_row_stats)
 
 
 def make_forward(t, causal, dtype="float32"):
@@ -81,9 +105,7 @@ def make_forward(t, causal, dtype="float32"):
     With t.stages = 2 the K, V tiles are double-buffered: block j + 1 is copied (cp.async for
     float32 inputs) while block j is computed on.
     """
-    c = _layout(t)
-    R, C, D, TM, TN, L, RG, T = c["R"], c["C"], c["D"], c["TM"], c["TN"], c["L"], c["RG"], c["T"]
-    TX4, TX, DS, W = c["TX4"], c["TX"], c["DS"], c["W"]
+    R, C, D, TM, TN, L, RG, T, TX4, TX, DS, W = _layout(t)
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
@@ -93,7 +115,7 @@ def make_forward(t, causal, dtype="float32"):
     Q_OFF, K_OFF = 0, R * DS
     P_OFF = K_OFF + STAGES * KV
     load_q = make_tile_loader(R, D, W, DS, T)
-    load_kv = make_tile_loader(C, D, W, DS, T, ASYNC)
+    load_kv = make_pair_loader(make_tile_loader(C, D, W, DS, T, ASYNC), C * DS)
     qk = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)          # S = Q Kᵀ
     pv = make_dot_cols(TM, TX4, C // 4, RG * PS, DS, 4 * L)    # O += P̃ V
     row_max, row_sum = make_row_reduce(L, T)
@@ -103,13 +125,8 @@ def make_forward(t, causal, dtype="float32"):
         q, o: flat (B, H, Nq, d); k, v: flat (B, H, Nk, d); lse: flat (B, H, Nq) float32.
         sc_hi + sc_lo = τ log2(e) (:func:`split_scale`)."""
         smem = cuda.shared.array(0, float32)
-        tid = cuda.threadIdx.x
-        rg = tid // L
-        cg = tid % L
-        bh = cuda.blockIdx.z * H + cuda.blockIdx.y
+        tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
         row0 = cuda.blockIdx.x * R
-        q_base = bh * Nq * D
-        k_base = bh * Nk * D
 
         load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)          # Q_i, once
         m = cuda.local.array(TM, float32)                       # running max (base 2)
@@ -122,13 +139,10 @@ def make_forward(t, causal, dtype="float32"):
             acc[x] = ZERO
         s = cuda.local.array(N_S, float32)
 
-        n_blocks = (Nk + C - 1) // C
-        if CAUSAL:   # key blocks after the last key the block's last row sees are skipped
-            last_key = min(row0 + R - 1, Nq - 1) + Nk - Nq
-            n_blocks = min(n_blocks, last_key // C + 1) if last_key >= 0 else 0
+        # causal: key blocks after the last key the block's last row sees are skipped
+        n_blocks = key_blocks(row0, R, C, Nq, Nk, CAUSAL)
         if STAGES == 2 and n_blocks > 0:   # block 0 into stage 0
-            load_kv(k, k_base, 0, Nk, smem, K_OFF, tid)
-            load_kv(v, k_base, 0, Nk, smem, K_OFF + C * DS, tid)
+            load_kv(k, v, k_base, 0, Nk, smem, K_OFF, tid)
             commit_async()
         for j in range(n_blocks):
             col0 = j * C
@@ -136,17 +150,14 @@ def make_forward(t, causal, dtype="float32"):
             if STAGES == 2:      # K_j, V_j were loaded one step ahead; fetch K_j+1, V_j+1
                 k_off = K_OFF + (j % 2) * KV
                 if j + 1 < n_blocks:
-                    nxt = K_OFF + ((j + 1) % 2) * KV
-                    load_kv(k, k_base, col0 + C, Nk, smem, nxt, tid)
-                    load_kv(v, k_base, col0 + C, Nk, smem, nxt + C * DS, tid)
+                    load_kv(k, v, k_base, col0 + C, Nk, smem, K_OFF + ((j + 1) % 2) * KV, tid)
                     commit_async()
                     wait_async_all_but_1()
                 else:
                     wait_async_all()
             else:
                 k_off = K_OFF
-                load_kv(k, k_base, col0, Nk, smem, K_OFF, tid)
-                load_kv(v, k_base, col0, Nk, smem, K_OFF + C * DS, tid)
+                load_kv(k, v, k_base, col0, Nk, smem, K_OFF, tid)
             v_off = k_off + C * DS
             cuda.syncthreads()   # K_j, V_j complete for every thread
 
@@ -160,7 +171,7 @@ def make_forward(t, causal, dtype="float32"):
                 m_blk = NEG_INF
                 for u in range(TN):
                     sc = _scaled(s[i * TN + u], sc_hi, sc_lo)
-                    if masked and not _visible(row, col0 + cg + L * u, Nq, Nk, CAUSAL):
+                    if masked and not visible(row, col0 + cg + L * u, Nq, Nk, CAUSAL):
                         sc = NEG_INF
                     s[i * TN + u] = sc
                     m_blk = max(m_blk, sc)
@@ -232,9 +243,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
     the streamed Q_i, dO_i (and lse_i, D_i) are double-buffered: step i + 1's are copied
     (cp.async for float32 inputs) while step i computes.
     """
-    c = _layout(t)
-    R, C, D, TM, TN, L, RG, T = c["R"], c["C"], c["D"], c["TM"], c["TN"], c["L"], c["RG"], c["T"]
-    TX4, TX, DS, W = c["TX4"], c["TX"], c["DS"], c["W"]
+    R, C, D, TM, TN, L, RG, T, TX4, TX, DS, W = _layout(t)
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PSC, PSR = t.ps(C), t.ps(R)
     TMQ = C // RG        # dQ rows per thread
@@ -248,25 +257,19 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
     DS_OFF = DST_OFF + R * PSC
     Q_OFF = DS_OFF + C * PSR            # stage s: Q, dO, lse, D at Q_OFF + s * STAGE
     STAGE = 2 * C * DS + 2 * C
-    load_kv = make_tile_loader(R, D, W, DS, T)
-    load_q = make_tile_loader(C, D, W, DS, T, ASYNC)
+    load_kv = make_pair_loader(make_tile_loader(R, D, W, DS, T), R * DS)
+    load_q = make_pair_loader(make_tile_loader(C, D, W, DS, T, ASYNC), C * DS)
     rows_dot = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)        # Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
     cols_dot = make_dot_cols(TM, TX4, C // 4, RG * PSC, DS, 4 * L)  # dV += Pᵀ dO, dK += dSᵀ Q
     dq_dot = make_dot_cols(TMQ, TX4, R // 4, RG * PSR, DS, 4 * L)   # dQ_i += dS K_j
+    store_row, add_row = make_row_store(TX4, L, D)
 
     def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid):
-        """Q_i, dO_i, lse_i (0 where -inf: those rows are all masked) and D_i to `off`."""
-        load_q(q, q_base, row0, Nq, smem, off, tid)
-        load_q(do, q_base, row0, Nq, smem, off + C * DS, tid)
+        """Q_i, dO_i, lse_i and D_i (see _row_stats) to `off`."""
+        load_q(q, do, q_base, row0, Nq, smem, off, tid)
         for r in range(tid, C, T):
             row = row0 + r
-            lse_r = ZERO
-            dlt = ZERO
-            if row < Nq:
-                lse_r = lse[bh * Nq + row]
-                if lse_r == NEG_INF:
-                    lse_r = ZERO
-                dlt = delta[bh * Nq + row]
+            lse_r, dlt = _row_stats(lse, delta, bh * Nq + row, row < Nq)
             smem[off + 2 * C * DS + r] = lse_r
             smem[off + 2 * C * DS + C + r] = dlt
 
@@ -276,16 +279,10 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
         """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv") of dynamic shared memory.
         delta: D from fa2_delta; dq_acc: zeroed float32 (B, H, Nq, d), used if atomic_dq."""
         smem = cuda.shared.array(0, float32)
-        tid = cuda.threadIdx.x
-        rg = tid // L
-        cg = tid % L
-        bh = cuda.blockIdx.z * H + cuda.blockIdx.y
+        tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
         key0 = cuda.blockIdx.x * R
-        q_base = bh * Nq * D
-        k_base = bh * Nk * D
 
-        load_kv(k, k_base, key0, Nk, smem, K_OFF, tid)
-        load_kv(v, k_base, key0, Nk, smem, V_OFF, tid)
+        load_kv(k, v, k_base, key0, Nk, smem, K_OFF, tid)
         dk_acc = cuda.local.array(N_ACC, float32)
         dv_acc = cuda.local.array(N_ACC, float32)
         for x in range(TM * TX):
@@ -296,7 +293,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
         dq_part = cuda.local.array(N_DQ, float32)
 
         # causal: query blocks whose last row sees no key of this block come first; skip them
-        first = max(0, (key0 - Nk + Nq) // C) if CAUSAL else 0
+        first = first_query_block(key0, C, Nq, Nk, CAUSAL)
         n_steps = (Nq + C - 1) // C
         if STAGES == 2 and first < n_steps:
             load_step(q, do, lse, delta, q_base, bh, first * C, Nq, smem, Q_OFF, tid)
@@ -334,7 +331,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
                     lse_q = smem[lse_off + qr]
                     p, ds = _p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
                                       lse_q * LOG2E_LO, smem[lse_off + C + qr])
-                    if masked and not _visible(row0 + qr, key0 + kr, Nq, Nk, CAUSAL):
+                    if masked and not visible(row0 + qr, key0 + kr, Nq, Nk, CAUSAL):
                         p = ZERO
                         ds = ZERO
                     smem[PT_OFF + kr * PSC + qr] = p
@@ -351,22 +348,13 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
                 for a in range(TMQ):
                     row = row0 + rg + RG * a
                     if row < Nq:
-                        for u in range(TX4):
-                            for e in range(4):
-                                col = u * 4 * L + 4 * cg + e
-                                if col < D:
-                                    cuda.atomic.add(dq_acc, q_base + row * D + col,
-                                                    dq_part[a * TX + 4 * u + e] * scale)
+                        add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
 
         for a in range(TM):   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P_ijᵀ dO_i, written once
             key = key0 + rg + RG * a
             if key < Nk:
-                for u in range(TX4):
-                    for e in range(4):
-                        col = u * 4 * L + 4 * cg + e
-                        if col < D:
-                            dk[k_base + key * D + col] = dk_acc[a * TX + 4 * u + e] * scale
-                            dv[k_base + key * D + col] = dv_acc[a * TX + 4 * u + e]
+                store_row(dk, k_base, key, dk_acc, a, cg, scale)
+                store_row(dv, k_base, key, dv_acc, a, cg, ONE)
 
     return fa2_dkdv
 
@@ -374,9 +362,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
 def make_dq(t, causal):
     """The deterministic dQ pass for RegTiles `t` (R queries per block, C keys per step): the
     forward's structure, with dS in place of P̃ and K in place of V."""
-    c = _layout(t)
-    R, C, D, TM, TN, L, RG, T = c["R"], c["C"], c["D"], c["TM"], c["TN"], c["L"], c["RG"], c["T"]
-    TX4, TX, DS, W = c["TX4"], c["TX"], c["DS"], c["W"]
+    R, C, D, TM, TN, L, RG, T, TX4, TX, DS, W = _layout(t)
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
@@ -384,35 +370,25 @@ def make_dq(t, causal):
     K_OFF = 2 * R * DS
     V_OFF = K_OFF + C * DS
     DS_OFF = V_OFF + C * DS
-    load_q = make_tile_loader(R, D, W, DS, T)
-    load_kv = make_tile_loader(C, D, W, DS, T)
+    load_q = make_pair_loader(make_tile_loader(R, D, W, DS, T), R * DS)
+    load_kv = make_pair_loader(make_tile_loader(C, D, W, DS, T), C * DS)
     rows_dot = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)        # S = Q Kᵀ, dP = dO Vᵀ
     dq_dot = make_dot_cols(TM, TX4, C // 4, RG * PS, DS, 4 * L)     # dQ_i += dS K_j
+    store_row = make_row_store(TX4, L, D)[0]
 
     def fa2_dq(q, k, v, do, lse, delta, dq, Nq, Nk, H, sc_hi, sc_lo, scale):
         """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq") of dynamic shared memory."""
         smem = cuda.shared.array(0, float32)
-        tid = cuda.threadIdx.x
-        rg = tid // L
-        cg = tid % L
-        bh = cuda.blockIdx.z * H + cuda.blockIdx.y
+        tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
         row0 = cuda.blockIdx.x * R
-        q_base = bh * Nq * D
-        k_base = bh * Nk * D
 
-        load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
-        load_q(do, q_base, row0, Nq, smem, DO_OFF, tid)
-        lse_r = cuda.local.array(TM, float32)   # lse (0 where it is -inf: all masked)
+        load_q(q, do, q_base, row0, Nq, smem, Q_OFF, tid)
+        lse_r = cuda.local.array(TM, float32)   # see _row_stats
         lse_lo = cuda.local.array(TM, float32)
         dlt = cuda.local.array(TM, float32)
         for a in range(TM):
             row = row0 + rg + RG * a
-            lse_r[a] = ZERO
-            dlt[a] = ZERO
-            if row < Nq:
-                if lse[bh * Nq + row] != NEG_INF:
-                    lse_r[a] = lse[bh * Nq + row]
-                dlt[a] = delta[bh * Nq + row]
+            lse_r[a], dlt[a] = _row_stats(lse, delta, bh * Nq + row, row < Nq)
             lse_lo[a] = lse_r[a] * LOG2E_LO
         acc = cuda.local.array(N_ACC, float32)
         for x in range(TM * TX):
@@ -420,15 +396,10 @@ def make_dq(t, causal):
         s = cuda.local.array(N_S, float32)
         dp = cuda.local.array(N_S, float32)
 
-        n_blocks = (Nk + C - 1) // C
-        if CAUSAL:
-            last_key = min(row0 + R - 1, Nq - 1) + Nk - Nq
-            n_blocks = min(n_blocks, last_key // C + 1) if last_key >= 0 else 0
-        for j in range(n_blocks):
+        for j in range(key_blocks(row0, R, C, Nq, Nk, CAUSAL)):
             col0 = j * C
             cuda.syncthreads()
-            load_kv(k, k_base, col0, Nk, smem, K_OFF, tid)
-            load_kv(v, k_base, col0, Nk, smem, V_OFF, tid)
+            load_kv(k, v, k_base, col0, Nk, smem, K_OFF, tid)
             cuda.syncthreads()
             for x in range(TM * TN):
                 s[x] = ZERO
@@ -441,7 +412,7 @@ def make_dq(t, causal):
                 for u in range(TN):
                     p, ds = _p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, lse_r[a],
                                       lse_lo[a], dlt[a])
-                    if masked and not _visible(row, col0 + cg + L * u, Nq, Nk, CAUSAL):
+                    if masked and not visible(row, col0 + cg + L * u, Nq, Nk, CAUSAL):
                         ds = ZERO
                     smem[DS_OFF + (rg + RG * a) * PS + cg + L * u] = ds
             cuda.syncthreads()
@@ -450,10 +421,6 @@ def make_dq(t, causal):
         for a in range(TM):
             row = row0 + rg + RG * a
             if row < Nq:
-                for u in range(TX4):
-                    for e in range(4):
-                        col = u * 4 * L + 4 * cg + e
-                        if col < D:
-                            dq[q_base + row * D + col] = acc[a * TX + 4 * u + e] * scale
+                store_row(dq, q_base, row, acc, a, cg, scale)
 
     return fa2_dq

@@ -66,7 +66,8 @@ def _check(rc, what):
 
 
 class Kernel:
-    """A kernel compiled for one signature: ``k(grid, block, smem, stream, arrays, scalars)``.
+    """A kernel compiled for one signature: ``k(grid, block, smem, stream, arrays, scalars)``
+    launches it once (packing every argument); :class:`Bound` packs them once for many launches.
 
     `argtypes`: Numba types, the 1-D contiguous arrays first, then the scalars (int64 or
     float32). At a call, `arrays` are array objects (anything with the CUDA array interface; on
@@ -91,18 +92,12 @@ class Kernel:
             else:
                 raise ValueError(f"scalar type {t} is not supported")
         self.name = pyfunc.__name__
-        self.n_arrays = n_arrays
         self.max_smem = max_smem
+        self._fmt = fmt      # the parameters as Numba lays them out, 8 bytes each
         if SIMULATOR:
             self._dispatcher = cuda.jit(pyfunc)
             return
         self._dispatcher = cuda.jit(types.void(*argtypes))(pyfunc)
-        self._fmt = fmt
-        n = struct.calcsize(fmt) // 8
-        self._buf = (ctypes.c_uint64 * n)()
-        base = ctypes.addressof(self._buf)
-        self._params = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
-        self._lock = threading.Lock()
         self._funcs = {}     # device id -> CUfunction in that device's primary context
         self._argtypes = tuple(argtypes)
 
@@ -128,31 +123,13 @@ class Kernel:
         return {"registers": attrs.regs, "local_bytes": attrs.local,
                 "static_shared_bytes": attrs.shared}
 
-    def sass(self):
-        return self._dispatcher.inspect_sass(self._argtypes)
-
     def __call__(self, grid, block, smem, stream, arrays, scalars):
-        if smem > self.max_smem:
-            raise ValueError(f"{self.name}: {smem} bytes of shared memory requested, "
-                             f"{self.max_smem} allowed")
-        if SIMULATOR:
-            with switch_interval():
-                self._dispatcher[grid, block, 0, smem](*arrays, *scalars)
-            return
-        values = []
-        for a in arrays:
-            ptr, size, itemsize = _describe(a)
-            values += (0, 0, size, itemsize, ptr, size, itemsize)
-        values += scalars
-        device = _device(arrays[0])
-        func = self._funcs.get(device) or self._function(device)
-        gx, gy, gz = grid
-        with self._lock:   # the parameter buffer is shared; the driver copies it at launch
-            struct.pack_into(self._fmt, self._buf, 0, *values)
-            rc = _driver().cuLaunchKernel(func, gx, gy, gz, block, 1, 1, smem, stream,
-                                          self._params, None)
-        if rc:
-            _check(rc, f"launching {self.name}")
+        sizes = () if SIMULATOR else [_describe(a)[1:] for a in arrays]
+        Bound(self, grid, block, smem, sizes, scalars)(stream, arrays)
+
+    def _simulate(self, grid, block, smem, arrays, scalars):
+        with switch_interval():
+            self._dispatcher[grid, block, 0, smem](*arrays, *scalars)
 
 
 class Bound:
@@ -182,7 +159,7 @@ class Bound:
 
     def __call__(self, stream, arrays):
         if SIMULATOR:
-            self.kernel(self.grid, self.block, self.smem, stream, arrays, self.scalars)
+            self.kernel._simulate(self.grid, self.block, self.smem, arrays, self.scalars)
             return
         device = _device(arrays[0])
         func = self.kernel._funcs.get(device) or self.kernel._function(device)

@@ -82,7 +82,7 @@ FA2_TABLE = tiling.SIM_FA2_TILES if SIMULATOR else tiling.GPU_FA2_TILES
 DELTA_THREADS = 128
 
 
-def _fa2_types(name, dtype, atomic=False):
+def _fa2_types(name, dtype):
     """Numba argument types of fa2 kernel `name` for storage dtype `dtype`."""
     from numba import types  # noqa: PLC0415
 
@@ -100,18 +100,25 @@ def _fa2_types(name, dtype, atomic=False):
     raise ValueError(name)
 
 
+def fa2_function(name, tiles, causal, dtype, atomic=False):
+    """The Python kernel of fa2 kernel `name` ("forward", "delta", "dkdv", "dq") for these
+    constants, and its Numba argument types."""
+    if name == "forward":
+        fn = fa2.make_forward(tiles, causal, dtype)
+    elif name == "delta":
+        fn = fa2.make_delta(DELTA_THREADS)
+    elif name == "dkdv":
+        fn = fa2.make_dkdv(tiles, causal, atomic, dtype)
+    else:
+        fn = fa2.make_dq(tiles, causal)
+    return fn, _fa2_types(name, dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def build_fa2(name, tiles, causal, dtype, atomic=False):
-    """fa2 kernel `name` ("forward", "delta", "dkdv", "dq") compiled for these constants."""
-    if name == "forward":
-        fn, smem = fa2.make_forward(tiles, causal, dtype), tiles.smem_bytes("forward")
-    elif name == "delta":
-        fn, smem = fa2.make_delta(DELTA_THREADS), 0
-    elif name == "dkdv":
-        fn, smem = fa2.make_dkdv(tiles, causal, atomic, dtype), tiles.smem_bytes("dkdv")
-    else:
-        fn, smem = fa2.make_dq(tiles, causal), tiles.smem_bytes("dq")
-    return Kernel(fn, _fa2_types(name, dtype, atomic), max_smem=smem)
+    """fa2 kernel `name` compiled for these constants (a fastlaunch.Kernel)."""
+    fn, argtypes = fa2_function(name, tiles, causal, dtype, atomic)
+    return Kernel(fn, argtypes, max_smem=0 if name == "delta" else tiles.smem_bytes(name))
 
 
 @functools.lru_cache(maxsize=None)

@@ -28,20 +28,6 @@ def make_tile_loader(ROWS, D, WIDTH, STRIDE, T, ASYNC=False):
     When D is a multiple of 4 each thread moves 4 columns at a time with vector loads and
     stores (the rows are then 16-byte aligned in both memories). ASYNC (float32 sources, D a
     multiple of 4): the copies are cp.async, issued but not waited for (see primitives)."""
-    if ASYNC:
-        assert D % 4 == 0, D
-        W4A = WIDTH // 4
-
-        def load_async(src, base, start, n, smem, off, tid):
-            for e in range(tid, ROWS * W4A, T):
-                r = e // W4A
-                x = 4 * (e % W4A)
-                if start + r < n and x < D:
-                    copy16_async(smem, off + r * STRIDE + x, src, base + (start + r) * D + x, 16)
-                else:   # zeros (nothing is read; the source address only has to be valid)
-                    copy16_async(smem, off + r * STRIDE + x, src, base, 0)
-
-        return cuda.jit(device=True, inline=True)(load_async)
     if D % 4 == 0:
         W4 = WIDTH // 4
 
@@ -49,12 +35,19 @@ def make_tile_loader(ROWS, D, WIDTH, STRIDE, T, ASYNC=False):
             for e in range(tid, ROWS * W4, T):
                 r = e // W4
                 x = 4 * (e % W4)
-                v0 = v1 = v2 = v3 = ZERO
-                if start + r < n and x < D:
-                    v0, v1, v2, v3 = load4(src, base + (start + r) * D + x)
-                store4(smem, off + r * STRIDE + x, v0, v1, v2, v3)
+                inside = start + r < n and x < D
+                if ASYNC:   # zeros where outside (nothing is read; the address must be valid)
+                    copy16_async(smem, off + r * STRIDE + x, src,
+                                 base + (start + r) * D + x if inside else base,
+                                 16 if inside else 0)
+                else:
+                    v0 = v1 = v2 = v3 = ZERO
+                    if inside:
+                        v0, v1, v2, v3 = load4(src, base + (start + r) * D + x)
+                    store4(smem, off + r * STRIDE + x, v0, v1, v2, v3)
 
         return cuda.jit(device=True, inline=True)(load_vec)
+    assert not ASYNC, "asynchronous copies need D % 4 == 0"
 
     def load(src, base, start, n, smem, off, tid):
         for e in range(tid, ROWS * WIDTH, T):
@@ -68,22 +61,40 @@ def make_tile_loader(ROWS, D, WIDTH, STRIDE, T, ASYNC=False):
     return cuda.jit(device=True, inline=True)(load)
 
 
+def make_pair_loader(load, SECOND):
+    """Device function: two arrays' rows with one tile loader, the second tile SECOND floats
+    after the first (K_j and V_j; Q_i and dO_i)."""
+
+    def load_pair(src1, src2, base, start, n, smem, off, tid):
+        load(src1, base, start, n, smem, off, tid)
+        load(src2, base, start, n, smem, off + SECOND, tid)
+
+    return cuda.jit(device=True, inline=True)(load_pair)
+
+
+def _make_vectors(N, STEP):
+    """Device function: dst[4i .. 4i+3] = smem[a + i STEP .. +3] for i < N (16-byte loads)."""
+
+    def vectors(smem, a, dst):
+        for i in range(N):
+            dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3] = \
+                load4(smem, a + i * STEP)
+
+    return cuda.jit(device=True, inline=True)(vectors)
+
+
 def make_dot_rows(TM, TN, K4, A_STEP, B_STEP):
     """acc[i*TN + t] += Σ_{k < 4 K4} smem[a + i A_STEP + k] · smem[b + t B_STEP + k]."""
 
     NA, NB = TM * 4, TN * 4   # local array sizes must be compile-time constants
+    a_vectors, b_vectors = _make_vectors(TM, A_STEP), _make_vectors(TN, B_STEP)
 
     def dot_rows(smem, a, b, acc):
         av = cuda.local.array(NA, float32)
         bv = cuda.local.array(NB, float32)
         for k4 in range(K4):
-            k = 4 * k4
-            for i in range(TM):
-                av[4 * i], av[4 * i + 1], av[4 * i + 2], av[4 * i + 3] = \
-                    load4(smem, a + i * A_STEP + k)
-            for t in range(TN):
-                bv[4 * t], bv[4 * t + 1], bv[4 * t + 2], bv[4 * t + 3] = \
-                    load4(smem, b + t * B_STEP + k)
+            a_vectors(smem, a + 4 * k4, av)
+            b_vectors(smem, b + 4 * k4, bv)
             for i in range(TM):
                 for t in range(TN):
                     s = acc[i * TN + t]
@@ -99,14 +110,13 @@ def make_dot_cols(TM, TX4, J4, A_STEP, B_ROW, B_CHUNK):
     (b includes the thread's first column)."""
 
     NA = TM * 4
+    a_vectors = _make_vectors(TM, A_STEP)
 
     def dot_cols(smem, a, b, acc):
         av = cuda.local.array(NA, float32)
         for j4 in range(J4):
             j = 4 * j4
-            for i in range(TM):
-                av[4 * i], av[4 * i + 1], av[4 * i + 2], av[4 * i + 3] = \
-                    load4(smem, a + i * A_STEP + j)
+            a_vectors(smem, a + j, av)
             for jj in range(4):
                 for u in range(TX4):
                     b0, b1, b2, b3 = load4(smem, b + (j + jj) * B_ROW + u * B_CHUNK)
@@ -119,3 +129,28 @@ def make_dot_cols(TM, TX4, J4, A_STEP, B_ROW, B_CHUNK):
                         acc[base + 3] += p * b3
 
     return cuda.jit(device=True, inline=True)(dot_cols)
+
+
+def make_row_store(TX4, L, D):
+    """(store_scaled, add_scaled): a thread's slice of one row of an R x D output, held in
+    acc[a*4*TX4 + 4u + e] (column u*4*L + 4*cg + e, see nbflash.tiling.RegTiles), times
+    `factor`, written to (store) or atomically added into (add) dst[base + row*D + column], for
+    the columns below D."""
+
+    def store_scaled(dst, base, row, acc, a, cg, factor):
+        for u in range(TX4):
+            for e in range(4):
+                col = u * 4 * L + 4 * cg + e
+                if col < D:
+                    dst[base + row * D + col] = acc[a * 4 * TX4 + 4 * u + e] * factor
+
+    def add_scaled(dst, base, row, acc, a, cg, factor):
+        for u in range(TX4):
+            for e in range(4):
+                col = u * 4 * L + 4 * cg + e
+                if col < D:
+                    cuda.atomic.add(dst, base + row * D + col,
+                                    acc[a * 4 * TX4 + 4 * u + e] * factor)
+
+    jit = cuda.jit(device=True, inline=True)
+    return jit(store_scaled), jit(add_scaled)
