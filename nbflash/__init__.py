@@ -4,6 +4,8 @@
     o = nbflash.attention(q, k, v, causal=True)
     o, lse = nbflash.attention_forward(q, k, v)
     dq, dk, dv = nbflash.attention_backward(do, q, k, v, o, lse)
+    o = nbflash.attention(q, k, v, dropout_p=0.1, seed=0, key_lengths=lengths,
+                          block_mask=nbflash.sparsity.butterfly(16), block_size=64)
 
 The device mode (GPU or Numba's CUDA simulator) is decided at import from NBFLASH_DEVICE
 (gpu | sim | auto | compile); see :mod:`nbflash._cuda`.
@@ -12,9 +14,11 @@ The device mode (GPU or Numba's CUDA simulator) is decided at import from NBFLAS
 __version__ = "0.1.0"
 
 from ._cuda import MODE, DeviceModeError  # noqa: E402  (decides the device mode first)
-from .api import attention, attention_backward, attention_forward  # noqa: E402
+from . import sparsity  # noqa: E402
+from .api import attention, attention_backward, attention_forward, dropout_mask  # noqa: E402
 from .inputs import InputError  # noqa: E402
 from .info import info  # noqa: E402
 
-__all__ = ["attention", "attention_forward", "attention_backward", "info", "InputError",
+__all__ = ["attention", "attention_forward", "attention_backward", "dropout_mask", "sparsity",
+           "info", "InputError",
            "DeviceModeError", "MODE", "__version__"]

@@ -10,7 +10,7 @@ their lse is -inf and their gradients are 0 (no NaN anywhere).
 
 from . import inputs, naive
 from ._cuda import ON_GPU
-from .kernels import launch
+from .kernels import launch, options
 
 #: fa2 plans of calls that passed the checks, by what the checks depend on (see _fast_key);
 #: emptied when it reaches _CHECKED_MAX entries (e.g. a model with many sequence lengths)
@@ -55,8 +55,23 @@ def _stream():
     return _CUPY[0].cuda.get_current_stream().ptr
 
 
+def _fa2_call(prob, deterministic=False):
+    """The fa2 plan of a checked problem, and the call's option arguments."""
+    layout, args = options.layout(**prob.masking())
+    plan = launch.fa2_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, str(prob.dtype),
+                           prob.causal, prob.scale, bool(deterministic), layout=layout)
+    return plan, args
+
+
+def _plain(masking):
+    """True when no array option is given: only then does a call take the fast path (an array's
+    contents are not part of the key)."""
+    return masking["key_lengths"] is None and masking["block_mask"] is None
+
+
 def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
-                      block_rule=None):
+                      block_rule=None, dropout_p=0.0, seed=None, offset=0, key_lengths=None,
+                      block_mask=None, block_size=None):
     """Attention forward: returns (o, lse).
 
     q: (B, H, Nq, d); k, v: (B, H, Nk, d); float16 or float32 (math in float32): CuPy arrays or
@@ -72,68 +87,127 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     M, block_rule (fa1 only): on-chip memory in elements (default: the largest whose kernel fits
     the shared memory a block gets; the forward and backward kernels differ in size) and
     the block-size rule, "paper" (Bc = ceil(M/4d), Br = min(Bc, d)) or "seed" (the reverse).
+
+    Every impl takes these options, and the backward needs the same ones:
+
+    dropout_p, seed, offset: drop each entry of the attention matrix P with probability
+    dropout_p and scale the kept ones by 1/(1 - dropout_p) (the FlashAttention paper's
+    Algorithm 2). The mask is a pure function of seed (an integer in [0, 2**64), required when
+    dropout_p > 0), offset (in [0, 2**32)) and the entry's (batch, head, query, key)
+    coordinates (nbflash.rng), so the backward draws it again instead of storing it; lse is the
+    softmax's, before dropout. :func:`dropout_mask` returns the mask itself.
+    key_lengths: integers of shape (B,): keys from key_lengths[b] on are ignored for batch entry
+    b (a key-padding mask; every query is kept). With causal, both masks apply (the causal one
+    aligned to Nq and Nk as above).
+    block_mask, block_size: block-sparse attention (the paper's Algorithm 5). block_mask is
+    boolean of shape (ceil(Nq/bq), ceil(Nk/bk)), or with leading axes (H,) or (B, H) (1 where
+    shared), for block_size = bq = bk or (bq, bk) query and key positions per block: queries of
+    block i see keys of block j only where block_mask[..., i, j]. The kernels skip the tiles
+    whose mask blocks are all off (nothing is loaded or computed there); any block size works,
+    and sizes that are multiples of the kernels' tiles (64 for fa2 on the H200) skip exactly the
+    masked blocks. nbflash.sparsity builds the paper's patterns.
+
+    A row that sees no key (masked by any of these) gets o = 0 and lse = -inf.
     Raises nbflash.InputError, naming the problem, before any kernel runs.
     """
-    key = _fast_key((q, k, v), ("fwd", causal, softmax_scale, impl, M, block_rule))
+    masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
+                   block_mask=block_mask, block_size=block_size)
+    key = _fast_key((q, k, v), ("fwd", causal, softmax_scale, impl, M, block_rule, dropout_p,
+                                block_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
-    if plan is not None:
-        return plan.forward(_CUPY[0], q, k, v, _stream())
+    if plan is not None and (dropout_p == 0 or _seed_ok(seed, offset)):
+        return plan.forward(_CUPY[0], q, k, v, _stream(), seed=seed or 0, offset=offset)
     prob, (q, k, v) = inputs.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                           impl=impl, M=M, block_rule=block_rule)
+                                           impl=impl, M=M, block_rule=block_rule, **masking)
     with prob.stream_context():
         if prob.impl == "naive":
-            out = naive.attention_forward(q, k, v, causal=prob.causal, softmax_scale=prob.scale)
+            out = naive.attention_forward(q, k, v, causal=prob.causal, softmax_scale=prob.scale,
+                                          **prob.masking())
         elif prob.impl == "fa1":
             out = launch.fa1_forward(prob.xp, q, k, v, causal=prob.causal, scale=prob.scale,
-                                     tiles=prob.tiles)
+                                     tiles=prob.tiles, masking=prob.masking())
         else:
-            plan = launch.fa2_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, str(prob.dtype),
-                                   prob.causal, prob.scale)
-            out = plan.forward(prob.xp, q, k, v, prob.stream)
+            plan, args = _fa2_call(prob)
+            out = plan.forward(prob.xp, q, k, v, prob.stream, *args)
             _remember(key, plan)
     return prob.outputs(out)
 
 
+def _seed_ok(seed, offset):
+    """The fast path's check of what the cached checks did not see: seed and offset."""
+    return (isinstance(seed, int) and 0 <= seed < 2**64 and isinstance(offset, int)
+            and 0 <= offset < 2**32 and type(seed) is not bool and type(offset) is not bool)
+
+
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
-              block_rule=None):
-    """Attention output softmax(τ q kᵀ) v; see :func:`attention_forward` for the arguments."""
+              block_rule=None, **options):
+    """Attention output softmax(τ q kᵀ) v; see :func:`attention_forward` for the arguments
+    (`options`: dropout_p, seed, offset, key_lengths, block_mask, block_size)."""
     return attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, impl=impl,
-                             M=M, block_rule=block_rule)[0]
+                             M=M, block_rule=block_rule, **options)[0]
 
 
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, impl="auto",
-                       M=None, block_rule=None, deterministic=False):
+                       M=None, block_rule=None, deterministic=False, dropout_p=0.0, seed=None,
+                       offset=0, key_lengths=None, block_mask=None, block_size=None):
     """Attention backward: returns (dq, dk, dv) for upstream gradient do = dL/do.
 
-    o and lse are what :func:`attention_forward` returned for the same q, k, v and options.
+    o and lse are what :func:`attention_forward` returned for the same q, k, v and options
+    (dropout with the same seed and offset: its mask is drawn again, not stored).
     P is recomputed from q, k and lse instead of being stored (fa1: the paper's Algorithm 4;
     fa2: FlashAttention-2's Algorithm 2). Gradients have the dtypes and shapes of q, k, v; rows
-    that see no key get zero gradients.
+    that see no key get zero gradients, and so do keys that no query sees.
 
     deterministic (fa2): compute dq in a separate pass, so that it is bitwise reproducible; by
     default fa2 adds each block's share of dq with atomics, which is faster but leaves the
     order of the additions, and so the last bits of dq, to the GPU. fa1 and naive are always
     deterministic.
     """
+    masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
+                   block_mask=block_mask, block_size=block_size)
     key = _fast_key((do, q, k, v, o, lse),
-                    ("bwd", causal, softmax_scale, impl, M, block_rule, deterministic))
+                    ("bwd", causal, softmax_scale, impl, M, block_rule, deterministic, dropout_p,
+                     block_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
-    if plan is not None:
-        return plan.backward(_CUPY[0], do, q, k, v, o, lse, _stream())
+    if plan is not None and (dropout_p == 0 or _seed_ok(seed, offset)):
+        return plan.backward(_CUPY[0], do, q, k, v, o, lse, _stream(), seed=seed or 0,
+                             offset=offset)
     prob, arrays = inputs.check_backward(do, q, k, v, o, lse, causal=causal,
                                          softmax_scale=softmax_scale, impl=impl, M=M,
-                                         block_rule=block_rule, deterministic=deterministic)
+                                         block_rule=block_rule, deterministic=deterministic,
+                                         **masking)
     with prob.stream_context():
         if prob.impl == "naive":
             do, q, k, v, o, lse = arrays
             out = naive.attention_backward(do, q, k, v, o, lse, causal=prob.causal,
-                                           softmax_scale=prob.scale)
+                                           softmax_scale=prob.scale, **prob.masking())
         elif prob.impl == "fa1":
             out = launch.fa1_backward(prob.xp, *arrays, causal=prob.causal, scale=prob.scale,
-                                      tiles=prob.tiles)
+                                      tiles=prob.tiles, masking=prob.masking())
         else:
-            plan = launch.fa2_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, str(prob.dtype),
-                                   prob.causal, prob.scale, bool(deterministic))
-            out = plan.backward(prob.xp, *arrays, prob.stream)
+            plan, args = _fa2_call(prob, deterministic)
+            out = plan.backward(prob.xp, *arrays, prob.stream, *args)
             _remember(key, plan)
     return prob.outputs(out)
+
+
+def dropout_mask(B, H, Nq, Nk, dropout_p, seed, offset=0):
+    """The dropout keep mask the kernels use for these sizes and options: bool (B, H, Nq, Nk),
+    True where an entry of P is kept (a CuPy array on the GPU, NumPy in the simulator).
+
+    Drawn by a kernel that calls the kernels' own generator (nbflash.kernels.dropout), for
+    debugging and for tests that feed it to a reference (nbflash.naive's `keep`).
+    """
+    for name, n in (("B", B), ("H", H), ("Nq", Nq), ("Nk", Nk)):
+        if not inputs._is_int(n) or n < 1:
+            raise inputs.InputError(f"{name} must be a positive integer; got {n!r}")
+    if inputs.MODE == "compile":
+        raise inputs.InputError("NBFLASH_DEVICE=compile cannot run kernels; use gpu or sim")
+    p, seed, offset = inputs._check_dropout(dropout_p, seed, offset)
+    if inputs.MODE == "gpu":
+        import cupy as xp  # noqa: PLC0415
+        stream = xp.cuda.get_current_stream().ptr
+    else:
+        import numpy as xp  # noqa: PLC0415
+        stream = 0
+    return launch.dropout_mask(xp, B, H, Nq, Nk, p, seed, offset, stream)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from . import tiling
 from ._cuda import SIMULATOR, cuda
+from .kernels.options import Features
 from .kernels.launch import (DEFAULT_THREADS, SIM_THREADS, build, fa2_function,  # noqa: F401
                              signature)
 
@@ -28,6 +29,8 @@ class Variant:
     tiles: object
     causal: bool
     dtype: str
+    #: nbflash.kernels.options.Features: (dropout, padding, sparse)
+    features: Features = Features()
 
     @property
     def cast(self):
@@ -36,6 +39,7 @@ class Variant:
     def label(self):
         t = self.tiles
         mask = "causal" if self.causal else "full"
+        mask += "".join(f" {n}" for n, on in self.features._asdict().items() if on)
         if self.name.startswith("fa2"):
             return (f"{self.name} d={t.d} R={t.R} C={t.C} {t.tm}x{t.tn} stages={t.stages} "
                     f"T={t.threads} {mask} {self.dtype}")
@@ -96,7 +100,7 @@ def compile_report(variant, cc=(9, 0)):
                            "this process runs the CUDA simulator")
     if variant.name.startswith("fa2"):
         return _fa2_report(variant, cc)
-    kernel = build(variant.name, variant.tiles, variant.causal, variant.cast)
+    kernel = build(variant.name, variant.tiles, variant.causal, variant.cast, variant.features)
     sig = signature(variant.name, variant.dtype, variant.cast)
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
     log = _link(ptx, f"sm_{cc[0]}{cc[1]}")
@@ -108,10 +112,11 @@ def _fa2_report(variant, cc):
     from numba import types  # noqa: PLC0415
 
     kind = variant.name.removeprefix("fa2_")
-    fn, argtypes = fa2_function(kind, variant.tiles, variant.causal, variant.dtype, atomic=True)
+    fn, argtypes = fa2_function(kind, variant.tiles, variant.causal, variant.dtype, atomic=True,
+                                features=variant.features)
     ptx, _ = cuda.compile_ptx(fn, types.void(*argtypes), cc=cc)
     log = _link(ptx, f"sm_{cc[0]}{cc[1]}")
-    return _report(variant, log, 0, variant.tiles.smem_bytes(kind))
+    return _report(variant, log, 0, variant.tiles.smem_bytes(kind, variant.features.dropout))
 
 
 def _report(variant, log, expected_shared, dynamic_shared=0):
@@ -141,13 +146,13 @@ def default_variants(head_dims=(32, 64, 96, 128)):
 
 
 def fa2_default_variants(head_dims=(64, 128), dtypes=("float32", "float16"),
-                         causal=(False, True)):
+                         causal=(False, True), features=Features()):
     """fa2's GPU kernels (nbflash.tiling.GPU_FA2_TILES), as the benchmark runs them."""
     out = []
     for d in head_dims:
         for kind in tiling.FA2_KERNELS:
             t = tiling.fa2_tiles(kind, d, tiling.GPU_FA2_TILES)
-            out += [Variant(f"fa2_{kind}", t, c, dt) for c in causal for dt in dtypes]
+            out += [Variant(f"fa2_{kind}", t, c, dt, features) for c in causal for dt in dtypes]
     return out
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import tiling
+from . import rng, sparsity, tiling
 from ._cuda import MODE
 
 IMPLS = ("auto", "naive", "fa1", "fa2")
@@ -48,6 +48,18 @@ class Problem:
     tiles: object = None   # tiling.Tiles for fa1
     torch: bool = False    # inputs were torch tensors: return torch tensors
     stream: int = 0        # the CUDA stream kernels are launched on
+    dropout_p: float = 0.0
+    seed: int = 0
+    offset: int = 0
+    key_lengths: object = None   # int32 (B,) device array
+    block_mask: object = None    # uint8 (B or 1, H or 1, n_q_blocks, n_k_blocks) device array
+    block_size: tuple = None     # (bq, bk)
+
+    def masking(self):
+        """The mask and dropout options, as nbflash.naive takes them."""
+        return dict(dropout_p=self.dropout_p, seed=self.seed, offset=self.offset,
+                    key_lengths=self.key_lengths, block_mask=self.block_mask,
+                    block_size=self.block_size)
 
     def stream_context(self):
         """On torch's current stream when the inputs were torch tensors (so that CuPy's
@@ -194,9 +206,99 @@ def _check_scalars(causal, softmax_scale, d):
     return bool(causal), float(softmax_scale)
 
 
+def _is_int(x):
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_dropout(dropout_p, seed, offset):
+    """(p, seed, offset) of a valid dropout request."""
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(
+            dropout_p, (int, float, np.integer, np.floating)):
+        raise InputError(f"dropout_p must be a number in [0, 1); got {dropout_p!r}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise InputError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
+    if p == 0.0:
+        return 0.0, 0, 0
+    if seed is None:
+        raise InputError("dropout_p > 0 needs a seed (an integer in [0, 2**64)): the backward "
+                         "pass regenerates the forward's dropout mask from it, so pass the "
+                         "same seed (and offset) to attention_forward and attention_backward")
+    if not _is_int(seed) or not 0 <= int(seed) < rng.MAX_SEED:
+        raise InputError(f"seed must be an integer in [0, 2**64); got {seed!r}")
+    if not _is_int(offset) or not 0 <= int(offset) < rng.MAX_OFFSET:
+        raise InputError(f"offset must be an integer in [0, 2**32); got {offset!r}")
+    return p, int(seed), int(offset)
+
+
+def _small_array(xp, x, name):
+    """A host or device array-like (list, NumPy, CuPy, torch) as an `xp` array."""
+    kind = _kind(x)
+    if kind == "torch":
+        x = x.detach().cpu().numpy()
+    elif kind == "cupy" and xp is np:
+        raise InputError(f"{name} is a CuPy array, but nbflash is in {MODE} mode: use NumPy")
+    elif kind not in ("numpy", "cupy"):
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{name} could not be read as an array: {exc}") from exc
+    return xp.asarray(x)
+
+
+def _check_key_lengths(xp, key_lengths, B, Nk):
+    """key_lengths as a contiguous int32 (B,) array of `xp`, values in [0, Nk]."""
+    if key_lengths is None:
+        return None
+    kl = _small_array(xp, key_lengths, "key_lengths")
+    if kl.dtype.kind not in "iu":
+        raise InputError(f"key_lengths must be integers; got dtype {kl.dtype}")
+    if tuple(kl.shape) != (B,):
+        raise InputError(f"key_lengths has shape {tuple(kl.shape)}; expected (B,) = ({B},)")
+    lo, hi = int(kl.min()), int(kl.max())
+    if lo < 0 or hi > Nk:
+        raise InputError(f"key_lengths must be in [0, Nk] = [0, {Nk}]; got values from {lo} "
+                         f"to {hi}")
+    return xp.ascontiguousarray(kl.astype(xp.int32))
+
+
+def _check_block_mask(xp, block_mask, block_size, B, H, Nq, Nk):
+    """(mask, (bq, bk)): the block mask as a contiguous uint8 (B or 1, H or 1, n_q_blocks,
+    n_k_blocks) array of `xp`."""
+    if block_mask is None:
+        if block_size is not None:
+            raise InputError("block_size is given without block_mask")
+        return None, None
+    if block_size is None:
+        raise InputError("block_mask needs block_size: the number of query and key positions "
+                         "per mask block, an integer or a pair (bq, bk)")
+    size = (block_size, block_size) if _is_int(block_size) else block_size
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(_is_int(b) and b >= 1 for b in size)):
+        raise InputError(f"block_size must be a positive integer or a pair of them; "
+                         f"got {block_size!r}")
+    bq, bk = int(size[0]), int(size[1])
+    mask = _small_array(xp, block_mask, "block_mask")
+    if mask.dtype.kind not in "biu":
+        raise InputError(f"block_mask must be boolean; got dtype {mask.dtype}")
+    blocks = (sparsity.n_blocks(Nq, bq), sparsity.n_blocks(Nk, bk))
+    if mask.ndim not in (2, 3, 4) or tuple(mask.shape[-2:]) != blocks:
+        raise InputError(
+            f"block_mask has shape {tuple(mask.shape)}; with block_size ({bq}, {bk}), Nq={Nq} "
+            f"and Nk={Nk} expected (..., {blocks[0]}, {blocks[1]}) with leading axes (), "
+            f"(H,) or (B, H) (1 to share one mask)")
+    lead = (1,) * (4 - mask.ndim) + tuple(mask.shape[:-2])
+    if lead[0] not in (1, B) or lead[1] not in (1, H):
+        raise InputError(f"block_mask's leading axes {tuple(mask.shape[:-2])} do not match "
+                         f"(B, H) = ({B}, {H}) (use 1 to share a mask)")
+    mask = (mask != 0).astype(xp.uint8).reshape(lead + blocks)
+    return xp.ascontiguousarray(mask), (bq, bk)
+
+
 @functools.lru_cache(maxsize=None)
-def _check_fa2(d, pass_):
-    """fa2's head-dim limit, and its tiles' shared memory against what a block may opt in to."""
+def _check_fa2(d, pass_, dropout=False):
+    """fa2's head-dim limit, and its tiles' shared memory (with dropout's keep bits) against
+    what a block may opt in to."""
     limit = MAX_HEAD_DIM["fa2"]
     if d > limit:
         raise InputError(f"head_dim {d} is above fa2's limit of {limit}")
@@ -205,7 +307,7 @@ def _check_fa2(d, pass_):
     from .kernels.launch import fa2_tiles  # noqa: PLC0415
     most = _smem_optin()
     for kernel in (("forward",) if pass_ == "forward" else ("dkdv", "dq")):
-        need = fa2_tiles(kernel, d).smem_bytes(kernel)
+        need = fa2_tiles(kernel, d).smem_bytes(kernel, dropout)
         if need > most:
             raise InputError(f"fa2's {kernel} kernel at head_dim {d} needs {need} bytes of "
                              f"shared memory; this GPU gives a block at most {most}")
@@ -217,9 +319,9 @@ def _smem_optin():
     return cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
 
 
-def _check_tiles(impl, d, pass_, M, block_rule):
+def _check_tiles(impl, d, pass_, M, block_rule, dropout=False):
     if impl == "fa2":
-        _check_fa2(d, pass_)
+        _check_fa2(d, pass_, dropout)
         return None
     if impl != "fa1":
         return None
@@ -286,21 +388,38 @@ def _arrays(named):
     return xp, to_host, torch, stream, named
 
 
-def check_forward(q, k, v, *, causal, softmax_scale, impl, M=None, block_rule=None):
-    """Check a forward call; returns (Problem, (q, k, v)) with contiguous device arrays."""
+def _problem(xp, to_host, torch, stream, q, k, v, impl, pass_, causal, softmax_scale, M,
+             block_rule, masking):
+    B, H, Nq, Nk, d = _check_qkv(q, k, v)
+    causal, scale = _check_scalars(causal, softmax_scale, d)
+    p, seed, offset = _check_dropout(masking["dropout_p"], masking["seed"], masking["offset"])
+    key_lengths = _check_key_lengths(xp, masking["key_lengths"], B, Nk)
+    block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
+                                               masking["block_size"], B, H, Nq, Nk)
+    tiles = _check_tiles(impl, d, pass_, M, block_rule, p > 0)
+    return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl, xp, to_host, tiles, torch,
+                   stream, p, seed, offset, key_lengths, block_mask, block_size)
+
+
+#: the mask and dropout options of the public functions, and their defaults
+MASKING = dict(dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
+               block_size=None)
+
+
+def check_forward(q, k, v, *, causal, softmax_scale, impl, M=None, block_rule=None,
+                  **masking):
+    """Check a forward call; returns (Problem, (q, k, v)) with contiguous device arrays.
+    `masking`: the options of MASKING."""
     impl = _check_impl(impl, {"M": M, "block_rule": block_rule})
     xp, to_host, torch, stream, a = _arrays({"q": q, "k": k, "v": v})
     q, k, v = a["q"], a["k"], a["v"]
-    B, H, Nq, Nk, d = _check_qkv(q, k, v)
-    causal, scale = _check_scalars(causal, softmax_scale, d)
-    tiles = _check_tiles(impl, d, "forward", M, block_rule)
-    prob = Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl, xp, to_host, tiles, torch,
-                   stream)
+    prob = _problem(xp, to_host, torch, stream, q, k, v, impl, "forward", causal,
+                    softmax_scale, M, block_rule, {**MASKING, **masking})
     return prob, tuple(_contiguous(xp, x) for x in (q, k, v))
 
 
 def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
-                   block_rule=None, deterministic=False):
+                   block_rule=None, deterministic=False, **masking):
     """Check a backward call; returns (Problem, (do, q, k, v, o, lse)) as contiguous arrays."""
     impl = _check_impl(impl, {"M": M, "block_rule": block_rule})
     if not isinstance(deterministic, (bool, np.bool_)):
@@ -318,8 +437,6 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
         raise InputError(f"lse has shape {tuple(lse.shape)}; expected (B, H, Nq) = {(B, H, Nq)}")
     if lse.dtype != np.float32:
         raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
-    causal, scale = _check_scalars(causal, softmax_scale, d)
-    tiles = _check_tiles(impl, d, "backward", M, block_rule)
-    prob = Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl, xp, to_host, tiles, torch,
-                   stream)
+    prob = _problem(xp, to_host, torch, stream, q, k, v, impl, "backward", causal,
+                    softmax_scale, M, block_rule, {**MASKING, **masking})
     return prob, tuple(_contiguous(xp, x) for x in (do, q, k, v, o, lse))

@@ -197,15 +197,21 @@ class RegTiles:
         R, C, ds = self.R, self.C, self.ds
         if kernel == "forward":       # Q (R x d), K, V (C x d) per stage, P (R x C)
             return (R + 2 * C * self.stages) * ds + R * self.ps(C)
-        if kernel == "dq":            # Q, dO (R x d), K, V (C x d), dS (R x C)
-            return 2 * (R + C) * ds + R * self.ps(C)
+        if kernel == "dq":            # Q, dO (R x d), K, V (C x d), dS (R x C), lse, D (R)
+            return 2 * (R + C) * ds + R * self.ps(C) + 2 * R
         if kernel == "dkdv":   # K, V (R x d), Pᵀ, dSᵀ (R x C), dS (C x R); per stage Q, dO
             return (2 * R * ds + 2 * R * self.ps(C) + C * self.ps(R)   # (C x d), lse, D (C)
                     + self.stages * (2 * C * ds + 2 * C))
         raise ValueError(kernel)
 
-    def smem_bytes(self, kernel):
-        return self.smem_elements(kernel) * TILE_ITEMSIZE
+    def keep_words(self):
+        """Dropout's keep bits of one R x C score tile: a 32-bit word per row and 8 columns
+        (nbflash.kernels.dropout.make_keep_tile); they follow the kernel's other tiles."""
+        return self.R * self.C // 8
+
+    def smem_bytes(self, kernel, dropout=False):
+        return (self.smem_elements(kernel) + (self.keep_words() if dropout else 0)) \
+            * TILE_ITEMSIZE
 
 
 #: fa2's tiles on the GPU per kernel, for head dims up to the key: (R, C, tm, tn). Chosen by

@@ -33,12 +33,14 @@ def make_inputs(rng, B, H, Nq, Nk, d, dtype, noncontiguous=False, scales=(1.0, 1
     return q, k, v, do
 
 
-def reference(q, k, v, do, causal, scale=None):
-    """float64 (o, lse, dq, dk, dv) on the host."""
+def reference(q, k, v, do, causal, scale=None, **masking):
+    """float64 (o, lse, dq, dk, dv) on the host. `masking`: nbflash.naive's mask and dropout
+    options (keep: an explicit dropout mask, with dropout_p)."""
     q64, k64, v64, do64 = (x.astype(xp.float64) for x in (q, k, v, do))
-    o, lse = naive.attention_forward(q64, k64, v64, causal=causal, softmax_scale=scale)
+    o, lse = naive.attention_forward(q64, k64, v64, causal=causal, softmax_scale=scale,
+                                     **masking)
     grads = naive.attention_backward(do64, q64, k64, v64, o, lse, causal=causal,
-                                     softmax_scale=scale)
+                                     softmax_scale=scale, **masking)
     return dict(zip(("o", "lse", "dq", "dk", "dv"), (host(x) for x in (o, lse, *grads))))
 
 

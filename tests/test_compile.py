@@ -1,5 +1,6 @@
 """Compile-only: every fa1 variant the tests use, fa2 with the simulator's tiles, and the GPU's
-default tiles of both (fa2's as the benchmark runs them), compiled for sm_90 without a GPU
+default tiles of both (fa2's as the benchmark runs them; both also with dropout, key padding and
+a block mask), compiled for sm_90 without a GPU
 (NVVM -> PTX -> nvJitLink), with the compiler's resource report checked: no stack frame, no
 spills, no local memory, exactly the static shared memory nbflash.tiling counts (fa2: none;
 its dynamic shared memory within what an sm_90 block may opt in to).
@@ -36,6 +37,7 @@ GPU_HEAD_DIMS = (64, 80, 96, 128)
 SCRIPT = r"""
 import json, sys
 from nbflash import compilecheck, tiling
+from nbflash.kernels.options import Features
 cases, head_dims = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 variants = []
 for M, d, rule, causal, dtype in cases:
@@ -44,14 +46,25 @@ for M, d, rule, causal, dtype in cases:
         tiles = tiling.tiles_for(m, d, rule, compilecheck.SIM_THREADS)
         variants.append(compilecheck.Variant(name, tiles, causal, dtype))
 variants += compilecheck.default_variants(tuple(head_dims))
+ALL = Features(dropout=True, padding=True, sparse=True)
 if head_dims:   # fa2's GPU kernels as benchmarked, and the simulator tests' small tiles
     variants += compilecheck.fa2_default_variants()
+    # with dropout, key padding and a block mask (causal: the most masking code)
+    variants += compilecheck.fa2_default_variants(causal=(True,), features=ALL)
+    for name, pass_ in (("fa1_forward", "forward"), ("fa1_backward", "backward")):
+        tiles = tiling.tiles_for(tiling.default_M(64, pass_, "paper"), 64, "paper",
+                                 compilecheck.DEFAULT_THREADS)
+        variants.append(compilecheck.Variant(name, tiles, True, "float16", ALL))
 else:
     for d in (8, 40):
         for kind in tiling.FA2_KERNELS:
             t = tiling.fa2_tiles(kind, d, tiling.SIM_FA2_TILES)
             variants += [compilecheck.Variant(f"fa2_{kind}", t, c, "float32")
                          for c in (False, True)]
+            variants.append(compilecheck.Variant(f"fa2_{kind}", t, True, "float16", ALL))
+    for name in ("fa1_forward", "fa1_backward"):
+        tiles = tiling.tiles_for(128, 8, "paper", compilecheck.SIM_THREADS)
+        variants.append(compilecheck.Variant(name, tiles, True, "float32", ALL))
 print(json.dumps([compilecheck.as_dict(compilecheck.compile_report(v)) for v in variants]))
 """
 

@@ -46,7 +46,7 @@ bench)
   step bench; timeout 480 python3 -m nbflash bench --out "$O/bench.json" 2>&1 | tail -80
   ;;
 final)
-  step tests; timeout 300 python3 -m pytest -n 6 -q -p no:cacheprovider tests --ignore=tests/test_compile.py \
+  step tests; timeout 300 python3 -m pytest -n 4 -q -p no:cacheprovider tests --ignore=tests/test_compile.py \
       -k "not (fa1 and gpu)" 2>&1 | tee "$O/pytest.log" | tail -6
   ;&
 sanitize)

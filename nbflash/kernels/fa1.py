@@ -16,16 +16,28 @@ causal, c <= r + Nk - Nq (bottom-right alignment). Blocks that causal masking hi
 skipped: no load, no compute, no write. A row that sees no key keeps O = 0, ℓ = 0, m = -inf, so
 lse = -inf and its gradients are 0.
 
+Key padding, block-sparse attention (Algorithm 5) and dropout (Algorithms 2 and 4) are
+compile-time options (`opts`, nbflash.kernels.launch.Features): a padded key block or a tile
+whose mask blocks are all off is skipped like a causally hidden one; dropout draws each entry's
+keep bit from nbflash.kernels.dropout in the forward and draws it again in the backward.
+
 The kernels are built by :func:`make_forward` and :func:`make_backward` for fixed tile shapes,
-head dim, causal flag and output cast; :mod:`nbflash.kernels.launch` caches what they build.
+head dim, causal flag, options and output cast; :mod:`nbflash.kernels.launch` caches what they
+build. Both take the options' arguments last (see :func:`nbflash.kernels.launch.fa1_forward`):
+key_lengths and the block mask (arrays, placeholders when unused), then the mask's batch and
+head strides, its number of key blocks and its block size (bq, bk), then dropout's seed (low and
+high words), offset, threshold and 1/(1-p).
 """
 
 import math
 
 from numba import float32
 
+from numba import uint32
+
 from .._cuda import cuda, mul_rn
-from .masks import block_hidden, visible
+from .dropout import keep_bits, kept
+from .masks import block_hidden, block_on, tile_status, visible
 from .online_softmax import NEG_INF, ZERO, online_softmax_update
 
 
@@ -48,7 +60,24 @@ def make_tile_loader(ROWS, D, T):
     return cuda.jit(device=True, inline=True)(load_tiles)
 
 
-def make_forward(tiles, causal, cast_output):
+def _skip(i, j, BR, BC, Nq, Nk, klen, CAUSAL, PAD, SPARSE, bmask, mbase, nbk, bq, bk):
+    """(skip, all_on) for block (i, j): skip when the causal mask, the key length or the block
+    mask hides all of it (Algorithm 5, line 8); all_on: every mask block of it is on."""
+    if CAUSAL and block_hidden(i, j, BR, BC, Nq, Nk):
+        return True, True
+    if PAD and j * BC >= klen:
+        return True, True
+    if SPARSE:
+        any_on, all_on = tile_status(bmask, mbase, nbk, bq, bk, i * BR, BR, j * BC, BC, Nq,
+                                     klen)
+        return not any_on, all_on
+    return False, True
+
+
+_skip = cuda.jit(device=True, inline=True)(_skip)
+
+
+def make_forward(tiles, causal, cast_output, opts):
     """Build the Algorithm 1 kernel for `tiles` (Br, Bc, d, threads).
 
     `cast_output`: the output dtype is not float32, so O, accumulated in a float32 buffer, is
@@ -57,10 +86,12 @@ def make_forward(tiles, causal, cast_output):
     BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
     DP, BCP = tiles.dp, tiles.bcp
     CAUSAL, CAST = bool(causal), bool(cast_output)
+    DROP, PAD, SPARSE = opts.dropout, opts.padding, opts.sparse
     load_key_rows = make_tile_loader(BC, D, T)
     load_query_rows = make_tile_loader(BR, D, T)
 
-    def fa1_forward(q, k, v, o_acc, o, m, l, scale):
+    def fa1_forward(q, k, v, o_acc, o, m, l, scale, key_lengths, bmask, msb, msh, nbk, bq, bk,
+                    seed_lo, seed_hi, offset, thr, drop_scale):
         """FlashAttention forward, Algorithm 1 with Algorithm 2's scaling and masking.
 
         Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.
@@ -73,7 +104,7 @@ def make_forward(tiles, causal, cast_output):
         HBM per (i, j) step: reads Q_i, O_i, ℓ_i, m_i; writes O_i, ℓ_i, m_i. Per j: reads K_j, V_j.
         Arguments: q (B, H, Nq, d), k and v (B, H, Nk, d), o_acc (float32 running O, the output
         when that is float32), o (the output in another dtype, else an unused placeholder), m and
-        l (float32, B x H x Nq; m holds lse on return), scale (τ).
+        l (float32, B x H x Nq; m holds lse on return), scale (τ), the options' arguments.
         """
         H = q.shape[1]
         Nq = q.shape[2]
@@ -81,6 +112,8 @@ def make_forward(tiles, causal, cast_output):
         b = cuda.blockIdx.x // H
         h = cuda.blockIdx.x % H
         tid = cuda.threadIdx.x
+        klen = min(Nk, key_lengths[b]) if PAD else Nk
+        mbase = b * msb + h * msh
         Tr = (Nq + BR - 1) // BR
         Tc = (Nk + BC - 1) // BC
 
@@ -106,18 +139,21 @@ def make_forward(tiles, causal, cast_output):
             cuda.syncthreads()  # K_j, V_j complete before any thread reads them
 
             for i in range(Tr):  # line 8
-                if CAUSAL and block_hidden(i, j, BR, BC, Nq, Nk):
+                skip, all_on = _skip(i, j, BR, BC, Nq, Nk, klen, CAUSAL, PAD, SPARSE, bmask,
+                                     mbase, nbk, bq, bk)
+                if skip:
                     continue  # block-uniform condition: every thread skips together
                 # line 9: load Q_i, O_i from HBM (ℓ_i, m_i are loaded by their row's thread below;
                 # O_i entry (r, x) is loaded by the thread that writes it in line 13)
                 load_query_rows(q, o_acc, Qi, Oi, b, h, i * BR, Nq, tid)
                 cuda.syncthreads()  # Q_i complete before S_ij reads it
 
-                # line 10: S_ij = τ Q_i K_j^T, with MASK applied (Alg. 2)
+                # line 10: S_ij = τ Q_i K_j^T, with MASK applied (Alg. 2; Alg. 5's block mask)
                 for e in range(tid, BR * BC, T):
                     r = e // BC
                     c = e % BC
-                    if visible(i * BR + r, j * BC + c, Nq, Nk, CAUSAL):
+                    if visible(i * BR + r, j * BC + c, Nq, Nk, klen, CAUSAL) and (
+                            all_on or block_on(bmask, mbase, nbk, bq, bk, i * BR + r, j * BC + c)):
                         s = ZERO
                         for x in range(D):
                             s += Qi[r, x] * Kj[c, x]
@@ -127,18 +163,27 @@ def make_forward(tiles, causal, cast_output):
                 cuda.syncthreads()  # S_ij complete before the row statistics read it
 
                 # lines 11-12 and 14, one thread per row: m~, P~, ℓ~; m_new, ℓ_new; write ℓ_i, m_i
+                # (with dropout, Alg. 2 line 13: P~ ∘ Z / (1 - p) replaces P~ in O's update; ℓ~
+                # is the sum before dropout)
                 for r in range(tid, BR, T):
+                    row = i * BR + r
                     m_blk = NEG_INF
                     for c in range(BC):
                         m_blk = max(m_blk, S[r, c])
                     l_blk = ZERO
+                    bits = uint32(0)
                     for c in range(BC):
                         p = ZERO
                         if S[r, c] != NEG_INF:
                             p = math.exp(S[r, c] - m_blk)
-                        S[r, c] = p
                         l_blk += p
-                    row = i * BR + r
+                        if DROP:
+                            col = j * BC + c
+                            if c == 0 or col % 8 == 0:   # one draw per 8 keys
+                                bits = keep_bits(seed_lo, seed_hi, b * H + h, offset, row,
+                                                 col // 8, thr)
+                            p = p * drop_scale if kept(bits, col % 8) else ZERO
+                        S[r, c] = p
                     m_i = NEG_INF
                     l_i = ZERO
                     if row < Nq:
@@ -180,7 +225,7 @@ def make_forward(tiles, causal, cast_output):
     return fa1_forward
 
 
-def make_backward(tiles, causal, cast_dq):
+def make_backward(tiles, causal, cast_dq, opts):
     """Build the Algorithm 4 kernel for `tiles` (Br, Bc, d, threads).
 
     `cast_dq`: the gradient dtype is not float32, so dQ, accumulated in a float32 buffer, is
@@ -189,11 +234,13 @@ def make_backward(tiles, causal, cast_dq):
     BR, BC, D, T = tiles.Br, tiles.Bc, tiles.d, tiles.threads
     DP, BCP = tiles.dp, tiles.bcp
     CAUSAL, CAST = bool(causal), bool(cast_dq)
+    DROP, PAD, SPARSE = opts.dropout, opts.padding, opts.sparse
     load_key_rows = make_tile_loader(BC, D, T)
     load_query_rows = make_tile_loader(BR, D, T)
 
-    def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale):
-        """FlashAttention backward, Algorithm 4 (without dropout), from the saved lse.
+    def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale, key_lengths, bmask, msb,
+                     msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+        """FlashAttention backward, Algorithm 4, from the saved lse.
 
         P_ij = diag(ℓ_i)^-1 exp(S_ij - m_i) is computed as exp(S_ij - lse_i), lse = m + log ℓ.
         Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.
@@ -213,6 +260,8 @@ def make_backward(tiles, causal, cast_dq):
         tid = cuda.threadIdx.x
         Tr = (Nq + BR - 1) // BR
         Tc = (Nk + BC - 1) // BC
+        klen = min(Nk, key_lengths[b]) if PAD else Nk
+        mbase = b * msb + h * msh
 
         Qi = cuda.shared.array((BR, DP), float32)
         dOi = cuda.shared.array((BR, DP), float32)
@@ -240,7 +289,9 @@ def make_backward(tiles, causal, cast_dq):
             cuda.syncthreads()  # K_j, V_j complete before any thread reads them
 
             for i in range(Tr):  # line 10
-                if CAUSAL and block_hidden(i, j, BR, BC, Nq, Nk):
+                skip, all_on = _skip(i, j, BR, BC, Nq, Nk, klen, CAUSAL, PAD, SPARSE, bmask,
+                                     mbase, nbk, bq, bk)
+                if skip:   # (dK~_j, dV~_j stay 0 for keys that no query sees)
                     continue  # block-uniform condition: every thread skips together
                 # line 11: load Q_i, dO_i (lse_i and O_i are read in line 20, dQ_i in line 22)
                 load_query_rows(q, do, Qi, dOi, b, h, i * BR, Nq, tid)
@@ -260,11 +311,15 @@ def make_backward(tiles, causal, cast_dq):
                 cuda.syncthreads()  # D_i, lse_i complete before line 21 reads them
 
                 # lines 12-14, 18 and 21 per entry: S_ij = τ Q_i K_j^T, MASK, P_ij = exp(S - lse_i),
-                # dP_ij = dO_i V_j^T, dS_ij = P_ij ∘ (dP_ij - D_i)
+                # dP_ij = dO_i V_j^T, dS_ij = P_ij ∘ (dP_ij - D_i); with dropout (lines 14-16, 19)
+                # the forward's Z_ij regenerated: dV uses P ∘ Z / (1-p), dP is dP ∘ Z / (1-p)
                 for e in range(tid, BR * BC, T):
                     r = e // BC
                     c = e % BC
-                    if visible(i * BR + r, j * BC + c, Nq, Nk, CAUSAL):
+                    row = i * BR + r
+                    col = j * BC + c
+                    if visible(row, col, Nq, Nk, klen, CAUSAL) and (
+                            all_on or block_on(bmask, mbase, nbk, bq, bk, row, col)):
                         s = ZERO
                         dp = ZERO
                         for x in range(D):
@@ -273,8 +328,13 @@ def make_backward(tiles, causal, cast_dq):
                         # τ s rounded exactly as the forward rounded it (no FMA), so that
                         # τ s <= m <= lse and P <= 1 even where lse has lost log ℓ to rounding
                         p = math.exp(mul_rn(s, scale) - lse_i[r])
-                        P[r, c] = p
-                        dS[r, c] = p * (dp - D_i[r])
+                        z = float32(1.0)
+                        if DROP:
+                            z = drop_scale if kept(keep_bits(seed_lo, seed_hi, b * H + h, offset,
+                                                             row, col // 8, thr), col % 8) \
+                                else ZERO
+                        P[r, c] = p * z
+                        dS[r, c] = p * (dp * z - D_i[r])
                     else:
                         P[r, c] = ZERO
                         dS[r, c] = ZERO

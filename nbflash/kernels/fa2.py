@@ -25,6 +25,13 @@ bit. lse is stored in natural-log units, as fa1 and the naive baseline store it;
 takes s' - lse log2(e) with log2(e) in two parts too, and P = 2^min(s' - lse log2(e), 0) <= 1
 (converting lse back can put it an ulp below the forward's largest score).
 
+Key padding, block masks (Algorithm 5 of the FlashAttention paper) and dropout are compile-time
+options (nbflash.kernels.options): tiles past a key length or whose mask blocks are all off are
+skipped (:func:`next_tile`), and the mask is evaluated element by element only in tiles that
+straddle an edge. Dropout's keep bits are drawn per tile into shared memory
+(nbflash.kernels.dropout.make_keep_tile), once per 8 keys, in the forward and again in the
+backward; ℓ sums P before dropout, O and dV use P ∘ Z / (1-p), and dP is dP ∘ Z / (1-p).
+
 Tiles are described by nbflash.tiling.RegTiles (R rows owned by the block, C rows of the other
 operand per step, tm x tn scores per thread); products go through nbflash.kernels.regtile and
 the row reductions through warp shuffles (nbflash.kernels.primitives). Inputs are flat
@@ -34,10 +41,13 @@ the row reductions through warp shuffles (nbflash.kernels.primitives). Inputs ar
 import math
 
 import numpy as np
-from numba import float32
+from numba import float32, uint32
 
 from .._cuda import cuda
-from .masks import first_query_block, key_blocks, visible
+from .dropout import make_drop, make_keep_tile
+from .options import Features
+from .masks import (ALL, bit_on, first_query_block, key_blocks, make_block_bits, next_tile,
+                    tile_status, visible)
 from .online_softmax import NEG_INF, ONE, ZERO, new_max
 from .primitives import commit_async, make_row_reduce, wait_async_all, wait_async_all_but_1
 from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_row_store,
@@ -99,33 +109,57 @@ def _row_stats(lse, delta, at, inside):
 _row_stats = cuda.jit(device=True, inline=True)(_row_stats)
 
 
-def make_forward(t, causal, dtype="float32"):
+def _options(key_lengths, msb, msh, Nk, PAD):
+    """(b, h, klen, mask base) of the block's head: klen is the key length of batch entry b."""
+    b = cuda.blockIdx.z
+    h = cuda.blockIdx.y
+    klen = min(Nk, key_lengths[b]) if PAD else Nk
+    return b, h, klen, b * msb + h * msh
+
+
+_options = cuda.jit(device=True, inline=True)(_options)
+
+def _check_keep_tile(drop, keys, t):
+    if drop and keys % 8:
+        raise ValueError(f"{t}: dropout needs tiles with a multiple of 8 keys (has {keys})")
+
+
+def make_forward(t, causal, dtype="float32", features=Features()):
     """FA2 forward for RegTiles `t` (R query rows per block, C keys per step).
 
     With t.stages = 2 the K, V tiles are double-buffered: block j + 1 is copied (cp.async for
-    float32 inputs) while block j is computed on.
+    float32 inputs) while block j is computed on. `features`: nbflash.kernels.options.Features.
     """
     R, C, D, TM, TN, L, RG, T, TX4, TX, DS, W = _layout(t)
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
+    DROP, PAD, SPARSE = features
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     KV = 2 * C * DS                     # one stage of K and V
     Q_OFF, K_OFF = 0, R * DS
     P_OFF = K_OFF + STAGES * KV
+    KEEP_OFF = t.smem_elements("forward")   # dropout's keep bits (uint32)
     load_q = make_tile_loader(R, D, W, DS, T)
     load_kv = make_pair_loader(make_tile_loader(C, D, W, DS, T, ASYNC), C * DS)
     qk = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)          # S = Q Kᵀ
     pv = make_dot_cols(TM, TX4, C // 4, RG * PS, DS, 4 * L)    # O += P̃ V
     row_max, row_sum = make_row_reduce(L, T)
+    fill_keep, (drop_tile, _) = make_keep_tile(R, C, T), make_drop(TM, TN, RG, L, C)
+    _check_keep_tile(DROP, C, t)
+    block_bits = make_block_bits(TM, TN, RG, L, R, C, SPARSE)
 
-    def fa2_forward(q, k, v, o, lse, Nq, Nk, H, sc_hi, sc_lo):
-        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward") of dynamic shared memory.
-        q, o: flat (B, H, Nq, d); k, v: flat (B, H, Nk, d); lse: flat (B, H, Nq) float32.
-        sc_hi + sc_lo = τ log2(e) (:func:`split_scale`)."""
+    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, msb, msh,
+                    nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward", dropout) of dynamic
+        shared memory. q, o: flat (B, H, Nq, d); k, v: flat (B, H, Nk, d); lse: flat (B, H, Nq)
+        float32. sc_hi + sc_lo = τ log2(e) (:func:`split_scale`); then the options' arguments
+        (nbflash.kernels.options)."""
         smem = cuda.shared.array(0, float32)
+        bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
+        b, h, klen, mbase = _options(key_lengths, msb, msh, Nk, PAD)
         row0 = cuda.blockIdx.x * R
 
         load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)          # Q_i, once
@@ -139,39 +173,51 @@ def make_forward(t, causal, dtype="float32"):
             acc[x] = ZERO
         s = cuda.local.array(N_S, float32)
 
-        # causal: key blocks after the last key the block's last row sees are skipped
-        n_blocks = key_blocks(row0, R, C, Nq, Nk, CAUSAL)
-        if STAGES == 2 and n_blocks > 0:   # block 0 into stage 0
-            load_kv(k, v, k_base, 0, Nk, smem, K_OFF, tid)
+        # key blocks past the key length, and with causal masking those after the last key the
+        # block's last row sees, are skipped; so are those the block mask hides (Alg. 5)
+        n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
+        j = next_tile(0, n_blocks, row0, R, 0, C, 0, C, bmask, mbase, nbk, bq, bk, Nq, klen) \
+            if SPARSE else 0
+        if STAGES == 2 and j < n_blocks:   # the first block into stage 0
+            load_kv(k, v, k_base, j * C, klen, smem, K_OFF, tid)
             commit_async()
-        for j in range(n_blocks):
+        step = 0
+        while j < n_blocks:
             col0 = j * C
-            cuda.syncthreads()   # the previous step has finished reading its K, V and P̃
-            if STAGES == 2:      # K_j, V_j were loaded one step ahead; fetch K_j+1, V_j+1
-                k_off = K_OFF + (j % 2) * KV
-                if j + 1 < n_blocks:
-                    load_kv(k, v, k_base, col0 + C, Nk, smem, K_OFF + ((j + 1) % 2) * KV, tid)
+            j_next = next_tile(j + 1, n_blocks, row0, R, 0, C, 0, C, bmask, mbase, nbk, bq, bk,
+                               Nq, klen) if SPARSE else j + 1
+            cuda.syncthreads()   # the previous step has finished reading its K, V, P̃ and bits
+            if STAGES == 2:      # K_j, V_j were loaded one step ahead; fetch the next ones
+                k_off = K_OFF + (step % 2) * KV
+                if j_next < n_blocks:
+                    load_kv(k, v, k_base, j_next * C, klen, smem,
+                            K_OFF + ((step + 1) % 2) * KV, tid)
                     commit_async()
                     wait_async_all_but_1()
                 else:
                     wait_async_all()
             else:
                 k_off = K_OFF
-                load_kv(k, v, k_base, col0, Nk, smem, K_OFF, tid)
+                load_kv(k, v, k_base, col0, klen, smem, K_OFF, tid)
+            if DROP:
+                fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
             v_off = k_off + C * DS
-            cuda.syncthreads()   # K_j, V_j complete for every thread
+            cuda.syncthreads()   # K_j, V_j (and the keep bits) complete for every thread
 
             for x in range(TM * TN):
                 s[x] = ZERO
             qk(smem, Q_OFF + rg * DS, k_off + cg * DS, s)
-            # the mask is evaluated only where the block reaches past Nk or over the diagonal
-            masked = col0 + C > Nk or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq)
+            # the mask is evaluated only where the block reaches past the key length, over the
+            # diagonal, or over mask blocks that are off
+            on = block_bits(bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
+            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) or on != ALL
             for i in range(TM):
                 row = row0 + rg + RG * i
                 m_blk = NEG_INF
                 for u in range(TN):
                     sc = _scaled(s[i * TN + u], sc_hi, sc_lo)
-                    if masked and not visible(row, col0 + cg + L * u, Nq, Nk, CAUSAL):
+                    if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL)
+                                       and bit_on(on, i * TN + u)):
                         sc = NEG_INF
                     s[i * TN + u] = sc
                     m_blk = max(m_blk, sc)
@@ -180,13 +226,17 @@ def make_forward(t, causal, dtype="float32"):
                 l_blk = ZERO
                 for u in range(TN):
                     p = math.exp2(s[i * TN + u] - m_ref)
-                    l_blk += p
+                    l_blk += p        # ℓ: the softmax's sum, before dropout
                     smem[P_OFF + (rg + RG * i) * PS + cg + L * u] = p
                 l[i] = l[i] * alpha + l_blk
                 for x in range(TX):
                     acc[i * TX + x] *= alpha
+            if DROP:   # P̃ ∘ Z / (1 - p) for O (FlashAttention Alg. 2 line 13), the thread's own
+                drop_tile(smem, P_OFF, PS, bits, KEEP_OFF, rg, cg, drop_scale)   # entries
             cuda.syncthreads()   # P̃ complete
             pv(smem, P_OFF + rg * PS, v_off + 4 * cg, acc)
+            j = j_next
+            step += 1
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
         for i in range(TM):
@@ -236,7 +286,7 @@ def _p_and_ds(s, dp, sc_hi, sc_lo, lse, lse_lo, dlt):
 _p_and_ds = cuda.jit(device=True, inline=True)(_p_and_ds)
 
 
-def make_dkdv(t, causal, atomic_dq, dtype="float32"):
+def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     """FA2 backward over key blocks for RegTiles `t` (R keys per block, C queries per step).
 
     atomic_dq: also add τ dS K_j into the float32 buffer dq_acc with atomics. With t.stages = 2
@@ -249,8 +299,10 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
     TMQ = C // RG        # dQ rows per thread
     N_DQ = TMQ * TX
     CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
+    DROP, PAD, SPARSE = features
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
+    KEEP_OFF = t.smem_elements("dkdv")   # dropout's keep bits (uint32): C queries x R keys
     K_OFF, V_OFF = 0, R * DS
     PT_OFF = 2 * R * DS
     DST_OFF = PT_OFF + R * PSC
@@ -263,6 +315,9 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
     cols_dot = make_dot_cols(TM, TX4, C // 4, RG * PSC, DS, 4 * L)  # dV += Pᵀ dO, dK += dSᵀ Q
     dq_dot = make_dot_cols(TMQ, TX4, R // 4, RG * PSR, DS, 4 * L)   # dQ_i += dS K_j
     store_row, add_row = make_row_store(TX4, L, D)
+    fill_keep, (drop_tile, drop_regs) = make_keep_tile(C, R, T), make_drop(TM, TN, RG, L, R, True)
+    _check_keep_tile(DROP, R, t)
+    block_bits = make_block_bits(TM, TN, RG, L, C, R, SPARSE, True)
 
     def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid):
         """Q_i, dO_i, lse_i and D_i (see _row_stats) to `off`."""
@@ -275,14 +330,19 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
 
-    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, sc_hi, sc_lo, scale):
-        """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv") of dynamic shared memory.
-        delta: D from fa2_delta; dq_acc: zeroed float32 (B, H, Nq, d), used if atomic_dq."""
+    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, sc_hi,
+                 sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
+                 drop_scale):
+        """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv", dropout) of dynamic shared
+        memory. delta: D from fa2_delta; dq_acc: zeroed float32 (B, H, Nq, d), used if
+        atomic_dq; then the options' arguments (nbflash.kernels.options)."""
         smem = cuda.shared.array(0, float32)
+        bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
+        b, h, klen, mbase = _options(key_lengths, msb, msh, Nk, PAD)
         key0 = cuda.blockIdx.x * R
 
-        load_kv(k, v, k_base, key0, Nk, smem, K_OFF, tid)
+        load_kv(k, v, k_base, key0, klen, smem, K_OFF, tid)
         dk_acc = cuda.local.array(N_ACC, float32)
         dv_acc = cuda.local.array(N_ACC, float32)
         for x in range(TM * TX):
@@ -292,20 +352,27 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
         dpt = cuda.local.array(N_S, float32)
         dq_part = cuda.local.array(N_DQ, float32)
 
-        # causal: query blocks whose last row sees no key of this block come first; skip them
+        # causal: query blocks whose last row sees no key of this block come first; skip them.
+        # Keys past the key length get no step (dK, dV = 0); nor do query blocks that the block
+        # mask hides from these keys (Alg. 5)
         first = first_query_block(key0, C, Nq, Nk, CAUSAL)
-        n_steps = (Nq + C - 1) // C
-        if STAGES == 2 and first < n_steps:
-            load_step(q, do, lse, delta, q_base, bh, first * C, Nq, smem, Q_OFF, tid)
+        n_steps = (Nq + C - 1) // C if key0 < klen else first
+        i = next_tile(first, n_steps, 0, C, key0, R, C, 0, bmask, mbase, nbk, bq, bk, Nq,
+                      klen) if SPARSE else first
+        if STAGES == 2 and i < n_steps:
+            load_step(q, do, lse, delta, q_base, bh, i * C, Nq, smem, Q_OFF, tid)
             commit_async()
-        for i in range(first, n_steps):
+        step = 0
+        while i < n_steps:
             row0 = i * C
+            i_next = next_tile(i + 1, n_steps, 0, C, key0, R, C, 0, bmask, mbase, nbk, bq, bk,
+                               Nq, klen) if SPARSE else i + 1
             cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
             if STAGES == 2:
-                off = Q_OFF + ((i - first) % 2) * STAGE
-                if i + 1 < n_steps:
-                    load_step(q, do, lse, delta, q_base, bh, row0 + C, Nq, smem,
-                              Q_OFF + ((i + 1 - first) % 2) * STAGE, tid)
+                off = Q_OFF + (step % 2) * STAGE
+                if i_next < n_steps:
+                    load_step(q, do, lse, delta, q_base, bh, i_next * C, Nq, smem,
+                              Q_OFF + ((step + 1) % 2) * STAGE, tid)
                     commit_async()
                     wait_async_all_but_1()
                 else:
@@ -313,17 +380,22 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
             else:
                 off = Q_OFF
                 load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid)
+            if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
+                fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
             do_off = off + C * DS
             lse_off = off + 2 * C * DS
-            cuda.syncthreads()   # Q_i, dO_i, lse_i, D_i complete
+            cuda.syncthreads()   # Q_i, dO_i, lse_i, D_i (and the keep bits) complete
 
             for x in range(TM * TN):
                 st[x] = ZERO
                 dpt[x] = ZERO
             rows_dot(smem, K_OFF + rg * DS, off + cg * DS, st)
             rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
-            masked = row0 + C > Nq or key0 + R > Nk or \
-                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq)
+            if DROP:   # dropout: dP ∘ Z / (1-p) enters dS (Alg. 4 line 19) ...
+                drop_regs(dpt, bits, KEEP_OFF, rg, cg, drop_scale)
+            on = block_bits(bmask, mbase, nbk, bq, bk, row0, key0, rg, cg, Nq, klen)
+            masked = row0 + C > Nq or key0 + R > klen or \
+                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or on != ALL
             for a in range(TM):
                 kr = rg + RG * a                  # key row within the block
                 for u in range(TN):
@@ -331,13 +403,16 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
                     lse_q = smem[lse_off + qr]
                     p, ds = _p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
                                       lse_q * LOG2E_LO, smem[lse_off + C + qr])
-                    if masked and not visible(row0 + qr, key0 + kr, Nq, Nk, CAUSAL):
+                    if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL)
+                                       and bit_on(on, a * TN + u)):
                         p = ZERO
                         ds = ZERO
                     smem[PT_OFF + kr * PSC + qr] = p
                     smem[DST_OFF + kr * PSC + qr] = ds
                     if ATOMIC:
                         smem[DS_OFF + qr * PSR + kr] = ds
+            if DROP:   # ... and dV takes P ∘ Z / (1-p) (line 17)
+                drop_tile(smem, PT_OFF, PSC, bits, KEEP_OFF, rg, cg, drop_scale)
             cuda.syncthreads()   # Pᵀ, dSᵀ (and dS) complete
             cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, dv_acc)
             cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, dk_acc)
@@ -349,6 +424,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
                     row = row0 + rg + RG * a
                     if row < Nq:
                         add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
+            i = i_next
+            step += 1
 
         for a in range(TM):   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P_ijᵀ dO_i, written once
             key = key0 + rg + RG * a
@@ -359,60 +436,79 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32"):
     return fa2_dkdv
 
 
-def make_dq(t, causal):
+def make_dq(t, causal, features=Features()):
     """The deterministic dQ pass for RegTiles `t` (R queries per block, C keys per step): the
     forward's structure, with dS in place of P̃ and K in place of V."""
     R, C, D, TM, TN, L, RG, T, TX4, TX, DS, W = _layout(t)
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
+    DROP, PAD, SPARSE = features
     Q_OFF, DO_OFF = 0, R * DS
     K_OFF = 2 * R * DS
     V_OFF = K_OFF + C * DS
     DS_OFF = V_OFF + C * DS
+    LSE_OFF = DS_OFF + R * PS           # lse_i, D_i (R each)
+    KEEP_OFF = t.smem_elements("dq")     # dropout's keep bits (uint32)
     load_q = make_pair_loader(make_tile_loader(R, D, W, DS, T), R * DS)
     load_kv = make_pair_loader(make_tile_loader(C, D, W, DS, T), C * DS)
     rows_dot = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)        # S = Q Kᵀ, dP = dO Vᵀ
     dq_dot = make_dot_cols(TM, TX4, C // 4, RG * PS, DS, 4 * L)     # dQ_i += dS K_j
     store_row = make_row_store(TX4, L, D)[0]
+    fill_keep, (_, drop_regs) = make_keep_tile(R, C, T), make_drop(TM, TN, RG, L, C)
+    _check_keep_tile(DROP, C, t)
+    block_bits = make_block_bits(TM, TN, RG, L, R, C, SPARSE)
 
-    def fa2_dq(q, k, v, do, lse, delta, dq, Nq, Nk, H, sc_hi, sc_lo, scale):
-        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq") of dynamic shared memory."""
+    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, scale,
+               msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq", dropout) of dynamic shared
+        memory; the options' arguments last (nbflash.kernels.options)."""
         smem = cuda.shared.array(0, float32)
+        bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
+        b, h, klen, mbase = _options(key_lengths, msb, msh, Nk, PAD)
         row0 = cuda.blockIdx.x * R
 
         load_q(q, do, q_base, row0, Nq, smem, Q_OFF, tid)
-        lse_r = cuda.local.array(TM, float32)   # see _row_stats
-        lse_lo = cuda.local.array(TM, float32)
-        dlt = cuda.local.array(TM, float32)
-        for a in range(TM):
-            row = row0 + rg + RG * a
-            lse_r[a], dlt[a] = _row_stats(lse, delta, bh * Nq + row, row < Nq)
-            lse_lo[a] = lse_r[a] * LOG2E_LO
+        for r in range(tid, R, T):              # lse_i and D_i, see _row_stats
+            row = row0 + r
+            lse_r, dlt = _row_stats(lse, delta, bh * Nq + row, row < Nq)
+            smem[LSE_OFF + r] = lse_r
+            smem[LSE_OFF + R + r] = dlt
         acc = cuda.local.array(N_ACC, float32)
         for x in range(TM * TX):
             acc[x] = ZERO
         s = cuda.local.array(N_S, float32)
         dp = cuda.local.array(N_S, float32)
 
-        for j in range(key_blocks(row0, R, C, Nq, Nk, CAUSAL)):
+        for j in range(key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)):
             col0 = j * C
+            if SPARSE and not tile_status(bmask, mbase, nbk, bq, bk, row0, R, col0, C, Nq,
+                                          klen)[0]:
+                continue   # the same for every thread of the block
             cuda.syncthreads()
-            load_kv(k, v, k_base, col0, Nk, smem, K_OFF, tid)
+            load_kv(k, v, k_base, col0, klen, smem, K_OFF, tid)
+            if DROP:
+                fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
             cuda.syncthreads()
             for x in range(TM * TN):
                 s[x] = ZERO
                 dp[x] = ZERO
             rows_dot(smem, Q_OFF + rg * DS, K_OFF + cg * DS, s)
             rows_dot(smem, DO_OFF + rg * DS, V_OFF + cg * DS, dp)
-            masked = col0 + C > Nk or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq)
+            if DROP:   # dropout: dP ∘ Z / (1-p) enters dS
+                drop_regs(dp, bits, KEEP_OFF, rg, cg, drop_scale)
+            on = block_bits(bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
+            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) or on != ALL
             for a in range(TM):
                 row = row0 + rg + RG * a
+                lse_r = smem[LSE_OFF + rg + RG * a]
+                dlt = smem[LSE_OFF + R + rg + RG * a]
                 for u in range(TN):
-                    p, ds = _p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, lse_r[a],
-                                      lse_lo[a], dlt[a])
-                    if masked and not visible(row, col0 + cg + L * u, Nq, Nk, CAUSAL):
+                    p, ds = _p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, lse_r,
+                                      lse_r * LOG2E_LO, dlt)
+                    if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL)
+                                       and bit_on(on, a * TN + u)):
                         ds = ZERO
                     smem[DS_OFF + (rg + RG * a) * PS + cg + L * u] = ds
             cuda.syncthreads()

@@ -94,6 +94,8 @@ class Kernel:
         self.name = pyfunc.__name__
         self.max_smem = max_smem
         self._fmt = fmt      # the parameters as Numba lays them out, 8 bytes each
+        self._scalar_fmt = "<" + fmt[1 + 7 * n_arrays:]
+        self._scalar_off = 8 * 7 * n_arrays
         if SIMULATOR:
             self._dispatcher = cuda.jit(pyfunc)
             return
@@ -134,7 +136,8 @@ class Kernel:
 
 class Bound:
     """A kernel with its grid, block, shared memory, array sizes and scalar arguments fixed,
-    packed once: a launch only writes the arrays' device pointers into the parameter buffer.
+    packed once: a launch only writes the arrays' device pointers into the parameter buffer
+    (and, given `scalars`, packs those anew; they then stay for later launches).
     `sizes`: (number of items, itemsize) of each array argument, in order."""
 
     def __init__(self, kernel, grid, block, smem, sizes, scalars):
@@ -157,7 +160,9 @@ class Bound:
         self._params = (ctypes.c_void_p * count)(*(base + 8 * i for i in range(count)))
         self._lock = threading.Lock()
 
-    def __call__(self, stream, arrays):
+    def __call__(self, stream, arrays, scalars=None):
+        if scalars is not None:
+            self.scalars = tuple(scalars)
         if SIMULATOR:
             self.kernel._simulate(self.grid, self.block, self.smem, arrays, self.scalars)
             return
@@ -166,6 +171,9 @@ class Bound:
         gx, gy, gz = self.grid
         with self._lock:
             buf = self._buf
+            if scalars is not None:
+                struct.pack_into(self.kernel._scalar_fmt, buf, self.kernel._scalar_off,
+                                 *self.scalars)
             for slot, a in zip(self._slots, arrays):
                 buf[slot] = a.data.ptr if hasattr(a, "data") else _describe(a)[0]
             rc = _driver().cuLaunchKernel(func, gx, gy, gz, self.block, 1, 1, self.smem,

@@ -11,7 +11,7 @@ import functools
 
 from .. import tiling
 from .._cuda import SIMULATOR, cuda
-from . import fa1, fa2
+from . import dropout, fa1, fa2, options
 from .fastlaunch import Bound, Kernel, switch_interval
 
 #: Threads per block. On the H200 (experiments/fa1_threads.py, its data in figures/data/)
@@ -28,9 +28,9 @@ MAKERS = {
 
 
 @functools.lru_cache(maxsize=None)
-def build(name, tiles, causal, cast):
+def build(name, tiles, causal, cast, features=options.Features()):
     """The kernel `name` for these compile-time constants (a Numba CUDA dispatcher)."""
-    return cuda.jit(MAKERS[name](tiles, causal, cast))
+    return cuda.jit(MAKERS[name](tiles, causal, cast, features))
 
 
 def _launch(kernel, grid, threads, *args):
@@ -46,8 +46,19 @@ def _placeholder(xp):
     return xp.empty((1, 1, 1, 1), xp.float32)
 
 
-def fa1_forward(xp, q, k, v, *, causal, scale, tiles):
-    """Run Algorithm 1 on contiguous, checked arrays; returns (o, lse)."""
+def _option_args(xp, B, H, masking):
+    """(Features, the options' arguments) for fa1's kernels (see nbflash.kernels.options):
+    arrays flattened, placeholders where an option is off, float32 1/(1-p)."""
+    lay, (key_lengths, block_mask, seed, offset) = options.layout(**(masking or {}))
+    kl = key_lengths if key_lengths is not None else xp.zeros(1, xp.int32)
+    bm = block_mask.reshape(-1) if block_mask is not None else xp.zeros(1, xp.uint8)
+    *ints, drop_scale = lay.scalars(B, H, seed, offset)
+    return lay.features, (kl, bm, *ints, xp.float32(drop_scale))
+
+
+def fa1_forward(xp, q, k, v, *, causal, scale, tiles, masking=None):
+    """Run Algorithm 1 on contiguous, checked arrays; returns (o, lse). `masking`: the mask
+    and dropout options as nbflash.inputs.Problem.masking gives them."""
     B, H, Nq, d = q.shape
     f32 = xp.float32
     cast = q.dtype != f32
@@ -57,12 +68,13 @@ def fa1_forward(xp, q, k, v, *, causal, scale, tiles):
     o = xp.empty(q.shape, q.dtype) if cast else _placeholder(xp)
     m = xp.empty((B, H, Nq), f32)   # running max; holds lse when the kernel returns
     l = xp.empty((B, H, Nq), f32)
-    kernel = build("fa1_forward", tiles, bool(causal), cast)
-    _launch(kernel, B * H, tiles.threads, q, k, v, o_acc, o, m, l, f32(scale))
+    features, extra = _option_args(xp, B, H, masking)
+    kernel = build("fa1_forward", tiles, bool(causal), cast, features)
+    _launch(kernel, B * H, tiles.threads, q, k, v, o_acc, o, m, l, f32(scale), *extra)
     return (o if cast else o_acc), m
 
 
-def fa1_backward(xp, do, q, k, v, o, lse, *, causal, scale, tiles):
+def fa1_backward(xp, do, q, k, v, o, lse, *, causal, scale, tiles, masking=None):
     """Run Algorithm 4 on contiguous, checked arrays; returns (dq, dk, dv)."""
     B, H = q.shape[:2]
     f32 = xp.float32
@@ -71,8 +83,10 @@ def fa1_backward(xp, do, q, k, v, o, lse, *, causal, scale, tiles):
     dq = xp.empty(q.shape, q.dtype) if cast else _placeholder(xp)
     dk = xp.empty(k.shape, k.dtype)
     dv = xp.empty(v.shape, v.dtype)
-    kernel = build("fa1_backward", tiles, bool(causal), cast)
-    _launch(kernel, B * H, tiles.threads, q, k, v, o, do, lse, dq_acc, dq, dk, dv, f32(scale))
+    features, extra = _option_args(xp, B, H, masking)
+    kernel = build("fa1_backward", tiles, bool(causal), cast, features)
+    _launch(kernel, B * H, tiles.threads, q, k, v, o, do, lse, dq_acc, dq, dk, dv, f32(scale),
+            *extra)
     return (dq if cast else dq_acc), dk, dv
 
 
@@ -89,36 +103,43 @@ def _fa2_types(name, dtype):
     io = types.Array(types.float16 if str(dtype) == "float16" else types.float32, 1, "C")
     f32 = types.Array(types.float32, 1, "C")
     i64, f = types.int64, types.float32
+    # the options' arguments (nbflash.kernels.options): key_lengths, block mask; 9 integers
+    # (mask strides, key blocks and block size, seed words, offset, threshold) and 1/(1-p)
+    opt_arrays = (types.Array(types.int32, 1, "C"), types.Array(types.uint8, 1, "C"))
+    opt_scalars = (i64,) * 9 + (f,)
     if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, τ log2 e (hi, lo)
-        return (io, io, io, io, f32, i64, i64, i64, f, f)
+        return (io, io, io, io, f32, *opt_arrays, i64, i64, i64, f, f, *opt_scalars)
     if name == "delta":      # o, do, delta, dq_acc, n_rows, d, zero_dq
         return (io, io, f32, f32, i64, i64, i64)
     if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, τ log2 e (2), τ
-        return (io, io, io, io, f32, f32, f32, io, io, i64, i64, i64, f, f, f)
+        return (io, io, io, io, f32, f32, f32, io, io, *opt_arrays, i64, i64, i64, f, f, f,
+                *opt_scalars)
     if name == "dq":     # q, k, v, do, lse, delta, dq, Nq, Nk, H, τ log2 e (hi, lo), τ
-        return (io, io, io, io, f32, f32, io, i64, i64, i64, f, f, f)
+        return (io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, f, f, f,
+                *opt_scalars)
     raise ValueError(name)
 
 
-def fa2_function(name, tiles, causal, dtype, atomic=False):
+def fa2_function(name, tiles, causal, dtype, atomic=False, features=options.Features()):
     """The Python kernel of fa2 kernel `name` ("forward", "delta", "dkdv", "dq") for these
     constants, and its Numba argument types."""
     if name == "forward":
-        fn = fa2.make_forward(tiles, causal, dtype)
+        fn = fa2.make_forward(tiles, causal, dtype, features)
     elif name == "delta":
         fn = fa2.make_delta(DELTA_THREADS)
     elif name == "dkdv":
-        fn = fa2.make_dkdv(tiles, causal, atomic, dtype)
+        fn = fa2.make_dkdv(tiles, causal, atomic, dtype, features)
     else:
-        fn = fa2.make_dq(tiles, causal)
+        fn = fa2.make_dq(tiles, causal, features)
     return fn, _fa2_types(name, dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def build_fa2(name, tiles, causal, dtype, atomic=False):
+def build_fa2(name, tiles, causal, dtype, atomic=False, features=options.Features()):
     """fa2 kernel `name` compiled for these constants (a fastlaunch.Kernel)."""
-    fn, argtypes = fa2_function(name, tiles, causal, dtype, atomic)
-    return Kernel(fn, argtypes, max_smem=0 if name == "delta" else tiles.smem_bytes(name))
+    fn, argtypes = fa2_function(name, tiles, causal, dtype, atomic, features)
+    smem = 0 if name == "delta" else tiles.smem_bytes(name, features.dropout)
+    return Kernel(fn, argtypes, max_smem=smem)
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,54 +152,84 @@ class Fa2Plan:
     """Everything about an fa2 call that depends only on its sizes and options, worked out once:
     tiles, compiled kernels, grids and arguments, packed for launching (fastlaunch.Bound).
     :func:`fa2_plan` caches plans, so that a repeated call only allocates its outputs and
-    writes pointers into ready parameter buffers."""
+    writes pointers into ready parameter buffers. `layout`: the options'
+    nbflash.kernels.options.Layout; a call brings their arrays, seed and offset."""
 
-    def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles):
+    def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles,
+                 layout=options.NONE):
         causal = bool(causal)
+        self.B, self.H = B, H
         self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H, Nk, d), (B, H, Nq)
         self.dtype = dtype
+        self.layout = layout
+        features, drop = layout.features, layout.features.dropout
         io = 2 if dtype == "float16" else 4
         nq, nk, rows = B * H * Nq * d, B * H * Nk * d, B * H * Nq
         Q, K, L = (nq, io), (nk, io), (rows, 4)     # (items, itemsize) of q-, k-, lse-shaped
+        opt = layout.array_sizes(B)
+        self._scalars = layout.scalars(B, H)
         sc = fa2.split_scale(scale)
         tiles = dict(tiles or ())
         t = tiles.get("forward") or fa2_tiles("forward", d)
-        self.fwd = Bound(build_fa2("forward", t, causal, dtype), (-(-Nq // t.R), H, B),
-                         t.threads, t.smem_bytes("forward"), (Q, K, K, Q, L), (Nq, Nk, H, *sc))
+        self.fwd = Bound(build_fa2("forward", t, causal, dtype, False, features),
+                         (-(-Nq // t.R), H, B), t.threads, t.smem_bytes("forward", drop),
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *self._scalars))
         self.atomic = not deterministic
         acc = (nq, 4) if self.atomic else (1, 4)
         self.delta = Bound(build_fa2("delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
                            (Q, Q, L, acc), (rows, d, int(self.atomic)))
         inputs = (Q, K, K, Q, L, L)                 # q, k, v, do, lse, delta
+        grads = (Nq, Nk, H, *sc, float(scale))
         t = tiles.get("dkdv") or fa2_tiles("dkdv", d)
-        self.dkdv = Bound(build_fa2("dkdv", t, causal, dtype, self.atomic),
-                          (-(-Nk // t.R), H, B), t.threads, t.smem_bytes("dkdv"),
-                          inputs + (acc, K, K), (Nq, Nk, H, *sc, float(scale)))
+        self.dkdv = Bound(build_fa2("dkdv", t, causal, dtype, self.atomic, features),
+                          (-(-Nk // t.R), H, B), t.threads, t.smem_bytes("dkdv", drop),
+                          inputs + (acc, K, K, *opt), grads + self._scalars)
         t = tiles.get("dq") or fa2_tiles("dq", d)
         self.dq = None if self.atomic else Bound(
-            build_fa2("dq", t, causal, dtype), (-(-Nq // t.R), H, B), t.threads,
-            t.smem_bytes("dq"), inputs + (Q,), (Nq, Nk, H, *sc, float(scale)))
+            build_fa2("dq", t, causal, dtype, False, features), (-(-Nq // t.R), H, B),
+            t.threads, t.smem_bytes("dq", drop), inputs + (Q, *opt), grads + self._scalars)
+        self._placeholders = None
 
-    def forward(self, xp, q, k, v, stream):
+    def _options(self, xp, key_lengths, block_mask, seed, offset):
+        """The options' arrays (placeholders where off), and with dropout the options' scalars
+        for this call's seed and offset (packed anew at each launch; else None)."""
+        if self._placeholders is None:
+            self._placeholders = (xp.zeros(1, xp.int32), xp.zeros(1, xp.uint8))
+        arrays = (self._placeholders[0] if key_lengths is None else key_lengths,
+                  self._placeholders[1] if block_mask is None else block_mask.reshape(-1))
+        if not self.layout.features.dropout:
+            return arrays, None
+        return arrays, self.layout.scalars(self.B, self.H, seed, offset)
+
+    def _scalars_of(self, bound, opt_scalars):
+        if opt_scalars is None:
+            return None
+        return bound.scalars[:len(bound.scalars) - len(opt_scalars)] + opt_scalars
+
+    def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
         o = xp.empty(self.q_shape, self.dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
-        self.fwd(stream, _arrays((q, k, v, o, lse)))
+        opt, scalars = self._options(xp, key_lengths, block_mask, seed, offset)
+        self.fwd(stream, _arrays((q, k, v, o, lse, *opt)), self._scalars_of(self.fwd, scalars))
         return o, lse
 
-    def backward(self, xp, do, q, k, v, o, lse, stream):
+    def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
+                 seed=0, offset=0):
         f32 = xp.float32
+        opt, scalars = self._options(xp, key_lengths, block_mask, seed, offset)
         delta = xp.empty(self.lse_shape, f32)
         dk = xp.empty(self.k_shape, self.dtype)
         dv = xp.empty(self.k_shape, self.dtype)
         dq_acc = xp.empty(self.q_shape if self.atomic else (1,), f32)
         self.delta(stream, _arrays((o, do, delta, dq_acc)))       # and zeroes dq_acc
         inputs = (q, k, v, do, lse, delta)
-        self.dkdv(stream, _arrays(inputs + (dq_acc, dk, dv)))
+        self.dkdv(stream, _arrays(inputs + (dq_acc, dk, dv, *opt)),
+                  self._scalars_of(self.dkdv, scalars))
         if self.atomic:
             return (dq_acc if self.dtype == "float32" else dq_acc.astype(self.dtype)), dk, dv
         dq = xp.empty(self.q_shape, self.dtype)
-        self.dq(stream, _arrays(inputs + (dq,)))
+        self.dq(stream, _arrays(inputs + (dq, *opt)), self._scalars_of(self.dq, scalars))
         return dq, dk, dv
 
 
@@ -191,31 +242,63 @@ def _arrays(arrays):
 
 
 @functools.lru_cache(maxsize=256)
-def fa2_plan(B, H, Nq, Nk, d, dtype, causal, scale, deterministic=False, tiles=None):
+def fa2_plan(B, H, Nq, Nk, d, dtype, causal, scale, deterministic=False, tiles=None,
+             layout=options.NONE):
     """The cached :class:`Fa2Plan`; `tiles`: None or a tuple of (kernel, RegTiles) pairs."""
-    return Fa2Plan(B, H, Nq, Nk, d, str(dtype), causal, scale, deterministic, tiles)
+    return Fa2Plan(B, H, Nq, Nk, d, str(dtype), causal, scale, deterministic, tiles, layout)
 
 
-def fa2_forward(xp, q, k, v, *, causal, scale, stream=0, tiles=None):
+def fa2_forward(xp, q, k, v, *, causal, scale, stream=0, tiles=None, masking=None):
     """FA2 forward on contiguous, checked arrays; returns (o, lse). `tiles`: a RegTiles for the
-    forward kernel instead of the default."""
+    forward kernel instead of the default. `masking`: the mask and dropout options as
+    nbflash.inputs.Problem.masking gives them."""
     B, H, Nq, d = q.shape
+    layout, (key_lengths, block_mask, seed, offset) = options.layout(**(masking or {}))
     plan = fa2_plan(B, H, Nq, k.shape[2], d, str(q.dtype), bool(causal), float(scale),
-                    tiles=(("forward", tiles),) if tiles else None)
-    return plan.forward(xp, q, k, v, stream)
+                    tiles=(("forward", tiles),) if tiles else None, layout=layout)
+    return plan.forward(xp, q, k, v, stream, key_lengths, block_mask, seed, offset)
 
 
 def fa2_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False, stream=0,
-                 tiles=None):
+                 tiles=None, masking=None):
     """FA2 backward on contiguous, checked arrays; returns (dq, dk, dv).
 
     deterministic: dQ from a separate pass over key blocks (bitwise reproducible) instead of
     atomic adds from the dK/dV pass. `tiles`: optional {"dkdv": RegTiles, "dq": RegTiles}.
     """
     B, H, Nq, d = q.shape
+    layout, (key_lengths, block_mask, seed, offset) = options.layout(**(masking or {}))
     plan = fa2_plan(B, H, Nq, k.shape[2], d, str(q.dtype), bool(causal), float(scale),
-                    bool(deterministic), tuple(sorted(tiles.items())) if tiles else None)
-    return plan.backward(xp, do, q, k, v, o, lse, stream)
+                    bool(deterministic), tuple(sorted(tiles.items())) if tiles else None,
+                    layout)
+    return plan.backward(xp, do, q, k, v, o, lse, stream, key_lengths, block_mask, seed,
+                         offset)
+
+
+# ------------------------------------------------------------------------ dropout mask export
+
+@functools.lru_cache(maxsize=None)
+def _mask_kernel():
+    from numba import types  # noqa: PLC0415
+
+    argtypes = (types.Array(types.uint8, 1, "C"),) + (types.int64,) * 7
+    return Kernel(dropout.make_mask_kernel(), argtypes)
+
+
+MASK_THREADS = 128
+
+
+def dropout_mask(xp, B, H, Nq, Nk, dropout_p, seed, offset=0, stream=0):
+    """The keep mask (bool, (B, H, Nq, Nk)) the kernels draw for these options, drawn by a
+    kernel that calls the same device function (nbflash.kernels.dropout.keep_bits)."""
+    from .. import rng  # noqa: PLC0415
+
+    keep = xp.empty(B * H * Nq * Nk, xp.uint8)
+    n_groups = B * H * Nq * (-(-Nk // rng.GROUP))
+    lo, hi = rng.seed_words(seed)
+    _mask_kernel()((-(-n_groups // MASK_THREADS), 1, 1), MASK_THREADS, 0, stream, (keep,),
+                   (n_groups, Nq, Nk, lo, hi, int(offset), rng.threshold(dropout_p)))
+    return keep.reshape(B, H, Nq, Nk).astype(bool)
 
 
 def signature(name, dtype, cast):
@@ -227,8 +310,11 @@ def signature(name, dtype, cast):
     f32_4d = types.Array(types.float32, 4, "C")
     f32_3d = types.Array(types.float32, 3, "C")
     out = io if cast else f32_4d  # the placeholder is float32
+    # the options' arguments (see _option_args)
+    opts = (types.Array(types.int32, 1, "C"), types.Array(types.uint8, 1, "C"),
+            *(types.int64,) * 9, types.float32)
     if name == "fa1_forward":
-        args = (io, io, io, f32_4d, out, f32_3d, f32_3d, types.float32)
+        args = (io, io, io, f32_4d, out, f32_3d, f32_3d, types.float32, *opts)
     else:
-        args = (io, io, io, io, io, f32_3d, f32_4d, out, io, io, types.float32)
+        args = (io, io, io, io, io, f32_3d, f32_4d, out, io, io, types.float32, *opts)
     return types.void(*args)
