@@ -150,7 +150,9 @@ def cmd_bench(args):
     result = bench.run(impls=args.impls, dtypes=args.dtypes, Ns=args.N, ds=args.d,
                        causal=[c == "on" for c in args.causal], passes=args.passes,
                        tokens=args.tokens, hidden=args.hidden, repeats=args.repeats,
-                       warmup=args.warmup, out=out, resume=not args.no_resume,
+                       warmup=args.warmup, dropout=args.dropout, padding=args.padding,
+                       densities=args.density, block_size=args.block_size,
+                       out=out, resume=not args.no_resume,
                        host_overhead=not args.no_host_overhead,
                        command=shlex.join(["python", "-m", "nbflash", *args.argv]),
                        console=console)
@@ -178,6 +180,19 @@ def _add_bench_parser(sub):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before them")
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch: B = tokens // N")
     p.add_argument("--hidden", type=int, default=None, help="hidden size: H = hidden // d")
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help=f"dropout probability of every point (seed {bench.DROPOUT_SEED})")
+    p.add_argument("--padding", action="store_true",
+                   help=f"key padding: key lengths drawn from U[N-{bench.PADDING_SPREAD}, N] per "
+                        "batch entry (fixed seed), as in the FlashAttention paper's benchmarks")
+    p.add_argument("--density", type=float, nargs="+", default=None, metavar="D",
+                   help="block-sparse points with random block masks of these densities "
+                        "(1.0: an all-True mask, the block-sparse code path at full density) "
+                        "instead of dense ones")
+    p.add_argument("--block-size", type=int, default=None,
+                   help=f"block size of the --density masks (default "
+                        f"{bench.GPU_DEFAULTS['block_size']} on a GPU, "
+                        f"{bench.SIM_DEFAULTS['block_size']} in the simulator)")
     p.add_argument("--out", default=None,
                    help="JSON file (default figures/data/bench_<gpu>.json, bench_sim.json in "
                         "the simulator); rewritten after every point")

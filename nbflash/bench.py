@@ -13,10 +13,25 @@ TF32 off so float32 is exact float32) and the same forced onto its FlashAttentio
 ("torch-flash", float16 only). In the simulator the default grid is tiny, so the harness itself
 can be run and tested without a GPU; its times are those of Python threads.
 
+Options. The API's dropout and masks, each part of a point (and of its record), so that runs with
+different options sit side by side in one file: --dropout p (the mask drawn from seed
+DROPOUT_SEED, offset 0), --padding (key lengths drawn from U[N-20, N], at least 1, as in the
+FlashAttention paper's benchmarks, with a fixed seed: the same lengths for every impl at a
+point) and --density D ... (block-sparse attention with nbflash.sparsity.random_blocks masks of
+those densities at --block-size, shared by batch and heads; density 1.0 passes an all-True mask,
+which times the block-sparse code path at full density). nbflash impls get them through the
+API, forward and backward alike. torch gets the equivalent boolean attn_mask (True: attend; the
+causal mask folded in, since torch takes either is_causal or attn_mask) for padding and
+block-sparse points, which torch-flash cannot take ("unsupported"), and its own dropout_p, whose
+mask comes from torch's generator, so its outputs are not checked (the record says why,
+"check_skipped").
+
 FLOPs. As in the FlashAttention papers and the anchors in shared/anchors: forward
 4·B·H·N²·d (two N x N x d matrix products, S = QKᵀ and O = PV), halved when causal, x2.5 for
 the backward (five: S again, dP, dV, dQ, dK), x3.5 for forward+backward. TFLOP/s = FLOPs /
-median time.
+median time. The dense count also at block-sparse and padded points (TFLOP/s is always dense
+FLOPs / time); block-sparse records carry the fraction of mask blocks that are on,
+"block_density", for rates per computed block (tflops x block_density, less the causal overlap).
 
 Correctness first. Before any point is timed, each (impl, dtype, problem) runs once and its o
 (and dq, dk, dv when a backward pass is asked for) is compared, on a slice (batch 0, the first
@@ -24,6 +39,9 @@ two heads: the full float64 reference would not fit at N = 16k), with a float64 
 computed there by nbflash.naive. The tolerance rule is the test suite's (shared/TESTING.md):
 max error <= factor x the max error of the naive impl run in the same dtype on the same slice,
 plus a floor of two roundings at the reference's magnitude; factors o 2, dq 4, dk and dv 3.
+The reference takes the point's options: the dropout mask the kernels draw for the problem
+(nbflash.dropout_mask, which depends on b·H + h: drawn for the whole heads of the batch entries
+up to the slice's end, then sliced like the inputs), the slice's key lengths, the block mask.
 A point that fails is recorded with status "error" and its errors, and is not timed.
 
 Timing. A pair of CUDA events on the current CuPy stream around each timed call (torch runs on
@@ -39,7 +57,8 @@ clock around each call.
 Every point is recorded, those a peer cannot run included: status "ok", "oom" (CuPy's or torch's
 out-of-memory error, MemoryError), "unsupported" (nbflash.InputError, or a dtype an impl does not
 take) or "error" (anything else, message kept). The JSON file is rewritten after every point;
-a rerun with the same file skips the points already recorded as ok, oom or unsupported.
+a rerun with the same file skips the points already recorded as ok, oom or unsupported (with
+the same options: a record written before the options existed counts as without them).
 
 Host overhead. Separately, the host time of one call at a tiny problem (B=1, H=1, N=128, d=64,
 float32): median of time.perf_counter() around single calls, never synchronizing inside the
@@ -50,9 +69,12 @@ The JSON file:
     {"meta": {"gpu" ("simulator" there), "mode", "device", "versions", "date", "git_commit",
               "git_dirty", "command", "params" (the grid, repeats, rotation, check, factors),
               "earlier_runs" (the meta of runs this one resumed)},
-     "records": [{"impl", "dtype", "B", "H", "N", "d", "causal", "pass", "median_ms", "tflops",
-                  "status", "error" (not ok), "max_err" and "tolerance" ({"o", "dq", "dk", "dv"}
-                  as far as checked), "repeats", "warmup", "copies" (timed)}, ...],
+     "records": [{"impl", "dtype", "B", "H", "N", "d", "causal", "pass", "dropout_p", "padding",
+                  "density" (None: dense), "block_size" (None: dense), "block_density"
+                  (block-sparse), "median_ms", "tflops", "status", "error" (not ok), "max_err"
+                  and "tolerance" ({"o", "dq", "dk", "dv"} as far as checked), "check_skipped"
+                  (why, where the outputs were not checked), "repeats", "warmup", "copies"
+                  (timed)}, ...],
      "host_overhead_us": {impl: {"forward": us, "backward": us}, "fa1+torch": ..., ...}}
 """
 
@@ -74,7 +96,7 @@ from typing import NamedTuple
 import numpy as np
 
 import nbflash
-from . import inputs, naive, tolerance
+from . import inputs, naive, sparsity, tolerance
 from ._cuda import MODE
 from .measure import sync as _sync_cupy
 
@@ -86,9 +108,9 @@ FINAL = ("ok", "oom", "unsupported")
 
 #: The FlashAttention-2 grid on a GPU; a tiny one in the simulator (seconds, not hours).
 GPU_DEFAULTS = {"tokens": 16384, "hidden": 2048, "Ns": (512, 1024, 2048, 4096, 8192, 16384),
-                "ds": (64, 128), "repeats": 5, "warmup": 2}
+                "ds": (64, 128), "repeats": 5, "warmup": 2, "block_size": 64}
 SIM_DEFAULTS = {"tokens": 16, "hidden": 8, "Ns": (8, 16), "ds": (8,), "repeats": 1,
-                "warmup": 0}
+                "warmup": 0, "block_size": 4}
 
 #: FLOPs of a pass relative to the forward's 4·B·H·N²·d
 PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
@@ -96,6 +118,12 @@ PASS_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 #: input rotation: copies enough to exceed this many bytes (2.5x the H200's L2), within bounds
 ROTATE_BYTES = 150e6
 MIN_COPIES, MAX_COPIES = 2, 8
+
+#: the options' fixed seeds: every impl at a point sees the same dropout mask, key lengths and
+#: block mask, and so does a rerun
+DROPOUT_SEED, PADDING_SEED, BLOCK_MASK_SEED = 0, 0, 0
+#: --padding: key lengths from U[N - PADDING_SPREAD, N] (the FlashAttention paper's benchmarks)
+PADDING_SPREAD = 20
 
 #: the check slice (batch 0, the first two heads) and the outputs checked there, with their
 #: factors in the tolerance rule (nbflash.tolerance, as in the tests)
@@ -112,7 +140,7 @@ class Unsupported(Exception):
 
 
 class Point(NamedTuple):
-    """One measurement: an impl, a dtype, a problem and a pass."""
+    """One measurement: an impl, a dtype, a problem with its options, and a pass."""
 
     impl: str
     dtype: str
@@ -122,10 +150,18 @@ class Point(NamedTuple):
     d: int
     causal: bool
     pass_: str
+    dropout_p: float = 0.0
+    padding: bool = False
+    density: float = None     # None: dense
+    block_size: int = None    # None: dense
+
+    def options(self):
+        """(dropout_p, padding, density, block_size), as _options gives them for a record."""
+        return (self.dropout_p, self.padding, self.density, self.block_size)
 
     def group(self):
         """The problem the point belongs to: points of one group share inputs and reference."""
-        return (self.dtype, self.B, self.H, self.N, self.d, self.causal)
+        return (self.dtype, self.B, self.H, self.N, self.d, self.causal, *self.options())
 
 
 # -- which impls exist ------------------------------------------------------------------------
@@ -173,22 +209,45 @@ def flops(B, H, N, d, causal, pass_):
     return 4.0 * B * H * N * N * d * (0.5 if causal else 1.0) * PASS_FLOPS[pass_]
 
 
-def grid_points(*, impls, dtypes, Ns, ds, causal, passes, tokens, hidden):
-    """Every point of the grid, ordered so that points sharing inputs are adjacent."""
+def grid_points(*, impls, dtypes, Ns, ds, causal, passes, tokens, hidden, dropout_p=0.0,
+                padding=False, densities=(None,), block_size=None):
+    """Every point of the grid, ordered so that points sharing inputs are adjacent.
+    densities: None for dense points, else block-sparse at block_size."""
     points = []
     for dtype in dtypes:
         for d in ds:
             for N in Ns:
                 B, H = problem_size(tokens, hidden, N, d)
                 for c in causal:
-                    for impl in impls:
-                        points += [Point(impl, dtype, B, H, N, d, bool(c), p) for p in passes]
+                    for density in densities:
+                        opts = (float(dropout_p), bool(padding)) + (
+                            (None, None) if density is None else (float(density), block_size))
+                        for impl in impls:
+                            points += [Point(impl, dtype, B, H, N, d, bool(c), p, *opts)
+                                       for p in passes]
     return points
+
+
+def _options(record):
+    """(dropout_p, padding, density, block_size) of a record; a record written before the
+    options existed has the defaults (0.0, False, None, None)."""
+    density = record.get("density")
+    dense = density is None
+    return (float(record.get("dropout_p") or 0.0), bool(record.get("padding", False)),
+            None if dense else float(density), None if dense else int(record["block_size"]))
+
+
+def options_label(dropout_p, padding, density, block_size):
+    """The options in words, e.g. 'dropout 0.1, padded, density 0.5 block 64' ('' for none)."""
+    parts = [f"dropout {dropout_p:g}"] if dropout_p else []
+    parts += ["padded"] if padding else []
+    parts += [f"density {density:g} block {block_size}"] if density is not None else []
+    return ", ".join(parts)
 
 
 def _key(record):
     return (record["impl"], record["dtype"], record["B"], record["H"], record["N"], record["d"],
-            bool(record["causal"]), record["pass"])
+            bool(record["causal"]), record["pass"], *_options(record))
 
 
 # -- device helpers ---------------------------------------------------------------------------
@@ -282,38 +341,99 @@ def max_err(out, ref):
     return tolerance.errors(out, ref)[0]
 
 
-def _slice_reference(copy, causal):
+def key_lengths(B, N):
+    """--padding: B key lengths from U[N - PADDING_SPREAD, N] (at least 1), fixed seed."""
+    rng = np.random.default_rng(PADDING_SEED)
+    return rng.integers(max(1, N - PADDING_SPREAD), N, size=B, endpoint=True)
+
+
+def block_mask(N, density, block_size):
+    """--density: the random_blocks mask of an N x N problem at block_size, fixed seed."""
+    n = sparsity.n_blocks(N, block_size)
+    return sparsity.random_blocks(n, n, density, seed=BLOCK_MASK_SEED)
+
+
+def api_options(B, N, dropout_p=0.0, padding=False, density=None, block_size=None, xp=np):
+    """The options of a point as nbflash.attention_forward and _backward take them (the masks
+    as `xp` arrays); {} for a point without any."""
+    opts = {}
+    if dropout_p:
+        opts.update(dropout_p=dropout_p, seed=DROPOUT_SEED, offset=0)
+    if padding:
+        opts["key_lengths"] = xp.asarray(key_lengths(B, N))
+    if density is not None:
+        opts.update(block_mask=xp.asarray(block_mask(N, density, block_size)),
+                    block_size=(block_size, block_size))
+    return opts
+
+
+def _slice_options(options, B, H, N):
+    """The API options of a (B, H, N, N) problem as they apply to the check slice, in
+    nbflash.naive's terms: the dropout mask the kernels draw (`keep`; it depends on b·H + h, so
+    it is drawn for all H heads of the batch entries up to the slice's end, then sliced like the
+    inputs), the key lengths of the slice's batch entries; the block mask is shared."""
+    out = {k: x for k, x in options.items() if k not in ("seed", "offset")}
+    if options.get("dropout_p"):
+        batches = range(B)[CHECK_SLICE[0]].stop
+        keep = nbflash.dropout_mask(batches, H, N, N, options["dropout_p"], options["seed"],
+                                    options["offset"])
+        out["keep"] = keep[CHECK_SLICE].copy()    # a copy: the whole mask is freed here
+        del keep
+    if "key_lengths" in options:
+        out["key_lengths"] = options["key_lengths"][CHECK_SLICE[0]]
+    return out
+
+
+def _slice_reference(copy, causal, options=None):
     """On the check slice: the float64 reference (o, dq, dk, dv) on the host, and the max errors
-    of the naive impl run in the inputs' own dtype against it."""
+    of the naive impl run in the inputs' own dtype against it. options: nbflash.naive's mask and
+    dropout arguments for the slice (_slice_options)."""
+    options = options or {}
     q, k, v, do = (x[CHECK_SLICE] for x in copy)
     q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
-    o, lse = naive.attention_forward(q64, k64, v64, causal=causal)
-    grads = naive.attention_backward(do64, q64, k64, v64, o, lse, causal=causal)
+    o, lse = naive.attention_forward(q64, k64, v64, causal=causal, **options)
+    grads = naive.attention_backward(do64, q64, k64, v64, o, lse, causal=causal, **options)
     ref = dict(zip(("o", "dq", "dk", "dv"), (_to_host(x) for x in (o, *grads))))
     del o, lse, grads
-    o, lse = naive.attention_forward(q, k, v, causal=causal)
-    grads = naive.attention_backward(do, q, k, v, o, lse, causal=causal)
+    o, lse = naive.attention_forward(q, k, v, causal=causal, **options)
+    grads = naive.attention_backward(do, q, k, v, o, lse, causal=causal, **options)
     naive_err = {name: max_err(_to_host(x), ref[name])
                  for name, x in zip(("o", "dq", "dk", "dv"), (o, *grads))}
     return ref, naive_err
 
 
 class Group:
-    """One problem (dtype, B, H, N, d, causal): the rotated input copies, and the float64
-    reference on the check slice with the naive impl's errors in this dtype."""
+    """One problem (dtype, B, H, N, d, causal and the options): the rotated input copies, the
+    API options (the same for every impl and call), and the float64 reference on the check
+    slice with the naive impl's errors in this dtype."""
 
-    def __init__(self, dtype, B, H, N, d, causal):
-        self.dtype, self.causal = np.dtype(dtype), causal
+    def __init__(self, dtype, B, H, N, d, causal, dropout_p=0.0, padding=False, density=None,
+                 block_size=None):
+        self.dtype, self.causal, self.dropout_p = np.dtype(dtype), causal, dropout_p
         self.shape = (B, H, N, d)
         self.flops = {p: flops(B, H, N, d, causal, p) for p in PASSES}
         # q, k, v, do and the o each call writes
         n = copies_for(5 * B * H * N * d * self.dtype.itemsize)
         self.copies = _make_copies(_xp(), self.shape, self.dtype, n, seed=1009 * N + d)
-        self.ref, self.naive_err = _slice_reference(self.copies[0], causal)
+        self.options = api_options(B, N, dropout_p, padding, density, block_size, _xp())
+        self.ref, self.naive_err = _slice_reference(self.copies[0], causal,
+                                                    _slice_options(self.options, B, H, N))
 
     def tolerance(self, name):
         """The largest max error the tolerance rule allows for output `name`."""
         return tolerance.allowed(name, self.naive_err[name], self.ref[name], self.dtype)
+
+    def masked(self):
+        """True when the point has key lengths or a block mask (torch needs an attn_mask)."""
+        return "key_lengths" in self.options or "block_mask" in self.options
+
+    def attn_mask(self):
+        """The boolean element mask (True: attend) of the key lengths, the block mask and the
+        causal mask, broadcastable to (B, H, N, N): what a torch user passes as attn_mask."""
+        B, H, N, _ = self.shape
+        opts = {k: self.options.get(k) for k in ("key_lengths", "block_mask", "block_size")}
+        xp = _xp()
+        return xp.ascontiguousarray(naive.visible(B, H, N, N, xp, self.causal, **opts))
 
 
 # -- the impls: one way to run checks and timed calls -----------------------------------------
@@ -321,23 +441,28 @@ class Group:
 # A runner runs one impl on one Group's copies. check_forward(copies) -> o and
 # check_backward(copies) -> (dq, dk, dv) run once on copy 0 for the correctness check (device
 # arrays); timed(pass_, copies, i) does the untimed preparation for a call on copy i and returns
-# the call to time.
+# the call to time. unchecked: None, or why the reference does not describe its outputs.
 
 class NbflashRunner:
-    """An nbflash impl through the public API."""
+    """An nbflash impl through the public API; options: the Group's API options, given to the
+    forward and the backward alike."""
 
-    def __init__(self, impl, causal):
-        self.impl, self.causal = impl, causal
+    unchecked = None
+
+    def __init__(self, impl, causal, options=None):
+        self.impl, self.causal, self.options = impl, causal, options or {}
         self._saved = {}   # copy index -> this impl's (o, lse), the backward's inputs
 
     def context(self):
         return contextlib.nullcontext()
 
     def forward(self, q, k, v):
-        return nbflash.attention_forward(q, k, v, causal=self.causal, impl=self.impl)
+        return nbflash.attention_forward(q, k, v, causal=self.causal, impl=self.impl,
+                                         **self.options)
 
     def backward(self, do, q, k, v, o, lse):
-        return nbflash.attention_backward(do, q, k, v, o, lse, causal=self.causal, impl=self.impl)
+        return nbflash.attention_backward(do, q, k, v, o, lse, causal=self.causal,
+                                          impl=self.impl, **self.options)
 
     def _fwd_outputs(self, copies, i):
         if i not in self._saved:
@@ -368,16 +493,26 @@ class NbflashRunner:
 class TorchRunner:
     """torch.nn.functional.scaled_dot_product_attention on the CuPy arrays (shared through
     DLPack), backward through autograd on fresh leaf tensors. flash=True forces the
-    FlashAttention backend (float16 only)."""
+    FlashAttention backend (float16 only, no attn_mask). With a group: its dropout_p (torch's
+    own generator: the outputs go unchecked) and, for key lengths and block masks, the
+    equivalent attn_mask."""
 
-    def __init__(self, causal, dtype, flash=False):
+    def __init__(self, causal, dtype, flash=False, group=None):
         torch = _torch()
         if torch is None:
             raise Unsupported("torch runs only when it is importable and nbflash is on the GPU "
                               f"(mode here: {MODE})")
         if flash and np.dtype(dtype) != np.float16:
             raise Unsupported(f"torch's FlashAttention backend takes float16, not {dtype}")
+        masked = group is not None and group.masked()
+        if flash and masked:
+            raise Unsupported("torch's FlashAttention backend takes no attn_mask (key padding, "
+                              "block-sparse)")
         self.torch, self.causal, self.flash = torch, causal, flash
+        self.attn_mask = torch.from_dlpack(group.attn_mask()).to(torch.bool) if masked else None
+        self.dropout_p = group.dropout_p if group is not None else 0.0
+        self.unchecked = ("torch draws its own dropout mask, which nbflash's reference does not "
+                          "know") if self.dropout_p else None
         self._pending = None   # (q, k, v, do, o) of the check forward, for the check backward
 
     def context(self):
@@ -395,9 +530,12 @@ class TorchRunner:
 
     def forward(self, q, k, v):
         # default scale 1/sqrt(d) as nbflash's; is_causal is top-left aligned, the same as
-        # nbflash's bottom-right alignment when Nq == Nk, as everywhere in the grid
-        return self.torch.nn.functional.scaled_dot_product_attention(q, k, v,
-                                                                     is_causal=self.causal)
+        # nbflash's bottom-right alignment when Nq == Nk, as everywhere in the grid; torch takes
+        # is_causal or attn_mask, so with a mask the causal one is folded into it
+        sdpa = self.torch.nn.functional.scaled_dot_product_attention
+        if self.attn_mask is not None:
+            return sdpa(q, k, v, attn_mask=self.attn_mask, dropout_p=self.dropout_p)
+        return sdpa(q, k, v, is_causal=self.causal, dropout_p=self.dropout_p)
 
     def _tensors(self, copy, grad):
         q, k, v, do = (self.torch.from_dlpack(x) for x in copy)
@@ -433,13 +571,14 @@ class TorchRunner:
         return lambda: self.forward(q, k, v).backward(do)
 
 
-def make_runner(impl, causal, dtype):
-    """The runner for `impl`; raises Unsupported for an impl that cannot run here."""
+def make_runner(impl, causal, dtype, group=None):
+    """The runner for `impl`, with the options of `group` (None: none); raises Unsupported for
+    an impl that cannot run here."""
     if impl in TORCH_IMPLS:
-        return TorchRunner(causal, dtype, flash=impl == "torch-flash")
+        return TorchRunner(causal, dtype, flash=impl == "torch-flash", group=group)
     if impl not in nbflash_impls():
         raise Unsupported(f"impl {impl!r} is not available (nbflash has {nbflash_impls()})")
-    return NbflashRunner(impl, causal)
+    return NbflashRunner(impl, causal, group.options if group is not None else None)
 
 
 @contextlib.contextmanager
@@ -477,6 +616,14 @@ def _compare(group, outputs):
     return fields
 
 
+def _verdict(runner, group, outputs):
+    """_compare's fields, or, for a runner the reference does not describe (runner.unchecked),
+    status "ok" with the reason the outputs were not checked ("check_skipped")."""
+    if runner.unchecked:
+        return {"status": "ok", "check_skipped": runner.unchecked}
+    return _compare(group, outputs)
+
+
 def check(runner, group, backward):
     """Run the impl once on copy 0 and compare with the reference on the check slice.
 
@@ -485,7 +632,7 @@ def check(runner, group, backward):
     raises leaves the forward's verdict standing.
     """
     try:
-        fwd = _compare(group, {"o": runner.check_forward(group.copies)})
+        fwd = _verdict(runner, group, {"o": runner.check_forward(group.copies)})
     except Exception as exc:  # noqa: BLE001  (every failure becomes a record)
         fwd = _failure(exc, "forward: ")
         return {"fwd": fwd, "bwd": fwd}
@@ -493,11 +640,12 @@ def check(runner, group, backward):
         return {"fwd": fwd, "bwd": fwd}
     try:
         grads = runner.check_backward(group.copies)
-        bwd = _compare(group, dict(zip(("dq", "dk", "dv"), grads)))
+        bwd = _verdict(runner, group, dict(zip(("dq", "dk", "dv"), grads)))
     except Exception as exc:  # noqa: BLE001
         return {"fwd": fwd, "bwd": _failure(exc, "backward: ")}
     for key in ("max_err", "tolerance"):
-        bwd[key] = {**fwd[key], **bwd[key]}
+        if key in fwd:
+            bwd[key] = {**fwd[key], **bwd[key]}
     return {"fwd": fwd, "bwd": bwd}
 
 
@@ -622,9 +770,13 @@ def write_json(path, doc):
 
 def _record(point, fields):
     rec = {"impl": point.impl, "dtype": point.dtype, "B": point.B, "H": point.H, "N": point.N,
-           "d": point.d, "causal": point.causal, "pass": point.pass_, "median_ms": None,
-           "tflops": None}
-    rec.update(fields)
+           "d": point.d, "causal": point.causal, "pass": point.pass_,
+           "dropout_p": point.dropout_p, "padding": point.padding, "density": point.density,
+           "block_size": point.block_size}
+    if point.density is not None:
+        rec["block_density"] = sparsity.density(block_mask(point.N, point.density,
+                                                           point.block_size))
+    rec.update({"median_ms": None, "tflops": None, **fields})
     return rec
 
 
@@ -655,8 +807,9 @@ class _Recorder:
 # -- the run ----------------------------------------------------------------------------------
 
 def _label(p, impl=True):
+    opts = options_label(*p.options())
     return (f"{p.impl + ' ' if impl else ''}{p.dtype} d={p.d} N={p.N} "
-            f"{'causal' if p.causal else 'full'} B={p.B} H={p.H}")
+            f"{'causal' if p.causal else 'full'} B={p.B} H={p.H}{', ' + opts if opts else ''}")
 
 
 def _run_impl(group, points, rec, repeats, warmup):
@@ -664,7 +817,7 @@ def _run_impl(group, points, rec, repeats, warmup):
     impl, causal = points[0].impl, points[0].causal
     with contextlib.ExitStack() as stack:
         try:
-            runner = make_runner(impl, causal, points[0].dtype)
+            runner = make_runner(impl, causal, points[0].dtype, group)
             stack.enter_context(runner.context())
         except Exception as exc:  # noqa: BLE001
             for p in points:
@@ -701,13 +854,28 @@ def _run_group(points, rec, repeats, warmup):
     _free_memory(collect=True)
 
 
+def _check_options(dropout, densities, block_size):
+    """ValueError for options the grid cannot take."""
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+    bad = [x for x in densities or () if not 0 <= x <= 1]
+    if bad:
+        raise ValueError(f"densities must be in [0, 1]; got {bad}")
+    if int(block_size) != block_size or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer; got {block_size}")
+
+
 def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), passes=PASSES,
-        tokens=None, hidden=None, repeats=None, warmup=None, out=None, resume=True,
-        host_overhead=True, progress=True, command=None, console=None):
+        tokens=None, hidden=None, repeats=None, warmup=None, dropout=0.0, padding=False,
+        densities=None, block_size=None, out=None, resume=True, host_overhead=True,
+        progress=True, command=None, console=None):
     """Benchmark the grid; returns {"meta", "records", "host_overhead_us"} (see the module doc).
 
     impls: default every nbflash impl, plus torch and torch-flash when torch runs here.
-    Ns, ds, tokens, hidden, repeats, warmup: default per device mode (GPU_DEFAULTS, SIM_DEFAULTS).
+    Ns, ds, tokens, hidden, repeats, warmup, block_size: default per device mode (GPU_DEFAULTS,
+    SIM_DEFAULTS). dropout: dropout probability of every point (seed DROPOUT_SEED). padding: key
+    lengths from U[N-20, N] (key_lengths). densities: block-sparse points at these densities
+    (block_mask) instead of dense ones; None: dense.
     out: JSON path, rewritten after every point (None: no file). resume: keep the records at
     `out` and skip the points there with status ok, oom or unsupported. host_overhead: also
     measure the host time per call (measure_host_overhead). progress: show a progress bar.
@@ -722,12 +890,19 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
     unknown = [p for p in passes if p not in PASSES]
     if unknown:
         raise ValueError(f"unknown passes {unknown}; use {PASSES}")
+    block_size = block_size or d0["block_size"]
+    _check_options(dropout, densities, block_size)
     params = {"impls": list(impls), "dtypes": [np.dtype(t).name for t in dtypes],
               "Ns": list(Ns or d0["Ns"]), "ds": list(ds or d0["ds"]),
               "causal": [bool(c) for c in causal], "passes": list(passes),
               "tokens": tokens or d0["tokens"], "hidden": hidden or d0["hidden"],
               "repeats": repeats or d0["repeats"],
               "warmup": d0["warmup"] if warmup is None else warmup,
+              "dropout_p": float(dropout), "padding": bool(padding),
+              "densities": [float(x) for x in densities] if densities else None,
+              "block_size": int(block_size) if densities else None,
+              "option_seeds": {"dropout": DROPOUT_SEED, "padding": PADDING_SEED,
+                               "block_mask": BLOCK_MASK_SEED},
               "rotate_bytes": ROTATE_BYTES, "copies": [MIN_COPIES, MAX_COPIES],
               "check": "batch 0, heads 0-1 vs float64 naive", "factors": FACTORS,
               "host_overhead": _host_cfg()}
@@ -736,7 +911,10 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
 
     points = grid_points(impls=impls, dtypes=params["dtypes"], Ns=params["Ns"],
                          ds=params["ds"], causal=params["causal"], passes=passes,
-                         tokens=params["tokens"], hidden=params["hidden"])
+                         tokens=params["tokens"], hidden=params["hidden"],
+                         dropout_p=params["dropout_p"], padding=params["padding"],
+                         densities=params["densities"] or (None,),
+                         block_size=params["block_size"])
     done = {_key(r) for r in doc["records"] if r.get("status") in FINAL}
     todo = [p for p in points if _key(_record(p, {})) not in done]
     groups = {}
@@ -837,15 +1015,16 @@ def _ratio(a, b):
     return _fmt(a / b, 2) if a and b else ""
 
 
-def print_table(doc, console=None):
-    """The records as a table: time, TFLOP/s, and the ratio to torch and to naive (same dtype,
-    problem and pass); then the messages of the points that failed."""
+def _where(r):
+    opts = options_label(*_options(r))
+    return f"{r['dtype']} d={r['d']} N={r['N']}{' ' + opts if opts else ''}"
+
+
+def _table(recs, title):
+    """One table of records that share their options."""
     from rich.table import Table  # noqa: PLC0415
-    console = console or _console()
-    recs = sorted(doc["records"], key=lambda r: (r["dtype"], r["d"], r["causal"],
-                                                 PASSES.index(r["pass"]), r["N"], r["impl"]))
     tflops = {_key(r): r["tflops"] for r in recs if r["status"] == "ok"}
-    table = Table(title=f"nbflash bench on {doc['meta']['gpu']}")
+    table = Table(title=title)
     for col in ("impl", "dtype", "d", "N", "causal", "pass", "median ms", "TFLOP/s", "vs torch",
                 "vs naive", "status"):
         table.add_column(col, justify="left" if col in ("impl", "status") else "right")
@@ -857,15 +1036,32 @@ def print_table(doc, console=None):
                       _fmt(r["median_ms"], 3) if t else "", _fmt(t, 2) if t else "",
                       _ratio(t, tflops.get(("torch", *key[1:]))) if r["impl"] != "torch" else "",
                       _ratio(t, tflops.get(("naive", *key[1:]))) if r["impl"] != "naive" else "",
-                      r["status"])
-    console.print(table)
-    # each distinct failure once, with where it happened
-    failures = {}
+                      r["status"] + (" (unchecked)" if r.get("check_skipped") else ""))
+    return table
+
+
+def print_table(doc, console=None):
+    """The records as tables, one per set of options (named in its title): time, TFLOP/s (dense
+    FLOPs), and the ratio to torch and to naive (same dtype, problem, options and pass); then the
+    messages of the points that failed, and why some outputs went unchecked."""
+    console = console or _console()
+    recs = sorted(doc["records"], key=lambda r: (r["dtype"], r["d"], r["causal"],
+                                                 PASSES.index(r["pass"]), r["N"], r["impl"]))
+    by_options = {}
+    for r in recs:
+        by_options.setdefault(options_label(*_options(r)), []).append(r)
+    for label in sorted(by_options):    # dense ('') first
+        title = f"nbflash bench on {doc['meta']['gpu']}{': ' + label if label else ''}"
+        console.print(_table(by_options[label], title))
+    # each distinct failure, and each reason for an unchecked output, once with where
+    notes = {}
     for r in recs:
         if r["status"] != "ok" and r.get("error"):
-            failures.setdefault((r["impl"], r["status"], r["error"]), []).append(r)
-    for (impl, status, error), rs in failures.items():
-        where = ", ".join(sorted({f"{r['dtype']} d={r['d']} N={r['N']}" for r in rs}))
+            notes.setdefault((r["impl"], r["status"], r["error"]), []).append(r)
+        elif r.get("check_skipped"):
+            notes.setdefault((r["impl"], "unchecked", r["check_skipped"]), []).append(r)
+    for (impl, status, error), rs in notes.items():
+        where = ", ".join(sorted({_where(r) for r in rs}))
         console.print(f"{impl} {status} x{len(rs)} ({where}): {error[:300]}", style="dim",
                       markup=False, highlight=False)
     if doc["meta"].get("mode") != "gpu":

@@ -184,3 +184,89 @@ def test_cli_writes_the_json(tmp_path):
     assert all(r["status"] == "ok" and r["causal"] for r in doc["records"])
     assert doc["host_overhead_us"]["naive"]["forward"] > 0
     assert doc["meta"]["command"].startswith("python -m nbflash bench --impls naive")
+
+
+def options_of(r):
+    return (r["dropout_p"], r["padding"], r["density"], r["block_size"])
+
+
+def test_dropout_and_padding_points_are_checked_and_resumed_by_options(tmp_path,
+                                                                       count_timings):
+    out = tmp_path / "b.json"
+    grid = {**TINY, "causal": (True,), "passes": ("fwd", "bwd")}
+    doc = bench.run(impls=(KERNEL, "naive"), out=out, dropout=0.2, padding=True, **grid)
+    assert len(doc["records"]) == len(count_timings) == 2 * 2         # impls x passes
+    for r in doc["records"]:
+        assert options_of(r) == (0.2, True, None, None), r
+        assert r["status"] == "ok" and "check_skipped" not in r, r
+        assert set(r["max_err"]) == ({"o"} if r["pass"] == "fwd" else {"o", "dq", "dk", "dv"})
+        assert all(r["max_err"][n] <= r["tolerance"][n] for n in r["max_err"])
+    params = doc["meta"]["params"]
+    assert (params["dropout_p"], params["padding"], params["densities"]) == (0.2, True, None)
+    bench.run(impls=(KERNEL, "naive"), out=out, dropout=0.2, padding=True, **grid)
+    assert len(count_timings) == 4                      # the same options: nothing timed again
+    doc = bench.run(impls=("naive",), out=out, dropout=0.1, padding=True, **grid)
+    assert len(count_timings) == 6                      # another dropout: measured anew
+    doc = bench.run(impls=("naive",), out=out, **grid)
+    assert len(count_timings) == 8                      # neither: also new points
+    assert len(doc["records"]) == 8
+    assert {options_of(r) for r in doc["records"]} == {
+        (0.2, True, None, None), (0.1, True, None, None), (0.0, False, None, None)}
+
+
+def test_the_check_sees_a_different_dropout_mask(monkeypatch):
+    real = nbflash.attention_forward
+
+    def other_seed(q, k, v, **kw):
+        return real(q, k, v, **{**kw, "seed": kw["seed"] + 1})
+    monkeypatch.setattr(nbflash, "attention_forward", other_seed)
+    doc = bench.run(impls=("naive",), causal=(False,), passes=("fwd",), dropout=0.5, **TINY)
+    (r,) = doc["records"]
+    assert r["status"] == "error" and "correctness check failed" in r["error"], r
+
+
+def test_block_sparse_points_record_their_density_and_resume_by_it(tmp_path, count_timings):
+    out = tmp_path / "b.json"
+    grid = {**TINY, "causal": (False,), "passes": ("fwd", "bwd"), "block_size": 4}
+    doc = bench.run(impls=(KERNEL, "naive"), out=out, densities=(1.0, 0.5), **grid)
+    assert len(doc["records"]) == len(count_timings) == 2 * 2 * 2     # densities x impls x passes
+    for r in doc["records"]:
+        assert options_of(r)[:2] == (0.0, False) and r["block_size"] == 4, r
+        assert r["density"] in (1.0, 0.5) and r["block_density"] == r["density"], r  # 2x2 blocks
+        assert r["status"] == "ok" and r["max_err"]["o"] <= r["tolerance"]["o"], r
+        dense = bench.flops(1, 2, 8, 8, False, r["pass"]) / r["median_ms"] / 1e9
+        assert r["tflops"] == pytest.approx(dense)      # TFLOP/s of dense FLOPs at any density
+    bench.run(impls=(KERNEL, "naive"), out=out, densities=(1.0, 0.5), **grid)
+    assert len(count_timings) == 8                      # the same densities: nothing again
+    bench.run(impls=("naive",), out=out, densities=(0.5, 0.25), **grid)
+    assert len(count_timings) == 10                     # only density 0.25 is new
+    doc = bench.run(impls=("naive",), out=out, densities=(0.5,), **{**grid, "block_size": 2})
+    assert len(count_timings) == 12                     # another block size: new points
+    assert len(doc["records"]) == 12
+
+
+def test_records_without_option_fields_count_as_without_options(tmp_path, count_timings):
+    out = tmp_path / "b.json"
+    grid = {**TINY, "impls": ("naive",), "causal": (False,), "passes": ("fwd",)}
+    doc = bench.run(out=out, **grid)
+    for r in doc["records"]:                            # a file from before the options
+        for name in ("dropout_p", "padding", "density", "block_size"):
+            del r[name]
+    out.write_text(json.dumps(doc))
+    bench.run(out=out, **grid)
+    assert len(count_timings) == 1
+    doc = bench.run(out=out, padding=True, **grid)
+    assert len(count_timings) == 2 and len(doc["records"]) == 2
+
+
+def test_cli_takes_the_options(tmp_path, capsys):
+    from nbflash.__main__ import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--impls", "naive", "--dtypes", "float32", "--N", "8", "--d", "8",
+                 "--tokens", "8", "--hidden", "16", "--causal", "on", "--passes", "fwd",
+                 "--dropout", "0.1", "--padding", "--density", "0.5", "--block-size", "4",
+                 "--no-host-overhead", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["records"]
+    assert options_of(r) == (0.1, True, 0.5, 4) and r["status"] == "ok", r
+    assert "dropout 0.1, padded, density 0.5 block 4" in capsys.readouterr().out

@@ -20,18 +20,21 @@ tests)
 sanitize)
   for tool in memcheck racecheck; do
     for impl in fa2 fa1; do
-      step "$tool $impl"; timeout 140 /usr/local/cuda/bin/compute-sanitizer --tool $tool \
+      step "$tool $impl"; timeout 140 /usr/local/cuda/bin/compute-sanitizer --tool $tool --report-api-errors no \
         --error-exitcode 99 python3 tools/sanitize_case.py $impl options > "$O/$tool-$impl.log" 2>&1
       echo "$tool $impl rc=$?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|max err" "$O/$tool-$impl.log" | tail -3
     done
   done
   ;;
 bench)
-  A="--impls fa2 naive --Ns 4096 --ds 64 --dtypes float16 float32"
-  step plain; timeout 150 python3 -m nbflash bench $A --out "$O/bench_options.json" 2>&1 | tail -12
-  step dropout; timeout 150 python3 -m nbflash bench $A --dropout 0.1 --out "$O/bench_options.json" 2>&1 | tail -12
-  step padding; timeout 150 python3 -m nbflash bench $A --padding --out "$O/bench_options.json" 2>&1 | tail -12
-  step sparse; timeout 200 python3 -m nbflash bench $A --density 1 0.5 0.2 0.1 --out "$O/bench_options.json" 2>&1 | tail -20
+  A="--impls fa2 naive torch --N 4096 --d 64 --dtypes float16 float32 --causal off --no-host-overhead"
+  J="$O/bench_options_h200.json"
+  step plain; timeout 100 python3 -m nbflash bench $A --out "$J" 2>&1 | tail -3
+  step dropout; timeout 100 python3 -m nbflash bench $A --dropout 0.1 --out "$J" 2>&1 | tail -3
+  step padding; timeout 100 python3 -m nbflash bench $A --padding --out "$J" 2>&1 | tail -3
+  step sparse; timeout 200 python3 -m nbflash bench $A --density 1 0.5 0.2 0.1 --block-size 64 \
+      --out "$J" 2>&1 | tail -3
+  step table; python3 -c "import json, sys; from nbflash import bench; bench.print_table(json.load(open(sys.argv[1])))" "$J" 2>&1 | tail -70
   ;;
 *) echo "usage: tools/h200_options.sh tests | sanitize | bench"; exit 2 ;;
 esac
