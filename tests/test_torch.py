@@ -65,3 +65,30 @@ def test_mixed_kinds_are_refused():
     q, k, v, _ = _inputs(1, 1, 4, 4, 8, torch.float32)
     with pytest.raises(nbflash.InputError, match="one kind"):
         nbflash.attention_forward(q, np.asarray(_np(k)), v)
+
+
+def test_autograd_with_dropout_padding_and_block_mask_is_the_api():
+    """nbflash.torch.attention with every option gives what the API gives with the same options
+    (bitwise, with the deterministic dq pass); without a seed it draws one from torch's
+    generator, so torch.manual_seed repeats the dropout mask."""
+    from nbflash import sparsity  # noqa: PLC0415
+    from nbflash.torch import attention  # noqa: PLC0415
+    N, d = (300, 64) if DEVICE == "cuda" else (13, 8)
+    q, k, v, do = _inputs(2, 2, N, N, d, torch.float32, seed=3)
+    bs = 64 if DEVICE == "cuda" else 4
+    n = sparsity.n_blocks(N, bs)
+    opts = dict(dropout_p=0.2, key_lengths=torch.tensor([N, N - 5]),
+                block_mask=torch.from_numpy(sparsity.random_blocks(n, n, 0.6, 2)),
+                block_size=bs)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o = attention(*leaves, causal=True, deterministic=True, seed=11, **opts)
+    o.backward(do)
+    o_api, lse = nbflash.attention_forward(q, k, v, causal=True, seed=11, **opts)
+    grads = nbflash.attention_backward(do, q, k, v, o_api, lse, causal=True, seed=11,
+                                       deterministic=True, **opts)
+    for got, want in zip((o, *(x.grad for x in leaves)), (o_api, *grads)):
+        np.testing.assert_array_equal(_np(got), _np(want))
+    torch.manual_seed(5)
+    a = attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(5)
+    np.testing.assert_array_equal(_np(attention(q, k, v, dropout_p=0.5)), _np(a))
