@@ -115,8 +115,9 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     key = _fast_key((q, k, v), ("fwd", causal, softmax_scale, impl, M, block_rule, dropout_p,
                                 block_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
-    if plan is not None and (dropout_p == 0 or _seed_ok(seed, offset)):
-        return plan.forward(_CUPY[0], q, k, v, _stream(), seed=seed or 0, offset=offset)
+    if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
+        _, seed, offset = inputs._check_dropout(dropout_p, seed, offset)
+        return plan.forward(_CUPY[0], q, k, v, _stream(), seed=seed, offset=offset)
     prob, (q, k, v) = inputs.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                            impl=impl, M=M, block_rule=block_rule, **masking)
     with prob.stream_context():
@@ -131,12 +132,6 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
             out = plan.forward(prob.xp, q, k, v, prob.stream, *args)
             _remember(key, plan)
     return prob.outputs(out)
-
-
-def _seed_ok(seed, offset):
-    """The fast path's check of what the cached checks did not see: seed and offset."""
-    return (isinstance(seed, int) and 0 <= seed < 2**64 and isinstance(offset, int)
-            and 0 <= offset < 2**32 and type(seed) is not bool and type(offset) is not bool)
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
@@ -169,8 +164,9 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
                     ("bwd", causal, softmax_scale, impl, M, block_rule, deterministic, dropout_p,
                      block_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
-    if plan is not None and (dropout_p == 0 or _seed_ok(seed, offset)):
-        return plan.backward(_CUPY[0], do, q, k, v, o, lse, _stream(), seed=seed or 0,
+    if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
+        _, seed, offset = inputs._check_dropout(dropout_p, seed, offset)
+        return plan.backward(_CUPY[0], do, q, k, v, o, lse, _stream(), seed=seed,
                              offset=offset)
     prob, arrays = inputs.check_backward(do, q, k, v, o, lse, causal=causal,
                                          softmax_scale=softmax_scale, impl=impl, M=M,

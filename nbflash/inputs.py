@@ -255,7 +255,7 @@ def _check_key_lengths(xp, key_lengths, B, Nk):
         raise InputError(f"key_lengths must be integers; got dtype {kl.dtype}")
     if tuple(kl.shape) != (B,):
         raise InputError(f"key_lengths has shape {tuple(kl.shape)}; expected (B,) = ({B},)")
-    lo, hi = int(kl.min()), int(kl.max())
+    lo, hi = (int(x) for x in xp.stack((kl.min(), kl.max())).tolist())   # one read back
     if lo < 0 or hi > Nk:
         raise InputError(f"key_lengths must be in [0, Nk] = [0, {Nk}]; got values from {lo} "
                          f"to {hi}")

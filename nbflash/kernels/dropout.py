@@ -74,7 +74,7 @@ def make_tile_kept(KEYS):
 
 def make_drop(TM, TN, RG, L, KEYS, TRANSPOSED=False):
     """Device functions applying dropout to a thread's register tile of scores: entries (rows
-    rg + RG·i, columns cg + L·u) of a tile whose keep bits make_keep_tile(_, KEEPS, _) drew, with
+    rg + RG·i, columns cg + L·u) of a tile whose keep bits make_keep_tile(_, KEYS, _) drew, with
     query rows and key columns (TRANSPOSED: key rows and query columns, as in the dK/dV pass).
     Kept entries are multiplied by `scale` (1/(1-p)), the others set to 0:
 

@@ -81,13 +81,18 @@ def _layout(t):
             t.ds, max(t.dp, 4 * t.d4))
 
 
-def _coords(L, D, H, Nq, Nk):
-    """Where a thread is: (tid, rg, cg, bh, q_base, k_base). Thread tid is lane cg of row
-    group rg of its block's register tiles; the block works on head bh = b*H + h of grid
-    (x, h, b), whose q-shaped rows start at q_base and k-shaped rows at k_base."""
+def _coords(L, D, H, Nq, Nk, key_lengths, msb, msh, PAD):
+    """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase). Thread tid is lane cg
+    of row group rg of its block's register tiles; the block works on head bh = b*H + h of grid
+    (x, h, b), whose q-shaped rows start at q_base and k-shaped rows at k_base. klen: the key
+    length of batch entry b (key_lengths[b] with PAD, else Nk); mbase: the offset of the head's
+    block mask (batch and head strides msb, msh)."""
     tid = cuda.threadIdx.x
-    bh = cuda.blockIdx.z * H + cuda.blockIdx.y
-    return tid, tid // L, tid % L, bh, bh * Nq * D, bh * Nk * D
+    b = cuda.blockIdx.z
+    h = cuda.blockIdx.y
+    bh = b * H + h
+    klen = min(Nk, key_lengths[b]) if PAD else Nk
+    return tid, tid // L, tid % L, bh, bh * Nq * D, bh * Nk * D, klen, b * msb + h * msh
 
 
 _coords = cuda.jit(device=True, inline=True)(_coords)
@@ -108,16 +113,6 @@ def _row_stats(lse, delta, at, inside):
 
 _row_stats = cuda.jit(device=True, inline=True)(_row_stats)
 
-
-def _options(key_lengths, msb, msh, Nk, PAD):
-    """(b, h, klen, mask base) of the block's head: klen is the key length of batch entry b."""
-    b = cuda.blockIdx.z
-    h = cuda.blockIdx.y
-    klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return b, h, klen, b * msb + h * msh
-
-
-_options = cuda.jit(device=True, inline=True)(_options)
 
 def _check_keep_tile(drop, keys, t):
     if drop and keys % 8:
@@ -148,7 +143,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     row_max, row_sum = make_row_reduce(L, T)
     fill_keep, (drop_tile, _) = make_keep_tile(R, C, T), make_drop(TM, TN, RG, L, C)
     _check_keep_tile(DROP, C, t)
-    block_bits = make_block_bits(TM, TN, RG, L, R, C, SPARSE)
+    block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
 
     def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, msb, msh,
                     nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
@@ -158,8 +153,8 @@ def make_forward(t, causal, dtype="float32", features=Features()):
         (nbflash.kernels.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
-        b, h, klen, mbase = _options(key_lengths, msb, msh, Nk, PAD)
+        tid, rg, cg, bh, q_base, k_base, klen, mbase = _coords(L, D, H, Nq, Nk, key_lengths,
+                                                                 msb, msh, PAD)
         row0 = cuda.blockIdx.x * R
 
         load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)          # Q_i, once
@@ -176,16 +171,16 @@ def make_forward(t, causal, dtype="float32", features=Features()):
         # key blocks past the key length, and with causal masking those after the last key the
         # block's last row sees, are skipped; so are those the block mask hides (Alg. 5)
         n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
-        j = next_tile(0, n_blocks, row0, R, 0, C, 0, C, bmask, mbase, nbk, bq, bk, Nq, klen) \
-            if SPARSE else 0
+        j, all_on = next_tile(0, n_blocks, row0, R, 0, C, 0, C, bmask, mbase, nbk, bq, bk, Nq,
+                              klen) if SPARSE else (0, True)
         if STAGES == 2 and j < n_blocks:   # the first block into stage 0
             load_kv(k, v, k_base, j * C, klen, smem, K_OFF, tid)
             commit_async()
         step = 0
         while j < n_blocks:
             col0 = j * C
-            j_next = next_tile(j + 1, n_blocks, row0, R, 0, C, 0, C, bmask, mbase, nbk, bq, bk,
-                               Nq, klen) if SPARSE else j + 1
+            j_next, next_all_on = next_tile(j + 1, n_blocks, row0, R, 0, C, 0, C, bmask, mbase,
+                                            nbk, bq, bk, Nq, klen) if SPARSE else (j + 1, True)
             cuda.syncthreads()   # the previous step has finished reading its K, V, P̃ and bits
             if STAGES == 2:      # K_j, V_j were loaded one step ahead; fetch the next ones
                 k_off = K_OFF + (step % 2) * KV
@@ -209,7 +204,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             qk(smem, Q_OFF + rg * DS, k_off + cg * DS, s)
             # the mask is evaluated only where the block reaches past the key length, over the
             # diagonal, or over mask blocks that are off
-            on = block_bits(bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
+            on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
             masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) or on != ALL
             for i in range(TM):
                 row = row0 + rg + RG * i
@@ -235,7 +230,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                 drop_tile(smem, P_OFF, PS, bits, KEEP_OFF, rg, cg, drop_scale)   # entries
             cuda.syncthreads()   # P̃ complete
             pv(smem, P_OFF + rg * PS, v_off + 4 * cg, acc)
-            j = j_next
+            j, all_on = j_next, next_all_on
             step += 1
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
@@ -317,7 +312,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     store_row, add_row = make_row_store(TX4, L, D)
     fill_keep, (drop_tile, drop_regs) = make_keep_tile(C, R, T), make_drop(TM, TN, RG, L, R, True)
     _check_keep_tile(DROP, R, t)
-    block_bits = make_block_bits(TM, TN, RG, L, C, R, SPARSE, True)
+    block_bits = make_block_bits(TM, TN, RG, L, SPARSE, True)
 
     def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid):
         """Q_i, dO_i, lse_i and D_i (see _row_stats) to `off`."""
@@ -338,8 +333,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         atomic_dq; then the options' arguments (nbflash.kernels.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
-        b, h, klen, mbase = _options(key_lengths, msb, msh, Nk, PAD)
+        tid, rg, cg, bh, q_base, k_base, klen, mbase = _coords(L, D, H, Nq, Nk, key_lengths,
+                                                                 msb, msh, PAD)
         key0 = cuda.blockIdx.x * R
 
         load_kv(k, v, k_base, key0, klen, smem, K_OFF, tid)
@@ -357,16 +352,16 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         # mask hides from these keys (Alg. 5)
         first = first_query_block(key0, C, Nq, Nk, CAUSAL)
         n_steps = (Nq + C - 1) // C if key0 < klen else first
-        i = next_tile(first, n_steps, 0, C, key0, R, C, 0, bmask, mbase, nbk, bq, bk, Nq,
-                      klen) if SPARSE else first
+        i, all_on = next_tile(first, n_steps, 0, C, key0, R, C, 0, bmask, mbase, nbk, bq, bk,
+                              Nq, klen) if SPARSE else (first, True)
         if STAGES == 2 and i < n_steps:
             load_step(q, do, lse, delta, q_base, bh, i * C, Nq, smem, Q_OFF, tid)
             commit_async()
         step = 0
         while i < n_steps:
             row0 = i * C
-            i_next = next_tile(i + 1, n_steps, 0, C, key0, R, C, 0, bmask, mbase, nbk, bq, bk,
-                               Nq, klen) if SPARSE else i + 1
+            i_next, next_all_on = next_tile(i + 1, n_steps, 0, C, key0, R, C, 0, bmask, mbase,
+                                            nbk, bq, bk, Nq, klen) if SPARSE else (i + 1, True)
             cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
             if STAGES == 2:
                 off = Q_OFF + (step % 2) * STAGE
@@ -393,7 +388,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
             rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
             if DROP:   # dropout: dP ∘ Z / (1-p) enters dS (Alg. 4 line 19) ...
                 drop_regs(dpt, bits, KEEP_OFF, rg, cg, drop_scale)
-            on = block_bits(bmask, mbase, nbk, bq, bk, row0, key0, rg, cg, Nq, klen)
+            on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, key0, rg, cg, Nq, klen)
             masked = row0 + C > Nq or key0 + R > klen or \
                 (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or on != ALL
             for a in range(TM):
@@ -424,7 +419,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
                     row = row0 + rg + RG * a
                     if row < Nq:
                         add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
-            i = i_next
+            i, all_on = i_next, next_all_on
             step += 1
 
         for a in range(TM):   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P_ijᵀ dO_i, written once
@@ -457,7 +452,7 @@ def make_dq(t, causal, features=Features()):
     store_row = make_row_store(TX4, L, D)[0]
     fill_keep, (_, drop_regs) = make_keep_tile(R, C, T), make_drop(TM, TN, RG, L, C)
     _check_keep_tile(DROP, C, t)
-    block_bits = make_block_bits(TM, TN, RG, L, R, C, SPARSE)
+    block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
 
     def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, scale,
                msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
@@ -465,8 +460,8 @@ def make_dq(t, causal, features=Features()):
         memory; the options' arguments last (nbflash.kernels.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base = _coords(L, D, H, Nq, Nk)
-        b, h, klen, mbase = _options(key_lengths, msb, msh, Nk, PAD)
+        tid, rg, cg, bh, q_base, k_base, klen, mbase = _coords(L, D, H, Nq, Nk, key_lengths,
+                                                                 msb, msh, PAD)
         row0 = cuda.blockIdx.x * R
 
         load_q(q, do, q_base, row0, Nq, smem, Q_OFF, tid)
@@ -483,8 +478,9 @@ def make_dq(t, causal, features=Features()):
 
         for j in range(key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)):
             col0 = j * C
-            if SPARSE and not tile_status(bmask, mbase, nbk, bq, bk, row0, R, col0, C, Nq,
-                                          klen)[0]:
+            any_on, all_on = tile_status(bmask, mbase, nbk, bq, bk, row0, R, col0, C, Nq,
+                                         klen) if SPARSE else (True, True)
+            if not any_on:
                 continue   # the same for every thread of the block
             cuda.syncthreads()
             load_kv(k, v, k_base, col0, klen, smem, K_OFF, tid)
@@ -498,7 +494,7 @@ def make_dq(t, causal, features=Features()):
             rows_dot(smem, DO_OFF + rg * DS, V_OFF + cg * DS, dp)
             if DROP:   # dropout: dP ∘ Z / (1-p) enters dS
                 drop_regs(dp, bits, KEEP_OFF, rg, cg, drop_scale)
-            on = block_bits(bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
+            on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
             masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) or on != ALL
             for a in range(TM):
                 row = row0 + rg + RG * a

@@ -46,13 +46,13 @@ def _placeholder(xp):
     return xp.empty((1, 1, 1, 1), xp.float32)
 
 
-def _option_args(xp, B, H, masking):
+def _option_args(xp, masking):
     """(Features, the options' arguments) for fa1's kernels (see nbflash.kernels.options):
     arrays flattened, placeholders where an option is off, float32 1/(1-p)."""
     lay, (key_lengths, block_mask, seed, offset) = options.layout(**(masking or {}))
     kl = key_lengths if key_lengths is not None else xp.zeros(1, xp.int32)
     bm = block_mask.reshape(-1) if block_mask is not None else xp.zeros(1, xp.uint8)
-    *ints, drop_scale = lay.scalars(B, H, seed, offset)
+    *ints, drop_scale = lay.scalars(seed, offset)
     return lay.features, (kl, bm, *ints, xp.float32(drop_scale))
 
 
@@ -68,7 +68,7 @@ def fa1_forward(xp, q, k, v, *, causal, scale, tiles, masking=None):
     o = xp.empty(q.shape, q.dtype) if cast else _placeholder(xp)
     m = xp.empty((B, H, Nq), f32)   # running max; holds lse when the kernel returns
     l = xp.empty((B, H, Nq), f32)
-    features, extra = _option_args(xp, B, H, masking)
+    features, extra = _option_args(xp, masking)
     kernel = build("fa1_forward", tiles, bool(causal), cast, features)
     _launch(kernel, B * H, tiles.threads, q, k, v, o_acc, o, m, l, f32(scale), *extra)
     return (o if cast else o_acc), m
@@ -83,7 +83,7 @@ def fa1_backward(xp, do, q, k, v, o, lse, *, causal, scale, tiles, masking=None)
     dq = xp.empty(q.shape, q.dtype) if cast else _placeholder(xp)
     dk = xp.empty(k.shape, k.dtype)
     dv = xp.empty(v.shape, v.dtype)
-    features, extra = _option_args(xp, B, H, masking)
+    features, extra = _option_args(xp, masking)
     kernel = build("fa1_backward", tiles, bool(causal), cast, features)
     _launch(kernel, B * H, tiles.threads, q, k, v, o, do, lse, dq_acc, dq, dk, dv, f32(scale),
             *extra)
@@ -158,7 +158,6 @@ class Fa2Plan:
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles,
                  layout=options.NONE):
         causal = bool(causal)
-        self.B, self.H = B, H
         self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H, Nk, d), (B, H, Nq)
         self.dtype = dtype
         self.layout = layout
@@ -167,13 +166,13 @@ class Fa2Plan:
         nq, nk, rows = B * H * Nq * d, B * H * Nk * d, B * H * Nq
         Q, K, L = (nq, io), (nk, io), (rows, 4)     # (items, itemsize) of q-, k-, lse-shaped
         opt = layout.array_sizes(B)
-        self._scalars = layout.scalars(B, H)
+        opt_scalars = layout.scalars()
         sc = fa2.split_scale(scale)
         tiles = dict(tiles or ())
         t = tiles.get("forward") or fa2_tiles("forward", d)
         self.fwd = Bound(build_fa2("forward", t, causal, dtype, False, features),
                          (-(-Nq // t.R), H, B), t.threads, t.smem_bytes("forward", drop),
-                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *self._scalars))
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *opt_scalars))
         self.atomic = not deterministic
         acc = (nq, 4) if self.atomic else (1, 4)
         self.delta = Bound(build_fa2("delta", None, False, dtype),
@@ -184,11 +183,11 @@ class Fa2Plan:
         t = tiles.get("dkdv") or fa2_tiles("dkdv", d)
         self.dkdv = Bound(build_fa2("dkdv", t, causal, dtype, self.atomic, features),
                           (-(-Nk // t.R), H, B), t.threads, t.smem_bytes("dkdv", drop),
-                          inputs + (acc, K, K, *opt), grads + self._scalars)
+                          inputs + (acc, K, K, *opt), grads + opt_scalars)
         t = tiles.get("dq") or fa2_tiles("dq", d)
         self.dq = None if self.atomic else Bound(
             build_fa2("dq", t, causal, dtype, False, features), (-(-Nq // t.R), H, B),
-            t.threads, t.smem_bytes("dq", drop), inputs + (Q, *opt), grads + self._scalars)
+            t.threads, t.smem_bytes("dq", drop), inputs + (Q, *opt), grads + opt_scalars)
         self._placeholders = None
 
     def _options(self, xp, key_lengths, block_mask, seed, offset):
@@ -200,7 +199,7 @@ class Fa2Plan:
                   self._placeholders[1] if block_mask is None else block_mask.reshape(-1))
         if not self.layout.features.dropout:
             return arrays, None
-        return arrays, self.layout.scalars(self.B, self.H, seed, offset)
+        return arrays, self.layout.scalars(seed, offset)
 
     def _scalars_of(self, bound, opt_scalars):
         if opt_scalars is None:

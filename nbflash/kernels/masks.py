@@ -50,19 +50,19 @@ def tile_status(bmask, base, nbk, bq, bk, row0, rows, col0, cols, Nq, klen):
 ALL = np.uint64(2**64 - 1)
 
 
-def make_block_bits(TM, TN, RG, L, ROWS, COLS, SPARSE, TRANSPOSED=False):
+def make_block_bits(TM, TN, RG, L, SPARSE, TRANSPOSED=False):
     """Device function for the block mask inside the fa2 kernels' register tiles: a 64-bit word
-    whose bit i·TN + u says whether the mask block of the thread's entry (i, u) of the ROWS x
-    COLS tile at (row0, col0) is on. Entry (i, u) is query row0 + rg + RG·i and key
-    col0 + cg + L·u (TRANSPOSED, as in the dK/dV pass: key col0 + rg + RG·i and query
-    row0 + cg + L·u). ALL without a block mask (SPARSE false) or where all the tile's blocks are
-    on. Computed once per tile, so that the register-tile loops only test a bit (divisions by
-    the block size there would keep those loops from being unrolled)."""
+    whose bit i·TN + u says whether the mask block of the thread's entry (i, u) of the tile at
+    (row0, col0) is on. Entry (i, u) is query row0 + rg + RG·i and key col0 + cg + L·u
+    (TRANSPOSED, as in the dK/dV pass: key col0 + rg + RG·i and query row0 + cg + L·u). ALL
+    without a block mask (SPARSE false) or where all the tile's blocks are on (`all_on`, from
+    :func:`tile_status` or :func:`next_tile`). Computed once per tile, so that the register-tile
+    loops only test a bit (divisions by the block size there would keep those loops from being
+    unrolled)."""
     assert TM * TN <= 64, "a register tile of more than 64 entries"
 
-    def block_bits(bmask, base, nbk, bq, bk, row0, col0, rg, cg, Nq, klen):
-        if not SPARSE or tile_status(bmask, base, nbk, bq, bk, row0, ROWS, col0, COLS, Nq,
-                                     klen)[1]:
+    def block_bits(all_on, bmask, base, nbk, bq, bk, row0, col0, rg, cg, Nq, klen):
+        if not SPARSE or all_on:
             return ALL
         bits = uint64(0)
         for i in range(TM):
@@ -83,14 +83,16 @@ def bit_on(bits, e):
 
 def next_tile(step, n, row0, rows, col0, cols, d_row, d_col, bmask, base, nbk, bq, bk, Nq,
               klen):
-    """The first step s >= `step` (below n) whose tile, rows row0 + s·d_row .. (`rows` of them)
-    and columns col0 + s·d_col .. (`cols`), has a mask block on; n if there is none."""
+    """(s, all_on): the first step s >= `step` (below n) whose tile, rows row0 + s·d_row ..
+    (`rows` of them) and columns col0 + s·d_col .. (`cols`), has a mask block on, and whether
+    all of its blocks are; (n, True) if there is none."""
     while step < n:
-        if tile_status(bmask, base, nbk, bq, bk, row0 + step * d_row, rows,
-                       col0 + step * d_col, cols, Nq, klen)[0]:
-            return step
+        any_on, all_on = tile_status(bmask, base, nbk, bq, bk, row0 + step * d_row, rows,
+                                     col0 + step * d_col, cols, Nq, klen)
+        if any_on:
+            return step, all_on
         step += 1
-    return n
+    return n, True
 
 
 def block_hidden(i, j, Br, Bc, Nq, Nk):

@@ -33,7 +33,7 @@ class Layout:
     mask_shape: tuple = (1, 1, 1, 1)
     block_size: tuple = (1, 1)
 
-    def scalars(self, B, H, seed=0, offset=0):
+    def scalars(self, seed=0, offset=0):
         """The options' scalar arguments for a call with this seed and offset."""
         Bm, Hm, nbq, nbk = self.mask_shape
         msb = Hm * nbq * nbk if Bm > 1 else 0
