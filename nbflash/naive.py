@@ -23,6 +23,21 @@ kernels' generator, run here on whole arrays), so that
 
 (the FlashAttention paper's Algorithms 2 and 4). `keep` gives Z explicitly instead (the tests
 pass the mask the kernels exported, nbflash.dropout_mask).
+
+Row chunks (`row_chunk=R`, forward and backward): the same results with memory bounded by
+R x Nk per matrix instead of Nq x Nk, for a reference at sequence lengths where the N x N
+float64 matrices do not fit (nbflash.bench uses it there). The query rows are taken R at a time,
+each chunk with exactly the masks of its rows in the whole problem: the causal mask at their
+absolute row indices, the key lengths, the block mask expanded for those rows, and the dropout
+mask's rows (nbflash.rng.keep_mask draws only those; an explicit `keep` is sliced, or called
+with the chunk's slice of rows when it is a function). o, lse and dq are computed row by row
+with the same operations as without chunks: the same bits, except where BLAS, which picks its
+kernel by the matrices' shapes, sums a chunk's dot products in another order (a few roundings;
+seen with chunks of 1 or 7 rows in NumPy, 1 row in CuPy). dK and dV are sums over the rows, so
+each chunk's share is accumulated in float32 (float64 for float64) and rounded to the dtype
+once at the end: they differ from the unchunked results in the order of that sum (float64:
+~1e-15 relative; float16/float32: the last bits). The default, row_chunk=None, is the baseline
+as described above, every matrix N x N at once.
 """
 
 import math
@@ -56,38 +71,52 @@ def _t(x):
     return x.swapaxes(-1, -2)
 
 
-def causal_visible(Nq, Nk, xp=np):
-    """Boolean (Nq, Nk): key j visible to query i, bottom-right aligned: j <= i + Nk - Nq."""
-    i = xp.arange(Nq)[:, None]
+def _row_index(N, rows, xp):
+    """The indices of `rows` (a slice, None: all) of range(N), as an xp array."""
+    r = range(int(N)) if rows is None else range(int(N))[rows]
+    return xp.arange(r.start, r.stop, r.step)
+
+
+def causal_visible(Nq, Nk, xp=np, rows=None):
+    """Boolean (Nq, Nk): key j visible to query i, bottom-right aligned: j <= i + Nk - Nq.
+    rows: a slice of the query rows (None: all): those rows only, at their absolute i."""
+    i = _row_index(Nq, rows, xp)[:, None]
     j = xp.arange(Nk)[None, :]
     return j <= i + (Nk - Nq)
 
 
 def visible(B, H, Nq, Nk, xp=np, causal=False, key_lengths=None, block_mask=None,
-            block_size=None):
+            block_size=None, rows=None):
     """Boolean mask broadcastable to (B, H, Nq, Nk): entries that no mask hides (None: all).
     key_lengths: integers (B,), keys from key_lengths[b] on hidden for batch entry b.
     block_mask: (n_q_blocks, n_k_blocks) with optional leading (H,) or (B|1, H|1) axes, at
-    block_size = (bq, bk)."""
-    vis = causal_visible(Nq, Nk, xp) if causal else None
+    block_size = (bq, bk). rows: a slice of the query rows (None: all): the mask of those rows
+    only, visible(...)[..., rows, :] (the causal mask at their absolute row indices, the block
+    mask expanded for them alone)."""
+    vis = causal_visible(Nq, Nk, xp, rows) if causal else None
     if key_lengths is not None:
         kl = xp.asarray(key_lengths).reshape(B, 1, 1, 1)
         pad = xp.arange(Nk).reshape(1, 1, 1, Nk) < kl
         vis = pad if vis is None else vis & pad
     if block_mask is not None:
-        blk = sparsity.expand(block_mask, block_size, Nq, Nk, xp)
+        blk = sparsity.expand(block_mask, block_size, Nq, Nk, xp, rows)
         vis = blk if vis is None else vis & blk
     return vis
 
 
-def _masks(q, k, causal, dropout_p, seed, offset, keep, **mask_opts):
-    """(visible or None, keep-and-scale factor Z/(1-p) in the accumulation dtype, or None)."""
+def _masks(q, k, causal, dropout_p, seed, offset, keep, rows=None, **mask_opts):
+    """(visible or None, keep-and-scale factor Z/(1-p) in the accumulation dtype, or None), for
+    the query rows `rows` (a slice; None: all) of the problem of q and k."""
     xp = array_module(q)
     B, H, Nq = q.shape[:3]
     Nk = k.shape[2]
-    vis = visible(B, H, Nq, Nk, xp, causal, **mask_opts)
+    vis = visible(B, H, Nq, Nk, xp, causal, rows=rows, **mask_opts)
+    if callable(keep):
+        keep = keep(slice(0, Nq) if rows is None else rows)
+    elif keep is not None and rows is not None:
+        keep = keep[..., rows, :]
     if keep is None and dropout_p > 0:
-        keep = rng.keep_mask(xp, B, H, Nq, Nk, dropout_p, seed, offset)
+        keep = rng.keep_mask(xp, B, H, Nq, Nk, dropout_p, seed, offset, rows=rows)
     z = None
     if keep is not None:
         acc = _acc_dtype(q.dtype)
@@ -109,15 +138,22 @@ def _scale(q, softmax_scale):
     return 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
 
 
-def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0, seed=None,
-                      offset=0, keep=None, key_lengths=None, block_mask=None, block_size=None):
-    """(o, lse): o in q's dtype, lse (B, H, Nq) in float32 (float64 for float64 inputs).
-    lse is the softmax's, before dropout."""
+def row_chunks(Nq, row_chunk):
+    """The slices of query rows that `row_chunk` rows at a time cover, in order (the last one
+    shorter when row_chunk does not divide Nq); one slice of all rows for None."""
+    if row_chunk is None:
+        return [slice(0, Nq)]
+    if int(row_chunk) != row_chunk or row_chunk < 1:
+        raise ValueError(f"row_chunk must be a positive integer or None; got {row_chunk!r}")
+    row_chunk = int(row_chunk)
+    return [slice(r, min(r + row_chunk, Nq)) for r in range(0, Nq, row_chunk)]
+
+
+def _forward_rows(q, k, v, vis, z, scale):
+    """(o, lse) of the rows of q given, with their masks."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
-    vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, key_lengths=key_lengths,
-                    block_mask=block_mask, block_size=block_size)
-    S = _scores(q, k, vis, _scale(q, softmax_scale))
+    S = _scores(q, k, vis, scale)
     m = S.max(axis=-1, keepdims=True)
     m = xp.where(xp.isfinite(m), m, acc(0))             # rows that see no key: no shift
     E = xp.exp(S - m)
@@ -131,31 +167,92 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.
     return o, lse.astype(acc)
 
 
+def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0, seed=None,
+                      offset=0, keep=None, key_lengths=None, block_mask=None, block_size=None,
+                      row_chunk=None):
+    """(o, lse): o in q's dtype, lse (B, H, Nq) in float32 (float64 for float64 inputs).
+    lse is the softmax's, before dropout.
+
+    row_chunk: None (the baseline: every matrix N x N at once), or the number of query rows
+    computed at a time (see the module docstring: the same results, in memory bounded by
+    row_chunk x Nk per matrix). keep may also be a function of a slice of rows returning those
+    rows of the mask."""
+    scale = _scale(q, softmax_scale)
+    masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
+    if row_chunk is None:
+        vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
+        return _forward_rows(q, k, v, vis, z, scale)
+    xp = array_module(q)
+    Nq = q.shape[2]
+    o = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
+    lse = xp.empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
+    for rows in row_chunks(Nq, row_chunk):
+        vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, rows=rows, **masking)
+        o[..., rows, :], lse[..., rows] = _forward_rows(q[..., rows, :], k, v, vis, z, scale)
+        del vis, z
+    return o, lse
+
+
 def attention(q, k, v, **options):
     return attention_forward(q, k, v, **options)[0]
 
 
-def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, dropout_p=0.0,
-                       seed=None, offset=0, keep=None, key_lengths=None, block_mask=None,
-                       block_size=None):
-    """(dq, dk, dv) in the input dtype, recomputing P = exp(S - lse) and the dropout mask."""
+def _mm_acc(a, b):
+    """a @ b with inputs in their dtype, accumulated and returned in float32 (float64): a row
+    chunk's share of dK or dV, added up across chunks before the one rounding to the dtype."""
+    acc = _acc_dtype(a.dtype)
+    if a.dtype == acc:
+        return array_module(a).matmul(a, b)
+    return array_module(a).matmul(a.astype(acc), b.astype(acc))
+
+
+def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm):
+    """(dq, dk, dv) of the rows of do, q, o and lse given, with their masks: dq finished, dk and
+    dv as mm(dSᵀ, Q) (τ not applied yet) and mm((P ∘ Z/(1-p))ᵀ, dO)."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
-    scale = _scale(q, softmax_scale)
-    vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, key_lengths=key_lengths,
-                    block_mask=block_mask, block_size=block_size)
     S = _scores(q, k, vis, scale)
     lse = lse.astype(acc)[..., None]
     seen = xp.isfinite(lse)
     P = xp.where(seen, xp.exp(S - xp.where(seen, lse, acc(0))), acc(0))
     dP = _mm(do, _t(v)).astype(acc)
     if z is not None:
-        dv = _mm(_t((P * z).astype(q.dtype)), do)
+        dv = mm(_t((P * z).astype(q.dtype)), do)
         dP = dP * z
     else:
-        dv = _mm(_t(P.astype(q.dtype)), do)
+        dv = mm(_t(P.astype(q.dtype)), do)
     D = (do.astype(acc) * o.astype(acc)).sum(axis=-1, keepdims=True)
     dS = (P * (dP - D)).astype(q.dtype)
     dq = (_mm(dS, k).astype(acc) * acc(scale)).astype(q.dtype)
-    dk = (_mm(_t(dS), q).astype(acc) * acc(scale)).astype(q.dtype)
+    dk = mm(_t(dS), q)
     return dq, dk, dv
+
+
+def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, dropout_p=0.0,
+                       seed=None, offset=0, keep=None, key_lengths=None, block_mask=None,
+                       block_size=None, row_chunk=None):
+    """(dq, dk, dv) in the input dtype, recomputing P = exp(S - lse) and the dropout mask.
+
+    row_chunk: as for attention_forward; dk and dv are then added up across the chunks in
+    float32 (float64 for float64) and rounded to the input dtype once, at the end."""
+    xp = array_module(q)
+    acc = _acc_dtype(q.dtype)
+    scale = _scale(q, softmax_scale)
+    masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
+    if row_chunk is None:
+        vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
+        dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm)
+        return dq, (dk.astype(acc) * acc(scale)).astype(q.dtype), dv
+    Nq = q.shape[2]
+    dq = xp.empty(q.shape, dtype=q.dtype)
+    dk = xp.zeros(k.shape, dtype=acc)
+    dv = xp.zeros(v.shape, dtype=acc)
+    for rows in row_chunks(Nq, row_chunk):
+        vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, rows=rows, **masking)
+        dq[..., rows, :], dk_part, dv_part = _backward_rows(
+            do[..., rows, :], q[..., rows, :], k, v, o[..., rows, :], lse[..., rows], vis, z,
+            scale, _mm_acc)
+        dk += dk_part
+        dv += dv_part
+        del vis, z, dk_part, dv_part
+    return dq, (dk * acc(scale)).astype(q.dtype), dv.astype(q.dtype)

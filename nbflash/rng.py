@@ -67,20 +67,33 @@ def seed_words(seed):
     return seed & 0xFFFFFFFF, seed >> 32
 
 
-def keep_mask(xp, B, H, Nq, Nk, p, seed, offset=0):
+def _indices(xp, n, part):
+    """uint64 indices of `part` (a slice, None: all) of range(n)."""
+    r = range(n) if part is None else range(n)[part]
+    return xp.arange(r.start, r.stop, r.step, dtype=xp.int64).astype(xp.uint64)
+
+
+def keep_mask(xp, B, H, Nq, Nk, p, seed, offset=0, rows=None, batches=None, heads=None):
     """Boolean (B, H, Nq, Nk) array of the entries of P that dropout with probability p keeps,
-    computed with `xp` (NumPy or CuPy) on whole arrays: what the kernels draw, entry by entry."""
+    computed with `xp` (NumPy or CuPy) on whole arrays: what the kernels draw, entry by entry.
+
+    rows, batches, heads: slices of the query rows, batch entries and heads (None: all) to draw
+    only that part: the result is keep_mask(...)[batches, heads, rows] of the whole problem
+    (B and H stay the whole problem's: the counter holds b·H + h and the absolute row), without
+    drawing the rest; nbflash.naive's row chunks and the benchmark's check slice use them."""
     k0, k1 = (U64(w) for w in seed_words(seed))
     groups = -(-Nk // GROUP)
     g = xp.arange(groups, dtype=xp.uint64)[None, None, None, :]
-    row = xp.arange(Nq, dtype=xp.uint64)[None, None, :, None]
-    bh = xp.arange(B * H, dtype=xp.uint64).reshape(B, H, 1, 1)
-    shape = (B, H, Nq, groups)
+    row = _indices(xp, Nq, rows)[None, None, :, None]
+    b = _indices(xp, B, batches)[:, None, None, None]
+    h = _indices(xp, H, heads)[None, :, None, None]
+    bh = b * U64(H) + h
+    shape = (b.shape[0], h.shape[1], row.shape[2], groups)
     words = philox4x32(xp.broadcast_to(g, shape), xp.broadcast_to(row, shape),
                        xp.broadcast_to(bh, shape), xp.full(shape, offset, dtype=xp.uint64),
                        k0, k1)
     halves = []
     for w in words:
         halves += [w & U64(0xFFFF), w >> U64(16)]
-    numbers = xp.stack(halves, axis=-1).reshape(B, H, Nq, groups * GROUP)[..., :Nk]
+    numbers = xp.stack(halves, axis=-1).reshape(*shape[:3], groups * GROUP)[..., :Nk]
     return numbers >= U64(threshold(p))

@@ -57,9 +57,14 @@ def density(mask):
     return float(np.count_nonzero(mask)) / max(1, np.size(mask))
 
 
-def expand(mask, block_size, Nq, Nk, xp=np):
+def expand(mask, block_size, Nq, Nk, xp=np, rows=None):
     """The element mask (..., Nq, Nk) of a block mask (..., n_q_blocks, n_k_blocks) at
-    block_size = bq = bk or (bq, bk)."""
+    block_size = bq = bk or (bq, bk). rows: a slice of the query rows (None: all), to expand
+    only those: the result is expand(...)[..., rows, :], without the other rows."""
     bq, bk = (block_size, block_size) if np.ndim(block_size) == 0 else block_size
     mask = xp.asarray(mask, dtype=bool)
-    return xp.repeat(xp.repeat(mask, bq, axis=-2), bk, axis=-1)[..., :Nq, :Nk]
+    if rows is None:
+        return xp.repeat(xp.repeat(mask, bq, axis=-2), bk, axis=-1)[..., :Nq, :Nk]
+    r = range(int(Nq))[rows]
+    blocks = xp.arange(r.start, r.stop, r.step) // int(bq)    # each row's query block
+    return xp.repeat(xp.take(mask, blocks, axis=-2), bk, axis=-1)[..., :Nk]
