@@ -42,6 +42,16 @@ plus a floor of two roundings at the reference's magnitude; factors o 2, dq 4, d
 The reference takes the point's options: the dropout mask the kernels draw for the problem
 (nbflash.dropout_mask, which depends on b·H + h: drawn for the whole heads of the batch entries
 up to the slice's end, then sliced like the inputs), the slice's key lengths, the block mask.
+Even on the slice, naive's N x N float64 matrices outgrow the GPU from N = 32k on (17 GB each
+for two heads, several at once); so when one of them would exceed REFERENCE_CHUNK_BYTES (1 GiB:
+N > 8192 for two heads), the reference and the naive impl in the dtype (the rule's baseline)
+both take the query rows in chunks (nbflash.naive's row_chunk, reference_row_chunk: equal
+chunks of at most 1 GiB / (2 heads x N x 8 bytes) rows, 1024 at N = 64k), with each chunk's
+rows of every mask, and the dropout mask's rows drawn chunk by chunk on the slice's heads
+(nbflash.rng.keep_mask, the array version of the kernels' generator) instead of whole. The
+results are those of the unchunked computation (o, lse and dq row by row; dk and dv summed
+over the chunks in float32, float64 for the reference); the run's params say how the
+reference was computed ("reference", "reference_chunk_bytes", "reference_row_chunk").
 A point that fails is recorded with status "error" and its errors, and is not timed.
 
 Timing. A pair of CUDA events on the current CuPy stream around each timed call (torch runs on
@@ -67,7 +77,8 @@ timed region (every 50 calls outside it), forward and backward, per impl.
 The JSON file:
 
     {"meta": {"gpu" ("simulator" there), "mode", "device", "versions", "date", "git_commit",
-              "git_dirty", "command", "params" (the grid, repeats, rotation, check, factors),
+              "git_dirty", "command", "params" (the grid, repeats, rotation, check, factors,
+              reference, reference_chunk_bytes, reference_row_chunk),
               "earlier_runs" (the meta of runs this one resumed)},
      "records": [{"impl", "dtype", "B", "H", "N", "d", "causal", "pass", "dropout_p", "padding",
                   "density" (None: dense), "block_size" (None: dense), "block_density"
@@ -99,12 +110,13 @@ import nbflash
 from . import inputs, naive, sparsity, tolerance
 from ._cuda import MODE
 from .measure import sync as _sync_cupy
+from .rng import keep_mask
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 DTYPES = ("float32", "float16")
 TORCH_IMPLS = ("torch", "torch-flash")
 #: statuses a resumed run keeps; "error" points are measured again
-FINAL = ("ok", "oom", "unsupported")
+FINAL = ("ok", "oom", "unsupported", "skipped")
 
 #: The FlashAttention-2 grid on a GPU; a tiny one in the simulator (seconds, not hours).
 GPU_DEFAULTS = {"tokens": 16384, "hidden": 2048, "Ns": (512, 1024, 2048, 4096, 8192, 16384),
@@ -129,6 +141,11 @@ PADDING_SPREAD = 20
 #: factors in the tolerance rule (nbflash.tolerance, as in the tests)
 CHECK_SLICE = (slice(0, 1), slice(0, 2))
 FACTORS = {name: tolerance.FACTORS[name] for name in ("o", "dq", "dk", "dv")}
+#: the reference on the check slice takes the query rows in chunks (nbflash.naive's row_chunk)
+#: when one float64 (slice batch, slice heads, N, N) matrix would exceed this many bytes, each
+#: chunk as many rows as keep that matrix within it (2 heads: all rows at once up to N = 8192,
+#: then 4096, 2048 and 1024 rows at N = 16k, 32k and 64k)
+REFERENCE_CHUNK_BYTES = 2**30
 
 #: host overhead: problem (B, H, N, d), calls measured, warm-up calls (compilation), sync period
 GPU_HOST = {"shape": (1, 1, 128, 64), "calls": 300, "warmup": 10, "sync_every": 50}
@@ -367,34 +384,76 @@ def api_options(B, N, dropout_p=0.0, padding=False, density=None, block_size=Non
     return opts
 
 
-def _slice_options(options, B, H, N):
+def slice_shape(B, H):
+    """(batch entries, heads) of the check slice of a (B, H, ...) problem."""
+    return len(range(B)[CHECK_SLICE[0]]), len(range(H)[CHECK_SLICE[1]])
+
+
+def reference_row_chunk(B, H, Nq, Nk, limit=None):
+    """Query rows per chunk of the reference on the check slice of a (B, H, Nq, Nk) problem:
+    None (all rows at once, the plain baseline) when a float64 matrix of the slice, (slice
+    batch, slice heads, Nq, Nk), takes at most `limit` bytes (REFERENCE_CHUNK_BYTES); else the
+    fewest chunks of equal size (the last may be shorter) whose matrices stay within it."""
+    limit = REFERENCE_CHUNK_BYTES if limit is None else limit
+    bs, hs = slice_shape(B, H)
+    row_bytes = bs * hs * Nk * np.dtype(np.float64).itemsize
+    if Nq * row_bytes <= limit:
+        return None
+    rows = max(1, int(limit // row_bytes))
+    return -(-Nq // -(-Nq // rows))      # ceil(Nq / number of chunks)
+
+
+def reference_note(limit=None):
+    """How the reference is computed, in words (the run's params)."""
+    limit = REFERENCE_CHUNK_BYTES if limit is None else limit
+    return (f"float64 nbflash.naive on the check slice (batch {CHECK_SLICE[0].start}, heads "
+            f"{CHECK_SLICE[1].start}-{CHECK_SLICE[1].stop - 1}); when one float64 N x N matrix "
+            f"of the slice would exceed {limit} bytes, in chunks of query rows (row_chunk, "
+            f"reference_row_chunk) that keep each (rows x N) matrix within it, the naive "
+            f"impl in the dtype (the tolerance's baseline) chunked the same way, and the "
+            f"dropout mask's rows drawn by nbflash.rng.keep_mask chunk by chunk")
+
+
+def _slice_options(options, B, H, N, row_chunk=None):
     """The API options of a (B, H, N, N) problem as they apply to the check slice, in
     nbflash.naive's terms: the dropout mask the kernels draw (`keep`; it depends on b·H + h, so
     it is drawn for all H heads of the batch entries up to the slice's end, then sliced like the
-    inputs), the key lengths of the slice's batch entries; the block mask is shared."""
+    inputs), the key lengths of the slice's batch entries; the block mask is shared.
+    row_chunk: the reference's row chunks (reference_row_chunk); when not None, `keep` is a
+    function of a slice of rows that draws only those rows of the slice's heads
+    (nbflash.rng.keep_mask, the same numbers as the kernels'), never the whole N x N mask."""
     out = {k: x for k, x in options.items() if k not in ("seed", "offset")}
     if options.get("dropout_p"):
-        batches = range(B)[CHECK_SLICE[0]].stop
-        keep = nbflash.dropout_mask(batches, H, N, N, options["dropout_p"], options["seed"],
-                                    options["offset"])
-        out["keep"] = keep[CHECK_SLICE].copy()    # a copy: the whole mask is freed here
-        del keep
+        p, seed, offset = options["dropout_p"], options["seed"], options["offset"]
+        if row_chunk is None:
+            batches = range(B)[CHECK_SLICE[0]].stop
+            keep = nbflash.dropout_mask(batches, H, N, N, p, seed, offset)
+            out["keep"] = keep[CHECK_SLICE].copy()    # a copy: the whole mask is freed here
+            del keep
+        else:
+            xp = _xp()
+
+            def keep(rows):
+                return keep_mask(xp, B, H, N, N, p, seed, offset, rows=rows,
+                                 batches=CHECK_SLICE[0], heads=CHECK_SLICE[1])
+            out["keep"] = keep
     if "key_lengths" in options:
         out["key_lengths"] = options["key_lengths"][CHECK_SLICE[0]]
     return out
 
 
-def _slice_reference(copy, causal, options=None):
+def _slice_reference(copy, causal, options=None, row_chunk=None):
     """On the check slice: the float64 reference (o, dq, dk, dv) on the host, and the max errors
     of the naive impl run in the inputs' own dtype against it. options: nbflash.naive's mask and
-    dropout arguments for the slice (_slice_options)."""
-    options = options or {}
+    dropout arguments for the slice (_slice_options). row_chunk: None, or the query rows per
+    chunk (reference_row_chunk) of both, so that no N x N matrix is made."""
+    options = {**(options or {}), "row_chunk": row_chunk}
     q, k, v, do = (x[CHECK_SLICE] for x in copy)
     q64, k64, v64, do64 = (x.astype(np.float64) for x in (q, k, v, do))
     o, lse = naive.attention_forward(q64, k64, v64, causal=causal, **options)
     grads = naive.attention_backward(do64, q64, k64, v64, o, lse, causal=causal, **options)
     ref = dict(zip(("o", "dq", "dk", "dv"), (_to_host(x) for x in (o, *grads))))
-    del o, lse, grads
+    del o, lse, grads, q64, k64, v64, do64
     o, lse = naive.attention_forward(q, k, v, causal=causal, **options)
     grads = naive.attention_backward(do, q, k, v, o, lse, causal=causal, **options)
     naive_err = {name: max_err(_to_host(x), ref[name])
@@ -416,8 +475,11 @@ class Group:
         n = copies_for(5 * B * H * N * d * self.dtype.itemsize)
         self.copies = _make_copies(_xp(), self.shape, self.dtype, n, seed=1009 * N + d)
         self.options = api_options(B, N, dropout_p, padding, density, block_size, _xp())
-        self.ref, self.naive_err = _slice_reference(self.copies[0], causal,
-                                                    _slice_options(self.options, B, H, N))
+        #: query rows per chunk of the reference (None: all at once)
+        self.reference_rows = reference_row_chunk(B, H, N, N)
+        self.ref, self.naive_err = _slice_reference(
+            self.copies[0], causal, _slice_options(self.options, B, H, N, self.reference_rows),
+            self.reference_rows)
 
     def tolerance(self, name):
         """The largest max error the tolerance rule allows for output `name`."""
@@ -812,7 +874,23 @@ def _label(p, impl=True):
             f"{'causal' if p.causal else 'full'} B={p.B} H={p.H}{', ' + opts if opts else ''}")
 
 
-def _run_impl(group, points, rec, repeats, warmup):
+def _series(p):
+    """A point's series: the same impl, dtype, head dim, causality, options and pass at other
+    N (what give_up_ms stops)."""
+    return (p.impl, p.dtype, p.d, p.causal, p.pass_, *p.options())
+
+
+def _give_up(slow, p, fields, give_up_ms):
+    """Note in `slow` when a timed point took longer than give_up_ms (None: never give up)."""
+    ms = fields.get("median_ms")
+    earlier = slow.get(_series(p))
+    if (give_up_ms is not None and fields.get("status") == "ok" and ms and ms > give_up_ms
+            and (earlier is None or earlier[0] > p.N)):
+        slow[_series(p)] = (p.N, f"skipped: {p.impl} took {ms:.0f} ms at N={p.N}, over "
+                                 f"give_up_ms={give_up_ms:g}")
+
+
+def _run_impl(group, points, rec, repeats, warmup, slow=None, give_up_ms=None):
     """Check, then time each pass of one impl on one group."""
     impl, causal = points[0].impl, points[0].causal
     with contextlib.ExitStack() as stack:
@@ -830,12 +908,22 @@ def _run_impl(group, points, rec, repeats, warmup):
             if fields["status"] == "ok":
                 rec.describe(f"time {p.pass_} {_label(p)}")
                 fields = {**fields, **time_pass(runner, group, p.pass_, repeats, warmup)}
+                if slow is not None:
+                    _give_up(slow, p, fields, give_up_ms)
             rec.add(p, fields)
             _free_memory(collect=fields["status"] != "ok")
 
 
-def _run_group(points, rec, repeats, warmup):
-    """All pending points of one problem: inputs and reference once, then each impl."""
+def _run_group(points, rec, repeats, warmup, slow=None, give_up_ms=None):
+    """All pending points of one problem: inputs and reference once, then each impl. A point
+    whose series gave up at a smaller N (slow: series -> (N, why)) is recorded as skipped."""
+    if slow:
+        skip = [p for p in points if _series(p) in slow and slow[_series(p)][0] < p.N]
+        for p in skip:
+            rec.add(p, {"status": "skipped", "error": slow[_series(p)][1]})
+        points = [p for p in points if p not in skip]
+        if not points:
+            return
     rec.describe(f"inputs and reference: {_label(points[0], impl=False)}")
     try:
         group = Group(*points[0].group())
@@ -849,7 +937,7 @@ def _run_group(points, rec, repeats, warmup):
     for p in points:
         by_impl.setdefault(p.impl, []).append(p)
     for impl_points in by_impl.values():
-        _run_impl(group, impl_points, rec, repeats, warmup)
+        _run_impl(group, impl_points, rec, repeats, warmup, slow, give_up_ms)
     del group
     _free_memory(collect=True)
 
@@ -865,10 +953,16 @@ def _check_options(dropout, densities, block_size):
         raise ValueError(f"block_size must be a positive integer; got {block_size}")
 
 
+def _row_chunks_of_grid(tokens, hidden, Ns, ds):
+    """{"N=<N> d=<d>": the reference's query rows per chunk (None: all at once)}."""
+    return {f"N={N} d={d}": reference_row_chunk(*problem_size(tokens, hidden, N, d), N, N)
+            for N in Ns for d in ds}
+
+
 def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), passes=PASSES,
         tokens=None, hidden=None, repeats=None, warmup=None, dropout=0.0, padding=False,
         densities=None, block_size=None, out=None, resume=True, host_overhead=True,
-        progress=True, command=None, console=None):
+        progress=True, command=None, console=None, give_up_ms=None):
     """Benchmark the grid; returns {"meta", "records", "host_overhead_us"} (see the module doc).
 
     impls: default every nbflash impl, plus torch and torch-flash when torch runs here.
@@ -879,6 +973,9 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
     out: JSON path, rewritten after every point (None: no file). resume: keep the records at
     `out` and skip the points there with status ok, oom or unsupported. host_overhead: also
     measure the host time per call (measure_host_overhead). progress: show a progress bar.
+    give_up_ms: once a point's median time exceeds it, the larger N of the same series (impl,
+    dtype, d, causal, pass, options) are recorded as "skipped" instead of measured (a slow impl
+    at long sequences would take minutes per point); None: measure everything.
     """
     if MODE == "compile":
         raise RuntimeError("bench runs kernels: use NBFLASH_DEVICE=gpu or sim")
@@ -905,7 +1002,11 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
                                "block_mask": BLOCK_MASK_SEED},
               "rotate_bytes": ROTATE_BYTES, "copies": [MIN_COPIES, MAX_COPIES],
               "check": "batch 0, heads 0-1 vs float64 naive", "factors": FACTORS,
-              "host_overhead": _host_cfg()}
+              "reference": reference_note(), "reference_chunk_bytes": REFERENCE_CHUNK_BYTES,
+              "reference_row_chunk": _row_chunks_of_grid(tokens or d0["tokens"],
+                                                         hidden or d0["hidden"],
+                                                         Ns or d0["Ns"], ds or d0["ds"]),
+              "host_overhead": _host_cfg(), "give_up_ms": give_up_ms}
     command = command or shlex.join([sys.executable, *sys.argv])
     doc = _start_doc(out, resume, _meta(params, command))
 
@@ -929,8 +1030,14 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
                                     disable=not progress) as bar:
         task = bar.add_task("bench", total=len(todo))
         rec = _Recorder(doc, out, bar, task)
+        slow = {}
+        for r in doc["records"]:      # series that gave up in the run this one resumes
+            if r.get("status") in ("ok", "skipped"):
+                p = Point(r["impl"], r["dtype"], r["B"], r["H"], r["N"], r["d"],
+                          bool(r["causal"]), r["pass"], *_options(r))
+                _give_up(slow, p, r, give_up_ms)
         for group_points in groups.values():
-            _run_group(group_points, rec, params["repeats"], params["warmup"])
+            _run_group(group_points, rec, params["repeats"], params["warmup"], slow, give_up_ms)
         if host_overhead:
             rec.describe("host overhead")
             doc["host_overhead_us"].update(measure_host_overhead(impls))
@@ -1087,3 +1194,12 @@ def print_host_overhead(doc, console=None):
                               for k in ("forward", "backward")),
                       Text(f"{h['status']}: {h.get('error', '')[:80]}" if "status" in h else ""))
     console.print(table)
+
+
+# -- for the experiments (experiments/), which measure with this harness ------------------------
+
+run_meta = _meta
+failure = _failure
+free_memory = _free_memory
+to_host = _to_host
+xp = _xp
