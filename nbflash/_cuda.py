@@ -14,6 +14,7 @@ Every other nbflash module takes ``cuda`` (and the mode) from here, so moving to
 CUDA package is a change to this file alone.
 """
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -128,6 +129,211 @@ if SIMULATOR:
     _lock_simulator_shared_arrays()
 
 
+# ---------------------------------------------------- global-memory traffic (simulator only)
+
+class GlobalMemoryTally:
+    """Bytes that simulated kernels move in global memory, while :func:`count_global_memory`
+    is active: ``moved[(kernel, array)] = [read, write, atomic, merged]``, with `kernel` the
+    kernel function's name and `array` the name of its parameter.
+
+    What counts (the rule nbflash.iomodel documents and models):
+
+    - a load or store of one element of a kernel's array argument counts the element's size;
+      a store to a slice counts the slice's bytes;
+    - a view (an array indexed by slices) moves nothing: its elements count when they are read
+      or written (by indexing, iteration, or a NumPy ufunc taking the view);
+    - an atomic operation counts its element's size once, as `atomic` (not as a read and a
+      write);
+    - loads of the same element by threads of one block between two barriers count once (a
+      broadcast: the GPU serves the threads of a warp with one request, and the block's other
+      warps from L1); the repeats go to `merged` instead of `read`;
+    - shared and local arrays are not kernel arguments and are not counted.
+
+    Attribute access that would read a global array without indexing it (``x.sum()``) raises
+    instead of going uncounted. Updates take a lock: the simulator runs threads concurrently.
+    """
+
+    def __init__(self):
+        self.moved = {}
+        self._lock = threading.Lock()
+        self._kernel, self._launch = None, 0
+        self._phase, self._seen = None, set()   # the loads of the current (block, barrier)
+
+    def launch(self, name):
+        with self._lock:
+            self._kernel, self._launch = name, self._launch + 1
+
+    def _row(self, array):
+        return self.moved.setdefault((self._kernel, array), [0, 0, 0, 0])
+
+    def load(self, array, addresses, itemsize):
+        t = threading.current_thread()
+        phase = (self._launch, tuple(t.blockIdx), getattr(t, "_nbflash_barriers", 0))
+        with self._lock:
+            if phase != self._phase:    # every thread of the block has passed a barrier
+                self._phase, self._seen = phase, set()
+            row = self._row(array)
+            for a in addresses:
+                if a in self._seen:
+                    row[3] += itemsize
+                else:
+                    self._seen.add(a)
+                    row[0] += itemsize
+
+    def add(self, array, column, nbytes):
+        with self._lock:
+            self._row(array)[column] += nbytes
+
+
+_METADATA = frozenset(("dtype", "size", "ndim", "strides", "itemsize", "flags"))
+
+
+def _counting_patches(tally):
+    """(owner, attribute, replacement) for the simulator to report to `tally`."""
+    import inspect  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    from numba.cuda.simulator import kernel as sim, kernelapi  # noqa: PLC0415
+    from numba.cuda.simulator.args import ArgHint, InOut  # noqa: PLC0415
+    from numba.cuda.simulator.cudadrv.devicearray import (  # noqa: PLC0415
+        FakeCUDAArray, FakeWithinKernelCUDAArray)
+
+    quiet = threading.local()    # inside an atomic: its element reads and writes are not loads
+
+    class Counted(FakeCUDAArray):
+        """A kernel's global array (the simulator's wrapper) that reports what moves."""
+
+        def __init__(self, ary, name):
+            super().__init__(ary)
+            self._name = name
+            self._base = ary.__array_interface__["data"][0]
+
+        def addresses(self):
+            a = self._ary
+            offsets = sum(i * s for i, s in zip(np.indices(a.shape), a.strides))
+            return (self._base + np.asarray(offsets, dtype=np.int64)).ravel().tolist()
+
+        def __getitem__(self, idx):
+            got = self._ary[idx]
+            if isinstance(got, np.ndarray):
+                return Counted(got, self._name)      # a view: nothing has moved yet
+            if not getattr(quiet, "on", False):
+                a = self._ary
+                at = self._base + sum(int(i) % n * s for i, n, s in zip(
+                    idx if isinstance(idx, tuple) else (idx,), a.shape, a.strides))
+                tally.load(self._name, (at,), a.itemsize)
+            return got
+
+        def __setitem__(self, idx, val):
+            self._ary[idx] = val
+            if not getattr(quiet, "on", False):
+                tally.add(self._name, 1, self._ary[idx].nbytes)
+
+        def __getattr__(self, name):
+            if name in _METADATA:
+                return getattr(self._ary, name)
+            if name.startswith("__"):
+                raise AttributeError(name)
+            raise RuntimeError(f"{name!r} of global array {self._name!r}: the global-memory "
+                               "counter counts element and slice accesses only")
+
+    def view_method(name):
+        return lambda self, *a, **k: Counted(getattr(self._ary, name)(*a, **k), self._name)
+
+    class Argument(ArgHint):
+        """An array argument as the simulator passes it (a copy, written back), counted."""
+
+        def __init__(self, value, name):
+            super().__init__(value)
+            self.name = name
+
+        def to_device(self, retr, stream=0):
+            return Counted(InOut(self.value).to_device(retr, stream)._ary, self.name)
+
+    launch = sim.FakeCUDAKernel.__call__
+
+    def counted_launch(self, *args):
+        if self._device or sim._get_kernel_context() is not None:
+            return launch(self, *args)              # a device function, inside a kernel
+        names = list(inspect.signature(self.fn).parameters)
+        tally.launch(self.fn.__name__)
+        return launch(self, *(
+            Argument(a, names[i] if i < len(names) else f"arg{i}")
+            if isinstance(a, np.ndarray) and a.ndim > 0 else a for i, a in enumerate(args)))
+
+    barrier = sim.BlockThread.syncthreads
+
+    def counted_barrier(self):
+        barrier(self)
+        self._nbflash_barriers = getattr(self, "_nbflash_barriers", 0) + 1
+
+    def counted_atomic(op):
+        def atomic(self, array, *args):
+            item = array.__dict__.get("_item") if isinstance(
+                array, FakeWithinKernelCUDAArray) else None
+            if not isinstance(item, Counted):
+                return op(self, array, *args)       # shared or local memory
+            quiet.on = True
+            try:
+                old = op(self, array, *args)
+            finally:
+                quiet.on = False
+            tally.add(item._name, 2, item._ary.itemsize)
+            return old
+        return atomic
+
+    ufunc = FakeWithinKernelCUDAArray.__array_ufunc__
+
+    def counted_ufunc(self, uf, method, *args, **kwargs):
+        result = ufunc(self, uf, method, *args, **kwargs)
+        for x in args:
+            if isinstance(x, FakeWithinKernelCUDAArray) and isinstance(x._item, Counted):
+                tally.load(x._item._name, x._item.addresses(), x._item._ary.itemsize)
+        for x in kwargs.get("out") or ():
+            if isinstance(x, FakeWithinKernelCUDAArray) and isinstance(x._item, Counted):
+                tally.add(x._item._name, 1, x._item._ary.nbytes)
+        return result
+
+    atomics = [n for n, f in vars(kernelapi.FakeCUDAAtomic).items()
+               if callable(f) and not n.startswith("_")]
+    for name in ("reshape", "ravel", "view", "transpose"):
+        setattr(Counted, name, view_method(name))
+    return ([(sim.FakeCUDAKernel, "__call__", counted_launch),
+             (sim.BlockThread, "syncthreads", counted_barrier),
+             (FakeWithinKernelCUDAArray, "__array_ufunc__", counted_ufunc)]
+            + [(kernelapi.FakeCUDAAtomic, n, counted_atomic(getattr(kernelapi.FakeCUDAAtomic, n)))
+               for n in atomics])
+
+
+_counting_lock = threading.Lock()
+_counting = []
+
+
+@contextlib.contextmanager
+def count_global_memory():
+    """Count the global-memory bytes of every kernel launched inside the ``with`` block (Numba's
+    CUDA simulator only); yields a :class:`GlobalMemoryTally`. The simulator is patched on entry
+    and restored on exit, so nothing is counted, or slowed, outside. Not nestable."""
+    if not SIMULATOR:
+        raise RuntimeError("counting global-memory accesses needs the simulator "
+                           f"(NBFLASH_DEVICE=sim; the device mode is {MODE!r})")
+    tally = GlobalMemoryTally()
+    with _counting_lock:
+        if _counting:
+            raise RuntimeError("count_global_memory() is already active")
+        patches = _counting_patches(tally)
+        saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+        for owner, name, new in patches:
+            setattr(owner, name, new)
+        _counting.append(tally)
+    try:
+        yield tally
+    finally:
+        with _counting_lock:
+            for owner, name, old in saved:
+                setattr(owner, name, old)
+            _counting.clear()
+
+
 def _simulated_mul_rn(x, y):
     import numpy as np  # noqa: PLC0415
     return np.float32(np.float32(x) * np.float32(y))
@@ -144,4 +350,5 @@ else:
     #: so that two kernels computing the same product get the same float32
     mul_rn = libdevice.fmul_rn
 
-__all__ = ["cuda", "mul_rn", "intrinsic", "MODE", "SIMULATOR", "ON_GPU", "DeviceModeError"]
+__all__ = ["cuda", "mul_rn", "intrinsic", "MODE", "SIMULATOR", "ON_GPU", "DeviceModeError",
+           "count_global_memory", "GlobalMemoryTally"]
