@@ -1,0 +1,233 @@
+"""What the experiments share: where their files go, their data files (meta, points written as
+they finish, resume), the correctness check before a timing, and the figure style.
+
+Every experiment writes `figures/data/<name>.json` and `figures/<name>.png`. A data file is
+
+    {"meta": {"gpu", "mode", "device", "versions", "date", "git_commit", "git_dirty", "command",
+              "params", "earlier_runs": [the meta of the runs it resumed]},
+     "points": [{... the point's key fields ..., "status": "ok" | "oom" | "unsupported" |
+                 "skipped" | "error", ...measurements...}, ...]}
+
+or, for the experiments that run nbflash.bench, a bench document (its "records" instead of
+"points"). The file is rewritten (atomically) after every point, and a rerun skips the points
+already there with a final status, so an interrupted run loses nothing it finished. A file
+measured on one GPU is never resumed on another: the run stops and says to pass --fresh.
+"""
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nbflash import MODE, bench, tolerance
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "figures"
+
+#: statuses a rerun keeps ("error" points are measured again)
+FINAL = ("ok", "oom", "unsupported", "skipped")
+
+
+def data_path(name):
+    return FIGURES / "data" / f"{name}.json"
+
+
+def figure_path(name):
+    return FIGURES / f"{name}.png"
+
+
+def sized(gpu, sim):
+    """The GPU's sizes on a GPU, tiny ones in the simulator (where only the tests measure: it
+    runs the same code at sizes a Python thread per CUDA thread can afford)."""
+    return gpu if on_gpu() else sim
+
+
+def on_gpu():
+    return MODE == "gpu"
+
+
+def gpu_name():
+    return bench.run_meta({}, "")["gpu"]
+
+
+class StaleData(RuntimeError):
+    """Stored data from another GPU, which a run here must not mix with its own."""
+
+
+def load(path):
+    """The JSON document at `path`, or None when there is none."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_same_gpu(path, fresh):
+    """StaleData when `path` holds data of another GPU than this one (unless fresh)."""
+    doc = load(path)
+    if doc is None or fresh:
+        return
+    theirs, ours = doc.get("meta", {}).get("gpu"), gpu_name()
+    if theirs and theirs != ours:
+        raise StaleData(f"{path} was measured on {theirs}, this is {ours}: pass --fresh to "
+                        f"measure it again here (the file is replaced)")
+
+
+def command():
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+class Store:
+    """One experiment's data file of points, each identified by its `key` fields."""
+
+    def __init__(self, name, params, key, fresh=False, path=None):
+        self.path = Path(path or data_path(name))
+        self.key_fields = tuple(key)
+        check_same_gpu(self.path, fresh)
+        meta = bench.run_meta(params, command())
+        old = None if fresh else load(self.path)
+        self.doc = {"meta": meta, "points": []}
+        if old is not None:
+            earlier = old.get("meta", {}).pop("earlier_runs", [])
+            meta["earlier_runs"] = earlier + [old.get("meta", {})]
+            self.doc["points"] = old.get("points", [])
+
+    def key(self, point):
+        return tuple(point.get(f) for f in self.key_fields)
+
+    def done(self, **key):
+        """The stored point with these key fields and a final status, or None."""
+        want = tuple(key.get(f) for f in self.key_fields)
+        for p in self.doc["points"]:
+            if self.key(p) == want and p.get("status") in FINAL:
+                return p
+        return None
+
+    def add(self, point):
+        """Store `point` (replacing an earlier one with its key) and rewrite the file."""
+        k = self.key(point)
+        self.doc["points"] = [p for p in self.doc["points"] if self.key(p) != k] + [point]
+        bench.write_json(self.path, self.doc)
+        return point
+
+
+def run_bench(name, first, fresh, **grid):
+    """nbflash.bench.run into this experiment's data file (several calls may share it: `first`
+    says whether this is the run's first, which alone may start afresh)."""
+    path = data_path(name)
+    if first:
+        check_same_gpu(path, fresh)
+    return bench.run(out=path, resume=not (first and fresh), host_overhead=False,
+                     command=command(), **grid)
+
+
+def failure(exc):
+    """The status and message of a point that failed (out of memory is "oom")."""
+    return bench.failure(exc)
+
+
+# -- a problem, checked before it is measured ---------------------------------------------------
+
+def problem(dtype, B, H, N, d, causal=False, **options):
+    """A bench.Group: rotated input copies and the float64 reference on the check slice."""
+    return bench.Group(dtype, B, H, N, d, causal, **options)
+
+
+def check_and_time(group, impl, passes, repeats=5, warmup=2, **api_options):
+    """{pass: record fields} of one impl on one problem: its outputs checked against the float64
+    reference on the check slice (bench.check, the tolerance rule), then each pass timed
+    (bench.time_pass: CUDA events, median) if the check passed. api_options: more arguments of
+    the nbflash API calls (fa1's M, for instance)."""
+    if api_options:
+        runner = bench.NbflashRunner(impl, group.causal, {**group.options, **api_options})
+    else:
+        runner = bench.make_runner(impl, group.causal, group.dtype.name, group)
+    with runner.context():
+        verdict = bench.check(runner, group, backward=any(p != "fwd" for p in passes))
+        out = {}
+        for p in passes:
+            fields = verdict["fwd" if p == "fwd" else "bwd"]
+            if fields["status"] == "ok":
+                fields = {**fields, **bench.time_pass(runner, group, p, repeats, warmup)}
+            out[p] = fields
+    return out
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+#: one colour and marker per impl or peer, the same in every figure
+STYLE = {
+    "naive": {"color": "#7f7f7f", "marker": "s", "label": "naive (CuPy)"},
+    "fa1": {"color": "#1f77b4", "marker": "o", "label": "nbflash fa1"},
+    "fa2": {"color": "#d62728", "marker": "^", "label": "nbflash fa2"},
+    "tc": {"color": "#9467bd", "marker": "D", "label": "nbflash tc"},
+    "torch": {"color": "#2ca02c", "marker": "v", "label": "torch SDPA"},
+    "torch-flash": {"color": "#ff7f0e", "marker": "P", "label": "torch SDPA (FA2 backend)"},
+}
+
+
+def pyplot():
+    import matplotlib  # noqa: PLC0415
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "figure.dpi": 150,
+                         "axes.grid": True, "grid.alpha": 0.3, "legend.fontsize": 8})
+    return plt
+
+
+def source_line(doc):
+    """'NVIDIA H200, 2026-11-25' (or 'simulator, ...') from a data file's meta."""
+    meta = doc.get("meta", {})
+    return f"{meta.get('gpu') or 'unknown device'}, {str(meta.get('date', '?'))[:10]}"
+
+
+def save(fig, name, title, doc, note=None):
+    """Title the figure with where and when its data was measured, and write it."""
+    import textwrap  # noqa: PLC0415
+    width = max(60, int(fig.get_figwidth() * 11))
+    fig.suptitle("\n".join(textwrap.wrap(title, width)) + f"\n{source_line(doc)}"
+                 + (f" — {note}" if note else ""), fontsize=10)
+    fig.tight_layout()
+    path = figure_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    plt.close(fig)
+    return path
+
+
+# -- HBM traffic ------------------------------------------------------------------------------
+
+def model_bytes(impl, pass_, B, H, N, d, dtype, **kw):
+    """{"read", "write", "atomic"} bytes of one pass from nbflash.iomodel, or None for an impl
+    the model does not cover."""
+    from nbflash import iomodel  # noqa: PLC0415
+    try:
+        r = iomodel.hbm_bytes(impl, pass_, B, H, N, N, d, dtype, **kw)
+    except (ValueError, NotImplementedError):
+        return None
+    return {"read": r.read, "write": r.write, "atomic": r.atomic}
+
+
+def add_totals(a, b):
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in set(a) | set(b)}
+
+
+def traffic_gb(t, level=None):
+    """Reads + writes + atomics in GB of a model dict (level None) or of ncu totals at `level`
+    ("dram", "l2" or "global"); None when there is nothing."""
+    if not t:
+        return None
+    pre = f"{level}_" if level else ""
+    vals = [t.get(pre + k) for k in ("read", "write", "atomic")]
+    if all(v is None for v in vals):
+        return None
+    return sum(v or 0.0 for v in vals) / 1e9
+
+
+def fmt(x, digits=3):
+    """Three significant digits, '-' for None."""
+    return "-" if x is None else f"{x:.{digits}g}"

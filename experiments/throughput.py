@@ -1,0 +1,87 @@
+"""Throughput (FlashAttention-2 Figs. 4-6 style): TFLOP/s bars from the benchmark's data.
+
+The data is nbflash.bench's FlashAttention-2 grid on this GPU (figures/data/bench_<gpu>.json:
+16k tokens, hidden 2048, N = 512 ... 16k, d = 64 and 128, causal and not; forward, backward and
+forward+backward). On a GPU, `measure` runs the benchmark into that file, resuming: only the
+points not there yet are measured (--fresh measures them all again). The figure has one row per
+pass and one column per (d, causal), bars per N for each impl and dtype measured;
+figures/data/throughput.json holds the bars drawn and the benchmark file's meta.
+"""
+
+from pathlib import Path
+
+from nbflash import MODE, bench
+
+from . import common
+
+NAME = "throughput"
+#: the series drawn: (impl, dtype), in this order
+SERIES = (("torch-flash", "float16"), ("torch", "float16"), ("tc", "float16"),
+          ("fa2", "float16"), ("fa2", "float32"), ("torch", "float32"), ("naive", "float16"),
+          ("naive", "float32"))
+PASS_TITLE = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward"}
+
+
+def source():
+    """The benchmark file: bench_<gpu>.json of this GPU, else the one committed (H200)."""
+    if MODE == "gpu":
+        return Path(bench.default_out())
+    return common.FIGURES / "data" / "bench_h200.json"
+
+
+def measure(fresh=False):
+    impls = [i for i in ("torch", "torch-flash", "naive", "fa2", "tc")
+             if i in bench.default_impls()]
+    path = common.ROOT / source()
+    if not fresh:
+        common.check_same_gpu(path, fresh)
+    bench.run(impls=impls, out=path, resume=not fresh, host_overhead=fresh,
+              command=common.command())
+
+
+def bars(doc):
+    out = []
+    for r in doc.get("records", []):
+        if r.get("status") == "ok" and r.get("density") is None and not r.get("padding") \
+                and not r.get("dropout_p") and (r["impl"], r["dtype"]) in SERIES:
+            out.append({k: r[k] for k in ("impl", "dtype", "pass", "d", "causal", "N", "B", "H",
+                                          "tflops", "median_ms")})
+    return out
+
+
+def plot():
+    src = common.ROOT / source()
+    doc = common.load(src)
+    if not doc:
+        return None
+    data = bars(doc)
+    summary = {"meta": {**doc["meta"], "source": f"figures/data/{src.name}"},
+               "bars": data}
+    bench.write_json(common.data_path(NAME), summary)
+    plt = common.pyplot()
+    configs = sorted({(b["d"], b["causal"]) for b in data})
+    series = [s for s in SERIES if any((b["impl"], b["dtype"]) == s for b in data)]
+    Ns = sorted({b["N"] for b in data})
+    fig, axes = plt.subplots(3, len(configs), figsize=(3.6 * len(configs), 8.4), squeeze=False)
+    width = 0.8 / max(1, len(series))
+    for row, pass_ in zip(axes, ("fwd", "bwd", "fwdbwd")):
+        for ax, (d, causal) in zip(row, configs):
+            for i, (impl, dtype) in enumerate(series):
+                st = common.STYLE[impl]
+                val = {b["N"]: b["tflops"] for b in data if (b["impl"], b["dtype"], b["pass"],
+                                                             b["d"], b["causal"]) ==
+                       (impl, dtype, pass_, d, causal)}
+                ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(Ns))],
+                       [val.get(n, 0) for n in Ns], width, color=st["color"],
+                       hatch="" if dtype == "float16" else "//", edgecolor="k", linewidth=0.3,
+                       label=f"{st['label']} {dtype}")
+            ax.set_xticks(range(len(Ns)), [f"{n // 1024}k" if n >= 1024 else str(n)
+                                           for n in Ns])
+            ax.set_yscale("log")
+            ax.set_title(f"{PASS_TITLE[pass_]}, d={d}, {'causal' if causal else 'not causal'}",
+                         fontsize=8)
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel("TFLOP/s")
+    axes[0][0].legend(fontsize=6, ncol=2, loc="lower left")
+    return common.save(fig, NAME, "Attention throughput, 16k tokens per batch, hidden 2048 "
+                                  "(hatched: float32)", doc)
