@@ -23,6 +23,8 @@ import subprocess
 import sys
 
 from nbflash import MODE, tiling
+from nbflash.iomodel import theorem2_flash as flash_form
+from nbflash.iomodel import theorem2_standard as standard_form
 
 from . import common, ncu
 
@@ -42,16 +44,6 @@ SIM_POINTS = (
        ("fa2", "fwd", 2, 1, 40, 40, 8, "float32", False, None),
        ("fa2", "fwd", 1, 2, 20, 33, 16, "float16", True, None),
        ("fa2", "bwd", 1, 1, 33, 33, 8, "float32", False, None)])
-
-
-def flash_form(N, d, M):
-    """Θ(N²d²/M) per head (Theorem 2, FlashAttention)."""
-    return N * N * d * d / M
-
-
-def standard_form(N, d):
-    """Θ(Nd + N²) per head (Theorem 2, standard attention)."""
-    return N * d + N * N
 
 
 def gpu_points():

@@ -38,10 +38,14 @@ numbers today; the rule keeps the count meaningful where a kernel broadcasts (ev
 reads key_lengths[b] with key padding, and the block mask with block-sparse attention), where a
 per-thread count would charge a block's T threads for one 4-byte request.
 
-**Against hardware**: the model counts useful bytes requested by the SMs, i.e. what reaches L2
-(Nsight Compute's ``lts__t_sectors_srcunit_tex_op_read/write`` x 32 bytes, up to the rounding of
-short rows to 32-byte sectors). DRAM traffic (``dram__bytes_read``) can be lower, as L2 (60 MB on
-an H200) serves repeated reads of K and V by different blocks. Atomic adds are L2 operations.
+**Against hardware** (experiments/ncu.py, README): the model counts the bytes the SMs' global
+load, store and atomic instructions move, which Nsight Compute reports as
+``sm__sass_data_bytes_mem_global_op_*``: on the H200 the two were equal to the byte for fa1 and
+fa2 at every size measured. What reaches L2 (``lts__t_sectors_srcunit_tex_op_*`` x 32 bytes) is
+that rounded up to whole 32-byte sectors (fa2's float16 stores of O and its dQ atomics touch
+sectors partly, so L2 sees 2-4x their bytes), less what L1 catches. DRAM traffic
+(``dram__bytes_*``) is lower still while L2 (60 MB on an H200) serves repeated reads of K, V (and
+fa1's Q_i, O_i) by different blocks.
 
 **The paper's bounds** (Theorem 2): standard attention makes Θ(Nd + N²) HBM accesses,
 FlashAttention Θ(N²d²/M); :func:`theorem2_standard` and :func:`theorem2_flash` give those
