@@ -46,17 +46,13 @@ def measure(fresh=False):
         point = {"M": M, "Br": Br, "Bc": Bc, "B": B, "H": H, "N": N, "d": d, "dtype": dtype,
                  "model": common.model_bytes("fa1", "fwd", B, H, N, d, dtype, M=M)}
         try:
-            group = group or common.problem(dtype, B, H, N, d)
+            group = group or bench.Group(dtype, B, H, N, d, False)
             point.update(common.check_and_time(group, "fa1", ("fwd",), M=M)["fwd"])
         except Exception as exc:  # noqa: BLE001
-            point.update(common.failure(exc))
-        if point["status"] == "ok" and common.on_gpu() and ncu.find():
-            try:
-                point["ncu"] = ncu.measure({"impl": "fa1", "pass": "fwd", "B": B, "H": H,
-                                            "N": N, "d": d, "dtype": dtype, "causal": False,
-                                            "M": M})
-            except Exception as exc:  # noqa: BLE001
-                point["ncu_error"] = str(exc)[:500]
+            point.update(bench.failure(exc))
+        if point["status"] == "ok" and common.on_gpu():
+            point.update(ncu.fields({"impl": "fa1", "pass": "fwd", "B": B, "H": H, "N": N,
+                                     "d": d, "dtype": dtype, "causal": False, "M": M}))
         store.add(point)
     del group
     bench.free_memory()

@@ -35,8 +35,8 @@ def impls():
 def measure(fresh=False):
     g = {**grid(), "causal": (False,), "passes": ("fwdbwd",)}
     dense = [i for i in ("naive", *impls(), "torch", "torch-flash") if i in bench.default_impls()]
-    common.run_bench(NAME, True, fresh, impls=dense, **g)
-    common.run_bench(NAME, False, fresh, impls=impls(), densities=densities(), **g)
+    common.run_bench(NAME, fresh, [{"impls": dense},
+                                   {"impls": impls(), "densities": densities()}], **g)
 
 
 def plot():

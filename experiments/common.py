@@ -19,15 +19,14 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from nbflash import MODE, bench, tolerance
+import nbflash
+from nbflash import MODE, bench
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "figures"
 
-#: statuses a rerun keeps ("error" points are measured again)
-FINAL = ("ok", "oom", "unsupported", "skipped")
+#: statuses a rerun keeps ("error" points are measured again), as for the benchmark
+FINAL = bench.FINAL
 
 
 def data_path(name):
@@ -49,7 +48,8 @@ def on_gpu():
 
 
 def gpu_name():
-    return bench.run_meta({}, "")["gpu"]
+    """This GPU's name as the data files' meta gives it ("simulator" without one)."""
+    return nbflash.info()["gpu"] if on_gpu() else "simulator"
 
 
 class StaleData(RuntimeError):
@@ -114,27 +114,22 @@ class Store:
         return point
 
 
-def run_bench(name, first, fresh, **grid):
-    """nbflash.bench.run into this experiment's data file (several calls may share it: `first`
-    says whether this is the run's first, which alone may start afresh)."""
+def run_bench(name, fresh, runs, **grid):
+    """nbflash.bench.run into this experiment's data file, once per dict of `runs` (each with
+    `grid`), all into the same file: only the first may start afresh."""
     path = data_path(name)
-    if first:
-        check_same_gpu(path, fresh)
-    return bench.run(out=path, resume=not (first and fresh), host_overhead=False,
-                     command=command(), **grid)
+    check_same_gpu(path, fresh)
+    for i, run in enumerate(runs):
+        bench.run(out=path, resume=not (fresh and i == 0), host_overhead=False,
+                  command=command(), **grid, **run)
 
 
-def failure(exc):
-    """The status and message of a point that failed (out of memory is "oom")."""
-    return bench.failure(exc)
+def in_variant(record, dropout, padding):
+    """True for a dense bench record with this dropout probability and padding."""
+    return bench.record_options(record) == (float(dropout), bool(padding), None, None)
 
 
 # -- a problem, checked before it is measured ---------------------------------------------------
-
-def problem(dtype, B, H, N, d, causal=False, **options):
-    """A bench.Group: rotated input copies and the float64 reference on the check slice."""
-    return bench.Group(dtype, B, H, N, d, causal, **options)
-
 
 def check_and_time(group, impl, passes, repeats=5, warmup=2, **api_options):
     """{pass: record fields} of one impl on one problem: its outputs checked against the float64
@@ -146,14 +141,7 @@ def check_and_time(group, impl, passes, repeats=5, warmup=2, **api_options):
     else:
         runner = bench.make_runner(impl, group.causal, group.dtype.name, group)
     with runner.context():
-        verdict = bench.check(runner, group, backward=any(p != "fwd" for p in passes))
-        out = {}
-        for p in passes:
-            fields = verdict["fwd" if p == "fwd" else "bwd"]
-            if fields["status"] == "ok":
-                fields = {**fields, **bench.time_pass(runner, group, p, repeats, warmup)}
-            out[p] = fields
-    return out
+        return dict(zip(passes, bench.measure_passes(runner, group, passes, repeats, warmup)))
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -182,6 +170,17 @@ def source_line(doc):
     """'NVIDIA H200, 2026-11-25' (or 'simulator, ...') from a data file's meta."""
     meta = doc.get("meta", {})
     return f"{meta.get('gpu') or 'unknown device'}, {str(meta.get('date', '?'))[:10]}"
+
+
+def mark_oom(ax, items):
+    """An x at the top of the axes at each N where an impl ran out of memory (items: records
+    or points with impl, N and status), in the impl's colour, with a legend entry."""
+    top = ax.get_ylim()[1]
+    for p in items:
+        if p["status"] == "oom" and p["impl"] in STYLE:
+            ax.plot(p["N"], top, marker="x", color=STYLE[p["impl"]]["color"], markersize=8,
+                    clip_on=False)
+    ax.plot([], [], marker="x", color="k", linestyle="none", label="out of memory (at the top)")
 
 
 def save(fig, name, title, doc, note=None):

@@ -40,17 +40,6 @@ def gflops(impl, pass_, B, H, N, d):
     return n * 2.0 * B * H * N * N * d / 1e9
 
 
-def _ncu(impl, pass_, B, H, N, d, dtype):
-    """{"ncu": totals, ...} of one pass (forward+backward: the sum of the two), or why not."""
-    if ncu.find() is None:
-        return {"ncu": None, "ncu_error": "ncu not found"}
-    spec = {"impl": impl, "B": B, "H": H, "N": N, "d": d, "dtype": dtype, "causal": False}
-    try:
-        return {"ncu": ncu.measure({**spec, "pass": pass_})}
-    except Exception as exc:  # noqa: BLE001
-        return {"ncu": None, "ncu_error": str(exc)[:500]}
-
-
 def measure(fresh=False):
     shapes, dtype = settings()
     params = {"settings": shapes, "dtype": dtype, "impls": impls(), "causal": False}
@@ -62,15 +51,16 @@ def measure(fresh=False):
                 continue
             print(f"{impl} d={d}: check and time", flush=True)
             try:
-                group = group or common.problem(dtype, B, H, N, d)
+                group = group or bench.Group(dtype, B, H, N, d, False)
                 timed = common.check_and_time(group, impl, PASSES)
             except Exception as exc:  # noqa: BLE001
-                timed = {p: common.failure(exc) for p in PASSES}
+                timed = {p: bench.failure(exc) for p in PASSES}
             counted = {}
             for p in ("fwd", "bwd"):
                 if timed[p]["status"] == "ok" and common.on_gpu():
                     print(f"{impl} d={d} {p}: ncu", flush=True)
-                    counted[p] = _ncu(impl, p, B, H, N, d, dtype)
+                    counted[p] = ncu.fields({"impl": impl, "pass": p, "B": B, "H": H, "N": N,
+                                             "d": d, "dtype": dtype, "causal": False})
             if all(c.get("ncu") for c in counted.values()) and len(counted) == 2:
                 counted["fwdbwd"] = {"ncu": {"totals": common.add_totals(
                     counted["fwd"]["ncu"]["totals"], counted["bwd"]["ncu"]["totals"])}}

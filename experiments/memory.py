@@ -93,7 +93,7 @@ def measure(fresh=False):
                 if seconds > GIVE_UP_S:
                     slow[impl] = f"one call at N={N} took {seconds:.0f} s"
             except Exception as exc:  # noqa: BLE001
-                point.update(common.failure(exc))
+                point.update(bench.failure(exc))
             store.add(point)
             bench.free_memory()
         del q, k, v, do
@@ -112,12 +112,7 @@ def plot():
                     if p["impl"] == impl and p["status"] == "ok")
         if ok:
             ax.plot(*zip(*ok), marker=st["marker"], color=st["color"], label=st["label"])
-    top = ax.get_ylim()[1]
-    for p in pts:
-        if p["status"] == "oom" and p["impl"] in common.STYLE:
-            ax.plot(p["N"], top, marker="x", color=common.STYLE[p["impl"]]["color"],
-                    markersize=8, clip_on=False)
-    ax.plot([], [], marker="x", color="k", linestyle="none", label="out of memory (at the top)")
+    common.mark_oom(ax, pts)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length N")

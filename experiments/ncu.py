@@ -118,6 +118,17 @@ def measure(spec, timeout=900):
             "ncu": version.strip().splitlines()[-1] if version.strip() else None}
 
 
+def fields(spec):
+    """{"ncu": measure(spec)}, or {"ncu": None, "ncu_error": why} when ncu is missing or the
+    run fails: a point keeps its other measurements either way."""
+    if find() is None:
+        return {"ncu": None, "ncu_error": "ncu not found"}
+    try:
+        return {"ncu": measure(spec)}
+    except Exception as exc:  # noqa: BLE001
+        return {"ncu": None, "ncu_error": str(exc)[:500]}
+
+
 # -- the child process ----------------------------------------------------------------------------
 
 def run_pass(spec):

@@ -32,18 +32,15 @@ def impls():
 
 
 def measure(fresh=False):
-    for i, variant in enumerate(VARIANTS):
-        common.run_bench(NAME, i == 0, fresh, impls=impls(), causal=(False,),
-                         passes=("fwdbwd",), give_up_ms=common.sized(GIVE_UP_MS, None),
-                         **grid(), **variant)
+    common.run_bench(NAME, fresh, VARIANTS, impls=impls(), causal=(False,), passes=("fwdbwd",),
+                     give_up_ms=common.sized(GIVE_UP_MS, None), **grid())
 
 
 def series(doc, impl, variant):
     """[(N, ms or None, status)] of an impl in one variant, by N."""
     out = []
     for r in doc.get("records", []):
-        if (r["impl"] == impl and float(r.get("dropout_p") or 0) == variant["dropout"]
-                and bool(r.get("padding")) == variant["padding"] and r.get("density") is None):
+        if r["impl"] == impl and common.in_variant(r, **variant):
             out.append((r["N"], r["median_ms"] if r["status"] == "ok" else None, r["status"]))
     return sorted(out)
 
@@ -76,19 +73,10 @@ def plot():
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(9.0, 4.6))
     plot_sweep(doc, ax)
-    _mark_failures(doc, ax)
+    common.mark_oom(ax, doc.get("records", []))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     p = doc["meta"]["params"]
     return common.save(fig, NAME, f"Attention forward + backward runtime, {p['tokens']} tokens "
                                   f"per batch (B = max(1, {p['tokens']}/N)), H={p['hidden'] // p['ds'][0]}, "
                                   f"d={p['ds'][0]}, {'/'.join(p['dtypes'])}", doc)
 
-
-def _mark_failures(doc, ax):
-    """An x at the top of the axes where an impl ran out of memory, with the impl's colour."""
-    top = ax.get_ylim()[1]
-    for r in doc.get("records", []):
-        if r["status"] == "oom" and r["impl"] in common.STYLE:
-            ax.plot(r["N"], top, marker="x", color=common.STYLE[r["impl"]]["color"],
-                    markersize=8, clip_on=False)
-    ax.plot([], [], marker="x", color="k", linestyle="none", label="out of memory (at the top)")

@@ -31,17 +31,13 @@ def impls():
 
 
 def measure(fresh=False):
-    for i, variant in enumerate(VARIANTS):
-        common.run_bench(NAME, i == 0, fresh, impls=impls(), causal=(False,),
-                         passes=("fwdbwd",), give_up_ms=common.sized(GIVE_UP_MS, None),
-                         **grid(), **variant)
+    common.run_bench(NAME, fresh, VARIANTS, impls=impls(), causal=(False,), passes=("fwdbwd",),
+                     give_up_ms=common.sized(GIVE_UP_MS, None), **grid())
 
 
 def speedups(doc, variant):
     """{impl: [(N, naive ms / impl ms)]} in one variant; also {"oom": [N where naive ran out]}."""
-    recs = [r for r in doc.get("records", [])
-            if float(r.get("dropout_p") or 0) == variant["dropout"]
-            and bool(r.get("padding")) == variant["padding"] and r.get("density") is None]
+    recs = [r for r in doc.get("records", []) if common.in_variant(r, **variant)]
     naive = {r["N"]: r["median_ms"] for r in recs if r["impl"] == "naive" and r["status"] == "ok"}
     out = {"oom": sorted(r["N"] for r in recs if r["impl"] == "naive" and r["status"] == "oom")}
     for r in recs:

@@ -33,8 +33,7 @@ def measure(fresh=False):
     impls = [i for i in ("torch", "torch-flash", "naive", "fa2", "tc")
              if i in bench.default_impls()]
     path = common.ROOT / source()
-    if not fresh:
-        common.check_same_gpu(path, fresh)
+    common.check_same_gpu(path, fresh)
     bench.run(impls=impls, out=path, resume=not fresh, host_overhead=fresh,
               command=common.command())
 

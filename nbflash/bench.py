@@ -747,6 +747,20 @@ def median_ms(prepare, copies, repeats, warmup):
     return statistics.median([cupy.cuda.get_elapsed_time(s, e) for s, e in events])
 
 
+def measure_passes(runner, group, passes, repeats, warmup, before_timing=None):
+    """Check `runner` once on `group` (the backward too when a pass needs it), then yield the
+    record fields of each pass in `passes`, in order: the check's verdict, with the pass's timing
+    (time_pass) when the check passed. before_timing(i): called before pass i is timed."""
+    verdict = check(runner, group, backward=any(p != "fwd" for p in passes))
+    for i, p in enumerate(passes):
+        fields = verdict["fwd" if p == "fwd" else "bwd"]
+        if fields["status"] == "ok":
+            if before_timing is not None:
+                before_timing(i)
+            fields = {**fields, **time_pass(runner, group, p, repeats, warmup)}
+        yield fields
+
+
 def time_pass(runner, group, pass_, repeats, warmup):
     """The record fields of a timed pass: median_ms and tflops, or the failure."""
     try:
@@ -902,14 +916,12 @@ def _run_impl(group, points, rec, repeats, warmup, slow=None, give_up_ms=None):
                 rec.add(p, _failure(exc))
             return
         rec.describe(f"check {_label(points[0])}")
-        verdict = check(runner, group, backward=any(p.pass_ != "fwd" for p in points))
-        for p in points:
-            fields = verdict["fwd" if p.pass_ == "fwd" else "bwd"]
-            if fields["status"] == "ok":
-                rec.describe(f"time {p.pass_} {_label(p)}")
-                fields = {**fields, **time_pass(runner, group, p.pass_, repeats, warmup)}
-                if slow is not None:
-                    _give_up(slow, p, fields, give_up_ms)
+        passes = [p.pass_ for p in points]
+        results = measure_passes(runner, group, passes, repeats, warmup, lambda i: rec.describe(
+            f"time {points[i].pass_} {_label(points[i])}"))
+        for p, fields in zip(points, results):
+            if slow is not None:
+                _give_up(slow, p, fields, give_up_ms)
             rec.add(p, fields)
             _free_memory(collect=fields["status"] != "ok")
 
@@ -1199,6 +1211,7 @@ def print_host_overhead(doc, console=None):
 # -- for the experiments (experiments/), which measure with this harness ------------------------
 
 run_meta = _meta
+record_options = _options
 failure = _failure
 free_memory = _free_memory
 to_host = _to_host

@@ -59,6 +59,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import tiling
+from .kernels import masks
 
 F32 = 4          # bytes of a float32: statistics and accumulators
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -136,16 +137,13 @@ def _scaled(arrays, n):
     return {a: IO(*x) * n for a, x in arrays.items()}
 
 
-def _key_blocks(last_row, Nq, Nk, C, causal):
-    """How many key blocks of C keys, from the first, query rows up to `last_row` walk: all
-    ceil(Nk/C), or with causal masking those up to the last key that row sees (key j is visible
-    to query i when j <= i + Nk - Nq). fa1: the blocks Alg. 1 line 8's loop does not skip
-    (masks.block_hidden); fa2: masks.key_blocks."""
-    n = -(-Nk // C)
-    if causal:
-        last_key = min(last_row, Nq - 1) + Nk - Nq
-        n = min(n, last_key // C + 1) if last_key >= 0 else 0
-    return n
+def _key_blocks(row0, rows, Nq, Nk, C, causal):
+    """How many key blocks of C keys, from the first, the query rows row0 .. row0+rows-1 walk:
+    all ceil(Nk/C), or with causal masking those up to the last key the last row sees. The
+    kernels' own rule (masks.key_blocks, run here as Python, without key padding): fa2 walks
+    these blocks, and they are the blocks Alg. 1 line 8's loop does not skip in fa1
+    (masks.block_hidden)."""
+    return masks.key_blocks.py_func(row0, rows, C, Nq, Nk, Nk, causal)
 
 
 def _rows(n, block, i):
@@ -156,7 +154,7 @@ def _rows(n, block, i):
 def _fa1_steps(Nq, Nk, Br, Bc, causal):
     """Query rows summed over the (i, j) blocks that Algorithm 1 (and 4) compute, i.e. do not
     skip: each of them loads Q_i (and more) once."""
-    return sum(_rows(Nq, Br, i) * _key_blocks(i * Br + Br - 1, Nq, Nk, Bc, causal)
+    return sum(_rows(Nq, Br, i) * _key_blocks(i * Br, Br, Nq, Nk, Bc, causal)
                for i in range(-(-Nq // Br)))
 
 
@@ -232,7 +230,7 @@ def fa2_tiles(kernel, d, tiles=None):
 
 def _fa2_key_rows(Nq, Nk, R, C, causal):
     """Key rows loaded, summed over the blocks of R query rows that walk key blocks of C."""
-    return sum(min(_key_blocks(i * R + R - 1, Nq, Nk, C, causal) * C, Nk)
+    return sum(min(_key_blocks(i * R, R, Nq, Nk, C, causal) * C, Nk)
                for i in range(-(-Nq // R)))
 
 
@@ -257,7 +255,7 @@ def fa2_dkdv(Nq, Nk, d, s, causal, t, atomic):
     lse_i, D_i each), adds τ dS K_j into dQ_i with atomics (if `atomic`), writes dK_j, dV_j."""
     q_rows = 0
     for j in range(-(-Nk // t.R)):
-        first = max(0, (j * t.R - Nk + Nq) // t.C) if causal else 0   # masks.first_query_block
+        first = masks.first_query_block.py_func(j * t.R, t.C, Nq, Nk, causal)
         q_rows += Nq - first * t.C
     return {"k": IO(read=Nk * d * s), "v": IO(read=Nk * d * s),
             "q": IO(read=q_rows * d * s), "do": IO(read=q_rows * d * s),
