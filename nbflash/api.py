@@ -55,11 +55,15 @@ def _stream():
     return _CUPY[0].cuda.get_current_stream().ptr
 
 
-def _fa2_call(prob, deterministic=False):
-    """The fa2 plan of a checked problem, and the call's option arguments."""
+def _plan_call(prob, deterministic=False):
+    """The fa2 or tc plan of a checked problem, and the call's option arguments."""
     layout, args = options.layout(**prob.masking())
-    plan = launch.fa2_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, str(prob.dtype),
-                           prob.causal, prob.scale, bool(deterministic), layout=layout)
+    if prob.impl == "tc":
+        plan = launch.tc_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
+                              prob.causal, prob.scale, layout=layout)
+    else:
+        plan = launch.fa2_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, str(prob.dtype),
+                               prob.causal, prob.scale, bool(deterministic), layout=layout)
     return plan, args
 
 
@@ -81,7 +85,9 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
 
     causal: mask keys after the query, bottom-right aligned (key j visible to query i when
     j <= i + Nk - Nq). softmax_scale (τ): default 1/sqrt(d).
-    impl: "fa2" (FlashAttention-2 structure, register-tiled; the fast one), "fa1" (the
+    impl: "fa2" (FlashAttention-2 structure, register-tiled, float32 math on CUDA cores), "tc"
+    (the same structure on tensor cores, through inline PTX: float16, or bfloat16 torch
+    tensors; head_dim a multiple of 16 up to 128; the fast one for 16-bit inputs), "fa1" (the
     FlashAttention paper's Algorithm 1, as written), "naive" (plain array operations), or
     "auto" (fa2).
     M, block_rule (fa1 only): on-chip memory in elements (default: the largest whose kernel fits
@@ -128,7 +134,7 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
             out = launch.fa1_forward(prob.xp, q, k, v, causal=prob.causal, scale=prob.scale,
                                      tiles=prob.tiles, masking=prob.masking())
         else:
-            plan, args = _fa2_call(prob)
+            plan, args = _plan_call(prob)
             out = plan.forward(prob.xp, q, k, v, prob.stream, *args)
             _remember(key, plan)
     return prob.outputs(out)
@@ -155,8 +161,8 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
 
     deterministic (fa2): compute dq in a separate pass, so that it is bitwise reproducible; by
     default fa2 adds each block's share of dq with atomics, which is faster but leaves the
-    order of the additions, and so the last bits of dq, to the GPU. fa1 and naive are always
-    deterministic.
+    order of the additions, and so the last bits of dq, to the GPU. tc always adds dq with
+    atomics (deterministic=True is refused); fa1 and naive are always deterministic.
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
                    block_mask=block_mask, block_size=block_size)
@@ -181,7 +187,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
             out = launch.fa1_backward(prob.xp, *arrays, causal=prob.causal, scale=prob.scale,
                                       tiles=prob.tiles, masking=prob.masking())
         else:
-            plan, args = _fa2_call(prob, deterministic)
+            plan, args = _plan_call(prob, deterministic)
             out = plan.backward(prob.xp, *arrays, prob.stream, *args)
             _remember(key, plan)
     return prob.outputs(out)

@@ -18,12 +18,14 @@ import numpy as np
 from . import rng, sparsity, tiling
 from ._cuda import MODE
 
-IMPLS = ("auto", "naive", "fa1", "fa2")
-#: what impl="auto" runs: the fastest FlashAttention kernel nbflash has
+IMPLS = ("auto", "naive", "fa1", "fa2", "tc")
+#: what impl="auto" runs: fa2, the FlashAttention kernel that takes every dtype and option
 AUTO = "fa2"
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+#: bfloat16 data: torch bfloat16 tensors arrive as their bits, uint16 arrays (impl="tc" only)
+BF16_BITS = np.dtype(np.uint16)
 #: Largest head dim each kernel family takes: what the tests cover (on the GPU up to 128).
-MAX_HEAD_DIM = {"fa1": 128, "fa2": 128}
+MAX_HEAD_DIM = {"fa1": 128, "fa2": 128, "tc": tiling.TC_MAX_HEAD_DIM}
 
 
 class InputError(ValueError):
@@ -55,6 +57,11 @@ class Problem:
     block_mask: object = None    # uint8 (B or 1, H or 1, n_q_blocks, n_k_blocks) device array
     block_size: tuple = None     # (bq, bk)
 
+    @property
+    def dtype_name(self):
+        """"float16", "float32", or "bfloat16" (whose arrays hold its bits as uint16)."""
+        return "bfloat16" if self.dtype == BF16_BITS else str(self.dtype)
+
     def masking(self):
         """The mask and dropout options, as nbflash.naive takes them."""
         return dict(dropout_p=self.dropout_p, seed=self.seed, offset=self.offset,
@@ -75,7 +82,8 @@ class Problem:
             return tuple(self.xp.asnumpy(a) for a in arrays)
         if self.torch:
             import torch  # noqa: PLC0415
-            return tuple(torch.from_dlpack(a) for a in arrays)
+            return tuple(torch.from_dlpack(a).view(torch.bfloat16) if a.dtype == BF16_BITS
+                         else torch.from_dlpack(a) for a in arrays)
         return arrays
 
 
@@ -101,6 +109,8 @@ def _from_torch(named):
                 f"{'GPU' if MODE == 'gpu' else 'simulator'} mode takes {want} tensors")
         if x.requires_grad:
             named[name] = x = x.detach()
+        if x.dtype == torch.bfloat16:   # neither CuPy nor NumPy holds bfloat16: take its bits
+            named[name] = x = x.view(torch.int16)
     if MODE == "gpu":
         import cupy  # noqa: PLC0415
         dev = next(iter(named.values())).device
@@ -109,8 +119,13 @@ def _from_torch(named):
                 raise InputError(f"{name} is on {x.device} but q is on {dev}")
         stream = torch.cuda.current_stream(dev).cuda_stream
         with cupy.cuda.Device(dev.index):
-            return {n: cupy.from_dlpack(x) for n, x in named.items()}, stream
-    return {n: np.from_dlpack(x) for n, x in named.items()}, 0
+            return {n: _bf16_bits(cupy.from_dlpack(x)) for n, x in named.items()}, stream
+    return {n: _bf16_bits(np.from_dlpack(x)) for n, x in named.items()}, 0
+
+
+def _bf16_bits(x):
+    """A bfloat16 tensor's int16 view (see _from_torch) as BF16_BITS."""
+    return x.view(BF16_BITS) if x.dtype == np.int16 else x
 
 
 def _one_kind(named):
@@ -163,17 +178,17 @@ def _check_impl(impl, tiles_opts):
     return impl
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, torch=False):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise InputError(
                 f"{name} has {x.ndim} dimensions, shape {tuple(x.shape)}; expected 4: "
                 "(batch, heads, seqlen, head_dim)")
-        if x.dtype not in DTYPES:
+        if x.dtype not in DTYPES and not (torch and x.dtype == BF16_BITS):
             raise InputError(f"{name} has dtype {x.dtype}, which nbflash does not support; "
-                             "use float16 or float32")
+                             "use float16 or float32 (or bfloat16 torch tensors with impl='tc')")
     if not (q.dtype == k.dtype == v.dtype):
-        raise InputError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(f"q, k, v must share one dtype; got {_name(q)}, {_name(k)}, {_name(v)}")
     B, H, Nq, d = q.shape
     for name, x in (("k", k), ("v", v)):
         for axis, what in ((0, "batch"), (1, "heads"), (3, "head_dim")):
@@ -204,6 +219,35 @@ def _check_scalars(causal, softmax_scale, d):
     if abs(float(softmax_scale)) > float(np.finfo(np.float32).max):  # kernels take τ as float32
         raise InputError(f"softmax_scale {softmax_scale!r} overflows float32")
     return bool(causal), float(softmax_scale)
+
+
+def _name(x):
+    return "bfloat16" if x.dtype == BF16_BITS else str(x.dtype)
+
+
+def _check_tc(d, dtype, pass_, dropout=False, deterministic=False):
+    """What the tensor-core kernels take: 16-bit inputs, head dims that are multiples of 16 up
+    to MAX_HEAD_DIM["tc"], dQ by atomics; and their shared memory."""
+    if dtype not in (np.dtype(np.float16), BF16_BITS):
+        raise InputError(f"impl='tc' runs on tensor cores, which take float16 or bfloat16; got "
+                         f"{dtype} (use impl='fa2' for float32)")
+    limit = MAX_HEAD_DIM["tc"]
+    if d % 16 or d > limit:
+        raise InputError(f"impl='tc' takes head_dim a multiple of 16 up to {limit} (the "
+                         f"tensor-core tiles are 16 wide); got {d}; impl='fa2' takes any "
+                         f"head_dim up to {MAX_HEAD_DIM['fa2']}")
+    if deterministic:
+        raise InputError("impl='tc' adds dq with atomics and has no deterministic pass; use "
+                         "impl='fa2' with deterministic=True for bitwise reproducible dq")
+    if MODE != "gpu":
+        return
+    from .kernels.launch import tc_tiles  # noqa: PLC0415
+    most = _smem_optin()
+    kernel = "forward" if pass_ == "forward" else "dkdv"
+    need = tc_tiles(kernel, d).smem_bytes(kernel, dropout)
+    if need > most:
+        raise InputError(f"tc's {kernel} kernel at head_dim {d} needs {need} bytes of shared "
+                         f"memory; this GPU gives a block at most {most}")
 
 
 def _is_int(x):
@@ -389,10 +433,14 @@ def _arrays(named):
 
 
 def _problem(xp, to_host, torch, stream, q, k, v, impl, pass_, causal, softmax_scale, M,
-             block_rule, masking):
-    B, H, Nq, Nk, d = _check_qkv(q, k, v)
+             block_rule, masking, deterministic=False):
+    B, H, Nq, Nk, d = _check_qkv(q, k, v, torch)
+    if q.dtype == BF16_BITS and impl != "tc":
+        raise InputError(f"bfloat16 inputs run with impl='tc' only (got impl={impl!r})")
     causal, scale = _check_scalars(causal, softmax_scale, d)
     p, seed, offset = _check_dropout(masking["dropout_p"], masking["seed"], masking["offset"])
+    if impl == "tc":
+        _check_tc(d, q.dtype, pass_, p > 0, deterministic)
     key_lengths = _check_key_lengths(xp, masking["key_lengths"], B, Nk)
     block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
                                                masking["block_size"], B, H, Nq, Nk)
@@ -427,16 +475,16 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
     xp, to_host, torch, stream, a = _arrays(
         {"do": do, "q": q, "k": k, "v": v, "o": o, "lse": lse})
     do, q, k, v, o, lse = (a[n] for n in ("do", "q", "k", "v", "o", "lse"))
-    B, H, Nq, Nk, d = _check_qkv(q, k, v)
+    B, H, Nq, Nk, d = _check_qkv(q, k, v, torch)
     for name, x in (("do", do), ("o", o)):
         if tuple(x.shape) != tuple(q.shape):
             raise InputError(f"{name} has shape {tuple(x.shape)}; expected q's {tuple(q.shape)}")
         if x.dtype != q.dtype:
-            raise InputError(f"{name} has dtype {x.dtype}; expected q's {q.dtype}")
+            raise InputError(f"{name} has dtype {_name(x)}; expected q's {_name(q)}")
     if tuple(lse.shape) != (B, H, Nq):
         raise InputError(f"lse has shape {tuple(lse.shape)}; expected (B, H, Nq) = {(B, H, Nq)}")
     if lse.dtype != np.float32:
         raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
     prob = _problem(xp, to_host, torch, stream, q, k, v, impl, "backward", causal,
-                    softmax_scale, M, block_rule, {**MASKING, **masking})
+                    softmax_scale, M, block_rule, {**MASKING, **masking}, deterministic)
     return prob, tuple(_contiguous(xp, x) for x in (do, q, k, v, o, lse))

@@ -234,3 +234,79 @@ def fa2_tiles(kernel, d, table):
     key = min((k for k in sizes if k >= d), default=max(sizes))
     R, C, *rest = sizes[key]
     return RegTiles(R, C, d, *rest)
+
+
+# ------------------------------------------------------------------------- tc (tensor cores)
+
+@dataclass(frozen=True)
+class TcTiles:
+    """Tiles of a tensor-core kernel (nbflash.kernels.tc): W warps each own 16 rows of the
+    block's tile (rows = 16 W: query rows in the forward, keys in the dK/dV pass); each step
+    takes `cols` rows of the other operand (keys, or queries), streamed through `stages` shared
+    buffers by cp.async. 16-bit elements; rows padded by 8 elements (16 bytes)."""
+
+    d: int
+    warps: int
+    cols: int
+    stages: int = 2
+
+    @property
+    def rows(self):
+        return 16 * self.warps
+
+    @property
+    def threads(self):
+        return 32 * self.warps
+
+    @property
+    def ds(self):
+        """Row stride (elements) of the d-wide shared tiles."""
+        return self.d + 8
+
+    @property
+    def ps(self):
+        """Row stride of the dkdv pass's dSᵀ tile (rows keys, `cols` query columns)."""
+        return self.cols + 8
+
+    def elements(self, kernel):
+        """16-bit elements of shared memory before dropout's keep bits."""
+        R, C, DS = self.rows, self.cols, self.ds
+        if kernel == "forward":     # Q_i; stages of K_j, V_j
+            return R * DS + self.stages * 2 * C * DS
+        if kernel == "dkdv":        # K_j, V_j, dSᵀ; stages of Q_i, dO_i and float32 lse_i, D_i
+            return 2 * R * DS + R * self.ps + self.stages * (2 * C * DS + 4 * C)
+        raise ValueError(kernel)
+
+    def keep_offset(self, kernel):
+        """Index (in uint32 words) of dropout's keep bits."""
+        return self.elements(kernel) // 2
+
+    def smem_bytes(self, kernel, dropout=False):
+        keep = self.rows * self.cols // 8 * 4 if dropout else 0
+        return 2 * self.elements(kernel) + keep
+
+
+#: (warps, cols, stages) per kernel and head dim (the entry of the smallest head dim >= d).
+#: GPU: measured on the H200 (experiments in the tc issue's closing note); simulator: one or two
+#: warps and 16-32 columns, so that the tests' short sequences span several tiles.
+GPU_TC_TILES = {
+    "forward": {64: (4, 64, 3), 128: (4, 64, 2)},
+    "dkdv": {64: (4, 64, 2), 128: (4, 32, 2)},
+}
+SIM_TC_TILES = {
+    "forward": {32: (2, 16, 2), 128: (1, 16, 3)},
+    "dkdv": {32: (2, 16, 2), 128: (1, 16, 2)},
+}
+TC_KERNELS = tuple(GPU_TC_TILES)
+#: head dims the tc kernels take: multiples of 16 up to TC_MAX_HEAD_DIM
+TC_MAX_HEAD_DIM = 128
+
+
+def tc_tiles(kernel, d, table):
+    """TcTiles of tc `kernel` ("forward" or "dkdv") for head dim d from `table`."""
+    sizes = table[kernel]
+    key = min((k for k in sizes if k >= d), default=max(sizes))
+    warps, cols, stages = sizes[key]
+    if kernel == "dkdv":   # dQ's 16 x 16 pieces are shared evenly among the warps
+        cols = next(c for c in (cols, 2 * cols, 4 * cols) if (c // 16) * (d // 16) % warps == 0)
+    return TcTiles(d, warps, cols, stages)

@@ -24,10 +24,14 @@ def errors(out, ref):
 
 
 def floor(ref, dtype):
-    """2·max|fl(fl(ref + 0.3) - 0.3) - ref| in `dtype` (finite entries only)."""
+    """2·max|fl(fl(ref + 0.3) - 0.3) - ref| in `dtype` (finite entries only; "bfloat16" too)."""
     r = ref[np.isfinite(ref)]
     if r.size == 0:
         return 0.0
+    if str(dtype) == "bfloat16":
+        from .bfloat16 import round_  # noqa: PLC0415
+        rt = round_(round_(r + 0.3) - np.float32(0.3))
+        return 2.0 * float(np.abs(rt.astype(np.float64) - r).max())
     t = np.dtype(dtype).type
     rt = ((r + 0.3).astype(t) - t(0.3)).astype(t)
     return 2.0 * float(np.abs(rt.astype(np.float64) - r).max())

@@ -79,3 +79,31 @@ def assert_masked_rows(got, Nq, Nk, causal):
     assert np.all(got["dq"][:, :, :hidden] == 0), "dq of rows that see no key is not 0"
     assert np.all(np.isneginf(got["lse"][:, :, :hidden])), "lse of rows that see no key"
     assert np.all(np.isfinite(got["lse"][:, :, hidden:])), "lse of rows that see keys"
+
+
+def naive_bf16(q, k, v, do, causal, scale):
+    """The naive baseline in bfloat16 on the host (NumPy has no bfloat16): nbflash.naive's
+    float16 recipe with bfloat16 roundings. Inputs: float32 arrays of bfloat16 values. Each
+    product accumulates in float32 and is rounded to bfloat16 (S, O, dV, dP, dQ, dK), softmax
+    is computed in float32 and P rounded to bfloat16, dS rounded to bfloat16; lse float32."""
+    from nbflash.bfloat16 import round_
+    f32 = np.float32
+    Nq, Nk = q.shape[2], k.shape[2]
+    s = round_(q @ k.swapaxes(-1, -2)) * f32(scale)
+    if causal:
+        s = np.where(naive.causal_visible(Nq, Nk), s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    e = np.exp(s - m)
+    l = e.sum(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = round_(np.where(l > 0, e / l, 0))
+        lse = np.where(l[..., 0] > 0, (m + np.log(l))[..., 0], -np.inf).astype(f32)
+    o = round_(p @ v)
+    dv = round_(p.swapaxes(-1, -2) @ do)
+    dp = round_(do @ v.swapaxes(-1, -2))
+    delta = (do * o).sum(-1, keepdims=True)
+    ds = round_(p * (dp - delta))
+    dq = round_(f32(scale) * (ds @ k))
+    dk = round_(f32(scale) * (ds.swapaxes(-1, -2) @ q))
+    return {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}

@@ -11,7 +11,7 @@ import functools
 
 from .. import tiling
 from .._cuda import SIMULATOR, cuda
-from . import dropout, fa1, fa2, options
+from . import dropout, fa1, fa2, options, tc
 from .fastlaunch import Bound, Kernel, switch_interval
 
 #: Threads per block. On the H200 (experiments/fa1_threads.py, its data in figures/data/)
@@ -148,7 +148,29 @@ def fa2_tiles(kernel, d):
     return tiling.fa2_tiles(kernel, d, FA2_TABLE)
 
 
-class Fa2Plan:
+class _Options:
+    """The options' arrays and scalars of a call, for plans (see Fa2Plan)."""
+
+    _placeholders = None
+
+    def _options(self, xp, key_lengths, block_mask, seed, offset):
+        """The options' arrays (placeholders where off), and with dropout the options' scalars
+        for this call's seed and offset (packed anew at each launch; else None)."""
+        if self._placeholders is None:
+            self._placeholders = (xp.zeros(1, xp.int32), xp.zeros(1, xp.uint8))
+        arrays = (self._placeholders[0] if key_lengths is None else key_lengths,
+                  self._placeholders[1] if block_mask is None else block_mask.reshape(-1))
+        if not self.layout.features.dropout:
+            return arrays, None
+        return arrays, self.layout.scalars(seed, offset)
+
+    def _scalars_of(self, bound, opt_scalars):
+        if opt_scalars is None:
+            return None
+        return bound.scalars[:len(bound.scalars) - len(opt_scalars)] + opt_scalars
+
+
+class Fa2Plan(_Options):
     """Everything about an fa2 call that depends only on its sizes and options, worked out once:
     tiles, compiled kernels, grids and arguments, packed for launching (fastlaunch.Bound).
     :func:`fa2_plan` caches plans, so that a repeated call only allocates its outputs and
@@ -188,23 +210,6 @@ class Fa2Plan:
         self.dq = None if self.atomic else Bound(
             build_fa2("dq", t, causal, dtype, False, features), (-(-Nq // t.R), H, B),
             t.threads, t.smem_bytes("dq", drop), inputs + (Q, *opt), grads + opt_scalars)
-        self._placeholders = None
-
-    def _options(self, xp, key_lengths, block_mask, seed, offset):
-        """The options' arrays (placeholders where off), and with dropout the options' scalars
-        for this call's seed and offset (packed anew at each launch; else None)."""
-        if self._placeholders is None:
-            self._placeholders = (xp.zeros(1, xp.int32), xp.zeros(1, xp.uint8))
-        arrays = (self._placeholders[0] if key_lengths is None else key_lengths,
-                  self._placeholders[1] if block_mask is None else block_mask.reshape(-1))
-        if not self.layout.features.dropout:
-            return arrays, None
-        return arrays, self.layout.scalars(seed, offset)
-
-    def _scalars_of(self, bound, opt_scalars):
-        if opt_scalars is None:
-            return None
-        return bound.scalars[:len(bound.scalars) - len(opt_scalars)] + opt_scalars
 
     def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
         o = xp.empty(self.q_shape, self.dtype)
@@ -272,6 +277,133 @@ def fa2_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False,
                     layout)
     return plan.backward(xp, do, q, k, v, o, lse, stream, key_lengths, block_mask, seed,
                          offset)
+
+
+# ----------------------------------------------------------------------------------------- tc
+
+TC_TABLE = tiling.SIM_TC_TILES if SIMULATOR else tiling.GPU_TC_TILES
+#: the 16-bit dtypes of the tc kernels (bfloat16 arrives as torch tensors, held as uint16 bits)
+TC_DTYPES = ("float16", "bfloat16")
+CONVERT_THREADS = 256
+
+
+def _tc_types(name):
+    """Numba argument types of tc kernel `name` (16-bit data as uint16 bits)."""
+    from numba import types  # noqa: PLC0415
+
+    io = types.Array(types.uint16, 1, "C")
+    f32 = types.Array(types.float32, 1, "C")
+    i64, f = types.int64, types.float32
+    opt_arrays = (types.Array(types.int32, 1, "C"), types.Array(types.uint8, 1, "C"))
+    opt_scalars = (i64,) * 9 + (f,)
+    if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, τ log2 e (hi, lo)
+        return (io, io, io, io, f32, *opt_arrays, i64, i64, i64, f, f, *opt_scalars)
+    if name == "delta":      # o, do, delta, dq_acc, n_rows, d
+        return (io, io, f32, f32, i64, i64)
+    if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, τ log2 e (2), τ
+        return (io, io, io, io, f32, f32, f32, io, io, *opt_arrays, i64, i64, i64, f, f, f,
+                *opt_scalars)
+    if name == "convert":    # dq_acc, dq, pairs
+        return (f32, io, i64)
+    raise ValueError(name)
+
+
+def tc_function(name, tiles, causal, dtype, features=options.Features()):
+    """The Python kernel of tc kernel `name` ("forward", "delta", "dkdv", "convert") for these
+    constants, and its Numba argument types."""
+    bf16 = str(dtype) == "bfloat16"
+    if name == "forward":
+        fn = tc.make_forward(tiles, causal, bf16, features)
+    elif name == "dkdv":
+        fn = tc.make_dkdv(tiles, causal, bf16, features)
+    elif name == "delta":
+        fn = tc.make_delta(DELTA_THREADS, bf16)
+    else:
+        fn = tc.make_convert(CONVERT_THREADS, bf16)
+    return fn, _tc_types(name)
+
+
+@functools.lru_cache(maxsize=None)
+def build_tc(name, tiles, causal, dtype, features=options.Features()):
+    """tc kernel `name` compiled for these constants (a fastlaunch.Kernel)."""
+    fn, argtypes = tc_function(name, tiles, causal, dtype, features)
+    smem = tiles.smem_bytes(name, features.dropout) if name in tiling.TC_KERNELS else 0
+    return Kernel(fn, argtypes, max_smem=smem)
+
+
+@functools.lru_cache(maxsize=None)
+def tc_tiles(kernel, d):
+    """The TcTiles tc `kernel` uses at head dim d on this device (GPU or simulator table)."""
+    return tiling.tc_tiles(kernel, d, TC_TABLE)
+
+
+def _bits(xp, x):
+    """A 16-bit array as its uint16 bits (a view; bfloat16 data already is)."""
+    return x if x.dtype == xp.uint16 else x.view(xp.uint16)
+
+
+class TcPlan(_Options):
+    """An tc call's tiles, compiled kernels, grids and packed arguments (as :class:`Fa2Plan`).
+    Takes float16 arrays, or uint16 arrays holding bfloat16 bits, and returns the same kind.
+    The backward adds dQ atomically (no deterministic pass)."""
+
+    def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=options.NONE):
+        causal = bool(causal)
+        self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H, Nk, d), (B, H, Nq)
+        self.dtype, self.layout = dtype, layout
+        features, drop = layout.features, layout.features.dropout
+        nq, nk, rows = B * H * Nq * d, B * H * Nk * d, B * H * Nq
+        Q, K, L, ACC = (nq, 2), (nk, 2), (rows, 4), (nq, 4)
+        opt, opt_scalars = layout.array_sizes(B), layout.scalars()
+        sc = fa2.split_scale(scale)
+        tiles = dict(tiles or ())
+        t = tiles.get("forward") or tc_tiles("forward", d)
+        self.fwd = Bound(build_tc("forward", t, causal, dtype, features),
+                         (-(-Nq // t.rows), H, B), t.threads, t.smem_bytes("forward", drop),
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *opt_scalars))
+        self.delta = Bound(build_tc("delta", None, False, dtype),
+                           (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
+                           (Q, Q, L, ACC), (rows, d))
+        t = tiles.get("dkdv") or tc_tiles("dkdv", d)
+        self.dkdv = Bound(build_tc("dkdv", t, causal, dtype, features),
+                          (-(-Nk // t.rows), H, B), t.threads, t.smem_bytes("dkdv", drop),
+                          (Q, K, K, Q, L, L, ACC, K, K, *opt),
+                          (Nq, Nk, H, *sc, float(scale), *opt_scalars))
+        self.convert = Bound(build_tc("convert", None, False, dtype),
+                             (-(-(nq // 2) // CONVERT_THREADS), 1, 1), CONVERT_THREADS, 0,
+                             (ACC, Q), (nq // 2,))
+
+    def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
+        o = xp.empty(self.q_shape, xp.uint16)
+        lse = xp.empty(self.lse_shape, xp.float32)
+        opt, scalars = self._options(xp, key_lengths, block_mask, seed, offset)
+        self.fwd(stream, _arrays((_bits(xp, q), _bits(xp, k), _bits(xp, v), o, lse, *opt)),
+                 self._scalars_of(self.fwd, scalars))
+        return (o if q.dtype == xp.uint16 else o.view(q.dtype)), lse
+
+    def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
+                 seed=0, offset=0):
+        dtype = q.dtype
+        do, q, k, v, o = (_bits(xp, x) for x in (do, q, k, v, o))
+        opt, scalars = self._options(xp, key_lengths, block_mask, seed, offset)
+        delta = xp.empty(self.lse_shape, xp.float32)
+        dq_acc = xp.empty(self.q_shape, xp.float32)
+        dq = xp.empty(self.q_shape, xp.uint16)
+        dk = xp.empty(self.k_shape, xp.uint16)
+        dv = xp.empty(self.k_shape, xp.uint16)
+        self.delta(stream, _arrays((o, do, delta, dq_acc)))       # and zeroes dq_acc
+        self.dkdv(stream, _arrays((q, k, v, do, lse, delta, dq_acc, dk, dv, *opt)),
+                  self._scalars_of(self.dkdv, scalars))
+        self.convert(stream, _arrays((dq_acc, dq)))
+        if dtype == xp.uint16:
+            return dq, dk, dv
+        return dq.view(dtype), dk.view(dtype), dv.view(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def tc_plan(B, H, Nq, Nk, d, dtype, causal, scale, tiles=None, layout=options.NONE):
+    """The cached :class:`TcPlan`; `tiles`: None or a tuple of (kernel, TcTiles) pairs."""
+    return TcPlan(B, H, Nq, Nk, d, str(dtype), causal, scale, tiles, layout)
 
 
 # ------------------------------------------------------------------------ dropout mask export

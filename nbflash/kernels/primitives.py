@@ -7,10 +7,12 @@
   the simulator it is four reads.
 - ``store4(a, i, x0, x1, x2, x3)``: the float32 counterpart of load4 for writing.
 - ``copy16_async(dst, i, src, j, nbytes)``, ``commit_async()``, ``wait_async_all_but_1()``,
-  ``wait_async_all()``: ``cp.async`` copies of 16 bytes (four float32) from global ``src[j:]``
-  to shared ``dst[i:]`` that complete in the background (``nbytes`` = 0 writes zeros instead),
-  grouped by commit and waited for by group (sm_80 and later; inline PTX, as Numba has no API
-  for it). In the simulator the copy happens at once and the waits do nothing.
+  ``wait_async_all()``, ``make_wait_async(n)``: ``cp.async`` copies of 16 bytes (four float32,
+  or eight 16-bit elements of uint16 arrays) from global ``src[j:]`` to shared ``dst[i:]`` that
+  complete in the background (``nbytes`` = 0 writes zeros instead), grouped by commit and
+  waited for by group (``cp.async.wait_group n``: until at most the n newest groups are
+  pending; sm_80 and later; inline PTX, as Numba has no API for it). In the simulator the copy
+  happens at once and the waits do nothing.
 - ``make_row_reduce(lanes, threads)``: max and sum of a value over the ``lanes`` consecutive
   threads (within one warp) that share a row of a register tile. On the GPU a butterfly of warp
   shuffles (``shfl.bfly``); the simulator has no shuffles, so there each thread writes its value
@@ -39,8 +41,8 @@ def _simulated_store4(a, i, x0, x1, x2, x3):
 
 
 def _simulated_copy16_async(dst, i, src, j, nbytes):
-    for e in range(4):
-        dst[i + e] = src[j + e] if nbytes else float32(0.0)
+    for e in range(16 // dst.dtype.itemsize):
+        dst[i + e] = src[j + e] if nbytes else dst.dtype.type(0)
 
 
 def _nothing():
@@ -156,9 +158,10 @@ if not SIMULATOR:
 
     @intrinsic
     def copy16_async(typingctx, dst, i, src, j, nbytes):
-        """cp.async.cg.shared.global of 16 bytes src[j:j+4] -> dst[i:i+4] (float32 arrays, both
-        16-byte aligned there); nbytes (0 or 16) bytes are read, the rest filled with zeros."""
-        if not (_is_1d(dst, (types.float32,)) and _is_1d(src, (types.float32,))
+        """cp.async.cg.shared.global of 16 bytes src[j:] -> dst[i:] (float32 or uint16 arrays of
+        one dtype, both 16-byte aligned there); nbytes (0 or 16) bytes are read, the rest filled
+        with zeros."""
+        if not (_is_1d(dst, (types.float32, types.uint16)) and _is_1d(src, (dst.dtype,))
                 and all(isinstance(x, types.Integer) for x in (i, j, nbytes))):
             return None
         sig = types.void(dst, i, src, j, nbytes)
@@ -194,5 +197,12 @@ if not SIMULATOR:
         return op
 
     commit_async = _plain_asm("cp.async.commit_group;")
-    wait_async_all_but_1 = _plain_asm("cp.async.wait_group 1;")
-    wait_async_all = _plain_asm("cp.async.wait_group 0;")
+    _WAITS = {n: _plain_asm(f"cp.async.wait_group {n};") for n in range(4)}
+    wait_async_all_but_1, wait_async_all = _WAITS[1], _WAITS[0]
+
+
+def make_wait_async(n):
+    """wait(): cp.async.wait_group n, for a compile-time n in 0..3 (nothing in the simulator)."""
+    if SIMULATOR:
+        return wait_async_all
+    return _WAITS[n]

@@ -1,0 +1,174 @@
+"""impl="tc" (tensor cores through inline PTX) against the float64 reference, forward and
+backward, float16 and bfloat16, with every mask and option.
+
+In the simulator the tc kernels run on the shared-memory versions of the warp primitives
+(nbflash.kernels.warp; tests/test_warp.py checks those against the hardware's), with one or two
+warps and 16-key tiles, so the tiny shapes below span several ragged tiles, pipeline stages and
+warps. What only the GPU checks, in the `gpu` tests: the intrinsics themselves inside the
+kernels, the default tiles at realistic sizes, bfloat16 through torch tensors (the simulator
+checks bfloat16 at the launch-plan level, as uint16 bits), races (compute-sanitizer runs apart,
+see the closing notes) and the SASS (HMMA, LDSM, LDGSTS; no local memory).
+"""
+
+import numpy as np
+import pytest
+
+import nbflash
+from nbflash import MODE, sparsity
+from nbflash.kernels import launch, warp
+from support import (assert_close, assert_masked_rows, host, make_inputs, naive_bf16, reference,
+                     run, xp)
+
+pytestmark = pytest.mark.skipif(MODE == "compile", reason="runs kernels")
+
+
+def check(B, H, Nq, Nk, d, causal, data_seed=0, **opts):
+    """tc against the reference under the tolerance rule (naive float16 as the yardstick)."""
+    rng = np.random.default_rng(data_seed)
+    q, k, v, do = make_inputs(rng, B, H, Nq, Nk, d, np.float16)
+    ref_opts = dict(opts)
+    if opts.get("dropout_p", 0) > 0:
+        ref_opts = {k_: v_ for k_, v_ in opts.items() if k_ not in ("seed", "offset")}
+        ref_opts["keep"] = nbflash.dropout_mask(B, H, Nq, Nk, opts["dropout_p"], opts["seed"],
+                                                opts.get("offset", 0))
+    ref = reference(q, k, v, do, causal, **ref_opts)
+    got = run("tc", q, k, v, do, causal, **opts)
+    base = run("naive", q, k, v, do, causal, **opts)
+    for name in ("o", "dq", "dk", "dv"):
+        assert got[name].dtype == np.float16, name
+    assert_masked_rows(got, Nq, Nk, causal)
+    assert_close(got, base, ref, np.float16, f"tc B={B} H={H} Nq={Nq} Nk={Nk} d={d} "
+                                             f"causal={causal} {sorted(opts)}")
+    return got
+
+
+# ------------------------------------------------------------------- simulator-sized (and GPU)
+
+@pytest.mark.parametrize("Nq,Nk,d,causal", [(37, 53, 32, True), (53, 37, 32, False),
+                                            (45, 19, 48, True), (1, 17, 16, False)])
+def test_tc_matches_reference(Nq, Nk, d, causal):
+    check(1, 2, Nq, Nk, d, causal)
+
+
+def test_tc_all_options_match_reference():
+    Nq = Nk = 40
+    opts = dict(dropout_p=0.3, seed=11, offset=2, key_lengths=np.array([29, 40]),
+                block_mask=sparsity.random_blocks(3, 3, 0.6, seed=1), block_size=16)
+    check(2, 1, Nq, Nk, 32, True, **opts)
+
+
+def test_tc_bfloat16_bits_match_reference():
+    """bfloat16 at the plan level (the simulator has no torch), against the reference under the
+    tolerance rule with the bfloat16 naive baseline (support.naive_bf16)."""
+    rng = np.random.default_rng(3)
+    B, H, Nq, Nk, d = 1, 2, 29, 35, 32
+    f = [warp.bf16_to_f32(warp.bf16_bits(rng.standard_normal(s)))
+         for s in ((B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d), (B, H, Nq, d))]
+    bits = [xp.asarray(warp.bf16_bits(x)) for x in f]
+    scale = 1 / np.sqrt(d)
+    plan = launch.tc_plan(B, H, Nq, Nk, d, "bfloat16", True, scale)
+    o, lse = plan.forward(xp, *bits[:3], 0)
+    dq, dk, dv = plan.backward(xp, bits[3], *bits[:3], o, lse, 0)
+    got = {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    got = {n: host(x) if n == "lse" else warp.bf16_to_f32(host(x)) for n, x in got.items()}
+    ref = reference(*(xp.asarray(x) for x in f), True)
+    base = naive_bf16(*f, True, scale)
+    assert_close(got, base, ref, "bfloat16", "tc bfloat16 bits")
+
+
+def test_tc_refuses_what_it_cannot_do():
+    rng = np.random.default_rng(0)
+    q, k, v, _ = make_inputs(rng, 1, 1, 8, 8, 24, np.float16)
+    with pytest.raises(nbflash.InputError, match="multiple of 16"):
+        nbflash.attention(q, k, v, impl="tc")
+    q, k, v, _ = make_inputs(rng, 1, 1, 8, 8, 16, np.float32)
+    with pytest.raises(nbflash.InputError, match="float16 or bfloat16"):
+        nbflash.attention(q, k, v, impl="tc")
+    q, k, v, do = make_inputs(rng, 1, 1, 8, 8, 16, np.float16)
+    o, lse = nbflash.attention_forward(q, k, v, impl="tc")
+    with pytest.raises(nbflash.InputError, match="deterministic"):
+        nbflash.attention_backward(do, q, k, v, o, lse, impl="tc", deterministic=True)
+    q, k, v, _ = make_inputs(rng, 1, 1, 8, 8, 144, np.float16)
+    with pytest.raises(nbflash.InputError, match="up to 128"):
+        nbflash.attention(q, k, v, impl="tc")
+
+
+# ----------------------------------------------------------------------------------- GPU only
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Nq,Nk", [(1000, 1000), (1023, 1024), (113, 203), (203, 113),
+                                   (2048, 2048)])
+def test_tc_gpu_sizes(Nq, Nk, d, causal):
+    check(2, 3, Nq, Nk, d, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [16, 32, 48, 80, 96, 112])
+def test_tc_gpu_other_head_dims(d):
+    check(1, 2, 300, 517, d, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_tc_gpu_all_options(d):
+    N = 1000
+    opts = dict(dropout_p=0.2, seed=5, key_lengths=np.array([N - 7, N - 300]),
+                block_mask=sparsity.random_blocks(-(-N // 64), -(-N // 64), 0.5, seed=2),
+                block_size=64)
+    check(2, 2, N, N, d, True, **opts)
+
+
+@pytest.mark.gpu
+def test_tc_gpu_large_batch_is_repeatable():
+    """A race shows up as results that move between runs or with batch size (B = 60)."""
+    rng = np.random.default_rng(4)
+    q, k, v, do = make_inputs(rng, 60, 2, 257, 257, 64, np.float16)
+    first = run("tc", q, k, v, do, True)
+    for _ in range(5):
+        again = run("tc", q, k, v, do, True)
+        for name in ("o", "lse", "dk", "dv"):
+            assert np.array_equal(again[name], first[name]), name
+        # dq is added with atomics: its last bits may move
+        assert np.abs(again["dq"].astype(np.float32) - first["dq"].astype(np.float32)).max() \
+            < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_tc_gpu_bfloat16_torch(d, causal):
+    torch = pytest.importorskip("torch")
+    from nbflash.torch import attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, N = 2, 3, 777
+    q, k, v, do = (torch.randn(B, H, N, d, device="cuda", generator=g) for _ in range(4))
+    qb, kb, vb = (x.to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    o = attention(qb, kb, vb, causal=causal, impl="tc")
+    assert o.dtype == torch.bfloat16
+    o.backward(do.to(torch.bfloat16))
+    _, lse = nbflash.attention_forward(qb.detach(), kb.detach(), vb.detach(), causal=causal,
+                                       impl="tc")
+    got = {"o": o, "lse": lse, "dq": qb.grad, "dk": kb.grad, "dv": vb.grad}
+    got = {n: x.detach().float().cpu().numpy() for n, x in got.items()}
+    f = [x.to(torch.bfloat16).float().cpu().numpy() for x in (q, k, v, do)]
+    ref = reference(*(xp.asarray(x) for x in f), causal)
+    base = naive_bf16(*f, causal, 1 / np.sqrt(d))
+    assert_close(got, base, ref, "bfloat16", f"tc bf16 torch d={d} causal={causal}")
+
+
+@pytest.mark.gpu
+def test_tc_gpu_sass_has_tensor_core_instructions_and_no_local_memory():
+    for d in (64, 128):
+        for kernel in ("forward", "dkdv"):
+            t = launch.tc_tiles(kernel, d)
+            k = launch.build_tc(kernel, t, True, "float16")
+            sass = k._dispatcher.inspect_sass(k._dispatcher.signatures[0])
+            for op in ("HMMA.16816.F32", "LDSM", "LDGSTS"):
+                assert op in sass, (kernel, d, op)
+            assert "LDL" not in sass and "STL" not in sass, (kernel, d)
+            r = k.resources()
+            print(kernel, d, r)
+            assert r["local_bytes"] == 0
