@@ -14,7 +14,7 @@ from . import tiling
 from ._cuda import SIMULATOR, cuda
 from .kernels.options import Features
 from .kernels.launch import (DEFAULT_THREADS, SIM_THREADS, build, fa2_function,  # noqa: F401
-                             signature)
+                             signature, tc_function, tc_launch_bounds)
 
 #: Largest dynamic shared memory a block may opt in to on sm_90 (H100, H200)
 SM90_SMEM_OPTIN = 232448
@@ -40,6 +40,9 @@ class Variant:
         t = self.tiles
         mask = "causal" if self.causal else "full"
         mask += "".join(f" {n}" for n, on in self.features._asdict().items() if on)
+        if self.name.startswith("tc"):
+            return (f"{self.name} d={t.d} warps={t.warps} mtiles={t.mtiles} cols={t.cols} "
+                    f"stages={t.stages} min_blocks={t.min_blocks} {mask} {self.dtype}")
         if self.name.startswith("fa2"):
             return (f"{self.name} d={t.d} R={t.R} C={t.C} {t.tm}x{t.tn} stages={t.stages} "
                     f"T={t.threads} {mask} {self.dtype}")
@@ -100,6 +103,8 @@ def compile_report(variant, cc=(9, 0)):
                            "this process runs the CUDA simulator")
     if variant.name.startswith("fa2"):
         return _fa2_report(variant, cc)
+    if variant.name.startswith("tc"):
+        return _tc_report(variant, cc)
     kernel = build(variant.name, variant.tiles, variant.causal, variant.cast, variant.features)
     sig = signature(variant.name, variant.dtype, variant.cast)
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
@@ -115,6 +120,18 @@ def _fa2_report(variant, cc):
     fn, argtypes = fa2_function(kind, variant.tiles, variant.causal, variant.dtype, atomic=True,
                                 features=variant.features)
     ptx, _ = cuda.compile_ptx(fn, types.void(*argtypes), cc=cc)
+    log = _link(ptx, f"sm_{cc[0]}{cc[1]}")
+    return _report(variant, log, 0, variant.tiles.smem_bytes(kind, variant.features.dropout))
+
+
+def _tc_report(variant, cc):
+    from numba import types  # noqa: PLC0415
+
+    kind = variant.name.removeprefix("tc_")
+    fn, argtypes = tc_function(kind, variant.tiles, variant.causal, variant.dtype,
+                               variant.features)
+    ptx, _ = cuda.compile_ptx(fn, types.void(*argtypes), cc=cc,
+                              launch_bounds=tc_launch_bounds(variant.tiles, variant.features))
     log = _link(ptx, f"sm_{cc[0]}{cc[1]}")
     return _report(variant, log, 0, variant.tiles.smem_bytes(kind, variant.features.dropout))
 
@@ -156,9 +173,20 @@ def fa2_default_variants(head_dims=(64, 128), dtypes=("float32", "float16"),
     return out
 
 
+def tc_default_variants(head_dims=(64, 128), dtypes=("float16", "bfloat16"),
+                        causal=(False, True), features=Features()):
+    """tc's GPU kernels (nbflash.tiling.GPU_TC_TILES), as the benchmark runs them."""
+    out = []
+    for d in head_dims:
+        for kind in tiling.TC_KERNELS:
+            t = tiling.tc_tiles(kind, d, tiling.GPU_TC_TILES)
+            out += [Variant(f"tc_{kind}", t, c, dt, features) for c in causal for dt in dtypes]
+    return out
+
+
 def as_dict(report):
     return asdict(report)
 
 
 __all__ = ["Variant", "Report", "compile_report", "default_variants", "fa2_default_variants",
-           "as_dict"]
+           "tc_default_variants", "as_dict"]

@@ -240,8 +240,8 @@ def fa2_tiles(kernel, d, table):
 
 @dataclass(frozen=True)
 class TcTiles:
-    """Tiles of a tensor-core kernel (nbflash.kernels.tc): W warps each own 16 rows of the
-    block's tile (rows = 16 W: query rows in the forward, keys in the dK/dV pass); each step
+    """Tiles of a tensor-core kernel (nbflash.kernels.tc): W warps each own 16·mtiles rows of
+    the block's tile (rows = 16 W mtiles: query rows in the forward, keys in the dK/dV pass); each step
     takes `cols` rows of the other operand (keys, or queries), streamed through `stages` shared
     buffers by cp.async. 16-bit elements; rows padded by 8 elements (16 bytes)."""
 
@@ -249,10 +249,16 @@ class TcTiles:
     warps: int
     cols: int
     stages: int = 2
+    #: blocks per SM the compiler must leave room for (launch bounds): caps the registers at
+    #: 65536 / (threads · min_blocks); 1 leaves the compiler its 255
+    min_blocks: int = 1
+    #: m-tiles (of 16 rows) per warp: the forward's warps may own 32 rows (2), as in
+    #: FlashAttention-2, so that each K or V fragment read feeds two mma; the dK/dV pass: 1
+    mtiles: int = 1
 
     @property
     def rows(self):
-        return 16 * self.warps
+        return 16 * self.warps * self.mtiles
 
     @property
     def threads(self):
@@ -286,15 +292,16 @@ class TcTiles:
         return 2 * self.elements(kernel) + keep
 
 
-#: (warps, cols, stages) per kernel and head dim (the entry of the smallest head dim >= d).
-#: GPU: measured on the H200 (experiments in the tc issue's closing note); simulator: one or two
-#: warps and 16-32 columns, so that the tests' short sequences span several tiles.
+#: (warps, cols, stages[, min_blocks[, mtiles]]) per kernel and head dim (the entry of the smallest head
+#: dim >= d). GPU: chosen from sweeps on the H200 (tools/tc_probe.py sweep; numbers in the
+#: README); simulator: one or two warps and 16-32 columns, so that the tests' short sequences
+#: span several tiles.
 GPU_TC_TILES = {
-    "forward": {64: (4, 64, 3), 128: (4, 64, 2)},
-    "dkdv": {64: (4, 64, 2), 128: (4, 32, 2)},
+    "forward": {64: (8, 64, 2, 2), 128: (8, 64, 2)},
+    "dkdv": {64: (8, 32, 2), 128: (8, 32, 2)},
 }
 SIM_TC_TILES = {
-    "forward": {32: (2, 16, 2), 128: (1, 16, 3)},
+    "forward": {32: (1, 16, 2, 1, 2), 128: (1, 16, 3)},
     "dkdv": {32: (2, 16, 2), 128: (1, 16, 2)},
 }
 TC_KERNELS = tuple(GPU_TC_TILES)
@@ -306,7 +313,7 @@ def tc_tiles(kernel, d, table):
     """TcTiles of tc `kernel` ("forward" or "dkdv") for head dim d from `table`."""
     sizes = table[kernel]
     key = min((k for k in sizes if k >= d), default=max(sizes))
-    warps, cols, stages = sizes[key]
+    warps, cols, stages, *more = sizes[key]      # more: min_blocks, mtiles
     if kernel == "dkdv":   # dQ's 16 x 16 pieces are shared evenly among the warps
         cols = next(c for c in (cols, 2 * cols, 4 * cols) if (c // 16) * (d // 16) % warps == 0)
-    return TcTiles(d, warps, cols, stages)
+    return TcTiles(d, warps, cols, stages, *more)

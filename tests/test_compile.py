@@ -51,6 +51,9 @@ if head_dims:   # fa2's GPU kernels as benchmarked, and the simulator tests' sma
     variants += compilecheck.fa2_default_variants()
     # with dropout, key padding and a block mask (causal: the most masking code)
     variants += compilecheck.fa2_default_variants(causal=(True,), features=ALL)
+    # tc's tensor-core kernels as benchmarked (without options; with options they take local
+    # memory, see the README's tc section)
+    variants += compilecheck.tc_default_variants()
     for name, pass_ in (("fa1_forward", "forward"), ("fa1_backward", "backward")):
         tiles = tiling.tiles_for(tiling.default_M(64, pass_, "paper"), 64, "paper",
                                  compilecheck.DEFAULT_THREADS)

@@ -161,14 +161,19 @@ def test_tc_gpu_bfloat16_torch(d, causal):
 
 @pytest.mark.gpu
 def test_tc_gpu_sass_has_tensor_core_instructions_and_no_local_memory():
+    import re
     for d in (64, 128):
         for kernel in ("forward", "dkdv"):
-            t = launch.tc_tiles(kernel, d)
-            k = launch.build_tc(kernel, t, True, "float16")
-            sass = k._dispatcher.inspect_sass(k._dispatcher.signatures[0])
-            for op in ("HMMA.16816.F32", "LDSM", "LDGSTS"):
-                assert op in sass, (kernel, d, op)
-            assert "LDL" not in sass and "STL" not in sass, (kernel, d)
-            r = k.resources()
-            print(kernel, d, r)
-            assert r["local_bytes"] == 0
+            for causal in (False, True):
+                t = launch.tc_tiles(kernel, d)
+                k = launch.build_tc(kernel, t, causal, "float16")
+                k._function(0)          # compiled and loaded
+                sass = k._dispatcher.inspect_sass(k._dispatcher.signatures[0])
+                what = f"{kernel} d={d} causal={causal} {t}"
+                for op in ("HMMA.16816.F32", "LDSM", "LDGSTS"):
+                    assert op in sass, f"{what}: no {op}"
+                local = re.findall(r"\b(?:LDL|STL)\b[^;]*", sass)
+                assert not local, f"{what}: local memory: {local[:4]}"
+                r = k.resources()
+                print(what, r)
+                assert r["local_bytes"] == 0, what

@@ -7,4 +7,6 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 if [ "${TESTS:-1}" = 1 ]; then
   timeout ${TEST_S:-300} python3 -m pytest -q -n 4 -x tests/test_warp.py tests/test_tc.py 2>&1 | tail -25 | tee $OUT/tests.txt
 fi
-timeout ${PROBE_S:-200} python3 tools/tc_probe.py ${PROBE:-grid} 2>&1 | tee $OUT/probe.txt | grep -v Warning
+for mode in ${PROBE:-grid}; do
+  timeout ${PROBE_S:-200} python3 tools/tc_probe.py $mode 2>&1 | tee $OUT/probe_$mode.txt | grep "^d="
+done

@@ -100,13 +100,13 @@ def main():
     dev = torch.cuda.get_device_name()
     configs = [None]
     if mode == "sweep":
-        configs = []
-        for W, C, S in ((4, 64, 2), (4, 64, 3), (4, 128, 2), (8, 64, 2), (8, 64, 3)):
-            for Wb, Cb, Sb in ((4, 64, 2), (4, 32, 2), (8, 32, 2), (4, 64, 3)):
-                configs.append(((W, C, S), (Wb, Cb, Sb)))
-    Ns = [2048, 4096, 8192, 16384] if mode == "grid" else [4096]
+        fwd = [(4, 64, 2, 1, 2), (8, 64, 2, 2, 1), (4, 64, 3, 1, 2), (8, 64, 2, 1, 1),
+               (8, 32, 2, 1, 2)]
+        bwd = [(8, 64, 2, 1, 1)] * 5
+        configs = list(zip(fwd, bwd))
+    Ns = [2048, 4096, 8192, 16384] if mode == "grid" else [8192]
     for d in (64, 128):
-        for causal in (False, True):
+        for causal in ((False, True) if mode == "grid" else (False,)):
             for N in Ns:
                 B, H = 16384 // N, 2048 // d
                 g = torch.Generator(device="cuda").manual_seed(0)
@@ -115,11 +115,11 @@ def main():
                 for cfg in configs:
                     tiles = None
                     if cfg is not None:
-                        (W, C, S), (Wb, Cb, Sb) = cfg
-                        if (Cb // 16) * (d // 16) % Wb or (d == 128 and Cb == 64 and Wb == 8):
+                        (W, C, S, M, RM), (Wb, Cb, Sb, Mb, _) = cfg
+                        if (Cb // 16) * (d // 16) % Wb:
                             continue
-                        tiles = (("dkdv", tiling.TcTiles(d, Wb, Cb, Sb)),
-                                 ("forward", tiling.TcTiles(d, W, C, S)))
+                        tiles = (("dkdv", tiling.TcTiles(d, Wb, Cb, Sb, Mb)),
+                                 ("forward", tiling.TcTiles(d, W, C, S, M, RM)))
                         if tiles[1][1].smem_bytes("forward") > 227 * 1024 or \
                                 tiles[0][1].smem_bytes("dkdv") > 227 * 1024:
                             continue

@@ -74,7 +74,7 @@ class Kernel:
     the fast path CuPy arrays or torch tensors) and `scalars` Python numbers.
     """
 
-    def __init__(self, pyfunc, argtypes, max_smem=0):
+    def __init__(self, pyfunc, argtypes, max_smem=0, launch_bounds=None):
         from numba import types  # noqa: PLC0415
 
         n_arrays = sum(isinstance(t, types.Array) for t in argtypes)
@@ -99,7 +99,8 @@ class Kernel:
         if SIMULATOR:
             self._dispatcher = cuda.jit(pyfunc)
             return
-        self._dispatcher = cuda.jit(types.void(*argtypes))(pyfunc)
+        opts = {"launch_bounds": launch_bounds} if launch_bounds else {}
+        self._dispatcher = cuda.jit(types.void(*argtypes), **opts)(pyfunc)
         self._funcs = {}     # device id -> CUfunction in that device's primary context
         self._argtypes = tuple(argtypes)
 

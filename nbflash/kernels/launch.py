@@ -327,8 +327,16 @@ def tc_function(name, tiles, causal, dtype, features=options.Features()):
 def build_tc(name, tiles, causal, dtype, features=options.Features()):
     """tc kernel `name` compiled for these constants (a fastlaunch.Kernel)."""
     fn, argtypes = tc_function(name, tiles, causal, dtype, features)
-    smem = tiles.smem_bytes(name, features.dropout) if name in tiling.TC_KERNELS else 0
-    return Kernel(fn, argtypes, max_smem=smem)
+    if name not in tiling.TC_KERNELS:
+        return Kernel(fn, argtypes)
+    return Kernel(fn, argtypes, max_smem=tiles.smem_bytes(name, features.dropout),
+                  launch_bounds=tc_launch_bounds(tiles, features))
+
+
+def tc_launch_bounds(tiles, features=options.Features()):
+    """(threads, min_blocks) for a tc kernel: the tiles' min_blocks for the plain kernels; the
+    options' extra state needs the registers, so with any option 1."""
+    return tiles.threads, (1 if any(features) else tiles.min_blocks)
 
 
 @functools.lru_cache(maxsize=None)

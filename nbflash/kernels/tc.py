@@ -71,12 +71,12 @@ def make_async_rows(ROWS, D, DS, T):
 
 
 def make_store_rows(D, pack):
-    """Device function: the fragment array `acc` (16 rows x D columns of a warp, see the module
-    docstring) times `scale` (divided by `div[h]` for row g + 8h when DIVIDE) as 16-bit values
-    into rows row0 + g, row0 + g + 8 (those below n) of a flat head at `base`."""
+    """Device function: the fragments acc[a0:] of one m-tile (16 rows x D columns of a warp,
+    see the module docstring) times `scale`, divided by d0 (row g) and d1 (row g + 8), as
+    16-bit values into rows row0 + g, row0 + g + 8 (those below n) of a flat head at `base`."""
     NV = D // 8
 
-    def store(dst, base, row0, n, acc, scale, d0, d1, lane):
+    def store(dst, base, row0, n, acc, a0, scale, d0, d1, lane):
         g, t = lane // 4, lane % 4
         for h in range(2):
             row = row0 + g + 8 * h
@@ -84,8 +84,8 @@ def make_store_rows(D, pack):
             if row < n:
                 for vt in range(NV):
                     put2(dst, base + row * D + 8 * vt + 2 * t,
-                         pack(acc[4 * vt + 2 * h] * scale / div,
-                              acc[4 * vt + 2 * h + 1] * scale / div))
+                         pack(acc[a0 + 4 * vt + 2 * h] * scale / div,
+                              acc[a0 + 4 * vt + 2 * h + 1] * scale / div))
 
     return cuda.jit(device=True, inline=True)(store)
 
@@ -137,12 +137,16 @@ _bit = cuda.jit(device=True, inline=True)(_bit)
 
 
 def make_forward(t, causal, bf16, features):
-    """FA2 forward on tensor cores for tiling.TcTiles `t` (16·W query rows per block, C keys per
-    step); see the module docstring."""
-    D, W, C, STAGES = t.d, t.warps, t.cols, t.stages
+    """FA2 forward on tensor cores for tiling.TcTiles `t` (W warps of RM = t.mtiles m-tiles of
+    16 query rows each: R = 16·W·RM rows per block; C keys per step); see the module docstring.
+    With RM = 2 each K or V fragment a warp reads from shared memory feeds two mma, as in
+    FlashAttention-2's kernels."""
+    D, W, C, STAGES, RM = t.d, t.warps, t.cols, t.stages, t.mtiles
     R, T, DS = t.rows, t.threads, t.ds
     KD, NT, NV = D // 16, C // 8, D // 8
-    N_Q, N_S, N_O = 4 * KD, 4 * NT, 4 * NV     # fragment array sizes (compile-time constants)
+    # fragment array sizes (compile-time constants); m-tile mt's entries start at mt * size
+    QF, SF, OF = 4 * KD, 4 * NT, 4 * NV
+    N_Q, N_S, N_O, N_R, N_P = RM * QF, RM * SF, RM * OF, 2 * RM, 4 * RM
     CAUSAL = bool(causal)
     DROP, PAD, SPARSE = features
     Q_OFF, K_OFF = 0, R * DS
@@ -158,6 +162,57 @@ def make_forward(t, causal, bf16, features):
     _check_keep_tile(DROP, C, t)
     store_rows = make_store_rows(D, pack)
 
+    def softmax_mtile(s, m, l, acc, mt, r0, col0, lane, tid, masked, Nq, Nk, klen, all_on,
+                      bmask, mbase, nbk, bq, bk, sc_hi, sc_lo):
+        """The online softmax (FA2 Alg. 1 lines 8-10) of m-tile mt (rows r0 + g, r0 + g + 8):
+        scores scaled to base 2 and masked, running max, P̃ = 2^(s - m) in place of S, ℓ and
+        the output rows rescaled."""
+        vis = fragment_mask(r0, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq,
+                            bk) if masked else uint64(0)
+        for h in range(2):
+            m_blk = NEG_INF
+            for sl in range(NT):
+                for e in range(2):
+                    y = 4 * sl + 2 * h + e
+                    sc = _scaled(s[mt * SF + y], sc_hi, sc_lo)
+                    if masked and not _bit(vis, y):
+                        sc = NEG_INF
+                    s[mt * SF + y] = sc
+                    m_blk = max(m_blk, sc)
+            r = 2 * mt + h
+            m_new, m_ref, alpha = new_max(m[r], row_max(m_blk, tid))
+            m[r] = m_new
+            l_blk = ZERO
+            for sl in range(NT):
+                for e in range(2):
+                    x = mt * SF + 4 * sl + 2 * h + e
+                    p = math.exp2(s[x] - m_ref)
+                    l_blk += p     # ℓ: the softmax's sum, before dropout
+                    s[x] = p
+            l[r] = l[r] * alpha + l_blk
+            for vt in range(NV):
+                acc[mt * OF + 4 * vt + 2 * h] *= alpha
+                acc[mt * OF + 4 * vt + 2 * h + 1] *= alpha
+
+    def finish_mtile(o, lse, m, l, acc, mt, q_base, bh, r0, Nq, lane, tid):
+        """O = diag(ℓ)^-1 O and lse = m + log ℓ of m-tile mt (rows r0 + g, r0 + g + 8)."""
+        one = float32(1.0)
+        l0 = row_sum(l[2 * mt], tid)
+        l1 = row_sum(l[2 * mt + 1], tid)
+        store_rows(o, q_base, r0, Nq, acc, mt * OF, one, l0 if l0 > ZERO else one,
+                   l1 if l1 > ZERO else one, lane)
+        if lane % 4 == 0:
+            for h in range(2):
+                row = r0 + lane // 4 + 8 * h
+                l_row = l0 if h == 0 else l1
+                if row < Nq:
+                    lse[bh * Nq + row] = (m[2 * mt + h] + math.log2(l_row)) * LN2 \
+                        if l_row > ZERO else NEG_INF
+
+    softmax_mtile = cuda.jit(device=True, inline=True)(softmax_mtile)
+    finish_mtile = cuda.jit(device=True, inline=True)(finish_mtile)
+    assert RM in (1, 2), RM
+
     def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, msb, msh, nbk,
                    bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward", dropout) of dynamic
@@ -167,7 +222,7 @@ def make_forward(t, causal, bf16, features):
         tid, warp, lane, bh, klen, mbase = _coords(H, Nk, key_lengths, msb, msh, PAD)
         g, t4 = lane // 4, lane % 4
         row0 = cuda.blockIdx.x * R
-        wrow0 = row0 + 16 * warp               # this warp's first query row
+        wr = 16 * RM * warp                    # this warp's first query row in the block
         q_base, k_base = bh * Nq * D, bh * Nk * D
 
         load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
@@ -191,22 +246,26 @@ def make_forward(t, causal, bf16, features):
         cuda.syncthreads()
         qf = cuda.local.array(N_Q, uint32)   # Q_i's A fragments, kept for every step
         mi = lane // 8
-        for kk in range(KD):
-            a0, a1, a2, a3 = ldsm(smem, Q_OFF + (16 * warp + lane % 8 + 8 * (mi % 2)) * DS
-                                  + 16 * kk + 8 * (mi // 2))
-            qf[4 * kk] = a0
-            qf[4 * kk + 1] = a1
-            qf[4 * kk + 2] = a2
-            qf[4 * kk + 3] = a3
+        a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
+        b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Kᵀ)
+        for mt in range(RM):
+            for kk in range(KD):
+                a0, a1, a2, a3 = ldsm(smem, Q_OFF + (wr + 16 * mt) * DS + 16 * kk + a_lane)
+                x = mt * QF + 4 * kk
+                qf[x] = a0
+                qf[x + 1] = a1
+                qf[x + 2] = a2
+                qf[x + 3] = a3
 
-        m = cuda.local.array(2, float32)      # running max of rows g, g + 8 (base 2)
-        l = cuda.local.array(2, float32)      # this lane's part of their ℓ
+        m = cuda.local.array(N_R, float32)    # running max of rows g, g + 8 of each m-tile
+        l = cuda.local.array(N_R, float32)    # this lane's part of their ℓ
         acc = cuda.local.array(N_O, float32)   # unnormalised O_i fragments
         s = cuda.local.array(N_S, float32)
-        for h in range(2):
-            m[h] = NEG_INF
-            l[h] = ZERO
-        for x in range(4 * NV):
+        pa = cuda.local.array(N_P, uint32)    # P̃'s A fragments for one 16-key step
+        for r in range(N_R):
+            m[r] = NEG_INF
+            l[r] = ZERO
+        for x in range(N_O):
             acc[x] = ZERO
 
         step = 0
@@ -226,87 +285,65 @@ def make_forward(t, causal, bf16, features):
                 fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
                 cuda.syncthreads()
 
-            # S = Q_i K_jᵀ: B fragments of 16 keys x 16 dims from K_j's rows
-            for x in range(4 * NT):
+            # S = Q_i K_jᵀ: B fragments of 16 keys x 16 dims from K_j's rows, each used by the
+            # warp's RM m-tiles
+            for x in range(N_S):
                 s[x] = ZERO
             for kk in range(KD):
                 for np2 in range(NT // 2):
-                    b0, b1, b2, b3 = ldsm(smem, buf + (16 * np2 + lane % 8 + 8 * (mi // 2)) * DS
-                                          + 16 * kk + 8 * (mi % 2))
-                    x = 8 * np2
-                    s[x], s[x + 1], s[x + 2], s[x + 3] = mma(
-                        qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3], b0, b1,
-                        s[x], s[x + 1], s[x + 2], s[x + 3])
-                    s[x + 4], s[x + 5], s[x + 6], s[x + 7] = mma(
-                        qf[4 * kk], qf[4 * kk + 1], qf[4 * kk + 2], qf[4 * kk + 3], b2, b3,
-                        s[x + 4], s[x + 5], s[x + 6], s[x + 7])
+                    b0, b1, b2, b3 = ldsm(smem, buf + 16 * np2 * DS + 16 * kk + b_lane)
+                    for mt in range(RM):
+                        a = mt * QF + 4 * kk
+                        x = mt * SF + 8 * np2
+                        s[x], s[x + 1], s[x + 2], s[x + 3] = mma(
+                            qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b0, b1,
+                            s[x], s[x + 1], s[x + 2], s[x + 3])
+                        s[x + 4], s[x + 5], s[x + 6], s[x + 7] = mma(
+                            qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b2, b3,
+                            s[x + 4], s[x + 5], s[x + 6], s[x + 7])
 
             masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) \
                 or not all_on
-            vis = fragment_mask(wrow0, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk,
-                                bq, bk) if masked else uint64(0)
-            for h in range(2):     # the online softmax of rows g + 8h (FA2 Alg. 1 l. 8-10)
-                m_blk = NEG_INF
-                for sl in range(NT):
-                    for e in range(2):
-                        x = 4 * sl + 2 * h + e
-                        sc = _scaled(s[x], sc_hi, sc_lo)
-                        if masked and not _bit(vis, x):
-                            sc = NEG_INF
-                        s[x] = sc
-                        m_blk = max(m_blk, sc)
-                m_new, m_ref, alpha = new_max(m[h], row_max(m_blk, tid))
-                m[h] = m_new
-                l_blk = ZERO
-                for sl in range(NT):
-                    for e in range(2):
-                        x = 4 * sl + 2 * h + e
-                        p = math.exp2(s[x] - m_ref)
-                        l_blk += p     # ℓ: the softmax's sum, before dropout
-                        s[x] = p
-                l[h] = l[h] * alpha + l_blk
-                for vt in range(NV):
-                    acc[4 * vt + 2 * h] *= alpha
-                    acc[4 * vt + 2 * h + 1] *= alpha
+            softmax_mtile(s, m, l, acc, 0, row0 + wr, col0, lane, tid, masked, Nq, Nk, klen,
+                          all_on, bmask, mbase, nbk, bq, bk, sc_hi, sc_lo)
+            if RM == 2:   # (a call per m-tile: LLVM leaves a loop around this body rolled)
+                softmax_mtile(s, m, l, acc, 1, row0 + wr + 16, col0, lane, tid, masked, Nq,
+                              Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc_hi, sc_lo)
             if DROP:   # P̃ ∘ Z / (1 - p) for O (FlashAttention Alg. 2 line 13)
-                for x in range(4 * NT):
-                    r = 16 * warp + g + 8 * ((x // 2) % 2)
-                    c = 8 * (x // 4) + 2 * t4 + x % 2
+                for x in range(N_S):
+                    y = x % SF
+                    r = wr + 16 * (x // SF) + g + 8 * ((y // 2) % 2)
+                    c = 8 * (y // 4) + 2 * t4 + y % 2
                     s[x] *= drop_scale if tile_kept(bits, KEEP_OFF, r, c) else ZERO
 
             # O_i += P̃ V_j: P̃ as A fragments (16 keys = two 8-key slices), B from V_j by
-            # ldmatrix.trans
+            # ldmatrix.trans, each used by the warp's RM m-tiles
             for kk in range(NT // 2):
-                x = 8 * kk
-                a0 = pack(s[x], s[x + 1])
-                a1 = pack(s[x + 2], s[x + 3])
-                a2 = pack(s[x + 4], s[x + 5])
-                a3 = pack(s[x + 6], s[x + 7])
+                for mt in range(RM):
+                    x = mt * SF + 8 * kk
+                    pa[4 * mt] = pack(s[x], s[x + 1])
+                    pa[4 * mt + 1] = pack(s[x + 2], s[x + 3])
+                    pa[4 * mt + 2] = pack(s[x + 4], s[x + 5])
+                    pa[4 * mt + 3] = pack(s[x + 6], s[x + 7])
                 for dp in range(NV // 2):
-                    b0, b1, b2, b3 = ldsm_t(smem, buf + C * DS
-                                            + (16 * kk + lane % 8 + 8 * (mi % 2)) * DS
-                                            + 16 * dp + 8 * (mi // 2))
-                    y = 8 * dp
-                    acc[y], acc[y + 1], acc[y + 2], acc[y + 3] = mma(
-                        a0, a1, a2, a3, b0, b1, acc[y], acc[y + 1], acc[y + 2], acc[y + 3])
-                    acc[y + 4], acc[y + 5], acc[y + 6], acc[y + 7] = mma(
-                        a0, a1, a2, a3, b2, b3, acc[y + 4], acc[y + 5], acc[y + 6], acc[y + 7])
+                    b0, b1, b2, b3 = ldsm_t(smem, buf + C * DS + 16 * kk * DS + 16 * dp + a_lane)
+                    for mt in range(RM):
+                        y = mt * OF + 8 * dp
+                        a0, a1, a2, a3 = pa[4 * mt], pa[4 * mt + 1], pa[4 * mt + 2], \
+                            pa[4 * mt + 3]
+                        acc[y], acc[y + 1], acc[y + 2], acc[y + 3] = mma(
+                            a0, a1, a2, a3, b0, b1, acc[y], acc[y + 1], acc[y + 2], acc[y + 3])
+                        acc[y + 4], acc[y + 5], acc[y + 6], acc[y + 7] = mma(
+                            a0, a1, a2, a3, b2, b3, acc[y + 4], acc[y + 5], acc[y + 6],
+                            acc[y + 7])
             jc, all_on = next_tile(jc + 1, n_blocks, row0, R, 0, C, 0, C, bmask, mbase, nbk,
                                    bq, bk, Nq, klen) if SPARSE else (jc + 1, True)
             step += 1
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
-        l0 = row_sum(l[0], tid)
-        l1 = row_sum(l[1], tid)
-        store_rows(o, q_base, wrow0, Nq, acc, float32(1.0), l0 if l0 > ZERO else float32(1.0),
-                   l1 if l1 > ZERO else float32(1.0), lane)
-        if t4 == 0:
-            for h in range(2):
-                row = wrow0 + g + 8 * h
-                l_row = l0 if h == 0 else l1
-                if row < Nq:
-                    lse[bh * Nq + row] = (m[h] + math.log2(l_row)) * LN2 \
-                        if l_row > ZERO else NEG_INF
+        finish_mtile(o, lse, m, l, acc, 0, q_base, bh, row0 + wr, Nq, lane, tid)
+        if RM == 2:
+            finish_mtile(o, lse, m, l, acc, 1, q_base, bh, row0 + wr + 16, Nq, lane, tid)
 
     return tc_forward
 
@@ -347,6 +384,7 @@ def make_dkdv(t, causal, bf16, features):
     C queries per step), dQ added atomically; see the module docstring."""
     D, W, C, STAGES = t.d, t.warps, t.cols, t.stages
     R, T, DS, PS = t.rows, t.threads, t.ds, t.ps
+    assert t.mtiles == 1, "the dK/dV pass has one m-tile (16 keys) per warp"
     KD, NT, NV = D // 16, C // 8, D // 8
     N_S, N_O = 4 * NT, 4 * NV       # fragment array sizes (compile-time constants)
     CAUSAL = bool(causal)
@@ -546,8 +584,8 @@ def make_dkdv(t, causal, bf16, features):
             step += 1
 
         one = float32(1.0)   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P̃_ijᵀ dO_i, written once
-        store_rows(dk, k_base, wkey0, Nk, dk_acc, scale, one, one, lane)
-        store_rows(dv, k_base, wkey0, Nk, dv_acc, one, one, one, lane)
+        store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, scale, one, one, lane)
+        store_rows(dv, k_base, wkey0, Nk, dv_acc, 0, one, one, one, lane)
 
     return tc_dkdv
 

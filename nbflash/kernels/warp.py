@@ -167,12 +167,15 @@ if not SIMULATOR:
         return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=True), args)
 
     def _shared_address(context, builder, arrty, arr, i):
-        """The 32-bit shared-memory address of arr[i] (arr a shared array; Numba holds it as a
-        generic pointer, which the cast back to address space 3 undoes)."""
+        """The 32-bit shared-memory address of arr[i] (arr a 16-bit shared array; Numba holds
+        it as a generic pointer, which the cast back to address space 3 undoes). The index is
+        narrowed to 32 bits first (shared memory is far smaller than 4 GB), so that the
+        kernels' 64-bit index arithmetic can be narrowed by the compiler too."""
         data = context.make_array(arrty)(context, builder, arr).data
-        ptr = builder.gep(data, [i])
-        shared = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 3))
-        return builder.ptrtoint(shared, _I32)
+        shared = builder.addrspacecast(data, ir.PointerType(data.type.pointee, 3))
+        base = builder.ptrtoint(shared, _I32)
+        idx = builder.trunc(i, _I32) if i.type.width > 32 else i
+        return builder.add(base, builder.shl(idx, ir.Constant(_I32, 1)))
 
     def _is_u16_array(a):
         return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.uint16
