@@ -116,10 +116,15 @@ def cmd_compile(args):
         env = {**os.environ, "NBFLASH_DEVICE": "compile"}
         return subprocess.call([sys.executable, "-m", "nbflash", *sys.argv[1:]], env=env)
     from nbflash import compilecheck  # noqa: PLC0415
+    from nbflash.kernels.options import Features  # noqa: PLC0415
 
     cc = (args.cc // 10, args.cc % 10)
     variants = compilecheck.default_variants(tuple(args.head_dims))
     variants += compilecheck.fa2_default_variants(tuple(d for d in args.head_dims if d <= 128))
+    tc_dims = tuple(d for d in args.head_dims if d <= 128 and d % 16 == 0)
+    variants += compilecheck.tc_default_variants(tc_dims, dtypes=("float16",))
+    variants += compilecheck.tc_default_variants(tc_dims, dtypes=("float16",), causal=(True,),
+                                                 features=Features(True, True, True))
     reports = []
     table = Table(title=f"kernels compiled for sm_{args.cc} (default tiles)")
     for col in ("kernel and tiles", "registers", "stack B", "spill st/ld B", "static smem B",

@@ -1092,27 +1092,39 @@ def _host_overhead_of(runner, copies, cfg):
     return out
 
 
+#: the dtype each impl's host time is measured in: float32, except where an impl takes 16-bit
+#: inputs only
+HOST_DTYPES = {"tc": "float16"}
+
+
 def measure_host_overhead(impls, cfg=None):
-    """{impl: {"forward": us, "backward": us}} at a tiny float32 problem (GPU_HOST / SIM_HOST);
-    with torch on the GPU also "<impl>+torch": the nbflash impl called with torch tensors.
-    An impl that cannot run gets None times, its status and the message."""
+    """{impl: {"forward": us, "backward": us, "dtype"}} at a tiny problem (GPU_HOST / SIM_HOST)
+    in float32 (HOST_DTYPES: float16 for tc); with torch on the GPU also "<impl>+torch": the
+    nbflash impl called with torch tensors. An impl that cannot run gets None times, its status
+    and the message."""
     cfg = cfg or _host_cfg()
     B, H, N, d = cfg["shape"]
-    copies = _make_copies(_xp(), (B, H, N, d), np.dtype(np.float32), 1, seed=1)
+    copies = {dt: _make_copies(_xp(), (B, H, N, d), np.dtype(dt), 1, seed=1)
+              for dt in ("float32", "float16")}
     torch = _torch()
     # torch-flash takes no float32: torch's default choice stands for torch here
-    cases = [(impl, impl, copies) for impl in impls if impl != "torch-flash"]
+    cases = [(impl, impl, copies[HOST_DTYPES.get(impl, "float32")]) for impl in impls
+             if impl != "torch-flash"]
     if torch is not None:
-        as_torch = [tuple(torch.from_dlpack(x) for x in copies[0])]
-        cases += [(f"{impl}+torch", impl, as_torch) for impl in impls
-                  if impl in nbflash_impls()]
+        cases += [(f"{impl}+torch", impl,
+                   [tuple(torch.from_dlpack(x) for x in copies[HOST_DTYPES.get(impl,
+                                                                              "float32")][0])])
+                  for impl in impls if impl in nbflash_impls()]
     result = {}
     with _exact_float32():
         for name, impl, inp in cases:
+            dtype = HOST_DTYPES.get(impl, "float32")
             try:
-                result[name] = _host_overhead_of(make_runner(impl, False, "float32"), inp, cfg)
+                result[name] = {**_host_overhead_of(make_runner(impl, False, dtype), inp, cfg),
+                                "dtype": dtype}
             except Exception as exc:  # noqa: BLE001
-                result[name] = {"forward": None, "backward": None, **_failure(exc)}
+                result[name] = {"forward": None, "backward": None, "dtype": dtype,
+                                **_failure(exc)}
             _free_memory()
     return result
 
@@ -1197,14 +1209,15 @@ def print_host_overhead(doc, console=None):
         return
     cfg = doc["meta"].get("params", {}).get("host_overhead") or _host_cfg()
     B, H, N, d = cfg["shape"]
-    table = Table(title=f"host time per call, µs (B={B} H={H} N={N} d={d} float32, median of "
-                        f"{cfg['calls']})")
+    table = Table(title=f"host time per call, µs (B={B} H={H} N={N} d={d} float32 unless "
+                        f"noted, median of {cfg['calls']})")
     for col in ("impl", "forward", "backward", "note"):
         table.add_column(col, justify="left" if col in ("impl", "note") else "right")
     for impl, h in hosts.items():
         table.add_row(impl, *(f"{h[k]:.1f}" if h.get(k) is not None else "-"
                               for k in ("forward", "backward")),
-                      Text(f"{h['status']}: {h.get('error', '')[:80]}" if "status" in h else ""))
+                      Text(f"{h['status']}: {h.get('error', '')[:80]}" if "status" in h else
+                           (h["dtype"] if h.get("dtype", "float32") != "float32" else "")))
     console.print(table)
 
 

@@ -1,7 +1,9 @@
-"""The README's benchmark table, from the bench JSON: fa2 against torch SDPA and the CuPy naive
-baseline in one dtype, per (d, causal, N), forward and forward+backward.
+"""The README's benchmark tables, from the bench JSON: fa2 against torch SDPA and the CuPy naive
+baseline in one dtype, per (d, causal, N), forward and forward+backward; with --tc, tc against
+torch SDPA float16 (default backend and FlashAttention-2 backend).
 
     python3 tools/bench_table.py [figures/data/bench_h200.json] [--dtype float32]
+    python3 tools/bench_table.py figures/data/bench_tc_h200.json --tc
 """
 
 import argparse
@@ -44,13 +46,40 @@ def table(doc, dtype):
     return "\n".join(lines)
 
 
+def tc_table(doc):
+    """tc in float16: TFLOP/s and time ratios (torch's time / tc's: above 1, tc is faster)."""
+    rec = {(r["impl"], r["d"], r["N"], r["causal"], r["pass"]): r for r in doc["records"]
+           if r["dtype"] == "float16" and r["status"] == "ok"}
+    lines = ["| d | causal | N | tc fwd TFLOP/s | ÷ torch | ÷ torch FA2 | tc bwd TFLOP/s "
+             "| ÷ torch | ÷ torch FA2 | tc fwd+bwd TFLOP/s | ÷ torch | ÷ torch FA2 |",
+             "|" + " --- |" * 12]
+    for d in sorted({r["d"] for r in doc["records"]}):
+        for causal in (False, True):
+            for N in sorted({r["N"] for r in doc["records"]}):
+                cells = []
+                for pass_ in ("fwd", "bwd", "fwdbwd"):
+                    tc = rec.get(("tc", d, N, causal, pass_))
+                    if tc is None:
+                        cells += ["-"] * 3
+                        continue
+                    cells.append(f"{tc['tflops']:.0f}")
+                    for peer in ("torch", "torch-flash"):
+                        r = rec.get((peer, d, N, causal, pass_))
+                        cells.append(f"{tc['tflops'] / r['tflops']:.2f}" if r else "-")
+                lines.append(f"| {d} | {'yes' if causal else 'no'} | {N} | " + " | ".join(cells)
+                             + " |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("path", nargs="?", default="figures/data/bench_h200.json")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tc", action="store_true", help="the tc table (float16)")
     args = ap.parse_args()
     with open(args.path) as f:
-        print(table(json.load(f), args.dtype))
+        doc = json.load(f)
+    print(tc_table(doc) if args.tc else table(doc, args.dtype))
 
 
 if __name__ == "__main__":
