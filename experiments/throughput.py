@@ -5,7 +5,9 @@ The data is nbflash.bench's FlashAttention-2 grid on this GPU (figures/data/benc
 forward+backward). On a GPU, `measure` runs the benchmark into that file, resuming: only the
 points not there yet are measured (--fresh measures them all again). The figure has one row per
 pass and one column per (d, causal), bars per N for each impl and dtype measured;
-figures/data/throughput.json holds the bars drawn and the benchmark file's meta.
+figures/data/throughput.json holds the bars drawn and the benchmark file's meta. tc's bars come
+from the tc benchmark (figures/data/bench_tc_h200.json, TC_SOURCE) when the main file has none;
+that file's own torch rows, measured in the same process as tc, give the README's ratios.
 """
 
 from pathlib import Path
@@ -20,6 +22,10 @@ SERIES = (("torch-flash", "float16"), ("torch", "float16"), ("tc", "float16"),
           ("fa2", "float16"), ("fa2", "float32"), ("torch", "float32"), ("naive", "float16"),
           ("naive", "float32"))
 PASS_TITLE = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward"}
+
+
+#: tc's benchmark (float16 only, run with torch and torch-flash in one process)
+TC_SOURCE = common.FIGURES / "data" / "bench_tc_h200.json"
 
 
 def source():
@@ -54,8 +60,12 @@ def plot():
     if not doc:
         return None
     data = bars(doc)
-    summary = {"meta": {**doc["meta"], "source": f"figures/data/{src.name}"},
-               "bars": data}
+    meta = {**doc["meta"], "source": f"figures/data/{src.name}"}
+    tc_doc = common.load(TC_SOURCE) if not any(b["impl"] == "tc" for b in data) else None
+    if tc_doc:
+        data += [b for b in bars(tc_doc) if b["impl"] == "tc"]
+        meta["tc_source"] = {"file": f"figures/data/{TC_SOURCE.name}", "date": tc_doc["meta"]["date"]}
+    summary = {"meta": meta, "bars": data}
     bench.write_json(common.data_path(NAME), summary)
     plt = common.pyplot()
     configs = sorted({(b["d"], b["causal"]) for b in data})
@@ -82,5 +92,6 @@ def plot():
             ax.set_xlabel("sequence length N")
             ax.set_ylabel("TFLOP/s")
     axes[0][0].legend(fontsize=6, ncol=2, loc="lower left")
+    note = f"nbflash tc: {meta['tc_source']['date'][:10]}" if "tc_source" in meta else None
     return common.save(fig, NAME, "Attention throughput, 16k tokens per batch, hidden 2048 "
-                                  "(hatched: float32)", doc)
+                                  "(hatched: float32)", doc, note)
