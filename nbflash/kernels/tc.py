@@ -23,8 +23,11 @@ column 8·slice + 2t + e).
   float32 buffer with atomics (the last bits of dq vary from run to run, as with fa2's default).
   :func:`make_convert` turns that buffer into the 16-bit dq.
 
-Scores are in base 2 with the scale split in two float32 as in fa2 (nbflash.kernels.fa2's
-docstring); masking, key padding, block sparsity and dropout use the same device functions as
+Scores are in base 2, τ log2(e) folded into one float32 scale (fa2 splits it in two so as to
+round the scaled score once; here P is rounded to 16 bits before its product, far coarser), and
+2^x is ex2.approx.ftz (warp.exp2): per score the forward spends a multiply, a max, a subtract,
+the exp2 and an add, and the backward's P = 2^min(s·scale - lse·log2 e, 0) is one fma, a min
+and the exp2 (lse·log2 e is computed once per query row, in two parts). Masking, key padding, block sparsity and dropout use the same device functions as
 fa2 (nbflash.kernels.masks, nbflash.kernels.dropout). Shared tiles hold 16-bit elements as
 uint16 (numba-cuda has no bfloat16 type), rows padded by 8 elements (16 bytes) so that the 8
 row addresses of an ldmatrix fall in different banks.
@@ -36,11 +39,11 @@ from numba import float32, uint16, uint32, uint64
 
 from .._cuda import cuda
 from .dropout import make_keep_tile, make_tile_kept
-from .fa2 import LN2, LOG2E, LOG2E_LO, _check_keep_tile, _row_stats, _scaled
+from .fa2 import LN2, LOG2E, LOG2E_LO, _check_keep_tile, _row_stats
 from .masks import block_on, first_query_block, key_blocks, next_tile, visible
 from .online_softmax import NEG_INF, ZERO, new_max
 from .primitives import commit_async, copy16_async, make_row_reduce, make_wait_async
-from .warp import make_warp_ops, split16
+from .warp import exp2, make_warp_ops, split16
 
 
 def put2(dst, at, word):
@@ -174,7 +177,7 @@ def make_forward(t, causal, bf16, features):
             for sl in range(NT):
                 for e in range(2):
                     y = 4 * sl + 2 * h + e
-                    sc = _scaled(s[mt * SF + y], sc_hi, sc_lo)
+                    sc = s[mt * SF + y] * sc_hi
                     if masked and not _bit(vis, y):
                         sc = NEG_INF
                     s[mt * SF + y] = sc
@@ -186,7 +189,7 @@ def make_forward(t, causal, bf16, features):
             for sl in range(NT):
                 for e in range(2):
                     x = mt * SF + 4 * sl + 2 * h + e
-                    p = math.exp2(s[x] - m_ref)
+                    p = exp2(s[x] - m_ref)
                     l_blk += p     # ℓ: the softmax's sum, before dropout
                     s[x] = p
             l[r] = l[r] * alpha + l_blk
@@ -216,7 +219,8 @@ def make_forward(t, causal, bf16, features):
     def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, msb, msh, nbk,
                    bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward", dropout) of dynamic
-        shared memory; q, k, v, o: 16-bit bits (uint16), flat (B, H, N, d); lse: float32."""
+        shared memory; q, k, v, o: 16-bit bits (uint16), flat (B, H, N, d); lse: float32.
+        sc_hi = τ log2(e) rounded to float32; sc_lo is not used (fa2's argument layout)."""
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, warp, lane, bh, klen, mbase = _coords(H, Nk, key_lengths, msb, msh, PAD)
@@ -410,9 +414,9 @@ def make_dkdv(t, causal, bf16, features):
         load_rows(q, q_base, row0, Nq, smem, off, tid)
         load_rows(do, q_base, row0, Nq, smem, off + C * DS, tid)
         f = (off + 2 * C * DS) // 2
-        for r in range(tid, C, T):
+        for r in range(tid, C, T):   # lse in base 2 (lse·log2 e, in two parts), and D
             lse_r, dlt = _row_stats(lse, delta, bh * Nq + row0 + r, row0 + r < Nq)
-            smemf[f + r] = lse_r
+            smemf[f + r] = cuda.fma(lse_r, LOG2E, lse_r * LOG2E_LO)
             smemf[f + C + r] = dlt
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
@@ -503,15 +507,14 @@ def make_dkdv(t, causal, bf16, features):
                                 bq, bk) if masked else uint64(0)
             for x in range(4 * NT):   # Pᵀ from lse; dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z/(1-p) - D)
                 qc = 8 * (x // 4) + 2 * t4 + x % 2        # query column within the step
-                lse_q = smemf[f + qc]
+                lse_q = smemf[f + qc]                      # lse·log2 e
                 dp = dpt[x]
                 if DROP:
                     if not tile_kept(bits, KEEP_OFF, qc, 16 * warp + g + 8 * ((x // 2) % 2)):
                         dp = ZERO
                     else:
                         dp *= drop_scale
-                p = math.exp2(min(cuda.fma(-lse_q, LOG2E, _scaled(st[x], sc_hi, sc_lo))
-                                  - lse_q * LOG2E_LO, ZERO))
+                p = exp2(min(cuda.fma(st[x], sc_hi, -lse_q), ZERO))
                 if masked and not _bit(vis, x):
                     p = ZERO
                 st[x] = p

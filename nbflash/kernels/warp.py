@@ -22,6 +22,8 @@ fragments do.
   one uint32 (``cvt.rn.f16x2.f32``, ``cvt.rn.bf16x2.f32``), e.g. P from the score registers into
   an A fragment without going through memory.
 - ``f16_bits_to_f32(h)`` / ``bf16_bits_to_f32(h)``: one 16-bit pattern (a uint16) as float32.
+- ``exp2(x)``: 2^x by ``ex2.approx.ftz.f32`` (results below 2^-126 flush to 0). ``math.exp2``
+  compiles to the non-ftz form, around which ptxas adds a range check and two multiplies.
 - ``copy16_async``, ``commit_async`` and ``make_wait_async(n)`` (cp.async, 16 bytes from global
   to shared memory, completing in the background; ``wait_group n``) are in
   nbflash.kernels.primitives, shared with fa2.
@@ -269,10 +271,26 @@ if not SIMULATOR:
 
         return sig, codegen
 
+    @intrinsic
+    def exp2(typingctx, x):
+        """2^x, ex2.approx.ftz.f32."""
+        if x != types.float32:
+            return None
+        sig = types.float32(x)
+
+        def codegen(context, builder, sig, args):
+            return _asm(builder, _F32, "ex2.approx.ftz.f32 $0, $1;", "=f,f", [args[0]])
+
+        return sig, codegen
+
     ldsm_x4, ldsm_x4_t = _ldsm_intrinsic(False), _ldsm_intrinsic(True)
     mma_f16, mma_bf16 = _mma_intrinsic("f16"), _mma_intrinsic("bf16")
     pack_f16x2, pack_bf16x2 = _pack_intrinsic("f16"), _pack_intrinsic("bf16")
 else:
+    def _sim_exp2(x):
+        return float32(0.0) if x < -126 else float32(2.0 ** float(x))
+
+    exp2 = cuda.jit(device=True)(_sim_exp2)
     f16_bits_to_f32 = cuda.jit(device=True)(_sim_to_f32(False))
     bf16_bits_to_f32 = cuda.jit(device=True)(_sim_to_f32(True))
     pack_f16x2 = cuda.jit(device=True)(_sim_pack(False))
