@@ -58,7 +58,9 @@ def test_measure_in_simulator(empty_figures, name):
     assert doc["meta"]["gpu"] == "simulator"
     items = doc.get("points", doc.get("records"))
     assert items
-    bad = [p for p in items if p["status"] != "ok"]
+    # tc takes float16 and head dims that are multiples of 16 only: elsewhere it is refused
+    bad = [p for p in items if p["status"] != "ok"
+           and not (p.get("impl") == "tc" and p["status"] == "unsupported")]
     assert not bad, bad[:3]
     for p in items:
         if "median_ms" in p:

@@ -4,8 +4,9 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NBFLASH_DEVICE=gpu
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+timeout 200 python3 tools/tc_sass.py 2>&1 | grep -v Warning | tee $OUT/sass_candidates.txt
 timeout 200 python3 -m pytest -q -s tests/test_tc.py -k sass 2>&1 | grep -v Warning | tail -30 > $OUT/sass.txt
-grep -E "passed|failed|local memory|no (HMMA|LDSM|LDGSTS)|registers" $OUT/sass.txt | cut -c1-400
+grep -E "passed|failed|local memory|no (HMMA|LDSM|LDGSTS)" $OUT/sass.txt | cut -c1-400
 timeout 300 python3 -m nbflash bench --impls torch torch-flash tc --dtypes float16 --no-resume \
   --out figures/data/bench_tc_h200.json > $OUT/bench.txt 2>&1; echo "bench rc=$?"
 cp figures/data/bench_tc_h200.json $OUT/

@@ -433,6 +433,8 @@ def make_dkdv(t, causal, bf16, features):
         mi = lane // 8
         key0 = cuda.blockIdx.x * R
         wkey0 = key0 + 16 * warp
+        a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A, and ldmatrix.trans B
+        b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Qᵀ, dOᵀ)
         q_base, k_base = bh * Nq * D, bh * Nk * D
 
         load_kv(k, k_base, key0, klen, smem, K_OFF, tid)
@@ -484,11 +486,11 @@ def make_dkdv(t, causal, bf16, features):
                 st[x] = ZERO
                 dpt[x] = ZERO
             for kk in range(KD):
-                arow = (16 * warp + lane % 8 + 8 * (mi % 2)) * DS + 16 * kk + 8 * (mi // 2)
+                arow = 16 * warp * DS + 16 * kk + a_lane
                 k0, k1, k2, k3 = ldsm(smem, K_OFF + arow)
                 v0, v1, v2, v3 = ldsm(smem, V_OFF + arow)
                 for np2 in range(NT // 2):
-                    brow = (16 * np2 + lane % 8 + 8 * (mi // 2)) * DS + 16 * kk + 8 * (mi % 2)
+                    brow = 16 * np2 * DS + 16 * kk + b_lane
                     b0, b1, b2, b3 = ldsm(smem, off + brow)
                     x = 8 * np2
                     st[x], st[x + 1], st[x + 2], st[x + 3] = mma(
@@ -543,7 +545,7 @@ def make_dkdv(t, causal, bf16, features):
                 put2(smem, at + 8, s2)
                 put2(smem, at + 8 * PS + 8, s3)
                 for dp2 in range(NV // 2):
-                    brow = (16 * kk + lane % 8 + 8 * (mi % 2)) * DS + 16 * dp2 + 8 * (mi // 2)
+                    brow = 16 * kk * DS + 16 * dp2 + a_lane
                     b0, b1, b2, b3 = ldsm_t(smem, do_off + brow)
                     y = 8 * dp2
                     dv_acc[y], dv_acc[y + 1], dv_acc[y + 2], dv_acc[y + 3] = mma(
