@@ -298,7 +298,7 @@ class TcTiles:
 #: span several tiles.
 GPU_TC_TILES = {
     "forward": {64: (8, 64, 2, 2), 128: (8, 64, 2)},
-    "dkdv": {64: (8, 32, 2), 128: (8, 32, 2)},
+    "dkdv": {64: (8, 32, 2), 128: (8, 16, 2)},
 }
 SIM_TC_TILES = {
     "forward": {32: (1, 16, 2, 1, 2), 128: (1, 16, 3)},
