@@ -162,26 +162,30 @@ def default_variants(head_dims=(32, 64, 96, 128)):
     return out
 
 
+def _table_variants(prefix, kernels, tiles_of, head_dims, dtypes, causal, features):
+    out = []
+    for d in head_dims:
+        for kind in kernels:
+            t = tiles_of(kind, d)
+            out += [Variant(f"{prefix}_{kind}", t, c, dt, features) for c in causal
+                    for dt in dtypes]
+    return out
+
+
 def fa2_default_variants(head_dims=(64, 128), dtypes=("float32", "float16"),
                          causal=(False, True), features=Features()):
     """fa2's GPU kernels (nbflash.tiling.GPU_FA2_TILES), as the benchmark runs them."""
-    out = []
-    for d in head_dims:
-        for kind in tiling.FA2_KERNELS:
-            t = tiling.fa2_tiles(kind, d, tiling.GPU_FA2_TILES)
-            out += [Variant(f"fa2_{kind}", t, c, dt, features) for c in causal for dt in dtypes]
-    return out
+    return _table_variants("fa2", tiling.FA2_KERNELS,
+                           lambda k, d: tiling.fa2_tiles(k, d, tiling.GPU_FA2_TILES),
+                           head_dims, dtypes, causal, features)
 
 
 def tc_default_variants(head_dims=(64, 128), dtypes=("float16", "bfloat16"),
                         causal=(False, True), features=Features()):
     """tc's GPU kernels (nbflash.tiling.GPU_TC_TILES), as the benchmark runs them."""
-    out = []
-    for d in head_dims:
-        for kind in tiling.TC_KERNELS:
-            t = tiling.tc_tiles(kind, d, tiling.GPU_TC_TILES)
-            out += [Variant(f"tc_{kind}", t, c, dt, features) for c in causal for dt in dtypes]
-    return out
+    return _table_variants("tc", tiling.TC_KERNELS,
+                           lambda k, d: tiling.tc_tiles(k, d, tiling.GPU_TC_TILES),
+                           head_dims, dtypes, causal, features)
 
 
 def as_dict(report):

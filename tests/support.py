@@ -44,6 +44,17 @@ def reference(q, k, v, do, causal, scale=None, **masking):
     return dict(zip(("o", "lse", "dq", "dk", "dv"), (host(x) for x in (o, lse, *grads))))
 
 
+def reference_options(opts, B, H, Nq, Nk):
+    """The API options `opts` as the reference takes them: with dropout, the mask the kernels
+    draw (nbflash.dropout_mask) as `keep` instead of seed and offset."""
+    if opts.get("dropout_p", 0) <= 0:
+        return dict(opts)
+    ref = {k: v for k, v in opts.items() if k not in ("seed", "offset")}
+    ref["keep"] = nbflash.dropout_mask(B, H, Nq, Nk, opts["dropout_p"], opts["seed"],
+                                       opts.get("offset", 0))
+    return ref
+
+
 def run(impl, q, k, v, do, causal, scale=None, deterministic=False, **opts):
     """(o, lse, dq, dk, dv) of `impl` through the public API, on the host."""
     o, lse = nbflash.attention_forward(q, k, v, causal=causal, softmax_scale=scale, impl=impl,

@@ -9,7 +9,8 @@ import pytest
 import nbflash
 from nbflash import naive, sparsity, tiling
 from nbflash.kernels import launch
-from support import assert_close, assert_masked_rows, host, make_inputs, reference, run, xp
+from support import (assert_close, assert_masked_rows, host, make_inputs, reference,
+                     reference_options, run, xp)
 
 KERNELS = ["fa1", "fa2"]
 
@@ -25,12 +26,7 @@ def check(impl, opts, B=2, H=2, Nq=19, Nk=27, d=8, dtype=np.float32, causal=Fals
     yardstick. Returns the outputs."""
     rng = np.random.default_rng(seed)
     q, k, v, do = make_inputs(rng, B, H, Nq, Nk, d, dtype)
-    ref_opts = dict(opts)
-    if opts.get("dropout_p", 0) > 0:
-        ref_opts = {k_: v_ for k_, v_ in opts.items() if k_ not in ("seed", "offset")}
-        ref_opts["keep"] = nbflash.dropout_mask(B, H, Nq, Nk, opts["dropout_p"], opts["seed"],
-                                                opts.get("offset", 0))
-    ref = reference(q, k, v, do, causal, **ref_opts)
+    ref = reference(q, k, v, do, causal, **reference_options(opts, B, H, Nq, Nk))
     extra = {"deterministic": True} if deterministic else {}
     got = run(impl, q, k, v, do, causal, **opts, **extra, **fa(impl))
     base = run("naive", q, k, v, do, causal, **opts)

@@ -17,7 +17,7 @@ import nbflash
 from nbflash import MODE, sparsity
 from nbflash.kernels import launch, warp
 from support import (assert_close, assert_masked_rows, host, make_inputs, naive_bf16, reference,
-                     run, xp)
+                     reference_options, run, xp)
 
 pytestmark = pytest.mark.skipif(MODE == "compile", reason="runs kernels")
 
@@ -26,12 +26,7 @@ def check(B, H, Nq, Nk, d, causal, data_seed=0, **opts):
     """tc against the reference under the tolerance rule (naive float16 as the yardstick)."""
     rng = np.random.default_rng(data_seed)
     q, k, v, do = make_inputs(rng, B, H, Nq, Nk, d, np.float16)
-    ref_opts = dict(opts)
-    if opts.get("dropout_p", 0) > 0:
-        ref_opts = {k_: v_ for k_, v_ in opts.items() if k_ not in ("seed", "offset")}
-        ref_opts["keep"] = nbflash.dropout_mask(B, H, Nq, Nk, opts["dropout_p"], opts["seed"],
-                                                opts.get("offset", 0))
-    ref = reference(q, k, v, do, causal, **ref_opts)
+    ref = reference(q, k, v, do, causal, **reference_options(opts, B, H, Nq, Nk))
     got = run("tc", q, k, v, do, causal, **opts)
     base = run("naive", q, k, v, do, causal, **opts)
     for name in ("o", "dq", "dk", "dv"):

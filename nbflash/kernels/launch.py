@@ -97,10 +97,12 @@ DELTA_THREADS = 128
 
 
 def _fa2_types(name, dtype):
-    """Numba argument types of fa2 kernel `name` for storage dtype `dtype`."""
+    """Numba argument types of fa2 kernel `name` for storage dtype `dtype` (tc's forward and
+    dK/dV kernels take the same arguments, with 16-bit data as "uint16")."""
     from numba import types  # noqa: PLC0415
 
-    io = types.Array(types.float16 if str(dtype) == "float16" else types.float32, 1, "C")
+    elem = {"float16": types.float16, "uint16": types.uint16}.get(str(dtype), types.float32)
+    io = types.Array(elem, 1, "C")
     f32 = types.Array(types.float32, 1, "C")
     i64, f = types.int64, types.float32
     # the options' arguments (nbflash.kernels.options): key_lengths, block mask; 9 integers
@@ -291,20 +293,13 @@ def _tc_types(name):
     """Numba argument types of tc kernel `name` (16-bit data as uint16 bits)."""
     from numba import types  # noqa: PLC0415
 
-    io = types.Array(types.uint16, 1, "C")
-    f32 = types.Array(types.float32, 1, "C")
-    i64, f = types.int64, types.float32
-    opt_arrays = (types.Array(types.int32, 1, "C"), types.Array(types.uint8, 1, "C"))
-    opt_scalars = (i64,) * 9 + (f,)
-    if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, τ log2 e (hi, lo)
-        return (io, io, io, io, f32, *opt_arrays, i64, i64, i64, f, f, *opt_scalars)
+    if name in ("forward", "dkdv"):     # fa2's arguments (the dkdv pass always has dq_acc)
+        return _fa2_types(name, "uint16")
+    io, f32 = types.Array(types.uint16, 1, "C"), types.Array(types.float32, 1, "C")
     if name == "delta":      # o, do, delta, dq_acc, n_rows, d
-        return (io, io, f32, f32, i64, i64)
-    if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, τ log2 e (2), τ
-        return (io, io, io, io, f32, f32, f32, io, io, *opt_arrays, i64, i64, i64, f, f, f,
-                *opt_scalars)
+        return (io, io, f32, f32, types.int64, types.int64)
     if name == "convert":    # dq_acc, dq, pairs
-        return (f32, io, i64)
+        return (f32, io, types.int64)
     raise ValueError(name)
 
 
