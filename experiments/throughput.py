@@ -64,7 +64,8 @@ def plot():
     tc_doc = common.load(TC_SOURCE) if not any(b["impl"] == "tc" for b in data) else None
     if tc_doc:
         data += [b for b in bars(tc_doc) if b["impl"] == "tc"]
-        meta["tc_source"] = {"file": f"figures/data/{TC_SOURCE.name}", "date": tc_doc["meta"]["date"]}
+        meta["tc_source"] = {"file": f"figures/data/{TC_SOURCE.name}",
+                             "date": tc_doc["meta"]["date"]}
     summary = {"meta": meta, "bars": data}
     bench.write_json(common.data_path(NAME), summary)
     plt = common.pyplot()

@@ -241,7 +241,8 @@ def fa2_tiles(kernel, d, table):
 @dataclass(frozen=True)
 class TcTiles:
     """Tiles of a tensor-core kernel (nbflash.kernels.tc): W warps each own 16·mtiles rows of
-    the block's tile (rows = 16 W mtiles: query rows in the forward, keys in the dK/dV pass); each step
+    the block's tile (rows = 16 W mtiles: query rows in the forward, keys in the dK/dV pass);
+    each step
     takes `cols` rows of the other operand (keys, or queries), streamed through `stages` shared
     buffers by cp.async. 16-bit elements; rows padded by 8 elements (16 bytes)."""
 
@@ -292,8 +293,8 @@ class TcTiles:
         return 2 * self.elements(kernel) + keep
 
 
-#: (warps, cols, stages[, min_blocks[, mtiles]]) per kernel and head dim (the entry of the smallest head
-#: dim >= d). GPU: chosen from sweeps on the H200 (tools/tc_probe.py sweep; numbers in the
+#: (warps, cols, stages[, min_blocks[, mtiles]]) per kernel and head dim (the entry of the
+#: smallest head dim >= d). GPU: chosen from sweeps on the H200 (tools/tc_probe.py sweep; numbers in the
 #: README); simulator: one or two warps and 16-32 columns, so that the tests' short sequences
 #: span several tiles.
 GPU_TC_TILES = {

@@ -3,12 +3,13 @@
 The same algorithms as nbflash.kernels.fa2 (FlashAttention-2, Dao 2023, Algorithms 1 and 2),
 with every matrix product on the tensor cores through nbflash.kernels.warp (mma.sync m16n8k16,
 ldmatrix) and tiles streamed into shared memory with cp.async. Each warp owns 16 rows of the
-block's tile (query rows in the forward, key rows in the backward) and holds its accumulators as
+block's tile (query rows in the forward, where a warp may own two such m-tiles; key rows in the
+backward) and holds its accumulators as
 mma fragments in registers: lane l has rows g = l // 4 and g + 8 and columns 2t, 2t + 1 (t =
 l % 4) of each 8-column slice (entry x = 4·slice + 2·h + e of a fragment array is row g + 8h,
 column 8·slice + 2t + e).
 
-- Forward (:func:`make_forward`, FA2 Alg. 1): one block of W warps per 16·W query rows; Q_i is
+- Forward (:func:`make_forward`, FA2 Alg. 1): one block of W warps per 16·W·RM query rows; Q_i is
   loaded once and kept in registers as A fragments; K_j, V_j stream through STAGES shared
   buffers (the next STAGES - 1 tiles are in flight while one is computed). S = Q K_jᵀ (B from
   K by ldmatrix), the online softmax on the S fragments (row max and sum over the 4 lanes of a
@@ -27,8 +28,9 @@ Scores are in base 2, τ log2(e) folded into one float32 scale (fa2 splits it in
 round the scaled score once; here P is rounded to 16 bits before its product, far coarser), and
 2^x is ex2.approx.ftz (warp.exp2): per score the forward spends a multiply, a max, a subtract,
 the exp2 and an add, and the backward's P = 2^min(s·scale - lse·log2 e, 0) is one fma, a min
-and the exp2 (lse·log2 e is computed once per query row, in two parts). Masking, key padding, block sparsity and dropout use the same device functions as
-fa2 (nbflash.kernels.masks, nbflash.kernels.dropout). Shared tiles hold 16-bit elements as
+and the exp2 (lse·log2 e is computed once per query row, in two parts). Masking, key padding,
+block sparsity and dropout use the same device functions as fa2 (nbflash.kernels.masks,
+nbflash.kernels.dropout). Shared tiles hold 16-bit elements as
 uint16 (numba-cuda has no bfloat16 type), rows padded by 8 elements (16 bytes) so that the 8
 row addresses of an ldmatrix fall in different banks.
 """
