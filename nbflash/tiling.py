@@ -242,9 +242,8 @@ def fa2_tiles(kernel, d, table):
 class TcTiles:
     """Tiles of a tensor-core kernel (nbflash.kernels.tc): W warps each own 16·mtiles rows of
     the block's tile (rows = 16 W mtiles: query rows in the forward, keys in the dK/dV pass);
-    each step
-    takes `cols` rows of the other operand (keys, or queries), streamed through `stages` shared
-    buffers by cp.async. 16-bit elements; rows padded by 8 elements (16 bytes)."""
+    each step takes `cols` rows of the other operand (keys, or queries), streamed through
+    `stages` shared buffers by cp.async. 16-bit elements; rows padded by 8 elements (16 bytes)."""
 
     d: int
     warps: int
