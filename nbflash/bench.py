@@ -1104,21 +1104,20 @@ def measure_host_overhead(impls, cfg=None):
     and the message."""
     cfg = cfg or _host_cfg()
     B, H, N, d = cfg["shape"]
+    dtype_of = {impl: HOST_DTYPES.get(impl, "float32") for impl in impls}
     copies = {dt: _make_copies(_xp(), (B, H, N, d), np.dtype(dt), 1, seed=1)
-              for dt in ("float32", "float16")}
+              for dt in set(dtype_of.values())}
     torch = _torch()
     # torch-flash takes no float32: torch's default choice stands for torch here
-    cases = [(impl, impl, copies[HOST_DTYPES.get(impl, "float32")]) for impl in impls
-             if impl != "torch-flash"]
+    cases = [(impl, impl, copies[dtype_of[impl]]) for impl in impls if impl != "torch-flash"]
     if torch is not None:
         cases += [(f"{impl}+torch", impl,
-                   [tuple(torch.from_dlpack(x) for x in copies[HOST_DTYPES.get(impl,
-                                                                              "float32")][0])])
+                   [tuple(torch.from_dlpack(x) for x in copies[dtype_of[impl]][0])])
                   for impl in impls if impl in nbflash_impls()]
     result = {}
     with _exact_float32():
         for name, impl, inp in cases:
-            dtype = HOST_DTYPES.get(impl, "float32")
+            dtype = dtype_of[impl]
             try:
                 result[name] = {**_host_overhead_of(make_runner(impl, False, dtype), inp, cfg),
                                 "dtype": dtype}

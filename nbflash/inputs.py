@@ -239,15 +239,7 @@ def _check_tc(d, dtype, pass_, dropout=False, deterministic=False):
     if deterministic:
         raise InputError("impl='tc' adds dq with atomics and has no deterministic pass; use "
                          "impl='fa2' with deterministic=True for bitwise reproducible dq")
-    if MODE != "gpu":
-        return
-    from .kernels.launch import tc_tiles  # noqa: PLC0415
-    most = _smem_optin()
-    kernel = "forward" if pass_ == "forward" else "dkdv"
-    need = tc_tiles(kernel, d).smem_bytes(kernel, dropout)
-    if need > most:
-        raise InputError(f"tc's {kernel} kernel at head_dim {d} needs {need} bytes of shared "
-                         f"memory; this GPU gives a block at most {most}")
+    _check_smem("tc", ("forward",) if pass_ == "forward" else ("dkdv",), d, dropout)
 
 
 def _is_int(x):
@@ -346,14 +338,21 @@ def _check_fa2(d, pass_, dropout=False):
     limit = MAX_HEAD_DIM["fa2"]
     if d > limit:
         raise InputError(f"head_dim {d} is above fa2's limit of {limit}")
+    _check_smem("fa2", ("forward",) if pass_ == "forward" else ("dkdv", "dq"), d, dropout)
+
+
+def _check_smem(impl, kernels, d, dropout):
+    """On the GPU: the default tiles' shared memory of each of `impl`'s `kernels` at head dim d
+    (with dropout's keep bits) against what a block may opt in to."""
     if MODE != "gpu":
         return
-    from .kernels.launch import fa2_tiles  # noqa: PLC0415
+    from .kernels import launch  # noqa: PLC0415
+    tiles_of = launch.tc_tiles if impl == "tc" else launch.fa2_tiles
     most = _smem_optin()
-    for kernel in (("forward",) if pass_ == "forward" else ("dkdv", "dq")):
-        need = fa2_tiles(kernel, d).smem_bytes(kernel, dropout)
+    for kernel in kernels:
+        need = tiles_of(kernel, d).smem_bytes(kernel, dropout)
         if need > most:
-            raise InputError(f"fa2's {kernel} kernel at head_dim {d} needs {need} bytes of "
+            raise InputError(f"{impl}'s {kernel} kernel at head_dim {d} needs {need} bytes of "
                              f"shared memory; this GPU gives a block at most {most}")
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import nbflash
-from nbflash import MODE, sparsity
-from nbflash.kernels import launch, warp
+from nbflash import MODE, bfloat16, sparsity
+from nbflash.kernels import launch
 from support import (assert_close, assert_masked_rows, host, make_inputs, naive_bf16, reference,
                      reference_options, run, xp)
 
@@ -57,15 +57,15 @@ def test_tc_bfloat16_bits_match_reference():
     tolerance rule with the bfloat16 naive baseline (support.naive_bf16)."""
     rng = np.random.default_rng(3)
     B, H, Nq, Nk, d = 1, 2, 29, 35, 32
-    f = [warp.bf16_to_f32(warp.bf16_bits(rng.standard_normal(s)))
+    f = [bfloat16.values(bfloat16.bits(rng.standard_normal(s)))
          for s in ((B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d), (B, H, Nq, d))]
-    bits = [xp.asarray(warp.bf16_bits(x)) for x in f]
+    bits = [xp.asarray(bfloat16.bits(x)) for x in f]
     scale = 1 / np.sqrt(d)
     plan = launch.tc_plan(B, H, Nq, Nk, d, "bfloat16", True, scale)
     o, lse = plan.forward(xp, *bits[:3], 0)
     dq, dk, dv = plan.backward(xp, bits[3], *bits[:3], o, lse, 0)
     got = {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
-    got = {n: host(x) if n == "lse" else warp.bf16_to_f32(host(x)) for n, x in got.items()}
+    got = {n: host(x) if n == "lse" else bfloat16.values(host(x)) for n, x in got.items()}
     ref = reference(*(xp.asarray(x) for x in f), True)
     base = naive_bf16(*f, True, scale)
     assert_close(got, base, ref, "bfloat16", "tc bfloat16 bits")

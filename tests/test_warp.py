@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from nbflash import MODE
+from nbflash import MODE, bfloat16
 from nbflash._cuda import cuda
 from nbflash.kernels import primitives, warp
 
@@ -24,11 +24,11 @@ pytestmark = pytest.mark.skipif(MODE == "compile", reason="runs kernels")
 
 
 def _bits(x, bf16):
-    return warp.bf16_bits(x) if bf16 else x.astype(np.float16).view(np.uint16)
+    return bfloat16.bits(x) if bf16 else x.astype(np.float16).view(np.uint16)
 
 
 def _values(bits, bf16):
-    return warp.bf16_to_f32(bits) if bf16 else bits.view(np.float16).astype(np.float32)
+    return bfloat16.values(bits) if bf16 else bits.view(np.float16).astype(np.float32)
 
 
 def make_tile_kernel(bf16, trans):

@@ -251,9 +251,10 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     return fa2_forward
 
 
-def make_delta(threads):
+def make_delta(threads, load=float32):
     """D = rowsum(dO ∘ O) per query row (FA2 Algorithm 2, line 4), one thread per row; also
-    zeroes the row of the dQ accumulator that the dK/dV pass adds into (saves a launch)."""
+    zeroes the row of the dQ accumulator that the dK/dV pass adds into (saves a launch).
+    load: an element of o or do as float32 (tc passes the conversion of its 16-bit bits)."""
     T = threads
 
     def fa2_delta(o, do, delta, dq_acc, n_rows, D, zero_dq):
@@ -263,7 +264,7 @@ def make_delta(threads):
         if row < n_rows:
             acc = ZERO
             for x in range(D):
-                acc += float32(o[row * D + x]) * float32(do[row * D + x])
+                acc += load(o[row * D + x]) * load(do[row * D + x])
                 if zero_dq:
                     dq_acc[row * D + x] = ZERO
             delta[row] = acc

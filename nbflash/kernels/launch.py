@@ -11,7 +11,7 @@ import functools
 
 from .. import tiling
 from .._cuda import SIMULATOR, cuda
-from . import dropout, fa1, fa2, options, tc
+from . import dropout, fa1, fa2, options, tc, warp
 from .fastlaunch import Bound, Kernel, switch_interval
 
 #: Threads per block. On the H200 (experiments/fa1_threads.py, its data in figures/data/)
@@ -284,8 +284,6 @@ def fa2_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False,
 # ----------------------------------------------------------------------------------------- tc
 
 TC_TABLE = tiling.SIM_TC_TILES if SIMULATOR else tiling.GPU_TC_TILES
-#: the 16-bit dtypes of the tc kernels (bfloat16 arrives as torch tensors, held as uint16 bits)
-TC_DTYPES = ("float16", "bfloat16")
 CONVERT_THREADS = 256
 
 
@@ -293,11 +291,9 @@ def _tc_types(name):
     """Numba argument types of tc kernel `name` (16-bit data as uint16 bits)."""
     from numba import types  # noqa: PLC0415
 
-    if name in ("forward", "dkdv"):     # fa2's arguments (the dkdv pass always has dq_acc)
+    if name in ("forward", "dkdv", "delta"):   # fa2's arguments (dkdv always has dq_acc)
         return _fa2_types(name, "uint16")
     io, f32 = types.Array(types.uint16, 1, "C"), types.Array(types.float32, 1, "C")
-    if name == "delta":      # o, do, delta, dq_acc, n_rows, d
-        return (io, io, f32, f32, types.int64, types.int64)
     if name == "convert":    # dq_acc, dq, pairs
         return (f32, io, types.int64)
     raise ValueError(name)
@@ -311,8 +307,8 @@ def tc_function(name, tiles, causal, dtype, features=options.Features()):
         fn = tc.make_forward(tiles, causal, bf16, features)
     elif name == "dkdv":
         fn = tc.make_dkdv(tiles, causal, bf16, features)
-    elif name == "delta":
-        fn = tc.make_delta(DELTA_THREADS, bf16)
+    elif name == "delta":    # fa2's, on the 16-bit bits
+        fn = fa2.make_delta(DELTA_THREADS, warp.make_warp_ops(DELTA_THREADS, bf16)[4])
     else:
         fn = tc.make_convert(CONVERT_THREADS, bf16)
     return fn, _tc_types(name)
@@ -366,7 +362,7 @@ class TcPlan(_Options):
                          (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *opt_scalars))
         self.delta = Bound(build_tc("delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
-                           (Q, Q, L, ACC), (rows, d))
+                           (Q, Q, L, ACC), (rows, d, 1))
         t = tiles.get("dkdv") or tc_tiles("dkdv", d)
         self.dkdv = Bound(build_tc("dkdv", t, causal, dtype, features),
                           (-(-Nk // t.rows), H, B), t.threads, t.smem_bytes("dkdv", drop),

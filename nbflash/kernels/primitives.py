@@ -64,13 +64,13 @@ else:
         vec = ir.VectorType(elem, 4)
         return builder.bitcast(builder.gep(data, [i]), vec.as_pointer()), 4 * arrty.dtype.bitwidth // 8
 
-    def _is_1d(a, dtypes):
+    def is_1d(a, dtypes):
         return isinstance(a, types.Array) and a.ndim == 1 and a.dtype in dtypes
 
     @intrinsic
     def load4(typingctx, a, i):
         """(a[i], a[i+1], a[i+2], a[i+3]) as float32, in one aligned vector load."""
-        if not (_is_1d(a, (types.float32, types.float16)) and isinstance(i, types.Integer)):
+        if not (is_1d(a, (types.float32, types.float16)) and isinstance(i, types.Integer)):
             return None
         sig = types.UniTuple(types.float32, 4)(a, i)
 
@@ -88,7 +88,7 @@ else:
     @intrinsic
     def store4(typingctx, a, i, x0, x1, x2, x3):
         """a[i:i+4] = (x0, x1, x2, x3) for a float32 array, in one aligned vector store."""
-        if not (_is_1d(a, (types.float32,)) and isinstance(i, types.Integer)
+        if not (is_1d(a, (types.float32,)) and isinstance(i, types.Integer)
                 and all(x == types.float32 for x in (x0, x1, x2, x3))):
             return None
         sig = types.void(a, i, x0, x1, x2, x3)
@@ -152,16 +152,18 @@ def make_row_reduce(lanes, threads):
 
 
 if not SIMULATOR:
-    def _asm(builder, text, constraints, args, argtypes):
-        fnty = ir.FunctionType(ir.VoidType(), argtypes)
-        builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=True), args)
+    def asm(builder, ret, text, constraints, args):
+        """Emit one inline-PTX statement returning `ret` (an llvmlite type; a struct for several
+        outputs) from the LLVM values `args` (also used by nbflash.kernels.warp)."""
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=True), args)
 
     @intrinsic
     def copy16_async(typingctx, dst, i, src, j, nbytes):
         """cp.async.cg.shared.global of 16 bytes src[j:] -> dst[i:] (float32 or uint16 arrays of
         one dtype, both 16-byte aligned there); nbytes (0 or 16) bytes are read, the rest filled
         with zeros."""
-        if not (_is_1d(dst, (types.float32, types.uint16)) and _is_1d(src, (dst.dtype,))
+        if not (is_1d(dst, (types.float32, types.uint16)) and is_1d(src, (dst.dtype,))
                 and all(isinstance(x, types.Integer) for x in (i, j, nbytes))):
             return None
         sig = types.void(dst, i, src, j, nbytes)
@@ -174,11 +176,10 @@ if not SIMULATOR:
                              [args[3]])
             n = builder.trunc(args[4], ir.IntType(32)) if args[4].type.width > 32 \
                 else builder.zext(args[4], ir.IntType(32))
-            _asm(builder,
-                 "{ .reg .u64 sa, ga; cvta.to.shared.u64 sa, $0; cvta.to.global.u64 ga, $1; "
-                 "cp.async.cg.shared.global [sa], [ga], 16, $2; }",
-                 "l,l,r,~{memory}", [builder.ptrtoint(d, i64), builder.ptrtoint(s_, i64), n],
-                 [i64, i64, ir.IntType(32)])
+            asm(builder, ir.VoidType(),
+                "{ .reg .u64 sa, ga; cvta.to.shared.u64 sa, $0; cvta.to.global.u64 ga, $1; "
+                "cp.async.cg.shared.global [sa], [ga], 16, $2; }",
+                "l,l,r,~{memory}", [builder.ptrtoint(d, i64), builder.ptrtoint(s_, i64), n])
             return context.get_dummy_value()
 
         return sig, codegen
@@ -189,7 +190,7 @@ if not SIMULATOR:
             sig = types.void()
 
             def codegen(context, builder, sig, args):
-                _asm(builder, text, "~{memory}", [], [])
+                asm(builder, ir.VoidType(), text, "~{memory}", [])
                 return context.get_dummy_value()
 
             return sig, codegen

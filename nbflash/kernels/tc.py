@@ -16,7 +16,8 @@ column 8·slice + 2t + e).
   row by shuffles), P̃ converted to 16-bit A fragments in registers (the S fragments of two
   8-key slices are exactly one A fragment), O += P̃ V_j (B from V by ldmatrix.trans). O is
   divided by ℓ at the end, and lse = m + log ℓ is written.
-- Backward (:func:`make_dkdv`, FA2 Alg. 2): D = rowsum(dO ∘ O) first (:func:`make_delta`); then
+- Backward (:func:`make_dkdv`, FA2 Alg. 2): D = rowsum(dO ∘ O) first (fa2's make_delta, on the
+  16-bit values); then
   one block per 16·W keys keeps dK_j, dV_j as fragments while Q_i, dO_i, lse_i, D_i stream
   through STAGES buffers. Per step each warp computes Sᵀ = K_j Q_iᵀ and Pᵀ from lse, dV +=
   P̃ᵀ dO_i, dPᵀ = V_j dO_iᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - D), dK += dSᵀ Q_i; dSᵀ goes to shared memory,
@@ -95,6 +96,20 @@ def make_store_rows(D, pack):
     return cuda.jit(device=True, inline=True)(store)
 
 
+def make_mma2(mma):
+    """Device function: acc[y:y+8] += A B for a 16 x 16 A fragment (a0..a3) and one 16 x 16 B
+    fragment as ldmatrix.x4 gives it (b0, b1: its first 8 columns; b2, b3: the next 8), i.e.
+    two mma.m16n8k16 into two 8-column slices of a fragment array."""
+
+    def mma2(acc, y, a0, a1, a2, a3, b0, b1, b2, b3):
+        acc[y], acc[y + 1], acc[y + 2], acc[y + 3] = mma(
+            a0, a1, a2, a3, b0, b1, acc[y], acc[y + 1], acc[y + 2], acc[y + 3])
+        acc[y + 4], acc[y + 5], acc[y + 6], acc[y + 7] = mma(
+            a0, a1, a2, a3, b2, b3, acc[y + 4], acc[y + 5], acc[y + 6], acc[y + 7])
+
+    return cuda.jit(device=True, inline=True)(mma2)
+
+
 def _coords(H, Nk, key_lengths, msb, msh, PAD):
     """(tid, warp, lane, bh, klen, mbase) of the calling thread (see fa2's _coords)."""
     tid = cuda.threadIdx.x
@@ -158,6 +173,7 @@ def make_forward(t, causal, bf16, features):
     STAGE = 2 * C * DS                  # K_j and V_j
     KEEP_OFF = t.keep_offset("forward")  # uint32 index of dropout's keep bits
     ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
+    mma2 = make_mma2(mma)
     load_q = make_async_rows(R, D, DS, T)
     load_kv = make_async_rows(C, D, DS, T)
     wait_tile, wait_q = make_wait_async(STAGES - 2), make_wait_async(STAGES - 1)
@@ -301,12 +317,7 @@ def make_forward(t, causal, bf16, features):
                     for mt in range(RM):
                         a = mt * QF + 4 * kk
                         x = mt * SF + 8 * np2
-                        s[x], s[x + 1], s[x + 2], s[x + 3] = mma(
-                            qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b0, b1,
-                            s[x], s[x + 1], s[x + 2], s[x + 3])
-                        s[x + 4], s[x + 5], s[x + 6], s[x + 7] = mma(
-                            qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b2, b3,
-                            s[x + 4], s[x + 5], s[x + 6], s[x + 7])
+                        mma2(s, x, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b0, b1, b2, b3)
 
             masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) \
                 or not all_on
@@ -337,11 +348,7 @@ def make_forward(t, causal, bf16, features):
                         y = mt * OF + 8 * dp
                         a0, a1, a2, a3 = pa[4 * mt], pa[4 * mt + 1], pa[4 * mt + 2], \
                             pa[4 * mt + 3]
-                        acc[y], acc[y + 1], acc[y + 2], acc[y + 3] = mma(
-                            a0, a1, a2, a3, b0, b1, acc[y], acc[y + 1], acc[y + 2], acc[y + 3])
-                        acc[y + 4], acc[y + 5], acc[y + 6], acc[y + 7] = mma(
-                            a0, a1, a2, a3, b2, b3, acc[y + 4], acc[y + 5], acc[y + 6],
-                            acc[y + 7])
+                        mma2(acc, y, a0, a1, a2, a3, b0, b1, b2, b3)
             jc, all_on = next_tile(jc + 1, n_blocks, row0, R, 0, C, 0, C, bmask, mbase, nbk,
                                    bq, bk, Nq, klen) if SPARSE else (jc + 1, True)
             step += 1
@@ -352,24 +359,6 @@ def make_forward(t, causal, bf16, features):
             finish_mtile(o, lse, m, l, acc, 1, q_base, bh, row0 + wr + 16, Nq, lane, tid)
 
     return tc_forward
-
-
-def make_delta(threads, bf16):
-    """D = rowsum(dO ∘ O) per query row (FA2 Alg. 2 line 4) from 16-bit o and do, one thread
-    per row; also zeroes that row of the float32 dQ accumulator."""
-    T = threads
-    to_f32 = make_warp_ops(T, bf16)[4]
-
-    def tc_delta(o, do, delta, dq_acc, n_rows, D):
-        row = cuda.blockIdx.x * T + cuda.threadIdx.x
-        if row < n_rows:
-            acc = ZERO
-            for x in range(D):
-                acc += to_f32(o[row * D + x]) * to_f32(do[row * D + x])
-                dq_acc[row * D + x] = ZERO
-            delta[row] = acc
-
-    return tc_delta
 
 
 def make_convert(threads, bf16):
@@ -403,6 +392,7 @@ def make_dkdv(t, causal, bf16, features):
     ITEMS = (C // 16) * (D // 16)        # dQ_i's 16 x 16 pieces, shared among the warps
     assert ITEMS % W == 0, (C, D, W)
     ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
+    mma2 = make_mma2(mma)
     load_rows = make_async_rows(C, D, DS, T)
     load_kv = make_async_rows(R, D, DS, T)
     wait_tile = make_wait_async(STAGES - 2)
@@ -495,15 +485,9 @@ def make_dkdv(t, causal, bf16, features):
                     brow = 16 * np2 * DS + 16 * kk + b_lane
                     b0, b1, b2, b3 = ldsm(smem, off + brow)
                     x = 8 * np2
-                    st[x], st[x + 1], st[x + 2], st[x + 3] = mma(
-                        k0, k1, k2, k3, b0, b1, st[x], st[x + 1], st[x + 2], st[x + 3])
-                    st[x + 4], st[x + 5], st[x + 6], st[x + 7] = mma(
-                        k0, k1, k2, k3, b2, b3, st[x + 4], st[x + 5], st[x + 6], st[x + 7])
+                    mma2(st, x, k0, k1, k2, k3, b0, b1, b2, b3)
                     b0, b1, b2, b3 = ldsm(smem, do_off + brow)
-                    dpt[x], dpt[x + 1], dpt[x + 2], dpt[x + 3] = mma(
-                        v0, v1, v2, v3, b0, b1, dpt[x], dpt[x + 1], dpt[x + 2], dpt[x + 3])
-                    dpt[x + 4], dpt[x + 5], dpt[x + 6], dpt[x + 7] = mma(
-                        v0, v1, v2, v3, b2, b3, dpt[x + 4], dpt[x + 5], dpt[x + 6], dpt[x + 7])
+                    mma2(dpt, x, v0, v1, v2, v3, b0, b1, b2, b3)
 
             masked = row0 + C > Nq or key0 + R > klen or \
                 (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or not all_on
@@ -550,19 +534,9 @@ def make_dkdv(t, causal, bf16, features):
                     brow = 16 * kk * DS + 16 * dp2 + a_lane
                     b0, b1, b2, b3 = ldsm_t(smem, do_off + brow)
                     y = 8 * dp2
-                    dv_acc[y], dv_acc[y + 1], dv_acc[y + 2], dv_acc[y + 3] = mma(
-                        p0, p1, p2, p3, b0, b1, dv_acc[y], dv_acc[y + 1], dv_acc[y + 2],
-                        dv_acc[y + 3])
-                    dv_acc[y + 4], dv_acc[y + 5], dv_acc[y + 6], dv_acc[y + 7] = mma(
-                        p0, p1, p2, p3, b2, b3, dv_acc[y + 4], dv_acc[y + 5], dv_acc[y + 6],
-                        dv_acc[y + 7])
+                    mma2(dv_acc, y, p0, p1, p2, p3, b0, b1, b2, b3)
                     b0, b1, b2, b3 = ldsm_t(smem, off + brow)
-                    dk_acc[y], dk_acc[y + 1], dk_acc[y + 2], dk_acc[y + 3] = mma(
-                        s0, s1, s2, s3, b0, b1, dk_acc[y], dk_acc[y + 1], dk_acc[y + 2],
-                        dk_acc[y + 3])
-                    dk_acc[y + 4], dk_acc[y + 5], dk_acc[y + 6], dk_acc[y + 7] = mma(
-                        s0, s1, s2, s3, b2, b3, dk_acc[y + 4], dk_acc[y + 5], dk_acc[y + 6],
-                        dk_acc[y + 7])
+                    mma2(dk_acc, y, s0, s1, s2, s3, b0, b1, b2, b3)
             cuda.syncthreads()   # dSᵀ complete
 
             # dQ_i += τ dS K_j, in 16 x 16 pieces shared among the warps, added atomically
@@ -577,10 +551,7 @@ def make_dkdv(t, causal, bf16, features):
                                             * PS + 16 * qm + 8 * (mi % 2))
                     b0, b1, b2, b3 = ldsm_t(smem, K_OFF + (16 * kk + lane % 8 + 8 * (mi % 2))
                                             * DS + 16 * dp2 + 8 * (mi // 2))
-                    dq[0], dq[1], dq[2], dq[3] = mma(a0, a1, a2, a3, b0, b1,
-                                                     dq[0], dq[1], dq[2], dq[3])
-                    dq[4], dq[5], dq[6], dq[7] = mma(a0, a1, a2, a3, b2, b3,
-                                                     dq[4], dq[5], dq[6], dq[7])
+                    mma2(dq, 0, a0, a1, a2, a3, b0, b1, b2, b3)
                 for x in range(8):
                     row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
                     if row < Nq:
@@ -597,4 +568,4 @@ def make_dkdv(t, causal, bf16, features):
     return tc_dkdv
 
 
-__all__ = ["make_forward", "make_delta", "make_dkdv", "make_convert", "make_async_rows"]
+__all__ = ["make_forward", "make_dkdv", "make_convert", "make_async_rows"]

@@ -50,19 +50,6 @@ WARP = 32
 
 # --------------------------------------------------------------- bit patterns (host and sim)
 
-def _f32_to_bf16_bits(x):
-    """float32 -> bfloat16 bits, rounded to nearest even (NaN stays NaN)."""
-    u = int(np.float32(x).view(np.uint32))
-    if (u & 0x7F800000) == 0x7F800000 and (u & 0x7FFFFF):
-        return 0x7FC0 | ((u >> 16) & 0x8000)
-    u += 0x7FFF + ((u >> 16) & 1)
-    return (u >> 16) & 0xFFFF
-
-
-bf16_bits = bfloat16.bits        # host helpers, here for the tests' convenience
-bf16_to_f32 = bfloat16.values
-
-
 def _half_value(h, bf16):
     h = int(h) & 0xFFFF
     if bf16:
@@ -72,7 +59,7 @@ def _half_value(h, bf16):
 
 def _half_bits(x, bf16):
     if bf16:
-        return _f32_to_bf16_bits(x)
+        return int(bfloat16.bits(x)[0])
     return int(np.float16(np.float32(x)).view(np.uint16))
 
 
@@ -163,11 +150,9 @@ if not SIMULATOR:
     from llvmlite import ir
     from numba.core import types
 
-    _I32, _F32 = ir.IntType(32), ir.FloatType()
+    from .primitives import asm as _asm, is_1d
 
-    def _asm(builder, ret, text, constraints, args):
-        fnty = ir.FunctionType(ret, [a.type for a in args])
-        return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=True), args)
+    _I32, _F32 = ir.IntType(32), ir.FloatType()
 
     def _shared_address(context, builder, arrty, arr, i):
         """The 32-bit shared-memory address of arr[i] (arr a 16-bit shared array; Numba holds
@@ -180,16 +165,13 @@ if not SIMULATOR:
         idx = builder.trunc(i, _I32) if i.type.width > 32 else i
         return builder.add(base, builder.shl(idx, ir.Constant(_I32, 1)))
 
-    def _is_u16_array(a):
-        return isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.uint16
-
     def _ldsm_intrinsic(trans):
         text = ("ldmatrix.sync.aligned.m8n8.x4" + (".trans" if trans else "")
                 + ".shared.b16 {$0, $1, $2, $3}, [$4];")
 
         @intrinsic
         def ldsm(typingctx, smem, i):
-            if not (_is_u16_array(smem) and isinstance(i, types.Integer)):
+            if not (is_1d(smem, (types.uint16,)) and isinstance(i, types.Integer)):
                 return None
             sig = types.UniTuple(types.uint32, 4)(smem, i)
 
