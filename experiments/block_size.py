@@ -2,7 +2,7 @@
 
 fa1's forward (Algorithm 1) at the paper's setting (B = 64, H = 16, N = 1024, d = 64, float16)
 for a range of on-chip sizes M, each giving blocks Bc = ceil(M/4d), Br = min(Bc, d) (the paper's
-rule, nbflash.tiling.block_sizes), up to the largest M whose tiles fit the 48 KB of static
+rule, nbflash.kernels.fa1.tiles.block_sizes), up to the largest M whose tiles fit the 48 KB of static
 shared memory fa1 uses (Bc = 40 at d = 64). Larger blocks mean fewer passes over Q and O
 (Algorithm 1 reads Q_i and reads and writes O_i once per key block): the HBM accesses fall
 as 1/Bc, and the runtime with them, until something else limits it. Per point: the outputs are
@@ -10,7 +10,8 @@ checked against the float64 reference, the forward is timed (median of CUDA even
 traffic modelled (nbflash.iomodel) and measured with Nsight Compute when present.
 """
 
-from nbflash import bench, tiling
+from nbflash import bench
+from nbflash.kernels.fa1 import tiles as fa1_tiles
 
 from . import common, ncu
 
@@ -25,11 +26,11 @@ def config():
 def points():
     """(M, Br, Bc) of the sweep, those whose tiles fit."""
     D, blocks = config()[3], config()[5]
-    limit = tiling.default_M(D, "forward")
+    limit = fa1_tiles.default_M(D, "forward")
     out = []
     for bc in blocks:
         M = min(4 * D * bc, limit)
-        out.append((M, *tiling.block_sizes(M, D)))
+        out.append((M, *fa1_tiles.block_sizes(M, D)))
     return sorted(set(out))
 
 

@@ -10,7 +10,7 @@ torch) as reference lines. Every point is checked against the float64 reference 
 mask first.
 """
 
-from nbflash import bench
+from nbflash import bench, impls as registry
 
 from . import common
 
@@ -29,12 +29,13 @@ def grid():
 
 
 def impls():
-    return tuple(i for i in ("fa1", "fa2", "tc") if i in bench.nbflash_impls())
+    """The impls with kernels, which skip the masked blocks (nbflash.impls)."""
+    return tuple(i.name for i in registry.kernels())
 
 
 def measure(fresh=False):
     g = {**grid(), "causal": (False,), "passes": ("fwdbwd",)}
-    dense = [i for i in ("naive", *impls(), "torch", "torch-flash") if i in bench.default_impls()]
+    dense = bench.default_impls()     # every impl and peer without a mask, for reference lines
     common.run_bench(NAME, fresh, [{"impls": dense},
                                    {"impls": impls(), "densities": densities()}], **g)
 

@@ -1,26 +1,19 @@
-"""What the experiments share: where their files go, their data files (meta, points written as
-they finish, resume), the correctness check before a timing, and the figure style.
+"""What the experiments share: where their files go, their data files, the correctness check
+before a timing, and the figure style.
 
-Every experiment writes `figures/data/<name>.json` and `figures/<name>.png`. A data file is
-
-    {"meta": {"gpu", "mode", "device", "versions", "date", "git_commit", "git_dirty", "command",
-              "params", "earlier_runs": [the meta of the runs it resumed]},
-     "points": [{... the point's key fields ..., "status": "ok" | "oom" | "unsupported" |
-                 "skipped" | "error", ...measurements...}, ...]}
-
-or, for the experiments that run nbflash.bench, a bench document (its "records" instead of
-"points"). The file is rewritten (atomically) after every point, and a rerun skips the points
-already there with a final status, so an interrupted run loses nothing it finished. A file
-measured on one GPU is never resumed on another: the run stops and says to pass --fresh.
+Every experiment writes `figures/data/<name>.json` and `figures/<name>.png`. A data file is the
+benchmark's resumable store (nbflash.bench.store): {"meta", "points"}, or, for the experiments
+that run nbflash.bench, a bench document (its "records" instead of "points"). The file is
+rewritten (atomically) after every point, and a rerun skips the points already there with a
+final status, so an interrupted run loses nothing it finished. A file measured on one GPU is
+never resumed on another: the run stops and says to pass --fresh.
 """
 
-import json
 import shlex
 import sys
 from pathlib import Path
 
-import nbflash
-from nbflash import MODE, bench
+from nbflash import MODE, bench, impls
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "figures"
@@ -47,78 +40,32 @@ def on_gpu():
     return MODE == "gpu"
 
 
-def gpu_name():
-    """This GPU's name as the data files' meta gives it ("simulator" without one)."""
-    return nbflash.info()["gpu"] if on_gpu() else "simulator"
-
-
-class StaleData(RuntimeError):
-    """Stored data from another GPU, which a run here must not mix with its own."""
+#: stored data from another GPU, which a run here must not mix with its own
+StaleData = bench.StaleData
 
 
 def load(path):
     """The JSON document at `path`, or None when there is none."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_same_gpu(path, fresh):
-    """StaleData when `path` holds data of another GPU than this one (unless fresh)."""
-    doc = load(path)
-    if doc is None or fresh:
-        return
-    theirs, ours = doc.get("meta", {}).get("gpu"), gpu_name()
-    if theirs and theirs != ours:
-        raise StaleData(f"{path} was measured on {theirs}, this is {ours}: pass --fresh to "
-                        f"measure it again here (the file is replaced)")
+    return bench.load_json(path)
 
 
 def command():
     return shlex.join([Path(sys.executable).name, *sys.argv])
 
 
-class Store:
-    """One experiment's data file of points, each identified by its `key` fields."""
+class Store(bench.Store):
+    """One experiment's data file of points (nbflash.bench.Store), each identified by its `key`
+    fields; it refuses data of another GPU unless `fresh`."""
 
     def __init__(self, name, params, key, fresh=False, path=None):
-        self.path = Path(path or data_path(name))
-        self.key_fields = tuple(key)
-        check_same_gpu(self.path, fresh)
-        meta = bench.run_meta(params, command())
-        old = None if fresh else load(self.path)
-        self.doc = {"meta": meta, "points": []}
-        if old is not None:
-            earlier = old.get("meta", {}).pop("earlier_runs", [])
-            meta["earlier_runs"] = earlier + [old.get("meta", {})]
-            self.doc["points"] = old.get("points", [])
-
-    def key(self, point):
-        return tuple(point.get(f) for f in self.key_fields)
-
-    def done(self, **key):
-        """The stored point with these key fields and a final status, or None."""
-        want = tuple(key.get(f) for f in self.key_fields)
-        for p in self.doc["points"]:
-            if self.key(p) == want and p.get("status") in FINAL:
-                return p
-        return None
-
-    def add(self, point):
-        """Store `point` (replacing an earlier one with its key) and rewrite the file."""
-        k = self.key(point)
-        self.doc["points"] = [p for p in self.doc["points"] if self.key(p) != k] + [point]
-        bench.write_json(self.path, self.doc)
-        return point
+        super().__init__(path or data_path(name), bench.run_meta(params, command()), tuple(key),
+                         items="points", fresh=fresh)
 
 
 def run_bench(name, fresh, runs, **grid):
     """nbflash.bench.run into this experiment's data file, once per dict of `runs` (each with
     `grid`), all into the same file: only the first may start afresh."""
     path = data_path(name)
-    check_same_gpu(path, fresh)
     for i, run in enumerate(runs):
         bench.run(out=path, resume=not (fresh and i == 0), host_overhead=False,
                   command=command(), **grid, **run)
@@ -146,12 +93,11 @@ def check_and_time(group, impl, passes, repeats=5, warmup=2, **api_options):
 
 # -- figures ------------------------------------------------------------------------------------
 
-#: one colour and marker per impl or peer, the same in every figure
+#: one colour and marker per impl (from the registry, nbflash.impls) or peer, the same in every
+#: figure
 STYLE = {
-    "naive": {"color": "#7f7f7f", "marker": "s", "label": "naive (CuPy)"},
-    "fa1": {"color": "#1f77b4", "marker": "o", "label": "nbflash fa1"},
-    "fa2": {"color": "#d62728", "marker": "^", "label": "nbflash fa2"},
-    "tc": {"color": "#9467bd", "marker": "D", "label": "nbflash tc"},
+    **{i.name: {"color": i.color, "marker": i.marker, "label": i.label}
+       for i in impls.REGISTRY.values()},
     "torch": {"color": "#2ca02c", "marker": "v", "label": "torch SDPA"},
     "torch-flash": {"color": "#ff7f0e", "marker": "P", "label": "torch SDPA (FA2 backend)"},
 }

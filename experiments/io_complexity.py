@@ -22,7 +22,8 @@ import os
 import subprocess
 import sys
 
-from nbflash import MODE, bench, tiling
+from nbflash import MODE, bench
+from nbflash.kernels.fa1 import tiles as fa1_tiles
 from nbflash.iomodel import theorem2_flash as flash_form
 from nbflash.iomodel import theorem2_standard as standard_form
 
@@ -47,7 +48,7 @@ SIM_POINTS = (
 
 
 def gpu_points():
-    limit = tiling.default_M(D, "forward")
+    limit = fa1_tiles.default_M(D, "forward")
     by_m = sorted({min(4 * D * bc, limit) for bc in BLOCKS})
     return ([("fa1", "M", N_FOR_M, M) for M in by_m] + [("fa1", "N", n, None) for n in NS]
             + [("naive", "N", n, None) for n in NS])
@@ -62,11 +63,11 @@ def measure(fresh=False):
     for impl, sweep, N, M in gpu_points():
         if store.done(impl=impl, sweep=sweep, N=N, M=M):
             continue
-        Mx = M or (tiling.default_M(D, "forward") if impl == "fa1" else None)
+        Mx = M or (fa1_tiles.default_M(D, "forward") if impl == "fa1" else None)
         print(f"{impl} forward N={N} M={Mx}: ncu", flush=True)
         point = {"impl": impl, "sweep": sweep, "N": N, "M": M, "M_used": Mx, "B": B, "H": H,
                  "d": D, "dtype": DTYPE,
-                 "blocks": tiling.block_sizes(Mx, D) if Mx else None,
+                 "blocks": fa1_tiles.block_sizes(Mx, D) if Mx else None,
                  "model": common.model_bytes(impl, "fwd", B, H, N, D, DTYPE,
                                              **({"M": Mx} if impl == "fa1" else {}))}
         try:

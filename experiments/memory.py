@@ -3,7 +3,7 @@
 B = 1, H = 16, d = 64, float16, N = 256 ... 65536. For each impl and peer, the peak of the
 device memory allocated during one forward and one backward (their outputs o, lse, dq, dk, dv
 included; the inputs q, k, v, dO allocated before, not): for nbflash, what CuPy's memory pool
-hands out (nbflash.measure.peak_memory); for torch, torch.cuda.max_memory_allocated above what
+hands out (nbflash.bench.peak_memory); for torch, torch.cuda.max_memory_allocated above what
 was allocated before. The naive baseline materialises S, P, dP and dS (N x N per head) and runs
 until it runs out of memory, which is recorded ("oom") and marked; FlashAttention needs O(N).
 fa1 stops after a call that took longer than GIVE_UP_S ("skipped"). The outputs are not checked
@@ -15,7 +15,7 @@ from contextlib import nullcontext
 
 import numpy as np
 
-from nbflash import bench, measure as nbmeasure
+from nbflash import bench
 
 from . import common
 
@@ -30,16 +30,16 @@ def config():
 
 
 def impls():
-    return tuple(i for i in ("naive", "fa1", "fa2", "tc", "torch", "torch-flash")
-                 if i in bench.default_impls())
+    """Every nbflash impl, and torch's when it runs here."""
+    return bench.default_impls()
 
 
 def _nbflash_peak(impl, q, k, v, do):
     import nbflash  # noqa: PLC0415
-    with nbmeasure.peak_memory() as peak:
+    with bench.peak_memory() as peak:
         o, lse = nbflash.attention_forward(q, k, v, impl=impl)
         grads = nbflash.attention_backward(do, q, k, v, o, lse, impl=impl)
-        nbmeasure.sync()
+        bench.sync()
         del o, lse, grads
     return peak["bytes"]
 

@@ -12,15 +12,16 @@ that file's own torch rows, measured in the same process as tc, give the README'
 
 from pathlib import Path
 
-from nbflash import MODE, bench
+from nbflash import MODE, bench, impls as registry
 
 from . import common
 
 NAME = "throughput"
-#: the series drawn: (impl, dtype), in this order
-SERIES = (("torch-flash", "float16"), ("torch", "float16"), ("tc", "float16"),
-          ("fa2", "float16"), ("fa2", "float32"), ("torch", "float32"), ("naive", "float16"),
-          ("naive", "float32"))
+#: the order of the series drawn, (impl, dtype); a series the data has and this list does not
+#: (a newly registered impl) follows them
+ORDER = (("torch-flash", "float16"), ("torch", "float16"), ("tc", "float16"),
+         ("fa2", "float16"), ("fa2", "float32"), ("torch", "float32"), ("naive", "float16"),
+         ("naive", "float32"))
 PASS_TITLE = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward + backward"}
 
 
@@ -35,20 +36,33 @@ def source():
     return common.FIGURES / "data" / "bench_h200.json"
 
 
+def drawn(impl):
+    """Is `impl` drawn? torch's series, and every registered impl fast enough for the grid
+    (nbflash.impls: fa1 is not)."""
+    return impl in bench.TORCH_IMPLS or (impl in registry.REGISTRY
+                                         and registry.get(impl).at_scale)
+
+
 def measure(fresh=False):
-    impls = [i for i in ("torch", "torch-flash", "naive", "fa2", "tc")
-             if i in bench.default_impls()]
-    path = common.ROOT / source()
-    common.check_same_gpu(path, fresh)
-    bench.run(impls=impls, out=path, resume=not fresh, host_overhead=fresh,
+    impls = [i for i in bench.default_impls() if drawn(i)]
+    bench.run(impls=impls, out=common.ROOT / source(), resume=not fresh, host_overhead=fresh,
               command=common.command())
+
+
+def series(data):
+    """The (impl, dtype) series of the bars, in ORDER, then any others."""
+    present = {(b["impl"], b["dtype"]) for b in data}
+    rank = list(common.STYLE)
+    return [s for s in ORDER if s in present] + sorted(
+        present - set(ORDER), key=lambda s: (rank.index(s[0]) if s[0] in rank else len(rank),
+                                              s[1]))
 
 
 def bars(doc):
     out = []
     for r in doc.get("records", []):
         if r.get("status") == "ok" and r.get("density") is None and not r.get("padding") \
-                and not r.get("dropout_p") and (r["impl"], r["dtype"]) in SERIES:
+                and not r.get("dropout_p") and drawn(r["impl"]):
             out.append({k: r[k] for k in ("impl", "dtype", "pass", "d", "causal", "N", "B", "H",
                                           "tflops", "median_ms")})
     return out
@@ -70,18 +84,18 @@ def plot():
     bench.write_json(common.data_path(NAME), summary)
     plt = common.pyplot()
     configs = sorted({(b["d"], b["causal"]) for b in data})
-    series = [s for s in SERIES if any((b["impl"], b["dtype"]) == s for b in data)]
+    lines = series(data)
     Ns = sorted({b["N"] for b in data})
     fig, axes = plt.subplots(3, len(configs), figsize=(3.6 * len(configs), 8.4), squeeze=False)
-    width = 0.8 / max(1, len(series))
+    width = 0.8 / max(1, len(lines))
     for row, pass_ in zip(axes, ("fwd", "bwd", "fwdbwd")):
         for ax, (d, causal) in zip(row, configs):
-            for i, (impl, dtype) in enumerate(series):
+            for i, (impl, dtype) in enumerate(lines):
                 st = common.STYLE[impl]
                 val = {b["N"]: b["tflops"] for b in data if (b["impl"], b["dtype"], b["pass"],
                                                              b["d"], b["causal"]) ==
                        (impl, dtype, pass_, d, causal)}
-                ax.bar([j + (i - (len(series) - 1) / 2) * width for j in range(len(Ns))],
+                ax.bar([j + (i - (len(lines) - 1) / 2) * width for j in range(len(Ns))],
                        [val.get(n, 0) for n in Ns], width, color=st["color"],
                        hatch="" if dtype == "float16" else "//", edgecolor="k", linewidth=0.3,
                        label=f"{st['label']} {dtype}")

@@ -11,12 +11,11 @@ The device mode (GPU or Numba's CUDA simulator) is decided at import from NBFLAS
 (gpu | sim | auto | compile); see :mod:`nbflash._cuda`.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402, F401
 from ._cuda import MODE, DeviceModeError  # noqa: E402  (decides the device mode first)
 from . import sparsity  # noqa: E402
 from .api import attention, attention_backward, attention_forward, dropout_mask  # noqa: E402
-from .inputs import InputError  # noqa: E402
+from .errors import InputError  # noqa: E402
 from .info import info  # noqa: E402
 
 __all__ = ["attention", "attention_forward", "attention_backward", "dropout_mask", "sparsity",

@@ -16,6 +16,7 @@ CUDA package is a change to this file alone.
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 import threading
@@ -344,11 +345,23 @@ if SIMULATOR:
     intrinsic = None
 else:
     from numba.cuda import libdevice
-    from numba.cuda.extending import intrinsic  # for nbflash.kernels.primitives
+    from numba.cuda.extending import intrinsic  # for nbflash.kernels.common.primitives
 
     #: float32 x * y rounded to nearest and never contracted into an FMA (libdevice __nv_fmul_rn),
     #: so that two kernels computing the same product get the same float32
     mul_rn = libdevice.fmul_rn
 
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block():
+    """(default, opt-in maximum): bytes of shared memory a block of the current GPU gets, and
+    may ask for (dynamic shared memory, opted in per kernel); None without a GPU."""
+    if not ON_GPU:
+        return None
+    dev = cuda.get_current_device()
+    return dev.MAX_SHARED_MEMORY_PER_BLOCK, dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+
+
 __all__ = ["cuda", "mul_rn", "intrinsic", "MODE", "SIMULATOR", "ON_GPU", "DeviceModeError",
-           "count_global_memory", "GlobalMemoryTally"]
+           "count_global_memory", "GlobalMemoryTally", "shared_memory_per_block"]

@@ -1,4 +1,5 @@
-"""The public functions: check the inputs once, pick the implementation, run it.
+"""The public functions: check the inputs once (nbflash.inputs), look the implementation up in
+the registry (nbflash.impls) and run its plan.
 
 Layout is (batch, heads, seqlen, head_dim), as in torch's scaled_dot_product_attention. q has Nq
 rows, k and v have Nk rows; neither needs to be a multiple of any block size.
@@ -8,11 +9,11 @@ j <= i + Nk - Nq. With Nq > Nk the first Nq - Nk queries see no key at all; thei
 their lse is -inf and their gradients are 0 (no NaN anywhere).
 """
 
-from . import inputs, naive
+from . import impls, inputs
 from ._cuda import ON_GPU
-from .kernels import launch, options
+from .kernels.common.dropout import dropout_mask as _dropout_mask
 
-#: fa2 plans of calls that passed the checks, by what the checks depend on (see _fast_key);
+#: plans of calls that passed the checks, by what the checks depend on (see _fast_key);
 #: emptied when it reaches _CHECKED_MAX entries (e.g. a model with many sequence lengths)
 _CHECKED = {}
 _CHECKED_MAX = 1024
@@ -22,7 +23,7 @@ _CUPY = []
 def _fast_key(arrays, options):
     """For CuPy arrays on the GPU that need no copy (C-contiguous, 16-byte aligned): a key of
     everything the input checks look at (kinds, shapes, dtypes, devices, options). A call whose
-    key was seen before passed the same checks, so it can go straight to its cached fa2 plan;
+    key was seen before passed the same checks, so it can go straight to its cached plan;
     this keeps the host time of repeated calls small. None where the fast path does not apply."""
     if not ON_GPU:
         return None
@@ -56,15 +57,9 @@ def _stream():
 
 
 def _plan_call(prob, deterministic=False):
-    """The fa2 or tc plan of a checked problem, and the call's option arguments."""
-    layout, args = options.layout(**prob.masking())
-    if prob.impl == "tc":
-        plan = launch.tc_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
-                              prob.causal, prob.scale, layout=layout)
-    else:
-        plan = launch.fa2_plan(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, str(prob.dtype),
-                               prob.causal, prob.scale, bool(deterministic), layout=layout)
-    return plan, args
+    """The registered impl's plan of a checked problem, and the call's option arguments."""
+    layout, args = prob.options()
+    return impls.get(prob.impl).plan(prob, layout, deterministic), args
 
 
 def _plain(masking):
@@ -122,21 +117,14 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
                                 block_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
     if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
-        _, seed, offset = inputs._check_dropout(dropout_p, seed, offset)
+        _, seed, offset = inputs.check_dropout(dropout_p, seed, offset)
         return plan.forward(_CUPY[0], q, k, v, _stream(), seed=seed, offset=offset)
     prob, (q, k, v) = inputs.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                            impl=impl, M=M, block_rule=block_rule, **masking)
     with prob.stream_context():
-        if prob.impl == "naive":
-            out = naive.attention_forward(q, k, v, causal=prob.causal, softmax_scale=prob.scale,
-                                          **prob.masking())
-        elif prob.impl == "fa1":
-            out = launch.fa1_forward(prob.xp, q, k, v, causal=prob.causal, scale=prob.scale,
-                                     tiles=prob.tiles, masking=prob.masking())
-        else:
-            plan, args = _plan_call(prob)
-            out = plan.forward(prob.xp, q, k, v, prob.stream, *args)
-            _remember(key, plan)
+        plan, args = _plan_call(prob)
+        out = plan.forward(prob.xp, q, k, v, prob.stream, *args)
+        _remember(key, plan)
     return prob.outputs(out)
 
 
@@ -171,7 +159,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
                      block_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
     if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
-        _, seed, offset = inputs._check_dropout(dropout_p, seed, offset)
+        _, seed, offset = inputs.check_dropout(dropout_p, seed, offset)
         return plan.backward(_CUPY[0], do, q, k, v, o, lse, _stream(), seed=seed,
                              offset=offset)
     prob, arrays = inputs.check_backward(do, q, k, v, o, lse, causal=causal,
@@ -179,17 +167,9 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
                                          block_rule=block_rule, deterministic=deterministic,
                                          **masking)
     with prob.stream_context():
-        if prob.impl == "naive":
-            do, q, k, v, o, lse = arrays
-            out = naive.attention_backward(do, q, k, v, o, lse, causal=prob.causal,
-                                           softmax_scale=prob.scale, **prob.masking())
-        elif prob.impl == "fa1":
-            out = launch.fa1_backward(prob.xp, *arrays, causal=prob.causal, scale=prob.scale,
-                                      tiles=prob.tiles, masking=prob.masking())
-        else:
-            plan, args = _plan_call(prob, deterministic)
-            out = plan.backward(prob.xp, *arrays, prob.stream, *args)
-            _remember(key, plan)
+        plan, args = _plan_call(prob, deterministic)
+        out = plan.backward(prob.xp, *arrays, prob.stream, *args)
+        _remember(key, plan)
     return prob.outputs(out)
 
 
@@ -197,7 +177,7 @@ def dropout_mask(B, H, Nq, Nk, dropout_p, seed, offset=0):
     """The dropout keep mask the kernels use for these sizes and options: bool (B, H, Nq, Nk),
     True where an entry of P is kept (a CuPy array on the GPU, NumPy in the simulator).
 
-    Drawn by a kernel that calls the kernels' own generator (nbflash.kernels.dropout), for
+    Drawn by a kernel that calls the kernels' own generator (nbflash.kernels.common.dropout), for
     debugging and for tests that feed it to a reference (nbflash.naive's `keep`).
     """
     for name, n in (("B", B), ("H", H), ("Nq", Nq), ("Nk", Nk)):
@@ -205,11 +185,11 @@ def dropout_mask(B, H, Nq, Nk, dropout_p, seed, offset=0):
             raise inputs.InputError(f"{name} must be a positive integer; got {n!r}")
     if inputs.MODE == "compile":
         raise inputs.InputError("NBFLASH_DEVICE=compile cannot run kernels; use gpu or sim")
-    p, seed, offset = inputs._check_dropout(dropout_p, seed, offset)
+    p, seed, offset = inputs.check_dropout(dropout_p, seed, offset)
     if inputs.MODE == "gpu":
         import cupy as xp  # noqa: PLC0415
         stream = xp.cuda.get_current_stream().ptr
     else:
         import numpy as xp  # noqa: PLC0415
         stream = 0
-    return launch.dropout_mask(xp, B, H, Nq, Nk, p, seed, offset, stream)
+    return _dropout_mask(xp, B, H, Nq, Nk, p, seed, offset, stream)

@@ -4,6 +4,7 @@ import platform
 from importlib import metadata
 
 from ._cuda import MODE, cuda
+from ._version import __version__
 
 
 def _version(dist):
@@ -17,7 +18,7 @@ def versions():
     cupy = next((v for v in (_version(d) for d in ("cupy-cuda13x", "cupy-cuda12x", "cupy"))
                  if v), None)
     torch = _version("torch")
-    return {"nbflash": _version("nbflash") or __import__("nbflash").__version__,
+    return {"nbflash": _version("nbflash") or __version__,
             "python": platform.python_version(), "numpy": _version("numpy"),
             "numba": _version("numba"), "numba-cuda": _version("numba-cuda"),
             "cupy": cupy, "torch": torch}

@@ -1,35 +1,32 @@
-"""The one place that checks inputs: shapes, dtypes, array kinds, options, kernel limits.
+"""The checks every impl shares: array kinds, shapes, dtypes, the scalars and the options.
 
-Everything here runs before any kernel; kernels never re-check what this module checked.
-Arrays are CuPy on the GPU and NumPy in the simulator. On the GPU, NumPy inputs are also taken
-(copied to the device, results copied back) as a convenience; CuPy arrays in the simulator are
-refused with a message saying so. torch tensors (CUDA tensors on the GPU, CPU tensors in the
-simulator) are taken without a copy through DLPack, run on torch's current stream, and the
-results come back as torch tensors; torch is only imported when such a tensor arrives.
+Everything here runs before any kernel; kernels never re-check what was checked here. Arrays are
+CuPy on the GPU and NumPy in the simulator. On the GPU, NumPy inputs are also taken (copied to
+the device, results copied back) as a convenience; CuPy arrays in the simulator are refused with
+a message saying so. torch tensors (CUDA tensors on the GPU, CPU tensors in the simulator) are
+taken without a copy through DLPack, run on torch's current stream, and the results come back as
+torch tensors; torch is only imported when such a tensor arrives.
+
+What an impl takes (its dtypes, head dims, deterministic dq, its own options) comes from the
+registry (nbflash.impls), and the impl's own checks (its tiles' shared memory, fa1's M) run last,
+from its registry entry.
 """
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import rng, sparsity, tiling
+from . import impls, rng, sparsity
 from ._cuda import MODE
+from .errors import InputError
+from .kernels.common import options as _options
 
-IMPLS = ("auto", "naive", "fa1", "fa2", "tc")
-#: what impl="auto" runs: fa2, the FlashAttention kernel that takes every dtype and option
-AUTO = "fa2"
+#: the dtypes of arrays nbflash takes
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
-#: bfloat16 data: torch bfloat16 tensors arrive as their bits, uint16 arrays (impl="tc" only)
+#: bfloat16 data: torch bfloat16 tensors arrive as their bits, uint16 arrays
 BF16_BITS = np.dtype(np.uint16)
-#: Largest head dim each kernel family takes: what the tests cover (on the GPU up to 128).
-MAX_HEAD_DIM = {"fa1": 128, "fa2": 128, "tc": tiling.TC_MAX_HEAD_DIM}
-
-
-class InputError(ValueError):
-    """An input nbflash cannot take; the message names the argument and the problem."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ class Problem:
     impl: str
     xp: object
     to_host: bool          # inputs were NumPy on the GPU: return NumPy
-    tiles: object = None   # tiling.Tiles for fa1
+    tiles: object = None   # what the impl's own checks returned (fa1: its Tiles)
     torch: bool = False    # inputs were torch tensors: return torch tensors
     stream: int = 0        # the CUDA stream kernels are launched on
     dropout_p: float = 0.0
@@ -67,6 +64,11 @@ class Problem:
         return dict(dropout_p=self.dropout_p, seed=self.seed, offset=self.offset,
                     key_lengths=self.key_lengths, block_mask=self.block_mask,
                     block_size=self.block_size)
+
+    def options(self):
+        """(Layout, (key_lengths, block_mask, seed, offset)): the options as the kernels' plans
+        take them (nbflash.kernels.common.options)."""
+        return _options.layout(**self.masking())
 
     def stream_context(self):
         """On torch's current stream when the inputs were torch tensors (so that CuPy's
@@ -164,18 +166,52 @@ def _array_module(kind, named):
     return np, False
 
 
-def _check_impl(impl, tiles_opts):
-    if impl not in IMPLS:
-        raise InputError(f"impl={impl!r} is not an implementation; use one of {IMPLS}")
-    impl = AUTO if impl == "auto" else impl
-    if impl != "fa1" and any(v is not None for v in tiles_opts.values()):
-        given = ", ".join(k for k, v in tiles_opts.items() if v is not None)
-        raise InputError(f"{given} only apply to impl='fa1' (got impl={impl!r})")
-    if impl != "naive" and MODE == "compile":
+def _check_own_options(impl, own):
+    """The options only some impls take (fa1's M and block_rule): refused for the others."""
+    given = [k for k, v in own.items() if v is not None and k not in impl.own_options]
+    if given:
+        takers = [i.name for i in impls.REGISTRY.values() if set(given) <= set(i.own_options)]
+        raise InputError(f"{', '.join(given)} only apply to {_names(takers, ' or ')} "
+                         f"(got impl={impl.name!r})")
+    if impl.runs_kernels and MODE == "compile":
         raise InputError(
             "NBFLASH_DEVICE=compile builds kernels for inspection but cannot run them; use "
             "NBFLASH_DEVICE=gpu or sim (or impl='naive')")
-    return impl
+
+
+def _check_takes(impl, dtype, d):
+    """The impl's dtypes and head dims (nbflash.impls), naming those that take the inputs."""
+    if dtype not in impl.dtypes:
+        others = impls.taking(dtype, d)
+        raise InputError(f"impl={impl.name!r} takes {' or '.join(impl.dtypes)} inputs; got "
+                         f"{dtype}" + (f" ({_names(others)} {_takes(others)} {dtype})"
+                                       if others else ""))
+    if d > impl.max_head_dim or d % impl.head_dim_multiple:
+        if impl.head_dim_multiple == 1:
+            msg = f"head_dim {d} is above {impl.name}'s limit of {impl.max_head_dim}"
+        else:
+            msg = (f"impl={impl.name!r} takes head_dim a multiple of {impl.head_dim_multiple} "
+                   f"up to {impl.max_head_dim}; got {d}")
+        others = [n for n in impls.taking(dtype, d) if impls.get(n).runs_kernels]
+        if others:
+            msg += f"; {_names(others)} {_takes(others)} head_dim {d} in {dtype}"
+        raise InputError(msg)
+
+
+def _check_deterministic(impl, deterministic):
+    if deterministic and impl.deterministic == "never":
+        others = [i.name for i in impls.kernels() if i.deterministic == "optional"]
+        raise InputError(f"impl={impl.name!r} adds dq with atomics and has no deterministic "
+                         f"pass; use {_names(others, ' or ')} with deterministic=True for "
+                         f"bitwise reproducible dq")
+
+
+def _names(names, sep=", "):
+    return sep.join(f"impl={n!r}" for n in names)
+
+
+def _takes(names):
+    return "takes" if len(names) == 1 else "take"
 
 
 def _check_qkv(q, k, v, torch=False):
@@ -185,8 +221,9 @@ def _check_qkv(q, k, v, torch=False):
                 f"{name} has {x.ndim} dimensions, shape {tuple(x.shape)}; expected 4: "
                 "(batch, heads, seqlen, head_dim)")
         if x.dtype not in DTYPES and not (torch and x.dtype == BF16_BITS):
+            bf16 = _names(impls.taking("bfloat16", 16), " or ")
             raise InputError(f"{name} has dtype {x.dtype}, which nbflash does not support; "
-                             "use float16 or float32 (or bfloat16 torch tensors with impl='tc')")
+                             f"use float16 or float32 (or bfloat16 torch tensors with {bf16})")
     if not (q.dtype == k.dtype == v.dtype):
         raise InputError(f"q, k, v must share one dtype; got {_name(q)}, {_name(k)}, {_name(v)}")
     B, H, Nq, d = q.shape
@@ -225,28 +262,11 @@ def _name(x):
     return "bfloat16" if x.dtype == BF16_BITS else str(x.dtype)
 
 
-def _check_tc(d, dtype, pass_, dropout=False, deterministic=False):
-    """What the tensor-core kernels take: 16-bit inputs, head dims that are multiples of 16 up
-    to MAX_HEAD_DIM["tc"], dQ by atomics; and their shared memory."""
-    if dtype not in (np.dtype(np.float16), BF16_BITS):
-        raise InputError(f"impl='tc' runs on tensor cores, which take float16 or bfloat16; got "
-                         f"{dtype} (use impl='fa2' for float32)")
-    limit = MAX_HEAD_DIM["tc"]
-    if d % 16 or d > limit:
-        raise InputError(f"impl='tc' takes head_dim a multiple of 16 up to {limit} (the "
-                         f"tensor-core tiles are 16 wide); got {d}; impl='fa2' takes any "
-                         f"head_dim up to {MAX_HEAD_DIM['fa2']}")
-    if deterministic:
-        raise InputError("impl='tc' adds dq with atomics and has no deterministic pass; use "
-                         "impl='fa2' with deterministic=True for bitwise reproducible dq")
-    _check_smem("tc", ("forward",) if pass_ == "forward" else ("dkdv",), d, dropout)
-
-
 def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _check_dropout(dropout_p, seed, offset):
+def check_dropout(dropout_p, seed, offset):
     """(p, seed, offset) of a valid dropout request."""
     if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(
             dropout_p, (int, float, np.integer, np.floating)):
@@ -331,74 +351,6 @@ def _check_block_mask(xp, block_mask, block_size, B, H, Nq, Nk):
     return xp.ascontiguousarray(mask), (bq, bk)
 
 
-@functools.lru_cache(maxsize=None)
-def _check_fa2(d, pass_, dropout=False):
-    """fa2's head-dim limit, and its tiles' shared memory (with dropout's keep bits) against
-    what a block may opt in to."""
-    limit = MAX_HEAD_DIM["fa2"]
-    if d > limit:
-        raise InputError(f"head_dim {d} is above fa2's limit of {limit}")
-    _check_smem("fa2", ("forward",) if pass_ == "forward" else ("dkdv", "dq"), d, dropout)
-
-
-def _check_smem(impl, kernels, d, dropout):
-    """On the GPU: the default tiles' shared memory of each of `impl`'s `kernels` at head dim d
-    (with dropout's keep bits) against what a block may opt in to."""
-    if MODE != "gpu":
-        return
-    from .kernels import launch  # noqa: PLC0415
-    tiles_of = launch.tc_tiles if impl == "tc" else launch.fa2_tiles
-    most = _smem_optin()
-    for kernel in kernels:
-        need = tiles_of(kernel, d).smem_bytes(kernel, dropout)
-        if need > most:
-            raise InputError(f"{impl}'s {kernel} kernel at head_dim {d} needs {need} bytes of "
-                             f"shared memory; this GPU gives a block at most {most}")
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_optin():
-    from ._cuda import cuda  # noqa: PLC0415
-    return cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
-
-
-def _check_tiles(impl, d, pass_, M, block_rule, dropout=False):
-    if impl == "fa2":
-        _check_fa2(d, pass_, dropout)
-        return None
-    if impl != "fa1":
-        return None
-    from .kernels.launch import DEFAULT_THREADS  # noqa: PLC0415  (fa1 only)
-    limit = MAX_HEAD_DIM["fa1"]
-    if d > limit:
-        raise InputError(f"head_dim {d} is above fa1's limit of {limit}")
-    rule = "paper" if block_rule is None else block_rule
-    if rule not in tiling.RULES:
-        raise InputError(f"block_rule={block_rule!r} is not a rule; use one of {tiling.RULES}")
-    if M is None:
-        M = tiling.default_M(d, pass_, rule, _smem_limit())
-    elif isinstance(M, bool) or not isinstance(M, (int, np.integer)) or M < 1:
-        raise InputError(f"M (on-chip memory in elements) must be a positive integer; got {M!r}")
-    tiles = tiling.tiles_for(int(M), d, rule, DEFAULT_THREADS)
-    need, limit = tiles.smem_bytes(pass_), _smem_limit()
-    if need > limit:
-        raise InputError(
-            f"M={M} gives Br={tiles.Br}, Bc={tiles.Bc} at head_dim {d}, and the fa1 {pass_} "
-            f"kernel would need {need} bytes of shared memory, above the {limit} a block "
-            f"gets; use a smaller M (default: largest that fits, "
-            f"{tiling.default_M(d, pass_, rule, limit)})")
-    return tiles
-
-
-def _smem_limit():
-    """Static shared memory a block gets: the device's figure on a GPU (48 KB on every CUDA GPU
-    since Volta), at most the 48 KB static shared arrays may use."""
-    if MODE != "gpu":
-        return tiling.STATIC_SMEM_BYTES
-    from ._cuda import cuda  # noqa: PLC0415
-    return min(tiling.STATIC_SMEM_BYTES, cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK)
-
-
 def _contiguous(xp, x):
     """A C-contiguous device array of x; 16-byte aligned too, as fa2 reads rows 16 bytes at a
     time (a contiguous view that starts inside an allocation may not be)."""
@@ -431,21 +383,24 @@ def _arrays(named):
     return xp, to_host, torch, stream, named
 
 
-def _problem(xp, to_host, torch, stream, q, k, v, impl, pass_, causal, softmax_scale, M,
-             block_rule, masking, deterministic=False):
+def _problem(xp, to_host, torch, stream, q, k, v, impl, pass_, causal, softmax_scale, own,
+             masking, deterministic=False):
+    """The shared checks, then the impl's own (nbflash.impls); returns the Problem."""
     B, H, Nq, Nk, d = _check_qkv(q, k, v, torch)
-    if q.dtype == BF16_BITS and impl != "tc":
-        raise InputError(f"bfloat16 inputs run with impl='tc' only (got impl={impl!r})")
+    dtype = _name(q)
+    impl = impls.resolve(impl, dtype, d)
+    _check_own_options(impl, own)
+    _check_takes(impl, dtype, d)
     causal, scale = _check_scalars(causal, softmax_scale, d)
-    p, seed, offset = _check_dropout(masking["dropout_p"], masking["seed"], masking["offset"])
-    if impl == "tc":
-        _check_tc(d, q.dtype, pass_, p > 0, deterministic)
+    p, seed, offset = check_dropout(masking["dropout_p"], masking["seed"], masking["offset"])
+    _check_deterministic(impl, deterministic)
     key_lengths = _check_key_lengths(xp, masking["key_lengths"], B, Nk)
     block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
                                                masking["block_size"], B, H, Nq, Nk)
-    tiles = _check_tiles(impl, d, pass_, M, block_rule, p > 0)
-    return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl, xp, to_host, tiles, torch,
-                   stream, p, seed, offset, key_lengths, block_mask, block_size)
+    tiles = impl.check(d, pass_, p > 0, **{k: v for k, v in own.items()
+                                           if k in impl.own_options}) if impl.check else None
+    return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl.name, xp, to_host, tiles,
+                   torch, stream, p, seed, offset, key_lengths, block_mask, block_size)
 
 
 #: the mask and dropout options of the public functions, and their defaults
@@ -453,22 +408,27 @@ MASKING = dict(dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=
                block_size=None)
 
 
+def _known_impl(impl):
+    if impl != "auto":
+        impls.get(impl)    # an unknown name: refused before the arrays are looked at
+
+
 def check_forward(q, k, v, *, causal, softmax_scale, impl, M=None, block_rule=None,
                   **masking):
     """Check a forward call; returns (Problem, (q, k, v)) with contiguous device arrays.
     `masking`: the options of MASKING."""
-    impl = _check_impl(impl, {"M": M, "block_rule": block_rule})
+    _known_impl(impl)
     xp, to_host, torch, stream, a = _arrays({"q": q, "k": k, "v": v})
     q, k, v = a["q"], a["k"], a["v"]
     prob = _problem(xp, to_host, torch, stream, q, k, v, impl, "forward", causal,
-                    softmax_scale, M, block_rule, {**MASKING, **masking})
+                    softmax_scale, {"M": M, "block_rule": block_rule}, {**MASKING, **masking})
     return prob, tuple(_contiguous(xp, x) for x in (q, k, v))
 
 
 def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
                    block_rule=None, deterministic=False, **masking):
     """Check a backward call; returns (Problem, (do, q, k, v, o, lse)) as contiguous arrays."""
-    impl = _check_impl(impl, {"M": M, "block_rule": block_rule})
+    _known_impl(impl)
     if not isinstance(deterministic, (bool, np.bool_)):
         raise InputError(f"deterministic must be True or False; got {deterministic!r}")
     xp, to_host, torch, stream, a = _arrays(
@@ -485,5 +445,6 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
     if lse.dtype != np.float32:
         raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
     prob = _problem(xp, to_host, torch, stream, q, k, v, impl, "backward", causal,
-                    softmax_scale, M, block_rule, {**MASKING, **masking}, deterministic)
+                    softmax_scale, {"M": M, "block_rule": block_rule}, {**MASKING, **masking},
+                    deterministic)
     return prob, tuple(_contiguous(xp, x) for x in (do, q, k, v, o, lse))

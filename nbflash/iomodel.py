@@ -16,10 +16,10 @@ FlashAttention-2 kernels for ``fa2`` (nbflash.kernels.fa2), and, for ``naive``, 
 operations of nbflash.naive (standard attention, as a CuPy user writes it). It covers ragged
 lengths (the last block of a sequence is short) and causal block skipping (bottom-right
 aligned) exactly. Block sizes are the kernels': fa1's (Br, Bc) from M and the block rule
-(nbflash.tiling.block_sizes; M=None: the largest whose kernel fits 48 KB of shared memory,
-nbflash.tiling.default_M, as the input checks choose it), fa2's RegTiles from the table the
-launcher uses on this device (nbflash.tiling.GPU_FA2_TILES on a GPU, SIM_FA2_TILES, 8 x 8
-blocks, in the simulator) unless `tiles` says otherwise. Dropout, key_lengths and block masks are
+(nbflash.kernels.fa1.tiles.block_sizes; M=None: the largest whose kernel fits 48 KB of shared
+memory, default_M, as fa1's checks choose it), fa2's RegTiles from the table its plan uses on
+this device (nbflash.kernels.fa2.tiles: GPU_TILES on a GPU, SIM_TILES, 8 x 8 blocks, in the
+simulator) unless `tiles` says otherwise. Dropout, key_lengths and block masks are
 not modelled (an error).
 
 Statistics are float32 whatever the input dtype: fa1's running m and ℓ (B, H, Nq), lse, fa2's D
@@ -58,8 +58,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import tiling
-from .kernels import masks
+from .kernels.common import masks
+from .kernels.fa1 import tiles as fa1_tiles
+from .kernels.fa2 import tiles as fa2_table
 
 F32 = 4          # bytes of a float32: statistics and accumulators
 PASSES = ("fwd", "bwd", "fwdbwd")
@@ -164,8 +165,8 @@ def fa1_blocks(d, pass_, M=None, block_rule="paper"):
     """(Br, Bc) of the fa1 kernel of `pass_` ("forward" or "backward") for on-chip memory M
     (None: the input checks' default, the largest M whose kernel fits 48 KB)."""
     if M is None:
-        M = tiling.default_M(d, pass_, block_rule, tiling.STATIC_SMEM_BYTES)
-    return tiling.block_sizes(M, d, block_rule)
+        M = fa1_tiles.default_M(d, pass_, block_rule, fa1_tiles.STATIC_SMEM_BYTES)
+    return fa1_tiles.block_sizes(M, d, block_rule)
 
 
 def fa1_forward(Nq, Nk, d, s, causal, Br, Bc):
@@ -217,15 +218,14 @@ def fa1_backward(Nq, Nk, d, s, causal, Br, Bc):
 
 def fa2_tiles(kernel, d, tiles=None):
     """The RegTiles of fa2 `kernel` ("forward", "dkdv", "dq") at head dim d: from `tiles` (a
-    {kernel: RegTiles} dict, or a table like nbflash.tiling.GPU_FA2_TILES), else what the
-    launcher uses on this device (nbflash.kernels.launch.fa2_tiles)."""
+    {kernel: RegTiles} dict, or a table like nbflash.kernels.fa2.tiles.GPU_TILES), else what
+    its plan uses on this device (nbflash.kernels.fa2.tiles.tiles)."""
     t = (tiles or {}).get(kernel)
-    if isinstance(t, tiling.RegTiles):
+    if isinstance(t, fa2_table.RegTiles):
         return t
     if isinstance(t, dict):
-        return tiling.fa2_tiles(kernel, d, tiles)
-    from .kernels import launch  # noqa: PLC0415
-    return launch.fa2_tiles(kernel, d)      # as launch.Fa2Plan picks them
+        return fa2_table.tiles(kernel, d, tiles)
+    return fa2_table.tiles(kernel, d)      # as the plan picks them
 
 
 def _fa2_key_rows(Nq, Nk, R, C, causal):
@@ -384,7 +384,7 @@ def hbm_bytes(impl, pass_, B, H, Nq, Nk, d, dtype, causal=False, M=None, block_r
 
     fa1: M (on-chip memory in elements; None: each kernel's default, which differs between the
     forward and the backward) and block_rule ("paper" or "seed") give (Br, Bc) as the kernels
-    get them. fa2: `tiles` ({kernel: RegTiles}, or a table such as tiling.GPU_FA2_TILES; None:
+    get them. fa2: `tiles` ({kernel: RegTiles}, or a table such as fa2's GPU_TILES; None:
     the launcher's on this device); `deterministic`: dQ from the separate pass instead of
     atomics. With float16 and atomic dQ, fa2 converts the float32 dQ accumulator after the
     kernels, an array operation counted as a part of its own (``ARRAY_OP``).
@@ -420,7 +420,7 @@ def hbm_bytes(impl, pass_, B, H, Nq, Nk, d, dtype, causal=False, M=None, block_r
                                           atomic), BH)}
     if not atomic:
         parts["fa2_dq"] = _scaled(fa2_dq(Nq, Nk, d, s, causal, fa2_tiles("dq", d, tiles)), BH)
-    elif s != F32:   # launch.Fa2Plan.backward: dq_acc.astype(dtype)
+    elif s != F32:   # Fa2Plan.backward: dq_acc.astype(dtype)
         n = BH * Nq * d
         parts[ARRAY_OP + "dq = dq_acc.astype(dtype)"] = {"dq_acc": IO(read=n * F32),
                                                           "dq": IO(write=n * s)}

@@ -18,7 +18,7 @@ How nbflash maps an entry of P to random bits:
   1 / (1 - p).
 
 :func:`philox4x32` is written once: the kernels compile it as a device function
-(nbflash.kernels.dropout), and :func:`keep_mask` runs it on whole NumPy or CuPy arrays for the
+(nbflash.kernels.common.dropout), and :func:`keep_mask` runs it on whole NumPy or CuPy arrays for the
 naive baseline, so both draw the same numbers.
 """
 

@@ -1,6 +1,6 @@
 """The tolerance rule every accuracy check uses (the tests and the benchmark).
 
-After FlashAttention's and PyTorch's suites (shared/TESTING.md): an output's max error against
+After FlashAttention's and PyTorch's test suites: an output's max error against
 the float64 reference may be at most FACTORS[name] times the max error of the naive
 implementation run in the same dtype on the same inputs, plus a floor of two roundings at the
 reference's magnitude, 2·max|fl(fl(ref + 0.3) - 0.3) - ref| in the output dtype, so that a naive

@@ -1,16 +1,37 @@
-"""Helpers shared by the tests: inputs, the fp64 reference, and the tolerance rule
-(nbflash.tolerance, which the benchmark applies too)."""
+"""Helpers shared by the tests: the impls to test (from the registry, nbflash.impls), inputs,
+the fp64 reference, and the tolerance rule (nbflash.tolerance, which the benchmark applies too)."""
 
 import numpy as np
 
 import nbflash
-from nbflash import naive
+from nbflash import impls, naive
 from nbflash.tolerance import FACTORS, allowed, errors
 
 if nbflash.MODE == "gpu":
     import cupy as xp
 else:
     xp = np
+
+def kernel_impls(dtype, d):
+    """The registered impls with kernels that take `dtype` at head dim d: a test matrix over
+    them picks up every newly registered family."""
+    return [i.name for i in impls.kernels() if i.takes(np.dtype(dtype).name, d)]
+
+
+def pairs(dtypes, d, ids=True):
+    """pytest params (impl, dtype) for every dtype of `dtypes` and every kernel impl taking it
+    at head dim d."""
+    import pytest  # noqa: PLC0415
+    return [pytest.param(i, dt, id=f"{i}-{np.dtype(dt).name}") for dt in dtypes
+            for i in kernel_impls(dt, d)]
+
+
+def small_block_options(impl):
+    """Options that give `impl` blocks small enough for the simulator's tiny shapes to span
+    several: M = 128 elements of on-chip memory for impls that take M (fa1: Br = Bc = 4 at
+    d = 8); nothing for the others, whose simulator tile tables are small already."""
+    return {"M": 128} if "M" in impls.get(impl).own_options else {}
+
 
 def host(x):
     return xp.asnumpy(x) if xp is not np else np.asarray(x)

@@ -1,25 +1,23 @@
-"""fa1, fa2 (and the naive baseline) against the float64 reference, forward and backward.
+"""Every registered impl with kernels (nbflash.impls: fa1, fa2, tc, ...) and the naive baseline
+against the float64 reference, forward and backward, at each test's dtype and head dim where the
+impl takes them (tc's own cases, bfloat16 and its refusals, are in test_tc.py).
 
-In the simulator the shapes are tiny, and fa1's M and fa2's tiles are small, so that Nq and Nk
-span several ragged blocks; the `gpu` tests run realistic sizes with the default tiles.
+In the simulator the shapes are tiny, and the tiles small (fa1's M = 128; the other families'
+simulator tile tables), so that Nq and Nk span several ragged blocks; the `gpu` tests run
+realistic sizes with the default tiles.
 """
 
 import numpy as np
 import pytest
 
 import nbflash
-from support import (assert_close, assert_masked_rows, host, make_inputs, randn, reference, run,
-                     xp)
+from nbflash import impls
+from support import (assert_close, assert_masked_rows, host, kernel_impls, make_inputs, pairs,
+                     randn, reference, run, small_block_options as fa, xp)
 
 # (Nq, Nk): lengths that are not multiples of any block, both directions, including 1
 PAIRS = [(1, 1), (1, 17), (17, 1), (3, 40), (40, 3), (13, 21), (21, 13)]
 DTYPES = [np.float32, np.float16]
-KERNELS = ["fa1", "fa2"]
-
-
-def fa(impl, **fa1_opts):
-    """Options for `impl`: fa1's M / block_rule (fa2 has its tiles from nbflash.tiling)."""
-    return fa1_opts if impl == "fa1" else {}
 
 
 def check(B, H, Nq, Nk, d, dtype, causal, seed=0, scale=None, noncontiguous=False, impl="fa1",
@@ -41,21 +39,22 @@ def check(B, H, Nq, Nk, d, dtype, causal, seed=0, scale=None, noncontiguous=Fals
     assert_close(got, base, ref, dtype, what)
 
 
-@pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("impl,dtype", pairs(DTYPES, 8))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("Nq,Nk", PAIRS)
 def test_ragged_lengths(Nq, Nk, causal, dtype, impl):
     # fa1: M = 128, d = 8: Br = Bc = 4; fa2 in the simulator: 8 x 8 blocks. Lengths above the
     # block span several blocks, ragged at the end
-    check(1, 2, Nq, Nk, 8, dtype, causal, impl=impl, **fa(impl, M=128))
+    check(1, 2, Nq, Nk, 8, dtype, causal, impl=impl, **fa(impl))
 
 
-@pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("d", [1, 3, 24, 40])
-def test_small_and_odd_head_dims(d, causal, impl):
-    check(1, 1, 9, 14, d, np.float32, causal, impl=impl, **fa(impl, M=12 * d))  # fa1: Bc = 3, Br <= 3
+@pytest.mark.parametrize("impl,d", [(i, d) for d in (1, 3, 24, 40)
+                                    for i in kernel_impls(np.float32, d)])
+def test_small_and_odd_head_dims(d, impl, causal):
+    # fa1: M = 12 d gives Bc = 3, Br <= 3
+    check(1, 1, 9, 14, d, np.float32, causal, impl=impl,
+          **({"M": 12 * d} if fa(impl) else {}))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -64,9 +63,9 @@ def test_more_rows_per_tile_than_threads(causal):
     check(1, 1, 37, 29, 2, np.float32, causal, M=200, block_rule="seed")
 
 
-@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("impl", kernel_impls(np.float16, 4))
 def test_batch_and_heads_not_powers_of_two(impl):
-    check(3, 5, 5, 7, 4, np.float16, True, impl=impl, **fa(impl, M=64))
+    check(3, 5, 5, 7, 4, np.float16, True, impl=impl, **({"M": 64} if fa(impl) else {}))
 
 
 @pytest.mark.parametrize("rule", ["paper", "seed"])
@@ -75,49 +74,50 @@ def test_block_rules(rule):
     check(1, 2, 19, 23, 4, np.float32, True, M=128, block_rule=rule)
 
 
-@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("impl", kernel_impls(np.float32, 16))
 def test_default_tiles_and_scale(impl):
     check(1, 2, 20, 33, 16, np.float32, False, scale=0.37, impl=impl)
 
 
-@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("impl", kernel_impls(np.float16, 8))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_noncontiguous_inputs_and_do(causal, impl):
-    check(2, 2, 13, 21, 8, np.float16, causal, noncontiguous=True, impl=impl, **fa(impl, M=128))
+    check(2, 2, 13, 21, 8, np.float16, causal, noncontiguous=True, impl=impl, **fa(impl))
 
 
+@pytest.mark.parametrize("impl", [i for i in kernel_impls(np.float32, 8)
+                                  if impls.get(i).deterministic == "optional"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_fa2_deterministic_dq_pass(causal):
-    check(2, 1, 19, 23, 8, np.float32, causal, impl="fa2", deterministic=True)
+def test_deterministic_dq_pass(causal, impl):
+    check(2, 1, 19, 23, 8, np.float32, causal, impl=impl, deterministic=True)
 
 
-def test_auto_is_fa2_and_naive_runs_through_the_api():
+def test_auto_is_the_registry_choice_and_naive_runs_through_the_api():
     rng = np.random.default_rng(1)
     q, k, v, do = make_inputs(rng, 1, 1, 6, 9, 4, np.float32)
     ref = reference(q, k, v, do, True)
+    chosen = impls.resolve("auto", "float32", 4).name
     auto = run("auto", q, k, v, do, True, deterministic=True)
-    fa2 = run("fa2", q, k, v, do, True, deterministic=True)
+    direct = run(chosen, q, k, v, do, True, deterministic=True)
     base = run("naive", q, k, v, do, True)
     for name in auto:
-        np.testing.assert_array_equal(auto[name], fa2[name])
+        np.testing.assert_array_equal(auto[name], direct[name])
         np.testing.assert_allclose(base[name], ref[name], rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(host(nbflash.attention(q, k, v, causal=True)), fa2["o"])
+    np.testing.assert_array_equal(host(nbflash.attention(q, k, v, causal=True)), direct["o"])
 
 
-@pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("impl,dtype", pairs(DTYPES, 8))
 def test_large_inputs_give_no_nan_or_inf(dtype, impl):
     rng = np.random.default_rng(2)
     q, k, v, do = make_inputs(rng, 1, 2, 11, 14, 8, dtype, scales=(5.0, 3.0, 1.0))
-    got = run(impl, q, k, v, do, True, **fa(impl, M=128))
+    got = run(impl, q, k, v, do, True, **fa(impl))
     ref = reference(q, k, v, do, True)
     for name, x in got.items():
         assert np.isfinite(x[np.isfinite(ref[name])]).all(), f"non-finite {name}"
     assert_close(got, run("naive", q, k, v, do, True), ref, dtype, "q x5, k x3")
 
 
-@pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("impl,dtype", pairs(DTYPES, 8))
 def test_scores_of_1e4_scale(dtype, impl):
     """A constant 1e4-scale component in every score (q and k share a column of 100s, so each
     score gains τ·1e4 ≈ 3.5e3) on top of random ones: softmax must shift it away."""
@@ -125,7 +125,7 @@ def test_scores_of_1e4_scale(dtype, impl):
     q, k, v, do = make_inputs(rng, 1, 2, 11, 14, 8, dtype)
     q[..., 0] = 100.0
     k[..., 0] = 100.0
-    got = run(impl, q, k, v, do, True, **fa(impl, M=128))
+    got = run(impl, q, k, v, do, True, **fa(impl))
     ref = reference(q, k, v, do, True)
     for name, x in got.items():
         assert np.isfinite(x[np.isfinite(ref[name])]).all(), f"non-finite {name}"
@@ -138,7 +138,7 @@ def test_scores_of_1e4_scale(dtype, impl):
         assert np.abs(got[name] - ref[name]).max() <= 2e-3 * scale + 1e-3, name
 
 
-@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("impl", kernel_impls(np.float32, 8))
 def test_extreme_constant_inputs_keep_p_at_most_1(impl):
     """q = 1e4, k = -1e4 everywhere: every score is τ·d·(-1e8) ≈ -2.8e8, where a float32 ulp
     is 32, so lse = m + log ℓ rounds to m and cannot give P = 1/ℓ back (nor can
@@ -150,7 +150,7 @@ def test_extreme_constant_inputs_keep_p_at_most_1(impl):
     k = xp.full((1, 1, Nk, d), -1e4, dtype=np.float32)
     v = randn(rng, (1, 1, Nk, d), np.float32)
     do = randn(rng, (1, 1, Nq, d), np.float32)
-    got = run(impl, q, k, v, do, False, **fa(impl, M=128))
+    got = run(impl, q, k, v, do, False, **fa(impl))
     ref = reference(q, k, v, do, False)
     for name, x in got.items():
         assert np.isfinite(x).all(), f"non-finite {name}"
@@ -159,11 +159,14 @@ def test_extreme_constant_inputs_keep_p_at_most_1(impl):
     assert (np.abs(got["dv"]) <= bound * (1 + 1e-5)).all(), "P > 1 in the backward"
 
 
-@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("impl", [i for i in kernel_impls(np.float32, 4)
+                                  if impls.get(i).deterministic != "never"])
 def test_runs_are_bitwise_reproducible(impl):
     rng = np.random.default_rng(3)
     q, k, v, do = make_inputs(rng, 2, 1, 10, 12, 4, np.float32)
-    opts = {"M": 64} if impl == "fa1" else {"deterministic": True}
+    opts = {"M": 64} if fa(impl) else {}
+    if impls.get(impl).deterministic == "optional":
+        opts["deterministic"] = True
     first = run(impl, q, k, v, do, True, **opts)
     for _ in range(2):
         again = run(impl, q, k, v, do, True, **opts)
@@ -177,8 +180,7 @@ GPU_PAIRS = [(1024, 1024), (4096, 4096), (1000, 4096), (4096, 1000)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16"])
+@pytest.mark.parametrize("impl,dtype", pairs(DTYPES, 64))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("Nq,Nk", GPU_PAIRS)
@@ -187,33 +189,46 @@ def test_gpu_realistic_sizes(Nq, Nk, d, causal, dtype, impl):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", [i for i in kernel_impls(np.float32, 64)
+                                  if impls.get(i).deterministic == "optional"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_fa2_deterministic(d, causal):
-    check(2, 4, 1500, 2100, d, np.float32, causal, impl="fa2", deterministic=True)
+def test_gpu_deterministic(d, causal, impl):
+    check(2, 4, 1500, 2100, d, np.float32, causal, impl=impl, deterministic=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNELS)
-@pytest.mark.parametrize("d", [32, 80, 96])
+@pytest.mark.parametrize("impl,d", [(i, d) for d in (32, 80, 96)
+                                    for i in kernel_impls(np.float16, d)])
 def test_gpu_other_head_dims_noncontiguous(d, impl):
     check(3, 5, 777, 1031, d, np.float16, True, noncontiguous=True, impl=impl)
 
 
+def _race_cases():
+    """(impl, options) of each kernel impl taking float16 at d = 64: as it runs by default, and
+    with deterministic=True where that is optional."""
+    out = []
+    for i in kernel_impls(np.float16, 64):
+        out.append(pytest.param(i, {}, id=i))
+        if impls.get(i).deterministic == "optional":
+            out.append(pytest.param(i, {"deterministic": True}, id=f"{i}-deterministic"))
+    return out
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl,opts", [("fa1", {}), ("fa2", {"deterministic": True}),
-                                       ("fa2", {})], ids=["fa1", "fa2-deterministic", "fa2"])
+@pytest.mark.parametrize("impl,opts", _race_cases())
 def test_gpu_no_race_at_large_batch(impl, opts):
     """A race shows as results that move between runs: B = 60, 20 reruns, bitwise equal.
-    (fa2's default dq is summed with atomics in no fixed order: there dq only has to agree to
-    rounding, everything else bitwise.)"""
+    (A dq summed with atomics, fa2's and tc's default, comes in no fixed order: there dq only
+    has to agree to rounding, everything else bitwise.)"""
     rng = np.random.default_rng(4)
     q, k, v, do = make_inputs(rng, 60, 2, 300, 301, 64, np.float16)
     first = run(impl, q, k, v, do, True, **opts)
+    atomic_dq = impls.get(impl).deterministic != "always" and not opts
     for _ in range(19):
         again = run(impl, q, k, v, do, True, **opts)
         for name in first:
-            if name == "dq" and impl == "fa2" and not opts:
+            if name == "dq" and atomic_dq:
                 np.testing.assert_allclose(again[name], first[name], rtol=2e-3, atol=2e-3)
             else:
                 np.testing.assert_array_equal(again[name], first[name], err_msg=name)

@@ -139,7 +139,7 @@ def test_keep_mask_draws_any_part_of_the_whole():
         np.testing.assert_array_equal(part, whole[sel])
     # and the whole is what the kernels draw
     np.testing.assert_array_equal(
-        whole, bench._to_host(nbflash.dropout_mask(3, 4, 21, 19, 0.4, seed=2**40 + 3, offset=2)))
+        whole, bench.to_host(nbflash.dropout_mask(3, 4, 21, 19, 0.4, seed=2**40 + 3, offset=2)))
 
 
 def test_row_chunk_must_be_a_positive_integer():
@@ -169,14 +169,14 @@ def test_reference_row_chunk_rule():
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_chunked_slice_reference_equals_the_whole(dropout):
     B, H, N = 2, 3, 13
-    xp = bench._xp()
+    xp = bench.xp()
     opts = bench.api_options(B, N, dropout, True, 0.5, 4, xp)
-    copy = bench._make_copies(xp, (B, H, N, D), np.dtype(np.float32), 1, seed=5)[0]
-    ref, nerr = bench._slice_reference(copy, True, bench._slice_options(opts, B, H, N))
+    copy = bench.make_copies(xp, (B, H, N, D), np.dtype(np.float32), 1, seed=5)[0]
+    ref, nerr = bench.slice_reference(copy, True, bench.slice_options(opts, B, H, N))
     for row_chunk in (1, 5):
-        sl = bench._slice_options(opts, B, H, N, row_chunk)
+        sl = bench.slice_options(opts, B, H, N, row_chunk)
         assert callable(sl["keep"]) if dropout else "keep" not in sl
-        ref2, nerr2 = bench._slice_reference(copy, True, sl, row_chunk)
+        ref2, nerr2 = bench.slice_reference(copy, True, sl, row_chunk)
         for name in ref:
             assert rel_diff(ref[name], ref2[name]) <= 16 * np.finfo(np.float64).eps, name
             # the baseline's errors are a few roundings either way (BLAS's summation order
@@ -194,8 +194,8 @@ TINY = {"dtypes": ("float32",), "Ns": (8,), "ds": (8,), "tokens": 16, "hidden": 
 def forced_chunks(monkeypatch):
     """The reference in chunks of 3 rows of 8 (3, 3, 2), on a slice that is neither the first
     batch entry nor the first head (B=2, H=4: the dropout counter's b·H + h is 5 and 6)."""
-    monkeypatch.setattr(bench, "CHECK_SLICE", (slice(1, 2), slice(1, 3)))
-    monkeypatch.setattr(bench, "REFERENCE_CHUNK_BYTES", 3 * 2 * 8 * 8)
+    monkeypatch.setattr(bench.reference, "CHECK_SLICE", (slice(1, 2), slice(1, 3)))
+    monkeypatch.setattr(bench.reference, "REFERENCE_CHUNK_BYTES", 3 * 2 * 8 * 8)
     chunks = []
     real = naive.attention_backward
 

@@ -1,9 +1,10 @@
 """Compile-only: every fa1 variant the tests use, fa2 with the simulator's tiles, and the GPU's
-default tiles of both (fa2's as the benchmark runs them; both also with dropout, key padding and
-a block mask), compiled for sm_90 without a GPU
-(NVVM -> PTX -> nvJitLink), with the compiler's resource report checked: no stack frame, no
-spills, no local memory, exactly the static shared memory nbflash.tiling counts (fa2: none;
-its dynamic shared memory within what an sm_90 block may opt in to).
+default tiles of every registered kernel family (nbflash.devtools.compilecheck.variants: as the
+benchmark runs them; fa1 and fa2 also with dropout, key padding and a block mask), compiled for
+sm_90 without a GPU (NVVM -> PTX -> nvJitLink), with the compiler's resource report checked: no
+stack frame, no spills, no local memory, exactly the static shared memory fa1's shared-memory
+plan counts (fa2, tc: none; their dynamic shared memory within what an sm_90 block may opt in
+to).
 
 Runs in a subprocess because the device mode (simulator or real target) is fixed at import.
 """
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from nbflash import tiling
+from nbflash.kernels.fa1 import tiles as fa1_tiles
 
 # (M, d, rule, causal, dtype) of the kernels tests/test_attention.py builds in the simulator;
 # M None is the default M of each pass
@@ -36,39 +37,34 @@ GPU_HEAD_DIMS = (64, 80, 96, 128)
 
 SCRIPT = r"""
 import json, sys
-from nbflash import compilecheck, tiling
-from nbflash.kernels.options import Features
+from nbflash.devtools import compilecheck as cc
+from nbflash.kernels.fa1 import tiles as fa1_tiles
+from nbflash.kernels.fa2 import plan as fa2_plan, tiles as fa2_tiles
 cases, head_dims = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 variants = []
 for M, d, rule, causal, dtype in cases:
-    for name, pass_ in (("fa1_forward", "forward"), ("fa1_backward", "backward")):
-        m = M if M is not None else tiling.default_M(d, pass_, rule)
-        tiles = tiling.tiles_for(m, d, rule, compilecheck.SIM_THREADS)
-        variants.append(compilecheck.Variant(name, tiles, causal, dtype))
-variants += compilecheck.default_variants(tuple(head_dims))
-ALL = Features(dropout=True, padding=True, sparse=True)
-if head_dims:   # fa2's GPU kernels as benchmarked, and the simulator tests' small tiles
-    variants += compilecheck.fa2_default_variants()
-    # with dropout, key padding and a block mask (causal: the most masking code)
-    variants += compilecheck.fa2_default_variants(causal=(True,), features=ALL)
-    # tc's tensor-core kernels as benchmarked (without options; with options they take local
-    # memory, see the README's tc section)
-    variants += compilecheck.tc_default_variants()
-    for name, pass_ in (("fa1_forward", "forward"), ("fa1_backward", "backward")):
-        tiles = tiling.tiles_for(tiling.default_M(64, pass_, "paper"), 64, "paper",
-                                 compilecheck.DEFAULT_THREADS)
-        variants.append(compilecheck.Variant(name, tiles, True, "float16", ALL))
+    for kernel in ("forward", "backward"):
+        m = M if M is not None else fa1_tiles.default_M(d, kernel, rule)
+        tiles = fa1_tiles.tiles_for(m, d, rule, fa1_tiles.SIM_THREADS)
+        variants.append(cc.Variant("fa1", kernel, tiles, causal, dtype))
+if head_dims:   # every registered family's GPU kernels as benchmarked, fa1 at more head dims
+    variants += cc.variants(None, (64, 128))
+    variants += cc.variants(["fa1"], tuple(d for d in head_dims if d not in (64, 128)))
+    # with dropout, key padding and a block mask (causal: the most masking code); tc's take
+    # local memory with options (see docs/tensor-cores.md)
+    variants += cc.variants(["fa2"], (64, 128), causal=(True,), features=cc.ALL_OPTIONS)
+    variants += cc.variants(["fa1"], (64,), dtypes=("float16",), causal=(True,),
+                            features=cc.ALL_OPTIONS)
 else:
     for d in (8, 40):
-        for kind in tiling.FA2_KERNELS:
-            t = tiling.fa2_tiles(kind, d, tiling.SIM_FA2_TILES)
-            variants += [compilecheck.Variant(f"fa2_{kind}", t, c, "float32")
-                         for c in (False, True)]
-            variants.append(compilecheck.Variant(f"fa2_{kind}", t, True, "float16", ALL))
-    for name in ("fa1_forward", "fa1_backward"):
-        tiles = tiling.tiles_for(128, 8, "paper", compilecheck.SIM_THREADS)
-        variants.append(compilecheck.Variant(name, tiles, True, "float32", ALL))
-print(json.dumps([compilecheck.as_dict(compilecheck.compile_report(v)) for v in variants]))
+        for kind in fa2_plan.KERNELS:
+            t = fa2_tiles.tiles(kind, d, fa2_tiles.SIM_TILES)
+            variants += [cc.Variant("fa2", kind, t, c, "float32") for c in (False, True)]
+            variants.append(cc.Variant("fa2", kind, t, True, "float16", cc.ALL_OPTIONS))
+    for kernel in ("forward", "backward"):
+        tiles = fa1_tiles.tiles_for(128, 8, "paper", fa1_tiles.SIM_THREADS)
+        variants.append(cc.Variant("fa1", kernel, tiles, True, "float32", cc.ALL_OPTIONS))
+print(json.dumps([cc.as_dict(cc.compile_report(v)) for v in variants]))
 """
 
 #: sm_80 and later reserve 1 KB of shared memory per block for the system; the report counts it
@@ -101,10 +97,47 @@ def test_kernels_compile_for_sm90_without_spills(which):
                        f"spills {r['spill_store_bytes']}/{r['spill_load_bytes']}")
         if r["shared_bytes"] != r["expected_shared_bytes"] + RESERVED_SMEM:
             bad.append(f"{r['variant']}: {r['shared_bytes']} bytes of shared memory, "
-                       f"nbflash.tiling counts {r['expected_shared_bytes']} + {RESERVED_SMEM}")
-        if r["expected_shared_bytes"] > tiling.STATIC_SMEM_BYTES:
+                       f"nbflash counts {r['expected_shared_bytes']} + {RESERVED_SMEM}")
+        if r["expected_shared_bytes"] > fa1_tiles.STATIC_SMEM_BYTES:
             bad.append(f"{r['variant']}: over the static shared-memory limit")
         if r["dynamic_shared_bytes"] > SM90_SMEM_OPTIN:
             bad.append(f"{r['variant']}: {r['dynamic_shared_bytes']} bytes of dynamic shared "
                        f"memory, above the {SM90_SMEM_OPTIN} an sm_90 block may have")
     assert not bad, "\n".join(bad)
+
+
+NORMALIZE_SCRIPT = r"""
+import json
+from nbflash._cuda import cuda
+from numba import float32, types
+from nbflash.devtools.compilecheck import normalized_ptx
+
+
+def make(c, name):
+    C = float32(c)
+
+    def kernel(x):
+        s = cuda.shared.array(4, float32)
+        s[0] = x[0] * C
+        x[1] = s[0]
+    kernel.__name__ = kernel.__qualname__ = name
+    return kernel
+
+
+sig = types.void(types.float32[:])
+a, b, c = (cuda.compile_ptx(make(k, name), sig, cc=(9, 0))[0]
+           for k, name in ((2.0, "first"), (2.0, "second"), (3.0, "first")))
+print(json.dumps([a != b, normalized_ptx(a) == normalized_ptx(b),
+                  normalized_ptx(a) == normalized_ptx(c)]))
+"""
+
+
+def test_normalized_ptx_ignores_names_and_sees_code():
+    """The PTX comparison behind ``python -m nbflash compile --same-ptx-as``: one kernel under
+    two names (other mangled symbols, another shared-array counter) compares equal, a kernel
+    with another constant does not."""
+    env = {**os.environ, "NBFLASH_DEVICE": "compile"}
+    done = subprocess.run([sys.executable, "-c", NORMALIZE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True, True, False]

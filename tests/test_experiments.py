@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import NAMES, common, ncu
+from experiments import NAMES, common, ncu, tuning
 from experiments import __main__ as cli
 from nbflash import MODE
 
@@ -70,6 +70,26 @@ def test_measure_in_simulator(empty_figures, name):
         if "max_err" in p:
             assert all(p["max_err"][k] <= p["tolerance"][k] for k in p["max_err"])
     assert mod.plot().exists()
+
+
+@sim_only
+@pytest.mark.parametrize("name", tuning.NAMES)
+def test_tuning_sweep_in_simulator(empty_figures, name):
+    """Each tuning sweep at the simulator's sizes: every candidate checked against the float64
+    reference (within the tolerance) and timed, its point stored; a rerun measures nothing
+    new, so it leaves the file as it was."""
+    import importlib
+    mod = importlib.import_module(f"experiments.tuning.{name}")
+    mod.measure(fresh=True)
+    path = tuning.data_path(name)
+    doc = json.loads(path.read_text())
+    assert doc["meta"]["gpu"] == "simulator" and doc["points"]
+    for p in doc["points"]:
+        assert p["status"] == "ok", p
+        assert p["median_ms"] > 0 and all(p["max_err"][k] <= p["tolerance"][k]
+                                          for k in p["max_err"]), p
+    mod.measure()
+    assert json.loads(path.read_text()) == doc
 
 
 @sim_only

@@ -6,8 +6,8 @@ the tolerance rule. Also the checks RegTiles makes of its shape."""
 import numpy as np
 import pytest
 
-from nbflash import naive, tiling
-from nbflash.kernels import launch
+from nbflash import naive
+from nbflash.kernels.fa2 import plan as fa2_plan, tiles as fa2_tiles
 from support import assert_close, make_inputs, reference, xp
 
 SHAPES = [
@@ -22,10 +22,10 @@ SHAPES = [
 
 def _run(tiles, q, k, v, do, causal, deterministic):
     scale = 1.0 / np.sqrt(q.shape[-1])
-    o, lse = launch.fa2_forward(xp, q, k, v, causal=causal, scale=scale, tiles=tiles)
-    dq, dk, dv = launch.fa2_backward(xp, do, q, k, v, o, lse, causal=causal, scale=scale,
-                                     deterministic=deterministic,
-                                     tiles={"dkdv": tiles, "dq": tiles})
+    o, lse = fa2_plan.run_forward(xp, q, k, v, causal=causal, scale=scale, tiles=tiles)
+    dq, dk, dv = fa2_plan.run_backward(xp, do, q, k, v, o, lse, causal=causal, scale=scale,
+                                       deterministic=deterministic,
+                                       tiles={"dkdv": tiles, "dq": tiles})
     return dict(zip(("o", "lse", "dq", "dk", "dv"), (np.asarray(x) for x in
                                                       (o, lse, dq, dk, dv))))
 
@@ -34,7 +34,7 @@ def _run(tiles, q, k, v, do, causal, deterministic):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape,d", SHAPES, ids=[str(s) for s, _ in SHAPES])
 def test_other_tiles(shape, d, causal):
-    tiles = tiling.RegTiles(shape[0], shape[1], d, *shape[2:])
+    tiles = fa2_tiles.RegTiles(shape[0], shape[1], d, *shape[2:])
     rng = np.random.default_rng(7)
     q, k, v, do = make_inputs(rng, 1, 1, 19, 27, d, np.float32)
     ref = reference(q, k, v, do, causal)
@@ -54,4 +54,4 @@ def test_other_tiles(shape, d, causal):
 def test_bad_tiles_are_refused(args, problem):
     R, C, tm, tn = args
     with pytest.raises(ValueError, match=problem):
-        tiling.RegTiles(R, C, 8, tm, tn)
+        fa2_tiles.RegTiles(R, C, 8, tm, tn)

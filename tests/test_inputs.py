@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import nbflash
-from nbflash.kernels import fastlaunch, launch
+from nbflash.kernels.common import factory, fastlaunch
 from support import randn, xp
 
 
@@ -12,8 +12,8 @@ from support import randn, xp
 def no_kernel_may_run(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was launched for bad input")
-    monkeypatch.setattr(launch, "_launch", refuse)   # fa1
-    monkeypatch.setattr(fastlaunch.Bound, "__call__", refuse)    # fa2 (every launch)
+    monkeypatch.setattr(factory, "launch", refuse)   # fa1
+    monkeypatch.setattr(fastlaunch.Bound, "__call__", refuse)    # fa2, tc (every launch)
 
 
 def arrays(B=1, H=2, Nq=5, Nk=6, d=8, dtype=np.float32):

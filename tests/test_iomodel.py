@@ -7,7 +7,9 @@ import pytest
 
 import nbflash
 from numba import float32
-from nbflash import iomodel, tiling
+from nbflash import iomodel
+from nbflash.kernels.fa1 import plan as fa1_plan, tiles as fa1_tiles
+from nbflash.kernels.fa2 import plan as fa2_plan, tiles as fa2_tiles
 from nbflash._cuda import SIMULATOR, cuda
 
 needs_sim = pytest.mark.skipif(not SIMULATOR, reason="the counter runs in the simulator")
@@ -71,12 +73,10 @@ def test_fa2_counted_equals_model(B, H, Nq, Nk, d, dtype, causal):
 @needs_sim
 def test_fa2_double_buffered_tiles():
     # stages = 2 with float32 and d % 4 == 0: K, V come through cp.async's simulator fallback
-    from nbflash.kernels import launch
-
-    t = tiling.RegTiles(8, 8, 8, 2, 2, stages=2)
+    t = fa2_tiles.RegTiles(8, 8, 8, 2, 2, stages=2)
     q, k, v, _ = _inputs(1, 2, 19, 27, 8, np.float32)
     with iomodel.count() as c:
-        launch.fa2_forward(np, q, k, v, causal=True, scale=0.3, tiles=t)
+        fa2_plan.run_forward(np, q, k, v, causal=True, scale=0.3, tiles=t)
     assert c.traffic == iomodel.hbm_bytes("fa2", "fwd", 1, 2, 19, 27, 8, "float32",
                                           causal=True, tiles={"forward": t})
 
@@ -88,7 +88,7 @@ def test_broadcast_loads_are_merged():
     with iomodel.count() as c:
         nbflash.attention_forward(q, k, v, impl="fa1", M=128,
                                   key_lengths=np.array([5, 9], np.int32))
-    threads = tiling.tiles_for(128, 8, "paper", 16).threads
+    threads = fa1_tiles.tiles_for(128, 8, "paper", 16).threads
     assert c.traffic.parts["fa1_forward"]["key_lengths"] == iomodel.IO(read=2 * 4)
     assert c.merged == {("fa1_forward", "key_lengths"): 2 * (threads - 1) * 4}
 
@@ -157,7 +157,7 @@ def test_fa1_forward_matches_algorithm_1_by_hand():
     # exact multiples, float32: K, V read once; Q_i, O_i, ℓ_i, m_i read and O_i, ℓ_i, m_i
     # written once per (i, j), i.e. Tc times per row; O, ℓ, m initialised; lse = m + log ℓ
     B, H, N, d, M = 2, 3, 64, 16, 256
-    Br, Bc = tiling.block_sizes(M, d)
+    Br, Bc = fa1_tiles.block_sizes(M, d)
     assert (Br, Bc) == (4, 4)
     Tc, s, BH = N // Bc, 4, 6
     read = 2 * N * d * s + Tc * N * d * (s + 4) + 2 * Tc * N * 4 + 2 * N * 4
@@ -172,7 +172,7 @@ def test_fa1_forward_matches_algorithm_1_by_hand():
 
 def test_fa1_backward_matches_algorithm_4_by_hand():
     B, H, N, d, M = 1, 1, 60, 8, 240   # Br = Bc = 8, N ragged: 7 full blocks and one of 4
-    Br, Bc = tiling.block_sizes(M, d)
+    Br, Bc = fa1_tiles.block_sizes(M, d)
     assert (Br, Bc) == (8, 8)
     Tc, s = -(-N // Bc), 4
     t = iomodel.hbm_bytes("fa1", "bwd", B, H, N, N, d, "float32", M=M)
@@ -182,13 +182,13 @@ def test_fa1_backward_matches_algorithm_4_by_hand():
 
 def test_fa2_reads_kv_once_per_query_block():
     B, H, N, d = 1, 2, 256, 64
-    t = tiling.RegTiles(64, 32, d, 8, 4)
+    t = fa2_tiles.RegTiles(64, 32, d, 8, 4)
     parts = iomodel.hbm_bytes("fa2", "fwd", B, H, N, N, d, "float16",
                               tiles={"forward": t}).parts["fa2_forward"]
     assert parts["q"].read == parts["o"].write == B * H * N * d * 2
     assert parts["k"].read == parts["v"].read == (N // t.R) * B * H * N * d * 2
     # the dK/dV pass reads Q, dO once per key block; the dQ pass K, V once per query block
-    tiles = {"dkdv": tiling.RegTiles(32, 64, d, 4, 8), "dq": tiling.RegTiles(64, 32, d, 8, 4)}
+    tiles = {"dkdv": fa2_tiles.RegTiles(32, 64, d, 4, 8), "dq": fa2_tiles.RegTiles(64, 32, d, 8, 4)}
     bwd = iomodel.hbm_bytes("fa2", "bwd", B, H, N, N, d, "float32", tiles=tiles,
                             deterministic=True).parts
     assert bwd["fa2_dkdv"]["q"].read == (N // 32) * B * H * N * d * 4
@@ -201,7 +201,7 @@ def test_fa2_reads_kv_once_per_query_block():
 def test_causal_roughly_halves_the_quadratic_traffic(impl, opts):
     N, d = 2048, 64
     full, causal = (iomodel.hbm_bytes(impl, "fwdbwd", 1, 1, N, N, d, "float32", causal=c,
-                                      tiles=tiling.GPU_FA2_TILES, **opts) for c in (0, 1))
+                                      tiles=fa2_tiles.GPU_TILES, **opts) for c in (0, 1))
     quadratic = {"fa1": ("fa1_forward", "q"), "fa2": ("fa2_forward", "k")}[impl]
     ratio = causal.parts[quadratic[0]][quadratic[1]].read / \
         full.parts[quadratic[0]][quadratic[1]].read
@@ -231,11 +231,9 @@ def test_fa1_follows_theorem_2():
 
 
 def test_default_blocks_are_the_kernels():
-    from nbflash import inputs
-
     for d in (8, 64, 128):
         for pass_ in ("forward", "backward"):
-            t = inputs._check_tiles("fa1", d, pass_, None, None)
+            t = fa1_plan.check(d, pass_)
             assert iomodel.fa1_blocks(d, pass_) == (t.Br, t.Bc)
 
 

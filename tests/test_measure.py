@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from nbflash.measure import peak_memory, time_ms
+from nbflash.bench import peak_memory, time_ms
 from support import xp
 
 

@@ -1,5 +1,6 @@
 """Dropout (Algorithms 2 and 4), key-padding masks and block-sparse attention (Algorithm 5) in
-every impl, against the float64 reference run with the same masks: for dropout the mask the
+every impl (the registered ones with kernels that take each test's dtype and head dim, and the
+naive baseline), against the float64 reference run with the same masks: for dropout the mask the
 kernels exported (nbflash.dropout_mask), for padding and block masks the explicit element mask.
 Shapes are ragged against the simulator's 8 x 8 fa2 tiles and fa1's M = 128 blocks (4 x 4)."""
 
@@ -7,16 +8,15 @@ import numpy as np
 import pytest
 
 import nbflash
-from nbflash import naive, sparsity, tiling
-from nbflash.kernels import launch
-from support import (assert_close, assert_masked_rows, host, make_inputs, reference,
-                     reference_options, run, xp)
+from nbflash import impls, naive, sparsity
+from nbflash.kernels.fa2 import plan as fa2_plan, tiles as fa2_tiles
+from support import (assert_close, assert_masked_rows, host, kernel_impls, make_inputs, pairs,
+                     reference, reference_options, run, small_block_options as fa, xp)
 
-KERNELS = ["fa1", "fa2"]
-
-
-def fa(impl):
-    return {"M": 128} if impl == "fa1" else {}
+#: the impls with kernels taking the tests' default float32 inputs at head dim 8
+KERNELS = kernel_impls(np.float32, 8)
+#: those with a deterministic dQ pass
+DETERMINISTIC = [i for i in KERNELS if impls.get(i).deterministic == "optional"]
 
 
 def check(impl, opts, B=2, H=2, Nq=19, Nk=27, d=8, dtype=np.float32, causal=False, seed=0,
@@ -38,15 +38,16 @@ def check(impl, opts, B=2, H=2, Nq=19, Nk=27, d=8, dtype=np.float32, causal=Fals
 
 # ---------------------------------------------------------------------------------- dropout
 
-@pytest.mark.parametrize("impl", KERNELS + ["naive"])
+@pytest.mark.parametrize("impl,dtype", pairs([np.float32, np.float16], 8)
+                         + [("naive", np.float32), ("naive", np.float16)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
 def test_dropout_matches_the_reference_with_the_exported_mask(impl, causal, dtype):
     check(impl, {"dropout_p": 0.3, "seed": 2**33 + 5, "offset": 7}, causal=causal, dtype=dtype)
 
 
-def test_fa2_dropout_deterministic_dq_pass():
-    check("fa2", {"dropout_p": 0.5, "seed": 3}, causal=True, deterministic=True)
+@pytest.mark.parametrize("impl", DETERMINISTIC)
+def test_dropout_deterministic_dq_pass(impl):
+    check(impl, {"dropout_p": 0.5, "seed": 3}, causal=True, deterministic=True)
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -63,10 +64,10 @@ def test_dropout_zero_is_the_plain_path_exactly(impl):
 def test_dropout_same_seed_reproduces_other_seed_differs(impl):
     rng = np.random.default_rng(2)
     q, k, v, do = make_inputs(rng, 1, 2, 13, 21, 8, np.float32)
-    opts = dict(dropout_p=0.5, **fa(impl))
-    a = run(impl, q, k, v, do, False, seed=1, deterministic=impl == "fa2", **opts)
-    b = run(impl, q, k, v, do, False, seed=1, deterministic=impl == "fa2", **opts)
-    c = run(impl, q, k, v, do, False, seed=2, deterministic=impl == "fa2", **opts)
+    opts = dict(dropout_p=0.5, deterministic=impl in DETERMINISTIC, **fa(impl))
+    a = run(impl, q, k, v, do, False, seed=1, **opts)
+    b = run(impl, q, k, v, do, False, seed=1, **opts)
+    c = run(impl, q, k, v, do, False, seed=2, **opts)
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert not np.array_equal(a["o"], c["o"])
@@ -86,17 +87,18 @@ def test_key_lengths(impl, causal):
         assert np.all(got["dk"][b, :, n:] == 0) and np.all(got["dv"][b, :, n:] == 0)
 
 
-@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("impl", kernel_impls(np.float16, 8))
 def test_key_lengths_with_dropout_and_causal(impl):
     check(impl, {"key_lengths": [11, 20], "dropout_p": 0.2, "seed": 9}, causal=True,
           dtype=np.float16)
 
 
-def test_key_lengths_as_the_paper_draws_them():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_key_lengths_as_the_paper_draws_them(impl):
     """Lengths from U[N - 20, N], as in the paper's benchmarks."""
     N = 40
     lengths = np.random.default_rng(0).integers(N - 20, N + 1, size=3)
-    check("fa2", {"key_lengths": lengths}, B=3, H=2, Nq=N, Nk=N)
+    check(impl, {"key_lengths": lengths}, B=3, H=2, Nq=N, Nk=N)
 
 
 # ----------------------------------------------------------------------------- block sparse
@@ -123,14 +125,16 @@ def test_block_sparse_per_head_with_rows_that_see_nothing(impl):
     assert np.all(np.isneginf(got["lse"][:, 0, :8]))
 
 
-def test_fa2_block_sparse_deterministic_dq_pass():
+@pytest.mark.parametrize("impl", DETERMINISTIC)
+def test_block_sparse_deterministic_dq_pass(impl):
     mask = sparsity.random_blocks(3, 4, 0.4, seed=1)
-    check("fa2", {"block_mask": mask, "block_size": 8, "key_lengths": [27, 9]},
+    check(impl, {"block_mask": mask, "block_size": 8, "key_lengths": [27, 9]},
           causal=True, deterministic=True)
 
 
-def test_all_blocks_masked():
-    got = check("fa2", {"block_mask": np.zeros((3, 4), bool), "block_size": 8})
+@pytest.mark.parametrize("impl", KERNELS)
+def test_all_blocks_masked(impl):
+    got = check(impl, {"block_mask": np.zeros((3, 4), bool), "block_size": 8})
     assert_masked_rows(got, 19, 27, False)
     assert np.all(got["o"] == 0) and np.all(np.isneginf(got["lse"]))
     for name in ("dq", "dk", "dv"):
@@ -142,7 +146,7 @@ def test_all_blocks_masked():
 def test_fa2_double_buffered_tiles_skip_masked_blocks(causal):
     """With stages = 2 the next *unmasked* block is prefetched while one is computed: a mask
     that skips blocks between unmasked ones, with padding and dropout."""
-    tiles = tiling.RegTiles(8, 8, 16, 2, 2, 2)
+    tiles = fa2_tiles.RegTiles(8, 8, 16, 2, 2, 2)
     rng = np.random.default_rng(8)
     B, H, Nq, Nk, d = 2, 1, 21, 45, 16
     q, k, v, do = make_inputs(rng, B, H, Nq, Nk, d, np.float32)
@@ -150,10 +154,10 @@ def test_fa2_double_buffered_tiles_skip_masked_blocks(causal):
     masking = dict(dropout_p=0.3, seed=6, offset=0, key_lengths=np.array([45, 30], np.int32),
                    block_mask=mask.reshape(1, 1, 3, 6).astype(np.uint8), block_size=(8, 8))
     scale = 1.0 / np.sqrt(d)
-    o, lse = launch.fa2_forward(xp, q, k, v, causal=causal, scale=scale, tiles=tiles,
-                                masking=masking)
-    grads = launch.fa2_backward(xp, do, q, k, v, o, lse, causal=causal, scale=scale,
-                                tiles={"dkdv": tiles, "dq": tiles}, masking=masking)
+    o, lse = fa2_plan.run_forward(xp, q, k, v, causal=causal, scale=scale, tiles=tiles,
+                                  masking=masking)
+    grads = fa2_plan.run_backward(xp, do, q, k, v, o, lse, causal=causal, scale=scale,
+                                  tiles={"dkdv": tiles, "dq": tiles}, masking=masking)
     got = dict(zip(("o", "lse", "dq", "dk", "dv"), (host(x) for x in (o, lse, *grads))))
     keep = nbflash.dropout_mask(B, H, Nq, Nk, 0.3, 6)
     ref_opts = dict(dropout_p=0.3, keep=keep, key_lengths=masking["key_lengths"],
@@ -212,7 +216,7 @@ def _qkv():
     ({"block_mask": np.ones((3, 2, 2), bool), "block_size": 8}, "do not match (B, H)"),
     ({"block_mask": np.ones((2, 2), np.float32), "block_size": 8}, "must be boolean"),
 ])
-@pytest.mark.parametrize("impl", ["naive", "fa1", "fa2"])
+@pytest.mark.parametrize("impl", ["naive"] + KERNELS)
 def test_bad_options_are_refused_before_any_kernel(opts, words, impl):
     q, k, v = _qkv()
     with pytest.raises(nbflash.InputError) as exc:
@@ -230,7 +234,7 @@ def test_bad_dropout_mask_arguments():
 # ------------------------------------------------------------------------------- GPU sizes
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("impl", kernel_impls(np.float16, 64))
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_all_options(impl, d, causal):
@@ -246,7 +250,10 @@ def test_gpu_all_options(impl, d, causal):
 @pytest.mark.parametrize("opts", [{"dropout_p": 0.2, "seed": 1}, {"key_lengths": [900, 1000]},
                                   {"block_mask": sparsity.butterfly(16), "block_size": 64}],
                          ids=["dropout", "padding", "sparse"])
+@pytest.mark.parametrize("impl", [i for i in kernel_impls(np.float32, 64)
+                                  if impls.get(i).at_scale])
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_fa2_each_option_float32(opts, d):
-    check("fa2", opts, B=2, H=4, Nq=1000, Nk=1000, d=d, dtype=np.float32, causal=True)
-    check("fa2", opts, B=2, H=4, Nq=1000, Nk=1000, d=d, dtype=np.float32, deterministic=True)
+def test_gpu_each_option_float32(opts, d, impl):
+    check(impl, opts, B=2, H=4, Nq=1000, Nk=1000, d=d, dtype=np.float32, causal=True)
+    if impls.get(impl).deterministic == "optional":
+        check(impl, opts, B=2, H=4, Nq=1000, Nk=1000, d=d, dtype=np.float32, deterministic=True)

@@ -2,12 +2,12 @@
 backward, float16 and bfloat16, with every mask and option.
 
 In the simulator the tc kernels run on the shared-memory versions of the warp primitives
-(nbflash.kernels.warp; tests/test_warp.py checks those against the hardware's), with one or two
-warps and 16-key tiles, so the tiny shapes below span several ragged tiles, pipeline stages and
-warps. What only the GPU checks, in the `gpu` tests: the intrinsics themselves inside the
-kernels, the default tiles at realistic sizes, bfloat16 through torch tensors (the simulator
-checks bfloat16 at the launch-plan level, as uint16 bits), races (compute-sanitizer runs apart,
-see the closing notes) and the SASS (HMMA, LDSM, LDGSTS; no local memory).
+(nbflash.kernels.common.warp; tests/test_warp.py checks those against the hardware's), with one
+or two warps and 16-key tiles, so the tiny shapes below span several ragged tiles, pipeline
+stages and warps. What only the GPU checks, in the `gpu` tests: the intrinsics themselves inside
+the kernels, the default tiles at realistic sizes, bfloat16 through torch tensors (the simulator
+checks bfloat16 at the launch-plan level, as uint16 bits), races (python -m nbflash sanitize)
+and the SASS (HMMA, LDSM, LDGSTS; no local memory).
 """
 
 import numpy as np
@@ -15,7 +15,8 @@ import pytest
 
 import nbflash
 from nbflash import MODE, bfloat16, sparsity
-from nbflash.kernels import launch
+from nbflash.kernels.common import factory
+from nbflash.kernels.tc import plan as tc_plan, tiles as tc_tiles
 from support import (assert_close, assert_masked_rows, host, make_inputs, naive_bf16, reference,
                      reference_options, run, xp)
 
@@ -61,7 +62,7 @@ def test_tc_bfloat16_bits_match_reference():
          for s in ((B, H, Nq, d), (B, H, Nk, d), (B, H, Nk, d), (B, H, Nq, d))]
     bits = [xp.asarray(bfloat16.bits(x)) for x in f]
     scale = 1 / np.sqrt(d)
-    plan = launch.tc_plan(B, H, Nq, Nk, d, "bfloat16", True, scale)
+    plan = tc_plan.plan_for(B, H, Nq, Nk, d, "bfloat16", True, scale)
     o, lse = plan.forward(xp, *bits[:3], 0)
     dq, dk, dv = plan.backward(xp, bits[3], *bits[:3], o, lse, 0)
     got = {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
@@ -86,6 +87,20 @@ def test_tc_refuses_what_it_cannot_do():
     q, k, v, _ = make_inputs(rng, 1, 1, 8, 8, 144, np.float16)
     with pytest.raises(nbflash.InputError, match="up to 128"):
         nbflash.attention(q, k, v, impl="tc")
+
+
+@pytest.mark.parametrize("table", ["GPU_TILES", "SIM_TILES"])
+def test_tc_tiles_for_every_head_dim_it_takes(table):
+    """Every head dim tc takes has tiles whose dK/dV pass shares dQ's 16 x 16 pieces evenly
+    among its warps, within the shared memory an sm_90 block may opt in to (no bare exception
+    from the table look-up)."""
+    for d in range(tc_tiles.HEAD_DIM_MULTIPLE, tc_tiles.MAX_HEAD_DIM + 1,
+                   tc_tiles.HEAD_DIM_MULTIPLE):
+        for kernel in tc_plan.KERNELS:
+            t = tc_tiles.tiles(kernel, d, getattr(tc_tiles, table))
+            if kernel == "dkdv":
+                assert (t.cols // 16) * (d // 16) % t.warps == 0, t
+            assert t.smem_bytes(kernel, dropout=True) <= 232448, t
 
 
 # ----------------------------------------------------------------------------------- GPU only
@@ -160,8 +175,8 @@ def test_tc_gpu_sass_has_tensor_core_instructions_and_no_local_memory():
     for d in (64, 128):
         for kernel in ("forward", "dkdv"):
             for causal in (False, True):
-                t = launch.tc_tiles(kernel, d)
-                k = launch.build_tc(kernel, t, causal, "float16")
+                t = tc_tiles.tiles(kernel, d)
+                k = factory.kernel(tc_plan.spec, kernel, t, causal, "float16")
                 k._function(0)          # compiled and loaded
                 sass = k._dispatcher.inspect_sass(k._dispatcher.signatures[0])
                 what = f"{kernel} d={d} causal={causal} {t}"

@@ -1,4 +1,4 @@
-"""The tensor-core primitives (nbflash.kernels.warp) on one tile, against NumPy.
+"""The tensor-core primitives (nbflash.kernels.common.warp) on one tile, against NumPy.
 
 The same tests run on the GPU (the inline-PTX intrinsics) and in the simulator (their
 shared-memory versions), so the simulator's tc kernel tests rest on primitives checked against
@@ -16,7 +16,7 @@ import pytest
 
 from nbflash import MODE, bfloat16
 from nbflash._cuda import cuda
-from nbflash.kernels import primitives, warp
+from nbflash.kernels.common import primitives, warp
 
 from support import host, xp
 

@@ -1,0 +1,185 @@
+"""The registry of implementations: one entry per impl, and the order ``impl="auto"`` tries them.
+
+Everything that lists implementations reads it: the input checks (nbflash.inputs) and the calls
+(nbflash.api), the command line (``check``, ``bench``, ``compile``, ``sass``, ``sanitize``), the
+compile check, the benchmark and the experiments, and the tests' matrices. Adding an
+implementation is a family folder under nbflash/kernels/ (its tiles, kernels and plan) and one
+:class:`Impl` in :data:`REGISTRY`.
+
+An entry says what the impl takes (dtypes, head dims, whether its dq can be deterministic, the
+API options only it has), where its kernels are (``family``: the kernels' names, their specs and
+default tiles, for the compile check and the SASS report), its own input checks (``check``: run
+after the shared ones, before any kernel; it returns the tiles the call needs, or None) and how
+a checked call runs (``plan``: an object with ``forward`` and ``backward``), and how tables and
+figures show it.
+"""
+
+from dataclasses import dataclass
+
+from . import naive
+from .errors import InputError
+from .kernels.fa1 import plan as fa1_plan, tiles as fa1_tiles
+from .kernels.fa2 import plan as fa2_plan, tiles as fa2_tiles
+from .kernels.tc import plan as tc_plan, tiles as tc_tiles
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kernel family as the tools see it: its kernels' names, their specs
+    (spec(kernel, tiles, causal, dtype, features) -> nbflash.kernels.common.factory.Spec), the
+    default tiles of a kernel at a head dim (tiles(kernel, d)), and the storage dtypes its
+    kernels are compiled for."""
+
+    kernels: tuple
+    spec: object
+    tiles: object
+    dtypes: tuple
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    #: how tables and figures name it, and its colour and marker in figures
+    label: str
+    color: str
+    marker: str
+    #: one line: what it is
+    summary: str
+    #: the input dtypes it takes ("bfloat16": torch bfloat16 tensors, or uint16 bits)
+    dtypes: tuple
+    #: head dims it takes: multiples of head_dim_multiple up to max_head_dim
+    max_head_dim: int
+    head_dim_multiple: int = 1
+    #: dq: "always" bitwise reproducible, "optional" (deterministic=True), or "never" (atomics)
+    deterministic: str = "always"
+    #: options of the API only this impl takes (fa1: M and block_rule)
+    own_options: tuple = ()
+    #: fast enough for the FlashAttention-2 grid at 16k tokens (fa1, as written, is not: it
+    #: would take minutes per point there)
+    at_scale: bool = True
+    #: the kernel family (None: no nbflash kernels, the naive baseline)
+    family: Family = None
+    #: check(d, pass_, dropout, **own_options) -> tiles or None; raises InputError
+    check: object = None
+    #: plan(problem, layout, deterministic) -> an object with forward() and backward()
+    plan: object = None
+
+    def takes(self, dtype, head_dim):
+        """Does it take inputs of `dtype` (a name) at this head dim (before shared memory)?"""
+        return (str(dtype) in self.dtypes and head_dim <= self.max_head_dim
+                and head_dim % self.head_dim_multiple == 0)
+
+    @property
+    def runs_kernels(self):
+        return self.family is not None
+
+
+class NaivePlan:
+    """The naive baseline behind the same calls as the kernels' plans (nbflash.naive)."""
+
+    def __init__(self, causal, scale, layout):
+        self.causal, self.scale, self.layout = causal, scale, layout
+
+    def _masking(self, key_lengths, block_mask, seed, offset):
+        lay = self.layout
+        return dict(causal=self.causal, softmax_scale=self.scale, dropout_p=lay.dropout_p,
+                    seed=seed, offset=offset, key_lengths=key_lengths, block_mask=block_mask,
+                    block_size=lay.block_size if lay.features.sparse else None)
+
+    def forward(self, xp, q, k, v, stream=0, key_lengths=None, block_mask=None, seed=0,
+                offset=0):
+        return naive.attention_forward(q, k, v, **self._masking(key_lengths, block_mask, seed,
+                                                                 offset))
+
+    def backward(self, xp, do, q, k, v, o, lse, stream=0, key_lengths=None, block_mask=None,
+                 seed=0, offset=0):
+        return naive.attention_backward(do, q, k, v, o, lse, **self._masking(
+            key_lengths, block_mask, seed, offset))
+
+
+def _naive(prob, layout, deterministic=False):
+    return NaivePlan(prob.causal, prob.scale, layout)
+
+
+def _fa1(prob, layout, deterministic=False):
+    return fa1_plan.Fa1Plan(prob.tiles, prob.causal, prob.scale, layout)
+
+
+def _fa2(prob, layout, deterministic=False):
+    return fa2_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
+                             prob.causal, prob.scale, bool(deterministic), layout=layout)
+
+
+def _tc(prob, layout, deterministic=False):
+    return tc_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
+                            prob.causal, prob.scale, layout=layout)
+
+
+#: every implementation, in the order tables list them
+REGISTRY = {impl.name: impl for impl in (
+    Impl("naive", "naive (CuPy)", "#7f7f7f", "s",
+         "standard attention with array operations (matmul, softmax, matmul): the baseline",
+         ("float32", "float16"), 2**31, plan=_naive),
+    Impl("fa1", "nbflash fa1", "#1f77b4", "o",
+         "the FlashAttention paper's Algorithms 1 and 4, as written (for reading and the IO "
+         "experiments)",
+         ("float32", "float16"), fa1_tiles.MAX_HEAD_DIM, own_options=("M", "block_rule"),
+         at_scale=False,
+         family=Family(fa1_plan.KERNELS, fa1_plan.spec, fa1_tiles.tiles,
+                       ("float32", "float16")),
+         check=fa1_plan.check, plan=_fa1),
+    Impl("fa2", "nbflash fa2", "#d62728", "^",
+         "FlashAttention-2 on CUDA cores, register-tiled, float32 math",
+         ("float32", "float16"), fa2_tiles.MAX_HEAD_DIM, deterministic="optional",
+         family=Family(fa2_plan.KERNELS, fa2_plan.spec, fa2_tiles.tiles,
+                       ("float32", "float16")),
+         check=fa2_plan.check, plan=_fa2),
+    Impl("tc", "nbflash tc", "#9467bd", "D",
+         "FlashAttention-2 on tensor cores (mma.sync through inline PTX), 16-bit inputs",
+         ("float16", "bfloat16"), tc_tiles.MAX_HEAD_DIM, tc_tiles.HEAD_DIM_MULTIPLE,
+         deterministic="never",
+         family=Family(tc_plan.KERNELS, tc_plan.spec, tc_tiles.tiles, ("float16", "bfloat16")),
+         check=tc_plan.check, plan=_tc),
+)}
+
+#: what impl="auto" tries, in order: the first that takes the inputs' dtype and head dim runs
+#: (when none does, the first's checks say why)
+AUTO = ("fa2",)
+
+
+def names():
+    """Every registered impl's name, in order."""
+    return tuple(REGISTRY)
+
+
+def get(name):
+    """The Impl registered as `name` ("auto" is not one: see :func:`resolve`)."""
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise InputError(f"impl={name!r} is not an implementation; use one of "
+                         f"{('auto',) + names()}") from None
+
+
+def kernels():
+    """The impls that run nbflash's kernels (every one but the naive baseline)."""
+    return tuple(impl for impl in REGISTRY.values() if impl.runs_kernels)
+
+
+def resolve(name, dtype, head_dim):
+    """The Impl a call with impl=`name` runs: `name`'s, or for "auto" the first of AUTO that
+    takes `dtype` at `head_dim` (else AUTO's first, whose checks then say why not)."""
+    if name != "auto":
+        return get(name)
+    for candidate in AUTO:
+        if REGISTRY[candidate].takes(dtype, head_dim):
+            return REGISTRY[candidate]
+    return REGISTRY[AUTO[0]]
+
+
+def taking(dtype, head_dim, among=None):
+    """The names of the impls (among `among`, default all) that take `dtype` at `head_dim`."""
+    return tuple(n for n in (among or names()) if REGISTRY[n].takes(dtype, head_dim))
+
+
+__all__ = ["Impl", "Family", "REGISTRY", "AUTO", "names", "get", "kernels", "resolve", "taking"]

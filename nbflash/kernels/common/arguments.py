@@ -1,0 +1,31 @@
+"""The argument layout of the kernels with FlashAttention-2's structure: fa2's on CUDA cores and
+tc's on tensor cores take the same arguments, so that their plans pack them alike.
+
+Arrays come first, flat (1-D, contiguous) views of the (B, H, N, d) inputs and outputs in the
+storage dtype `elem` (tc: 16-bit data as its uint16 bits) and float32 statistics; then sizes
+and scales; then the options' arguments (nbflash.kernels.common.options).
+"""
+
+from numba import types
+
+from .options import argument_types as _option_types
+
+
+def kernel_types(name, elem):
+    """Numba argument types of kernel `name` ("forward", "delta", "dkdv", "dq") for storage
+    element type `elem` (a Numba type)."""
+    io = types.Array(elem, 1, "C")
+    f32 = types.Array(types.float32, 1, "C")
+    i64, f = types.int64, types.float32
+    opt_arrays, opt_scalars = _option_types()
+    if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, τ log2 e (hi, lo)
+        return (io, io, io, io, f32, *opt_arrays, i64, i64, i64, f, f, *opt_scalars)
+    if name == "delta":      # o, do, delta, dq_acc, n_rows, d, zero_dq
+        return (io, io, f32, f32, i64, i64, i64)
+    if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, τ log2 e (2), τ
+        return (io, io, io, io, f32, f32, f32, io, io, *opt_arrays, i64, i64, i64, f, f, f,
+                *opt_scalars)
+    if name == "dq":     # q, k, v, do, lse, delta, dq, Nq, Nk, H, τ log2 e (hi, lo), τ
+        return (io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, f, f, f,
+                *opt_scalars)
+    raise ValueError(name)

@@ -1,0 +1,152 @@
+"""Masking, written once for every kernel family: Algorithm 2's MASK, key padding, the block
+mask of block-sparse attention (Algorithm 5), which tiles the kernels may skip, and the walk
+over a block's tiles that skips them (:func:`make_tile_walk`).
+
+A key column `col` is visible to query row `row` when both are inside their sequences (col below
+the key length `klen` of the row's batch entry: Nk, or key_lengths[b] with a padding mask), if
+causal col <= row + Nk - Nq (bottom-right alignment over the full lengths, as in
+FlashAttention 2), and, with a block mask, the mask block of (row, col) is on. Tiles that the
+causal mask or the key length hides entirely, or whose mask blocks are all off, are skipped by
+the kernels: nothing is loaded or computed for them. The functions below say which.
+"""
+
+import numpy as np
+from numba import uint64
+
+from ..._cuda import cuda
+
+
+def visible(row, col, Nq, Nk, klen, causal):
+    """MASK of Algorithm 2 and the padding mask: is key `col` visible to query `row`? (Also false
+    past the ends.)"""
+    return row < Nq and col < klen and (not causal or col <= row + Nk - Nq)
+
+
+def block_on(bmask, base, nbk, bq, bk, row, col):
+    """Is the mask block of (row, col) on? `bmask` is flat (..., n_q_blocks, nbk) uint8, `base`
+    the offset of this head's mask, (bq, bk) the block size."""
+    return bmask[base + (row // bq) * nbk + col // bk] != 0
+
+
+def tile_status(bmask, base, nbk, bq, bk, row0, rows, col0, cols, Nq, klen):
+    """(any, all) of the mask blocks that rows row0 .. row0+rows-1 and columns col0 ..
+    col0+cols-1 (cut at Nq and klen) touch: the tile is skipped when none is on, and needs the
+    element mask of :func:`block_on` unless all are on."""
+    r1 = min(row0 + rows, Nq) - 1
+    c1 = min(col0 + cols, klen) - 1
+    if r1 < row0 or c1 < col0:
+        return False, False
+    any_on = False
+    all_on = True
+    for i in range(row0 // bq, r1 // bq + 1):
+        for j in range(col0 // bk, c1 // bk + 1):
+            if bmask[base + i * nbk + j] != 0:
+                any_on = True
+            else:
+                all_on = False
+    return any_on, all_on
+
+
+#: a block_bits word with every bit set: no entry of the tile is hidden by the block mask
+ALL = np.uint64(2**64 - 1)
+
+
+def make_block_bits(TM, TN, RG, L, SPARSE, TRANSPOSED=False):
+    """Device function for the block mask inside the fa2 kernels' register tiles: a 64-bit word
+    whose bit i·TN + u says whether the mask block of the thread's entry (i, u) of the tile at
+    (row0, col0) is on. Entry (i, u) is query row0 + rg + RG·i and key col0 + cg + L·u
+    (TRANSPOSED, as in the dK/dV pass: key col0 + rg + RG·i and query row0 + cg + L·u). ALL
+    without a block mask (SPARSE false) or where all the tile's blocks are on (`all_on`, from
+    :func:`tile_status` or :func:`next_tile`). Computed once per tile, so that the register-tile
+    loops only test a bit (divisions by the block size there would keep those loops from being
+    unrolled)."""
+    assert TM * TN <= 64, "a register tile of more than 64 entries"
+
+    def block_bits(all_on, bmask, base, nbk, bq, bk, row0, col0, rg, cg, Nq, klen):
+        if not SPARSE or all_on:
+            return ALL
+        bits = uint64(0)
+        for i in range(TM):
+            for u in range(TN):
+                row = row0 + (cg + L * u if TRANSPOSED else rg + RG * i)
+                col = col0 + (rg + RG * i if TRANSPOSED else cg + L * u)
+                if row < Nq and col < klen and block_on(bmask, base, nbk, bq, bk, row, col):
+                    bits |= uint64(1) << uint64(i * TN + u)
+        return bits
+
+    return cuda.jit(device=True, inline=True)(block_bits)
+
+
+def bit_on(bits, e):
+    """Is bit e of a block_bits word set?"""
+    return (bits >> uint64(e)) & uint64(1) != uint64(0)
+
+
+def next_tile(step, n, row0, rows, col0, cols, d_row, d_col, bmask, base, nbk, bq, bk, Nq,
+              klen):
+    """(s, all_on): the first step s >= `step` (below n) whose tile, rows row0 + s·d_row ..
+    (`rows` of them) and columns col0 + s·d_col .. (`cols`), has a mask block on, and whether
+    all of its blocks are; (n, True) if there is none."""
+    while step < n:
+        any_on, all_on = tile_status(bmask, base, nbk, bq, bk, row0 + step * d_row, rows,
+                                     col0 + step * d_col, cols, Nq, klen)
+        if any_on:
+            return step, all_on
+        step += 1
+    return n, True
+
+
+def block_hidden(i, j, Br, Bc, Nq, Nk):
+    """True when causal masking hides every entry of block (i, j): its first key lies after the
+    last key its last query row may see."""
+    last_row = min(i * Br + Br - 1, Nq - 1)
+    return j * Bc > last_row + Nk - Nq
+
+
+def key_blocks(row0, rows, C, Nq, Nk, klen, causal):
+    """How many key blocks of C keys, from the first, the query rows row0 .. row0+rows-1 walk:
+    those below the key length klen, and with causal masking only those up to the last key the
+    last row sees."""
+    n = (klen + C - 1) // C
+    if causal:
+        last_key = min(row0 + rows - 1, Nq - 1) + Nk - Nq
+        n = min(n, last_key // C + 1) if last_key >= 0 else 0
+    return n
+
+
+def first_query_block(key0, C, Nq, Nk, causal):
+    """The first query block of C rows that sees any of the keys from key0 on (with causal
+    masking the blocks before it see none of them)."""
+    return max(0, (key0 - Nk + Nq) // C) if causal else 0
+
+
+visible = cuda.jit(device=True, inline=True)(visible)
+block_on = cuda.jit(device=True, inline=True)(block_on)
+tile_status = cuda.jit(device=True, inline=True)(tile_status)
+bit_on = cuda.jit(device=True, inline=True)(bit_on)
+next_tile = cuda.jit(device=True, inline=True)(next_tile)
+block_hidden = cuda.jit(device=True, inline=True)(block_hidden)
+key_blocks = cuda.jit(device=True, inline=True)(key_blocks)
+first_query_block = cuda.jit(device=True, inline=True)(first_query_block)
+
+
+def make_tile_walk(ROWS, COLS, OVER_KEYS, SPARSE):
+    """Device function walking a block's tiles in order, the block mask's empty tiles skipped:
+    walk(step, n, at, bmask, mbase, nbk, bq, bk, Nq, klen) -> (s, all_on), the first step
+    s >= `step` (below n) to compute and whether all its mask blocks are on (:func:`next_tile`);
+    (n, True) when none is left. OVER_KEYS: the block owns query rows at .. at+ROWS-1 and steps
+    over key tiles of COLS keys (the forward, the dQ pass); else it owns keys at .. at+COLS-1 and
+    steps over query tiles of ROWS rows (the dK/dV pass). Without a block mask (SPARSE false)
+    every step is computed: (step, True)."""
+    if not SPARSE:
+        def walk(step, n, at, bmask, mbase, nbk, bq, bk, Nq, klen):
+            return step, True
+    elif OVER_KEYS:
+        def walk(step, n, at, bmask, mbase, nbk, bq, bk, Nq, klen):
+            return next_tile(step, n, at, ROWS, 0, COLS, 0, COLS, bmask, mbase, nbk, bq, bk, Nq,
+                             klen)
+    else:
+        def walk(step, n, at, bmask, mbase, nbk, bq, bk, Nq, klen):
+            return next_tile(step, n, 0, ROWS, at, COLS, ROWS, 0, bmask, mbase, nbk, bq, bk, Nq,
+                             klen)
+    return cuda.jit(device=True, inline=True)(walk)

@@ -1,0 +1,126 @@
+"""The softmax's arithmetic, written once for every kernel family: the online-softmax update
+(FlashAttention paper, §3.1), base-2 scores, and the per-row statistics of the backward.
+
+**The online softmax.** A row's softmax over keys seen block by block keeps two running
+statistics: the maximum m and the sum ℓ of exp(s - m). When a block with its own statistics
+(m̃, ℓ̃) arrives, they merge as
+
+    m_new = max(m, m̃)
+    ℓ_new = e^(m - m_new) ℓ + e^(m̃ - m_new) ℓ̃            (Alg. 1 line 12)
+
+and the output accumulated so far is rescaled by the same two factors (Alg. 1 line 13):
+:func:`online_softmax_update`, which fa1 uses. A row that has seen only masked keys has
+m = m̃ = -inf; then nothing is rescaled (both factors are 0) instead of computing
+e^(-inf + inf) = NaN.
+
+FlashAttention-2 (Dao 2023, §3.1.1) merges differently: the block's exponentials are taken
+against the new maximum directly, P̃ = 2^(s - m_new) with log2(e) folded into the scores, and ℓ
+and the unnormalised output are only rescaled by 2^(m - m_new); O is divided by ℓ once, at the
+end. :func:`new_max` is that step, for fa2 and tc.
+
+**Base-2 scores.** τ log2(e) is folded into one scale so that P = 2^(s' - m') needs one exp2.
+:func:`split_scale` gives it as two float32 (hi + lo) and :func:`scaled` takes the product as
+fma(s, hi, s·lo), so that folding it in costs no accuracy: s' is s·τ·log2(e) rounded once, as
+the naive baseline rounds s·τ. lse is stored in natural-log units (LN2 converts), and the
+backward takes lse·log2(e) in two parts too (LOG2E + LOG2E_LO).
+
+**Row statistics of the backward.** :func:`row_stats` reads a query row's lse and D, and
+:func:`make_delta` computes D = rowsum(dO ∘ O) (FA2 Algorithm 2, line 4).
+"""
+
+import math
+
+import numpy as np
+from numba import float32
+
+from ..._cuda import cuda
+
+NEG_INF = float32(-math.inf)
+ZERO = float32(0.0)
+ONE = float32(1.0)
+LOG2E = float32(math.log2(math.e))
+LOG2E_LO = float32(math.log2(math.e) - float(LOG2E))   # LOG2E + LOG2E_LO = log2(e) to ~1e-15
+LN2 = float32(math.log(2.0))
+
+
+@cuda.jit(device=True, inline=True)
+def online_softmax_update(m_old, l_old, m_blk, l_blk):
+    """Merge block statistics (m_blk, l_blk) into running ones (m_old, l_old).
+
+    Returns (m_new, l_new, alpha, beta) with alpha = e^(m_old - m_new), beta = e^(m_blk - m_new),
+    so that l_new = alpha * l_old + beta * l_blk.
+    """
+    m_new = max(m_old, m_blk)
+    if m_new == NEG_INF:
+        return m_new, ZERO, ZERO, ZERO
+    alpha = math.exp(m_old - m_new)
+    beta = math.exp(m_blk - m_new)
+    return m_new, alpha * l_old + beta * l_blk, alpha, beta
+
+
+@cuda.jit(device=True, inline=True)
+def new_max(m_old, m_blk):
+    """FlashAttention-2's update of a row's running max (base-2 scores).
+
+    Returns (m_new, m_ref, alpha): m_new = max(m_old, m_blk); the block's P̃ = 2^(s - m_ref) and
+    ℓ, O are rescaled by alpha = 2^(m_old - m_new). For a row that has seen only masked keys
+    (m_new = -inf) m_ref = 0 and alpha = 1, so that masked scores give P̃ = 2^(-inf) = 0 and
+    nothing becomes NaN.
+    """
+    m_new = max(m_old, m_blk)
+    if m_new == NEG_INF:
+        return m_new, ZERO, ONE
+    return m_new, m_new, math.exp2(m_old - m_new)
+
+
+def split_scale(scale):
+    """(hi, lo): τ log2(e) as the sum of two float32, for the kernels' scale arguments."""
+    exact = float(scale) * math.log2(math.e)
+    hi = np.float32(exact)
+    return float(hi), float(np.float32(exact - float(hi)))
+
+
+def scaled(s, scale_hi, scale_lo):
+    """s · τ log2(e), rounded once: τ log2(e) = scale_hi + scale_lo (see :func:`split_scale`)."""
+    return cuda.fma(s, scale_hi, s * scale_lo)
+
+
+def row_stats(lse, delta, at, inside):
+    """lse and D of a query row for the backward: 0 for a row past Nq, and lse 0 where it is
+    -inf (a row that sees no key: all its entries are masked, so any finite value will do)."""
+    lse_r = ZERO
+    dlt = ZERO
+    if inside:
+        lse_r = lse[at]
+        if lse_r == NEG_INF:
+            lse_r = ZERO
+        dlt = delta[at]
+    return lse_r, dlt
+
+
+scaled = cuda.jit(device=True, inline=True)(scaled)
+row_stats = cuda.jit(device=True, inline=True)(row_stats)
+
+#: threads per block of the D kernel (one thread per query row)
+DELTA_THREADS = 128
+
+
+def make_delta(threads, load=float32):
+    """D = rowsum(dO ∘ O) per query row (FA2 Algorithm 2, line 4), one thread per row; also
+    zeroes the row of the dQ accumulator that the dK/dV pass adds into (saves a launch).
+    load: an element of o or do as float32 (tc passes the conversion of its 16-bit bits)."""
+    T = threads
+
+    def fa2_delta(o, do, delta, dq_acc, n_rows, D, zero_dq):
+        """Grid ceil(n_rows / T); o, do, dq_acc: flat (rows, D); delta: float32 (rows).
+        zero_dq: 1 to zero dq_acc (else it may be a placeholder)."""
+        row = cuda.blockIdx.x * T + cuda.threadIdx.x
+        if row < n_rows:
+            acc = ZERO
+            for x in range(D):
+                acc += load(o[row * D + x]) * load(do[row * D + x])
+                if zero_dq:
+                    dq_acc[row * D + x] = ZERO
+            delta[row] = acc
+
+    return fa2_delta

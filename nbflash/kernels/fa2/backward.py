@@ -1,0 +1,275 @@
+"""FlashAttention-2's backward for float32 math on CUDA cores, register-tiled (FA2 Algorithm 2).
+
+The forward (FA2 Algorithm 1) and what the two share are described in
+nbflash.kernels.fa2.forward. The backward recomputes S and P from Q, K and the forward's lse:
+
+- D = rowsum(dO ∘ O) first (nbflash.kernels.common.softmax.make_delta, FA2 Alg. 2 line 4);
+- then one block per (key block j, head, batch) keeps dK_j and dV_j in registers while it
+  walks the query blocks (:func:`make_dkdv`). dQ gets the contribution of each (i, j) pair
+  either by atomic adds from that same loop (fast, but the order of the adds, and so the last
+  bits of dq, vary from run to run) or, for ``deterministic=True``, from a separate pass with
+  one block per query block that walks the key blocks in order (:func:`make_dq`).
+
+The backward takes s' - lse log2(e) with log2(e) in two parts (LOG2E + LOG2E_LO), and
+P = 2^min(s' - lse log2(e), 0) <= 1 (converting lse back can put it an ulp below the forward's
+largest score). With dropout the forward's keep bits are drawn again: dV uses P ∘ Z / (1-p) and
+dP is dP ∘ Z / (1-p).
+"""
+
+import math
+
+from numba import float32, uint32
+
+from ..._cuda import cuda
+from ..common.dropout import check_keep_tile, make_drop, make_keep_tile
+from ..common.masks import (ALL, bit_on, first_query_block, key_blocks, make_block_bits,
+                            make_tile_walk, tile_status, visible)
+from ..common.options import Features
+from ..common.primitives import commit_async, wait_async_all, wait_async_all_but_1
+from ..common.softmax import LOG2E, LOG2E_LO, ONE, ZERO, row_stats, scaled
+from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_row_store,
+                      make_tile_loader, thread_coords, tile_constants)
+
+
+def p_and_ds(s, dp, sc_hi, sc_lo, lse, lse_lo, dlt):
+    """P = 2^min(s' - lse log2(e), 0) (see the module docstring) and dS = P (dP - D);
+    lse_lo = lse · LOG2E_LO."""
+    p = math.exp2(min(cuda.fma(-lse, LOG2E, scaled(s, sc_hi, sc_lo)) - lse_lo, ZERO))
+    return p, p * (dp - dlt)
+
+
+p_and_ds = cuda.jit(device=True, inline=True)(p_and_ds)
+
+
+def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
+    """FA2 backward over key blocks for RegTiles `t` (R keys per block, C queries per step).
+
+    atomic_dq: also add τ dS K_j into the float32 buffer dq_acc with atomics. With t.stages = 2
+    the streamed Q_i, dO_i (and lse_i, D_i) are double-buffered: step i + 1's are copied
+    (cp.async for float32 inputs) while step i computes.
+    """
+    R, C, D, TM, TN, L, RG, T, TX4, TX, DS, W = tile_constants(t)
+    N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
+    PSC, PSR = t.ps(C), t.ps(R)
+    TMQ = C // RG        # dQ rows per thread
+    N_DQ = TMQ * TX
+    CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
+    DROP, PAD, SPARSE = features
+    STAGES = t.stages
+    ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
+    smem = t.smem_plan("dkdv", DROP)        # the regions' offsets, in float32 elements
+    K_OFF, V_OFF, PT_OFF, DST_OFF, DS_OFF, Q_OFF, KEEP_OFF = (smem.offset(n) for n in (
+        "K", "V", "Pt", "dSt", "dS", "steps", "keep"))     # keep bits: C queries x R keys
+    step_plan = smem.sub("steps")         # stage s: Q_i, dO_i, lse_i, D_i at Q_OFF + s * STAGE
+    STAGE, DO_IN, LSE_IN, D_IN = (step_plan.elements, *(step_plan.offset(n) for n in
+                                                        ("dO", "lse", "D")))
+    load_kv = make_pair_loader(make_tile_loader(R, D, W, DS, T), V_OFF - K_OFF)
+    load_q = make_pair_loader(make_tile_loader(C, D, W, DS, T, ASYNC), DO_IN)
+    rows_dot = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)        # Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
+    cols_dot = make_dot_cols(TM, TX4, C // 4, RG * PSC, DS, 4 * L)  # dV += Pᵀ dO, dK += dSᵀ Q
+    dq_dot = make_dot_cols(TMQ, TX4, R // 4, RG * PSR, DS, 4 * L)   # dQ_i += dS K_j
+    store_row, add_row = make_row_store(TX4, L, D)
+    fill_keep, (drop_tile, drop_regs) = make_keep_tile(C, R, T), make_drop(TM, TN, RG, L, R, True)
+    check_keep_tile(DROP, R, t)
+    block_bits = make_block_bits(TM, TN, RG, L, SPARSE, True)
+    walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
+
+    def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid):
+        """Q_i, dO_i, lse_i and D_i (see row_stats) to `off`."""
+        load_q(q, do, q_base, row0, Nq, smem, off, tid)
+        for r in range(tid, C, T):
+            row = row0 + r
+            lse_r, dlt = row_stats(lse, delta, bh * Nq + row, row < Nq)
+            smem[off + LSE_IN + r] = lse_r
+            smem[off + D_IN + r] = dlt
+
+    load_step = cuda.jit(device=True, inline=True)(load_step)
+
+    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, sc_hi,
+                 sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
+                 drop_scale):
+        """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv", dropout) of dynamic shared
+        memory. delta: D from fa2_delta; dq_acc: zeroed float32 (B, H, Nq, d), used if
+        atomic_dq; then the options' arguments (nbflash.kernels.common.options)."""
+        smem = cuda.shared.array(0, float32)
+        bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
+        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(L, D, H, Nq, Nk,
+                                                                     key_lengths, msb, msh, PAD)
+        key0 = cuda.blockIdx.x * R
+
+        load_kv(k, v, k_base, key0, klen, smem, K_OFF, tid)
+        dk_acc = cuda.local.array(N_ACC, float32)
+        dv_acc = cuda.local.array(N_ACC, float32)
+        for x in range(TM * TX):
+            dk_acc[x] = ZERO
+            dv_acc[x] = ZERO
+        st = cuda.local.array(N_S, float32)
+        dpt = cuda.local.array(N_S, float32)
+        dq_part = cuda.local.array(N_DQ, float32)
+
+        # causal: query blocks whose last row sees no key of this block come first; skip them.
+        # Keys past the key length get no step (dK, dV = 0); nor do query blocks that the block
+        # mask hides from these keys (Alg. 5)
+        first = first_query_block(key0, C, Nq, Nk, CAUSAL)
+        n_steps = (Nq + C - 1) // C if key0 < klen else first
+        i, all_on = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        if STAGES == 2 and i < n_steps:
+            load_step(q, do, lse, delta, q_base, bh, i * C, Nq, smem, Q_OFF, tid)
+            commit_async()
+        step = 0
+        while i < n_steps:
+            row0 = i * C
+            i_next, next_all_on = walk(i + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq,
+                                       klen)
+            cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
+            if STAGES == 2:
+                off = Q_OFF + (step % 2) * STAGE
+                if i_next < n_steps:
+                    load_step(q, do, lse, delta, q_base, bh, i_next * C, Nq, smem,
+                              Q_OFF + ((step + 1) % 2) * STAGE, tid)
+                    commit_async()
+                    wait_async_all_but_1()
+                else:
+                    wait_async_all()
+            else:
+                off = Q_OFF
+                load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid)
+            if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
+                fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
+            do_off = off + DO_IN
+            lse_off = off + LSE_IN
+            d_off = off + D_IN
+            cuda.syncthreads()   # Q_i, dO_i, lse_i, D_i (and the keep bits) complete
+
+            for x in range(TM * TN):
+                st[x] = ZERO
+                dpt[x] = ZERO
+            rows_dot(smem, K_OFF + rg * DS, off + cg * DS, st)
+            rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
+            if DROP:   # dropout: dP ∘ Z / (1-p) enters dS (Alg. 4 line 19) ...
+                drop_regs(dpt, bits, KEEP_OFF, rg, cg, drop_scale)
+            on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, key0, rg, cg, Nq, klen)
+            masked = row0 + C > Nq or key0 + R > klen or \
+                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or on != ALL
+            for a in range(TM):
+                kr = rg + RG * a                  # key row within the block
+                for u in range(TN):
+                    qr = cg + L * u               # query row within the block
+                    lse_q = smem[lse_off + qr]
+                    p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
+                                      lse_q * LOG2E_LO, smem[d_off + qr])
+                    if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL)
+                                       and bit_on(on, a * TN + u)):
+                        p = ZERO
+                        ds = ZERO
+                    smem[PT_OFF + kr * PSC + qr] = p
+                    smem[DST_OFF + kr * PSC + qr] = ds
+                    if ATOMIC:
+                        smem[DS_OFF + qr * PSR + kr] = ds
+            if DROP:   # ... and dV takes P ∘ Z / (1-p) (line 17)
+                drop_tile(smem, PT_OFF, PSC, bits, KEEP_OFF, rg, cg, drop_scale)
+            cuda.syncthreads()   # Pᵀ, dSᵀ (and dS) complete
+            cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, dv_acc)
+            cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, dk_acc)
+            if ATOMIC:
+                for x in range(TMQ * TX):
+                    dq_part[x] = ZERO
+                dq_dot(smem, DS_OFF + rg * PSR, K_OFF + 4 * cg, dq_part)
+                for a in range(TMQ):
+                    row = row0 + rg + RG * a
+                    if row < Nq:
+                        add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
+            i, all_on = i_next, next_all_on
+            step += 1
+
+        for a in range(TM):   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P_ijᵀ dO_i, written once
+            key = key0 + rg + RG * a
+            if key < Nk:
+                store_row(dk, k_base, key, dk_acc, a, cg, scale)
+                store_row(dv, k_base, key, dv_acc, a, cg, ONE)
+
+    return fa2_dkdv
+
+
+def make_dq(t, causal, features=Features()):
+    """The deterministic dQ pass for RegTiles `t` (R queries per block, C keys per step): the
+    forward's structure, with dS in place of P̃ and K in place of V."""
+    R, C, D, TM, TN, L, RG, T, TX4, TX, DS, W = tile_constants(t)
+    N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
+    PS = t.ps(C)
+    CAUSAL = bool(causal)
+    DROP, PAD, SPARSE = features
+    smem = t.smem_plan("dq", DROP)          # the regions' offsets, in float32 elements
+    Q_OFF, DO_OFF, K_OFF, V_OFF, DS_OFF, LSE_OFF, D_OFF, KEEP_OFF = (smem.offset(n) for n in (
+        "Q", "dO", "K", "V", "dS", "lse", "D", "keep"))
+    load_q = make_pair_loader(make_tile_loader(R, D, W, DS, T), DO_OFF - Q_OFF)
+    load_kv = make_pair_loader(make_tile_loader(C, D, W, DS, T), V_OFF - K_OFF)
+    rows_dot = make_dot_rows(TM, TN, t.d4, RG * DS, L * DS)        # S = Q Kᵀ, dP = dO Vᵀ
+    dq_dot = make_dot_cols(TM, TX4, C // 4, RG * PS, DS, 4 * L)     # dQ_i += dS K_j
+    store_row = make_row_store(TX4, L, D)[0]
+    fill_keep, (_, drop_regs) = make_keep_tile(R, C, T), make_drop(TM, TN, RG, L, C)
+    check_keep_tile(DROP, C, t)
+    block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
+
+    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, scale,
+               msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq", dropout) of dynamic shared
+        memory; the options' arguments last (nbflash.kernels.common.options)."""
+        smem = cuda.shared.array(0, float32)
+        bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
+        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(L, D, H, Nq, Nk,
+                                                                     key_lengths, msb, msh, PAD)
+        row0 = cuda.blockIdx.x * R
+
+        load_q(q, do, q_base, row0, Nq, smem, Q_OFF, tid)
+        for r in range(tid, R, T):              # lse_i and D_i, see row_stats
+            row = row0 + r
+            lse_r, dlt = row_stats(lse, delta, bh * Nq + row, row < Nq)
+            smem[LSE_OFF + r] = lse_r
+            smem[D_OFF + r] = dlt
+        acc = cuda.local.array(N_ACC, float32)
+        for x in range(TM * TX):
+            acc[x] = ZERO
+        s = cuda.local.array(N_S, float32)
+        dp = cuda.local.array(N_S, float32)
+
+        for j in range(key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)):
+            col0 = j * C
+            any_on, all_on = tile_status(bmask, mbase, nbk, bq, bk, row0, R, col0, C, Nq,
+                                         klen) if SPARSE else (True, True)
+            if not any_on:
+                continue   # the same for every thread of the block
+            cuda.syncthreads()
+            load_kv(k, v, k_base, col0, klen, smem, K_OFF, tid)
+            if DROP:
+                fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
+            cuda.syncthreads()
+            for x in range(TM * TN):
+                s[x] = ZERO
+                dp[x] = ZERO
+            rows_dot(smem, Q_OFF + rg * DS, K_OFF + cg * DS, s)
+            rows_dot(smem, DO_OFF + rg * DS, V_OFF + cg * DS, dp)
+            if DROP:   # dropout: dP ∘ Z / (1-p) enters dS
+                drop_regs(dp, bits, KEEP_OFF, rg, cg, drop_scale)
+            on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
+            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) or on != ALL
+            for a in range(TM):
+                row = row0 + rg + RG * a
+                lse_r = smem[LSE_OFF + rg + RG * a]
+                dlt = smem[D_OFF + rg + RG * a]
+                for u in range(TN):
+                    p, ds = p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, lse_r,
+                                      lse_r * LOG2E_LO, dlt)
+                    if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL)
+                                       and bit_on(on, a * TN + u)):
+                        ds = ZERO
+                    smem[DS_OFF + (rg + RG * a) * PS + cg + L * u] = ds
+            cuda.syncthreads()
+            dq_dot(smem, DS_OFF + rg * PS, K_OFF + 4 * cg, acc)
+
+        for a in range(TM):
+            row = row0 + rg + RG * a
+            if row < Nq:
+                store_row(dq, q_base, row, acc, a, cg, scale)
+
+    return fa2_dq

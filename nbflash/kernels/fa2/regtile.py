@@ -1,0 +1,182 @@
+"""Register tiling for the fa2 kernels: where a thread is, shared-memory tile loads and the two
+tile products.
+
+Every fa2 kernel keeps its operand tiles in one dynamic shared-memory array of float32, row-major
+with padded strides (nbflash.kernels.fa2.tiles.RegTiles), and every thread accumulates a small
+tile of the result in registers (:func:`thread_coords` says which):
+
+- :func:`make_dot_rows`: acc[i, t] += Σ_k A[row_i, k] · B[col_t, k] (A Bᵀ, e.g. S = Q Kᵀ). Both
+  operands are read along k, four at a time, with 16-byte loads.
+- :func:`make_dot_cols`: acc[i, x] += Σ_j A[row_i, j] · B[j, x] (A B, e.g. O += P V): A read
+  along j, B along x, both four at a time.
+
+For tm x tn register tiles each step loads tm + tn 16-byte vectors and does 4·tm·tn FMAs.
+The loops have compile-time trip counts, so the accumulators and operands stay in registers.
+"""
+
+from numba import float32
+
+from ..._cuda import cuda
+from ..common.primitives import copy16_async, load4, store4
+from ..common.softmax import ZERO
+
+
+def tile_constants(t):
+    """Compile-time constants of the kernels for RegTiles `t`:
+    R, C, D, TM, TN, L (lanes), RG (row groups), T (threads), TX4, TX (output columns per
+    thread), DS (row stride of d-wide tiles), W (columns loaded per row)."""
+    return (t.R, t.C, t.d, t.tm, t.tn, t.lanes, t.row_groups, t.threads, t.tx4, 4 * t.tx4,
+            t.ds, max(t.dp, 4 * t.d4))
+
+
+def thread_coords(L, D, H, Nq, Nk, key_lengths, msb, msh, PAD):
+    """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase). Thread tid is lane cg
+    of row group rg of its block's register tiles; the block works on head bh = b*H + h of grid
+    (x, h, b), whose q-shaped rows start at q_base and k-shaped rows at k_base. klen: the key
+    length of batch entry b (key_lengths[b] with PAD, else Nk); mbase: the offset of the head's
+    block mask (batch and head strides msb, msh)."""
+    tid = cuda.threadIdx.x
+    b = cuda.blockIdx.z
+    h = cuda.blockIdx.y
+    bh = b * H + h
+    klen = min(Nk, key_lengths[b]) if PAD else Nk
+    return tid, tid // L, tid % L, bh, bh * Nq * D, bh * Nk * D, klen, b * msb + h * msh
+
+
+thread_coords = cuda.jit(device=True, inline=True)(thread_coords)
+
+
+def make_tile_loader(ROWS, D, WIDTH, STRIDE, T, ASYNC=False):
+    """Device function: rows start .. start+ROWS-1 of head `base` (the flat offset of row 0) of
+    a flat (B, H, n, D) array into shared memory at `off`, as float32 rows of WIDTH values
+    (zeros past column D - 1 and past row n - 1) with row stride STRIDE. Consecutive threads take
+    consecutive columns: the global reads coalesce and the shared writes hit distinct banks.
+    When D is a multiple of 4 each thread moves 4 columns at a time with vector loads and
+    stores (the rows are then 16-byte aligned in both memories). ASYNC (float32 sources, D a
+    multiple of 4): the copies are cp.async, issued but not waited for (see primitives)."""
+    if D % 4 == 0:
+        W4 = WIDTH // 4
+
+        def load_vec(src, base, start, n, smem, off, tid):
+            for e in range(tid, ROWS * W4, T):
+                r = e // W4
+                x = 4 * (e % W4)
+                inside = start + r < n and x < D
+                if ASYNC:   # zeros where outside (nothing is read; the address must be valid)
+                    copy16_async(smem, off + r * STRIDE + x, src,
+                                 base + (start + r) * D + x if inside else base,
+                                 16 if inside else 0)
+                else:
+                    v0 = v1 = v2 = v3 = ZERO
+                    if inside:
+                        v0, v1, v2, v3 = load4(src, base + (start + r) * D + x)
+                    store4(smem, off + r * STRIDE + x, v0, v1, v2, v3)
+
+        return cuda.jit(device=True, inline=True)(load_vec)
+    assert not ASYNC, "asynchronous copies need D % 4 == 0"
+
+    def load(src, base, start, n, smem, off, tid):
+        for e in range(tid, ROWS * WIDTH, T):
+            r = e // WIDTH
+            x = e % WIDTH
+            val = ZERO
+            if start + r < n and x < D:
+                val = float32(src[base + (start + r) * D + x])
+            smem[off + r * STRIDE + x] = val
+
+    return cuda.jit(device=True, inline=True)(load)
+
+
+def make_pair_loader(load, SECOND):
+    """Device function: two arrays' rows with one tile loader, the second tile SECOND floats
+    after the first (K_j and V_j; Q_i and dO_i)."""
+
+    def load_pair(src1, src2, base, start, n, smem, off, tid):
+        load(src1, base, start, n, smem, off, tid)
+        load(src2, base, start, n, smem, off + SECOND, tid)
+
+    return cuda.jit(device=True, inline=True)(load_pair)
+
+
+def _make_vectors(N, STEP):
+    """Device function: dst[4i .. 4i+3] = smem[a + i STEP .. +3] for i < N (16-byte loads)."""
+
+    def vectors(smem, a, dst):
+        for i in range(N):
+            dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3] = \
+                load4(smem, a + i * STEP)
+
+    return cuda.jit(device=True, inline=True)(vectors)
+
+
+def make_dot_rows(TM, TN, K4, A_STEP, B_STEP):
+    """acc[i*TN + t] += Σ_{k < 4 K4} smem[a + i A_STEP + k] · smem[b + t B_STEP + k]."""
+
+    NA, NB = TM * 4, TN * 4   # local array sizes must be compile-time constants
+    a_vectors, b_vectors = _make_vectors(TM, A_STEP), _make_vectors(TN, B_STEP)
+
+    def dot_rows(smem, a, b, acc):
+        av = cuda.local.array(NA, float32)
+        bv = cuda.local.array(NB, float32)
+        for k4 in range(K4):
+            a_vectors(smem, a + 4 * k4, av)
+            b_vectors(smem, b + 4 * k4, bv)
+            for i in range(TM):
+                for t in range(TN):
+                    s = acc[i * TN + t]
+                    for e in range(4):
+                        s += av[4 * i + e] * bv[4 * t + e]
+                    acc[i * TN + t] = s
+
+    return cuda.jit(device=True, inline=True)(dot_rows)
+
+
+def make_dot_cols(TM, TX4, J4, A_STEP, B_ROW, B_CHUNK):
+    """acc[i*4*TX4 + 4u + e] += Σ_{j < 4 J4} smem[a + i A_STEP + j] · smem[b + j B_ROW + u B_CHUNK + e]
+    (b includes the thread's first column)."""
+
+    NA = TM * 4
+    a_vectors = _make_vectors(TM, A_STEP)
+
+    def dot_cols(smem, a, b, acc):
+        av = cuda.local.array(NA, float32)
+        for j4 in range(J4):
+            j = 4 * j4
+            a_vectors(smem, a + j, av)
+            for jj in range(4):
+                for u in range(TX4):
+                    b0, b1, b2, b3 = load4(smem, b + (j + jj) * B_ROW + u * B_CHUNK)
+                    for i in range(TM):
+                        p = av[4 * i + jj]
+                        base = i * 4 * TX4 + 4 * u
+                        acc[base] += p * b0
+                        acc[base + 1] += p * b1
+                        acc[base + 2] += p * b2
+                        acc[base + 3] += p * b3
+
+    return cuda.jit(device=True, inline=True)(dot_cols)
+
+
+def make_row_store(TX4, L, D):
+    """(store_scaled, add_scaled): a thread's slice of one row of an R x D output, held in
+    acc[a*4*TX4 + 4u + e] (column u*4*L + 4*cg + e, see nbflash.kernels.fa2.tiles.RegTiles), times
+    `factor`, written to (store) or atomically added into (add) dst[base + row*D + column], for
+    the columns below D."""
+
+    def store_scaled(dst, base, row, acc, a, cg, factor):
+        for u in range(TX4):
+            for e in range(4):
+                col = u * 4 * L + 4 * cg + e
+                if col < D:
+                    dst[base + row * D + col] = acc[a * 4 * TX4 + 4 * u + e] * factor
+
+    def add_scaled(dst, base, row, acc, a, cg, factor):
+        for u in range(TX4):
+            for e in range(4):
+                col = u * 4 * L + 4 * cg + e
+                if col < D:
+                    cuda.atomic.add(dst, base + row * D + col,
+                                    acc[a * 4 * TX4 + 4 * u + e] * factor)
+
+    jit = cuda.jit(device=True, inline=True)
+    return jit(store_scaled), jit(add_scaled)

@@ -1,0 +1,229 @@
+"""FlashAttention-2's backward on tensor cores (FA2 Algorithm 2): float16 / bfloat16 inputs,
+float32 accumulation; see nbflash.kernels.tc.forward for what the two share.
+
+D = rowsum(dO ∘ O) first (nbflash.kernels.common.softmax.make_delta, on the 16-bit values); then
+one block per 16·W keys keeps dK_j, dV_j as fragments while Q_i, dO_i, lse_i, D_i stream
+through STAGES buffers (:func:`make_dkdv`). Per step each warp computes Sᵀ = K_j Q_iᵀ and Pᵀ
+from lse, dV += P̃ᵀ dO_i, dPᵀ = V_j dO_iᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - D), dK += dSᵀ Q_i; dSᵀ goes to
+shared memory, and the warps then share dQ_i += dS K_j (A from dSᵀ by ldmatrix.trans), which is
+added into a float32 buffer with atomics (the last bits of dq vary from run to run, as with
+fa2's default). :func:`make_convert` turns that buffer into the 16-bit dq.
+
+P = 2^min(s·scale - lse·log2 e, 0) is one fma, a min and the exp2 per score (lse·log2 e is
+computed once per query row, in two parts).
+"""
+
+from numba import float32, uint16, uint32, uint64
+
+from ..._cuda import cuda
+from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
+from ..common.masks import first_query_block, make_tile_walk
+from ..common.primitives import commit_async, make_wait_async
+from ..common.softmax import LOG2E, LOG2E_LO, ZERO, row_stats
+from ..common.warp import exp2, make_warp_ops
+from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_mma2,
+                        make_store_rows, put2, thread_coords)
+
+
+def make_convert(threads, bf16):
+    """dq (16-bit) from the float32 accumulator, two elements per thread."""
+    T = threads
+    pack = make_warp_ops(T, bf16)[3]
+
+    def tc_convert(src, dst, n_pairs):
+        e = cuda.blockIdx.x * T + cuda.threadIdx.x
+        if e < n_pairs:
+            put2(dst, 2 * e, pack(src[2 * e], src[2 * e + 1]))
+
+    return tc_convert
+
+
+def make_dkdv(t, causal, bf16, features):
+    """FA2 backward over key blocks on tensor cores for TcTiles `t` (nbflash.kernels.tc.tiles:
+    16·W keys per block, C queries per step), dQ added atomically; see the module docstring."""
+    D, W, C, STAGES = t.d, t.warps, t.cols, t.stages
+    R, T, DS, PS = t.rows, t.threads, t.ds, t.ps
+    assert t.mtiles == 1, "the dK/dV pass has one m-tile (16 keys) per warp"
+    KD, NT, NV = D // 16, C // 8, D // 8
+    N_S, N_O = 4 * NT, 4 * NV       # fragment array sizes (compile-time constants)
+    CAUSAL = bool(causal)
+    DROP, PAD, SPARSE = features
+    shared = t.smem_plan("dkdv", DROP)       # offsets in 16-bit elements (keep bits: uint32)
+    K_OFF, V_OFF, DS_OFF, Q_OFF = (shared.offset(n) for n in ("K", "V", "dSt", "steps"))
+    KEEP_OFF = shared.offset("keep", 4)      # dSᵀ: R keys x C queries, row stride PS
+    step_plan = shared.sub("steps")          # stage s at Q_OFF + s * STAGE: Q_i, dO_i, lse_i, D_i
+    STAGE, DO_IN, LSE_IN = step_plan.elements, step_plan.offset("dO"), step_plan.offset("lse")
+    D_AT = step_plan.offset("D", 4) - step_plan.offset("lse", 4)   # D_i after lse_i (float32)
+    ITEMS = (C // 16) * (D // 16)        # dQ_i's 16 x 16 pieces, shared among the warps
+    assert ITEMS % W == 0, (C, D, W)
+    ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
+    mma2 = make_mma2(mma)
+    load_rows = make_async_rows(C, D, DS, T)
+    load_kv = make_async_rows(R, D, DS, T)
+    wait_tile = make_wait_async(STAGES - 2)
+    fragment_mask = make_fragment_mask(NT, True, CAUSAL, SPARSE)
+    fill_keep, tile_kept = make_keep_tile(C, R, T), make_tile_kept(R)
+    check_keep_tile(DROP, R, t)
+    store_rows = make_store_rows(D, pack)
+    walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
+
+    def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, smemf, off, tid):
+        """Q_i, dO_i by cp.async, lse_i and D_i (see row_stats) by plain loads."""
+        load_rows(q, q_base, row0, Nq, smem, off, tid)
+        load_rows(do, q_base, row0, Nq, smem, off + DO_IN, tid)
+        f = (off + LSE_IN) // 2
+        for r in range(tid, C, T):   # lse in base 2 (lse·log2 e, in two parts), and D
+            lse_r, dlt = row_stats(lse, delta, bh * Nq + row0 + r, row0 + r < Nq)
+            smemf[f + r] = cuda.fma(lse_r, LOG2E, lse_r * LOG2E_LO)
+            smemf[f + D_AT + r] = dlt
+
+    load_step = cuda.jit(device=True, inline=True)(load_step)
+
+    def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, sc_hi,
+                sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+        """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv", dropout) of dynamic shared
+        memory; 16-bit arrays as uint16; delta from tc_delta; dq_acc: zeroed float32."""
+        smem = cuda.shared.array(0, uint16)
+        smemf = cuda.shared.array(0, float32)    # the same memory: lse_i, D_i
+        bits = cuda.shared.array(0, uint32)      # and dropout's keep bits at KEEP_OFF
+        tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
+        g, t4 = lane // 4, lane % 4
+        mi = lane // 8
+        key0 = cuda.blockIdx.x * R
+        wkey0 = key0 + 16 * warp
+        a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A, and ldmatrix.trans B
+        b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Qᵀ, dOᵀ)
+        q_base, k_base = bh * Nq * D, bh * Nk * D
+
+        load_kv(k, k_base, key0, klen, smem, K_OFF, tid)
+        load_kv(v, k_base, key0, klen, smem, V_OFF, tid)
+        commit_async()       # K_j, V_j: the first group, complete when step 0's tile is
+        dk_acc = cuda.local.array(N_O, float32)
+        dv_acc = cuda.local.array(N_O, float32)
+        for x in range(4 * NV):
+            dk_acc[x] = ZERO
+            dv_acc[x] = ZERO
+        st = cuda.local.array(N_S, float32)     # Sᵀ, then Pᵀ
+        dpt = cuda.local.array(N_S, float32)    # dPᵀ, then dSᵀ
+        dq = cuda.local.array(8, float32)
+
+        first = first_query_block(key0, C, Nq, Nk, CAUSAL)
+        n_steps = (Nq + C - 1) // C if key0 < klen else first
+        il, _ = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        ic, all_on = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        for s_ in range(STAGES - 1):
+            if il < n_steps:
+                load_step(q, do, lse, delta, q_base, bh, il * C, Nq, smem, smemf,
+                          Q_OFF + s_ * STAGE, tid)
+                il, _ = walk(il + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            commit_async()
+
+        step = 0
+        while ic < n_steps:
+            row0 = ic * C
+            wait_tile()
+            cuda.syncthreads()   # step's Q_i, dO_i are in; the previous step is done with dSᵀ
+            off = Q_OFF + (step % STAGES) * STAGE
+            nxt = Q_OFF + ((step + STAGES - 1) % STAGES) * STAGE
+            if il < n_steps:
+                load_step(q, do, lse, delta, q_base, bh, il * C, Nq, smem, smemf, nxt, tid)
+                il, _ = walk(il + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            commit_async()
+            if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
+                fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
+                cuda.syncthreads()
+            do_off = off + DO_IN
+            f = (off + LSE_IN) // 2              # lse_i, D_i in smemf
+
+            # Sᵀ = K_j Q_iᵀ and dPᵀ = V_j dO_iᵀ: A from this warp's K, V rows, B from Q_i, dO_i
+            for x in range(4 * NT):
+                st[x] = ZERO
+                dpt[x] = ZERO
+            for kk in range(KD):
+                arow = 16 * warp * DS + 16 * kk + a_lane
+                k0, k1, k2, k3 = ldsm(smem, K_OFF + arow)
+                v0, v1, v2, v3 = ldsm(smem, V_OFF + arow)
+                for np2 in range(NT // 2):
+                    brow = 16 * np2 * DS + 16 * kk + b_lane
+                    b0, b1, b2, b3 = ldsm(smem, off + brow)
+                    x = 8 * np2
+                    mma2(st, x, k0, k1, k2, k3, b0, b1, b2, b3)
+                    b0, b1, b2, b3 = ldsm(smem, do_off + brow)
+                    mma2(dpt, x, v0, v1, v2, v3, b0, b1, b2, b3)
+
+            masked = row0 + C > Nq or key0 + R > klen or \
+                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or not all_on
+            vis = fragment_mask(wkey0, row0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk,
+                                bq, bk) if masked else uint64(0)
+            for x in range(4 * NT):   # Pᵀ from lse; dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z/(1-p) - D)
+                qc = 8 * (x // 4) + 2 * t4 + x % 2        # query column within the step
+                lse_q = smemf[f + qc]                      # lse·log2 e
+                dp = dpt[x]
+                if DROP:
+                    if not tile_kept(bits, KEEP_OFF, qc, 16 * warp + g + 8 * ((x // 2) % 2)):
+                        dp = ZERO
+                    else:
+                        dp *= drop_scale
+                p = exp2(min(cuda.fma(st[x], sc_hi, -lse_q), ZERO))
+                if masked and not fragment_bit(vis, x):
+                    p = ZERO
+                st[x] = p
+                dpt[x] = p * (dp - smemf[f + D_AT + qc])
+            if DROP:   # dV takes P ∘ Z / (1-p) (Alg. 4 line 17)
+                for x in range(4 * NT):
+                    qc = 8 * (x // 4) + 2 * t4 + x % 2
+                    kr = 16 * warp + g + 8 * ((x // 2) % 2)
+                    st[x] *= drop_scale if tile_kept(bits, KEEP_OFF, qc, kr) else ZERO
+
+            # dV_j += P̃ᵀ dO_i and dK_j += dSᵀ Q_i: A from the fragments, B by ldmatrix.trans;
+            # dSᵀ also to shared memory for dQ
+            for kk in range(NT // 2):
+                x = 8 * kk
+                p0 = pack(st[x], st[x + 1])
+                p1 = pack(st[x + 2], st[x + 3])
+                p2 = pack(st[x + 4], st[x + 5])
+                p3 = pack(st[x + 6], st[x + 7])
+                s0 = pack(dpt[x], dpt[x + 1])
+                s1 = pack(dpt[x + 2], dpt[x + 3])
+                s2 = pack(dpt[x + 4], dpt[x + 5])
+                s3 = pack(dpt[x + 6], dpt[x + 7])
+                at = DS_OFF + (16 * warp + g) * PS + 16 * kk + 2 * t4
+                put2(smem, at, s0)
+                put2(smem, at + 8 * PS, s1)
+                put2(smem, at + 8, s2)
+                put2(smem, at + 8 * PS + 8, s3)
+                for dp2 in range(NV // 2):
+                    brow = 16 * kk * DS + 16 * dp2 + a_lane
+                    b0, b1, b2, b3 = ldsm_t(smem, do_off + brow)
+                    y = 8 * dp2
+                    mma2(dv_acc, y, p0, p1, p2, p3, b0, b1, b2, b3)
+                    b0, b1, b2, b3 = ldsm_t(smem, off + brow)
+                    mma2(dk_acc, y, s0, s1, s2, s3, b0, b1, b2, b3)
+            cuda.syncthreads()   # dSᵀ complete
+
+            # dQ_i += τ dS K_j, in 16 x 16 pieces shared among the warps, added atomically
+            for it in range(ITEMS // W):
+                item = warp + W * it
+                qm = item // (D // 16)
+                dp2 = item % (D // 16)
+                for x in range(8):
+                    dq[x] = ZERO
+                for kk in range(R // 16):
+                    a0, a1, a2, a3 = ldsm_t(smem, DS_OFF + (16 * kk + lane % 8 + 8 * (mi // 2))
+                                            * PS + 16 * qm + 8 * (mi % 2))
+                    b0, b1, b2, b3 = ldsm_t(smem, K_OFF + (16 * kk + lane % 8 + 8 * (mi % 2))
+                                            * DS + 16 * dp2 + 8 * (mi // 2))
+                    mma2(dq, 0, a0, a1, a2, a3, b0, b1, b2, b3)
+                for x in range(8):
+                    row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
+                    if row < Nq:
+                        cuda.atomic.add(dq_acc, q_base + row * D + 16 * dp2 + 8 * (x // 4)
+                                        + 2 * t4 + x % 2, dq[x] * scale)
+            ic, all_on = walk(ic + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            step += 1
+
+        one = float32(1.0)   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P̃_ijᵀ dO_i, written once
+        store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, scale, one, one, lane)
+        store_rows(dv, k_base, wkey0, Nk, dv_acc, 0, one, one, one, lane)
+
+    return tc_dkdv

@@ -1,0 +1,241 @@
+"""FlashAttention-2's forward on tensor cores (FA2 Algorithm 1): float16 / bfloat16 inputs,
+float32 accumulation.
+
+The same algorithm as nbflash.kernels.fa2.forward (FlashAttention-2, Dao 2023), with every
+matrix product on the tensor cores through nbflash.kernels.common.warp (mma.sync m16n8k16,
+ldmatrix) and tiles streamed into shared memory with cp.async; the backward is in
+nbflash.kernels.tc.backward. Each warp owns 16 query rows of the block's tile (or two such
+m-tiles) and holds its accumulators as mma fragments in registers (nbflash.kernels.tc.fragments
+says which lane holds what).
+
+One block of W warps per 16·W·RM query rows; Q_i is loaded once and kept in registers as A
+fragments; K_j, V_j stream through STAGES shared buffers (the next STAGES - 1 tiles are in
+flight while one is computed). S = Q K_jᵀ (B from K by ldmatrix), the online softmax on the S
+fragments (row max and sum over the 4 lanes of a row by shuffles), P̃ converted to 16-bit A
+fragments in registers (the S fragments of two 8-key slices are exactly one A fragment),
+O += P̃ V_j (B from V by ldmatrix.trans). O is divided by ℓ at the end, and lse = m + log ℓ is
+written.
+
+Scores are in base 2, τ log2(e) folded into one float32 scale (fa2 splits it in two so as to
+round the scaled score once; here P is rounded to 16 bits before its product, far coarser), and
+2^x is ex2.approx.ftz (warp.exp2): per score the forward spends a multiply, a max, a subtract,
+the exp2 and an add. Masking, key padding, block sparsity and dropout use the device functions
+every family shares (nbflash.kernels.common.masks, .dropout). Shared tiles hold 16-bit elements
+as uint16 (numba-cuda has no bfloat16 type), rows padded by 8 elements (16 bytes) so that the 8
+row addresses of an ldmatrix fall in different banks (nbflash.kernels.tc.tiles).
+"""
+
+import math
+
+from numba import float32, uint16, uint32, uint64
+
+from ..._cuda import cuda
+from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
+from ..common.masks import key_blocks, make_tile_walk
+from ..common.primitives import commit_async, make_row_reduce, make_wait_async
+from ..common.softmax import LN2, NEG_INF, ZERO, new_max
+from ..common.warp import exp2, make_warp_ops
+from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_mma2,
+                        make_store_rows, thread_coords)
+
+
+def make_forward(t, causal, bf16, features):
+    """FA2 forward on tensor cores for TcTiles `t` (nbflash.kernels.tc.tiles: W warps of
+    RM = t.mtiles m-tiles of 16 query rows each, R = 16·W·RM rows per block; C keys per step);
+    see the module docstring.
+    With RM = 2 each K or V fragment a warp reads from shared memory feeds two mma, as in
+    FlashAttention-2's kernels."""
+    D, W, C, STAGES, RM = t.d, t.warps, t.cols, t.stages, t.mtiles
+    R, T, DS = t.rows, t.threads, t.ds
+    KD, NT, NV = D // 16, C // 8, D // 8
+    # fragment array sizes (compile-time constants); m-tile mt's entries start at mt * size
+    QF, SF, OF = 4 * KD, 4 * NT, 4 * NV
+    N_Q, N_S, N_O, N_R, N_P = RM * QF, RM * SF, RM * OF, 2 * RM, 4 * RM
+    CAUSAL = bool(causal)
+    DROP, PAD, SPARSE = features
+    shared = t.smem_plan("forward", DROP)    # offsets in 16-bit elements (keep bits: uint32)
+    Q_OFF, K_OFF, KEEP_OFF = shared.offset("Q"), shared.offset("KV"), shared.offset("keep", 4)
+    STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
+    ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
+    mma2 = make_mma2(mma)
+    load_q = make_async_rows(R, D, DS, T)
+    load_kv = make_async_rows(C, D, DS, T)
+    wait_tile, wait_q = make_wait_async(STAGES - 2), make_wait_async(STAGES - 1)
+    row_max, row_sum = make_row_reduce(4, T)
+    fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE)
+    fill_keep, tile_kept = make_keep_tile(R, C, T), make_tile_kept(C)
+    check_keep_tile(DROP, C, t)
+    store_rows = make_store_rows(D, pack)
+    walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
+
+    def softmax_mtile(s, m, l, acc, mt, r0, col0, lane, tid, masked, Nq, Nk, klen, all_on,
+                      bmask, mbase, nbk, bq, bk, sc_hi, sc_lo):
+        """The online softmax (FA2 Alg. 1 lines 8-10) of m-tile mt (rows r0 + g, r0 + g + 8):
+        scores scaled to base 2 and masked, running max, P̃ = 2^(s - m) in place of S, ℓ and
+        the output rows rescaled."""
+        vis = fragment_mask(r0, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq,
+                            bk) if masked else uint64(0)
+        for h in range(2):
+            m_blk = NEG_INF
+            for sl in range(NT):
+                for e in range(2):
+                    y = 4 * sl + 2 * h + e
+                    sc = s[mt * SF + y] * sc_hi
+                    if masked and not fragment_bit(vis, y):
+                        sc = NEG_INF
+                    s[mt * SF + y] = sc
+                    m_blk = max(m_blk, sc)
+            r = 2 * mt + h
+            m_new, m_ref, alpha = new_max(m[r], row_max(m_blk, tid))
+            m[r] = m_new
+            l_blk = ZERO
+            for sl in range(NT):
+                for e in range(2):
+                    x = mt * SF + 4 * sl + 2 * h + e
+                    p = exp2(s[x] - m_ref)
+                    l_blk += p     # ℓ: the softmax's sum, before dropout
+                    s[x] = p
+            l[r] = l[r] * alpha + l_blk
+            for vt in range(NV):
+                acc[mt * OF + 4 * vt + 2 * h] *= alpha
+                acc[mt * OF + 4 * vt + 2 * h + 1] *= alpha
+
+    def finish_mtile(o, lse, m, l, acc, mt, q_base, bh, r0, Nq, lane, tid):
+        """O = diag(ℓ)^-1 O and lse = m + log ℓ of m-tile mt (rows r0 + g, r0 + g + 8)."""
+        one = float32(1.0)
+        l0 = row_sum(l[2 * mt], tid)
+        l1 = row_sum(l[2 * mt + 1], tid)
+        store_rows(o, q_base, r0, Nq, acc, mt * OF, one, l0 if l0 > ZERO else one,
+                   l1 if l1 > ZERO else one, lane)
+        if lane % 4 == 0:
+            for h in range(2):
+                row = r0 + lane // 4 + 8 * h
+                l_row = l0 if h == 0 else l1
+                if row < Nq:
+                    lse[bh * Nq + row] = (m[2 * mt + h] + math.log2(l_row)) * LN2 \
+                        if l_row > ZERO else NEG_INF
+
+    softmax_mtile = cuda.jit(device=True, inline=True)(softmax_mtile)
+    finish_mtile = cuda.jit(device=True, inline=True)(finish_mtile)
+    assert RM in (1, 2), RM
+
+    def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, msb, msh, nbk,
+                   bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward", dropout) of dynamic
+        shared memory; q, k, v, o: 16-bit bits (uint16), flat (B, H, N, d); lse: float32.
+        sc_hi = τ log2(e) rounded to float32; sc_lo is not used (fa2's argument layout)."""
+        smem = cuda.shared.array(0, uint16)
+        bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
+        tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
+        g, t4 = lane // 4, lane % 4
+        row0 = cuda.blockIdx.x * R
+        wr = 16 * RM * warp                    # this warp's first query row in the block
+        q_base, k_base = bh * Nq * D, bh * Nk * D
+
+        load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
+        commit_async()
+        n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
+        # the tile walks (Alg. 5 skips tiles whose mask blocks are all off): jl is the next tile
+        # to load, jc the next to compute; both visit the same tiles
+        jl, _ = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        jc, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        for st in range(STAGES - 1):            # the first STAGES - 1 tiles in flight
+            if jl < n_blocks:
+                load_kv(k, k_base, jl * C, klen, smem, K_OFF + st * STAGE, tid)
+                load_kv(v, k_base, jl * C, klen, smem, K_OFF + st * STAGE + V_IN, tid)
+                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            commit_async()
+
+        wait_q()              # Q_i is in (its group was committed first)
+        cuda.syncthreads()
+        qf = cuda.local.array(N_Q, uint32)   # Q_i's A fragments, kept for every step
+        mi = lane // 8
+        a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
+        b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Kᵀ)
+        for mt in range(RM):
+            for kk in range(KD):
+                a0, a1, a2, a3 = ldsm(smem, Q_OFF + (wr + 16 * mt) * DS + 16 * kk + a_lane)
+                x = mt * QF + 4 * kk
+                qf[x] = a0
+                qf[x + 1] = a1
+                qf[x + 2] = a2
+                qf[x + 3] = a3
+
+        m = cuda.local.array(N_R, float32)    # running max of rows g, g + 8 of each m-tile
+        l = cuda.local.array(N_R, float32)    # this lane's part of their ℓ
+        acc = cuda.local.array(N_O, float32)   # unnormalised O_i fragments
+        s = cuda.local.array(N_S, float32)
+        pa = cuda.local.array(N_P, uint32)    # P̃'s A fragments for one 16-key step
+        for r in range(N_R):
+            m[r] = NEG_INF
+            l[r] = ZERO
+        for x in range(N_O):
+            acc[x] = ZERO
+
+        step = 0
+        while jc < n_blocks:
+            col0 = jc * C
+            wait_tile()            # tile `step` is in ...
+            cuda.syncthreads()     # ... for every thread, and the buffer of step - 1 is free
+            buf = K_OFF + (step % STAGES) * STAGE
+            nxt = K_OFF + ((step + STAGES - 1) % STAGES) * STAGE
+            if jl < n_blocks:
+                load_kv(k, k_base, jl * C, klen, smem, nxt, tid)
+                load_kv(v, k_base, jl * C, klen, smem, nxt + V_IN, tid)
+                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            commit_async()
+            if DROP:
+                fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
+                cuda.syncthreads()
+
+            # S = Q_i K_jᵀ: B fragments of 16 keys x 16 dims from K_j's rows, each used by the
+            # warp's RM m-tiles
+            for x in range(N_S):
+                s[x] = ZERO
+            for kk in range(KD):
+                for np2 in range(NT // 2):
+                    b0, b1, b2, b3 = ldsm(smem, buf + 16 * np2 * DS + 16 * kk + b_lane)
+                    for mt in range(RM):
+                        a = mt * QF + 4 * kk
+                        x = mt * SF + 8 * np2
+                        mma2(s, x, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b0, b1, b2, b3)
+
+            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) \
+                or not all_on
+            softmax_mtile(s, m, l, acc, 0, row0 + wr, col0, lane, tid, masked, Nq, Nk, klen,
+                          all_on, bmask, mbase, nbk, bq, bk, sc_hi, sc_lo)
+            if RM == 2:   # (a call per m-tile: LLVM leaves a loop around this body rolled)
+                softmax_mtile(s, m, l, acc, 1, row0 + wr + 16, col0, lane, tid, masked, Nq,
+                              Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc_hi, sc_lo)
+            if DROP:   # P̃ ∘ Z / (1 - p) for O (FlashAttention Alg. 2 line 13)
+                for x in range(N_S):
+                    y = x % SF
+                    r = wr + 16 * (x // SF) + g + 8 * ((y // 2) % 2)
+                    c = 8 * (y // 4) + 2 * t4 + y % 2
+                    s[x] *= drop_scale if tile_kept(bits, KEEP_OFF, r, c) else ZERO
+
+            # O_i += P̃ V_j: P̃ as A fragments (16 keys = two 8-key slices), B from V_j by
+            # ldmatrix.trans, each used by the warp's RM m-tiles
+            for kk in range(NT // 2):
+                for mt in range(RM):
+                    x = mt * SF + 8 * kk
+                    pa[4 * mt] = pack(s[x], s[x + 1])
+                    pa[4 * mt + 1] = pack(s[x + 2], s[x + 3])
+                    pa[4 * mt + 2] = pack(s[x + 4], s[x + 5])
+                    pa[4 * mt + 3] = pack(s[x + 6], s[x + 7])
+                for dp in range(NV // 2):
+                    b0, b1, b2, b3 = ldsm_t(smem, buf + V_IN + 16 * kk * DS + 16 * dp + a_lane)
+                    for mt in range(RM):
+                        y = mt * OF + 8 * dp
+                        a0, a1, a2, a3 = pa[4 * mt], pa[4 * mt + 1], pa[4 * mt + 2], \
+                            pa[4 * mt + 3]
+                        mma2(acc, y, a0, a1, a2, a3, b0, b1, b2, b3)
+            jc, all_on = walk(jc + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            step += 1
+
+        # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
+        finish_mtile(o, lse, m, l, acc, 0, q_base, bh, row0 + wr, Nq, lane, tid)
+        if RM == 2:
+            finish_mtile(o, lse, m, l, acc, 1, q_base, bh, row0 + wr + 16, Nq, lane, tid)
+
+    return tc_forward

@@ -1,0 +1,123 @@
+"""What the tensor-core kernels share: mma fragments and how tiles reach them.
+
+A warp's accumulators are mma fragments (nbflash.kernels.common.warp): lane l holds rows
+g = l // 4 and g + 8 and columns 2t, 2t + 1 (t = l % 4) of each 8-column slice, so entry
+x = 4·slice + 2·h + e of a fragment array is row g + 8h, column 8·slice + 2t + e. These device
+functions move tiles into shared memory (:func:`make_async_rows`, cp.async), fragments out to
+global memory (:func:`make_store_rows`), pair two mma into one 16 x 16 product
+(:func:`make_mma2`), and mask a warp's fragments (:func:`make_fragment_mask`).
+"""
+
+from numba import uint64
+
+from ..._cuda import cuda
+from ..common.masks import block_on, visible
+from ..common.primitives import copy16_async
+from ..common.warp import split16
+
+
+def put2(dst, at, word):
+    """dst[at], dst[at + 1] = the low and high halves of `word` (16-bit arrays)."""
+    lo, hi = split16(word)
+    dst[at] = lo
+    dst[at + 1] = hi
+
+
+put2 = cuda.jit(device=True, inline=True)(put2)
+
+
+def make_async_rows(ROWS, D, DS, T):
+    """Device function: rows start .. start+ROWS-1 (zeros from row n on) of one head (flat
+    offset `base`) of a flat (B, H, n, D) 16-bit array into shared memory at `off` with row
+    stride DS, by cp.async in 16-byte pieces; issued, not waited for."""
+    CH = D // 8                       # 16-byte pieces per row
+
+    def load(src, base, start, n, smem, off, tid):
+        for e in range(tid, ROWS * CH, T):
+            r = e // CH
+            x = 8 * (e % CH)
+            inside = start + r < n
+            copy16_async(smem, off + r * DS + x, src,
+                         base + (start + r) * D + x if inside else base, 16 if inside else 0)
+
+    return cuda.jit(device=True, inline=True)(load)
+
+
+def make_store_rows(D, pack):
+    """Device function: the fragments acc[a0:] of one m-tile (16 rows x D columns of a warp,
+    see the module docstring) times `scale`, divided by d0 (row g) and d1 (row g + 8), as
+    16-bit values into rows row0 + g, row0 + g + 8 (those below n) of a flat head at `base`."""
+    NV = D // 8
+
+    def store(dst, base, row0, n, acc, a0, scale, d0, d1, lane):
+        g, t = lane // 4, lane % 4
+        for h in range(2):
+            row = row0 + g + 8 * h
+            div = d0 if h == 0 else d1
+            if row < n:
+                for vt in range(NV):
+                    put2(dst, base + row * D + 8 * vt + 2 * t,
+                         pack(acc[a0 + 4 * vt + 2 * h] * scale / div,
+                              acc[a0 + 4 * vt + 2 * h + 1] * scale / div))
+
+    return cuda.jit(device=True, inline=True)(store)
+
+
+def make_mma2(mma):
+    """Device function: acc[y:y+8] += A B for a 16 x 16 A fragment (a0..a3) and one 16 x 16 B
+    fragment as ldmatrix.x4 gives it (b0, b1: its first 8 columns; b2, b3: the next 8), i.e.
+    two mma.m16n8k16 into two 8-column slices of a fragment array."""
+
+    def mma2(acc, y, a0, a1, a2, a3, b0, b1, b2, b3):
+        acc[y], acc[y + 1], acc[y + 2], acc[y + 3] = mma(
+            a0, a1, a2, a3, b0, b1, acc[y], acc[y + 1], acc[y + 2], acc[y + 3])
+        acc[y + 4], acc[y + 5], acc[y + 6], acc[y + 7] = mma(
+            a0, a1, a2, a3, b2, b3, acc[y + 4], acc[y + 5], acc[y + 6], acc[y + 7])
+
+    return cuda.jit(device=True, inline=True)(mma2)
+
+
+def thread_coords(H, Nk, key_lengths, msb, msh, PAD):
+    """(tid, warp, lane, bh, klen, mbase) of the calling thread (as fa2's thread_coords)."""
+    tid = cuda.threadIdx.x
+    b = cuda.blockIdx.z
+    h = cuda.blockIdx.y
+    klen = min(Nk, key_lengths[b]) if PAD else Nk
+    return tid, tid // 32, tid % 32, b * H + h, klen, b * msb + h * msh
+
+
+thread_coords = cuda.jit(device=True, inline=True)(thread_coords)
+
+
+def make_fragment_mask(NT, TRANSPOSED, CAUSAL, SPARSE):
+    """Device function: a 64-bit word whose bit x says whether entry x of a warp's score
+    fragments (rows r0 + g + 8h, columns c0 + 8·slice + 2t + e) is visible: inside the
+    sequences, not hidden by the causal mask, and (unless `all_on`) in a mask block that is on.
+    TRANSPOSED: rows are keys and columns queries (the dK/dV pass). Computed once per tile that
+    needs it, so that the score loops only test bits."""
+    assert 4 * NT <= 64
+
+    def mask(r0, c0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq, bk):
+        g, t = lane // 4, lane % 4
+        bits = uint64(0)
+        for s in range(NT):
+            for h in range(2):
+                for e in range(2):
+                    a = r0 + g + 8 * h
+                    c = c0 + 8 * s + 2 * t + e
+                    row, col = (c, a) if TRANSPOSED else (a, c)
+                    on = visible(row, col, Nq, Nk, klen, CAUSAL)
+                    if on and SPARSE and not all_on:
+                        on = block_on(bmask, mbase, nbk, bq, bk, row, col)
+                    if on:
+                        bits |= uint64(1) << uint64(4 * s + 2 * h + e)
+        return bits
+
+    return cuda.jit(device=True, inline=True)(mask)
+
+
+def fragment_bit(bits, x):
+    return (bits >> uint64(x)) & uint64(1) != uint64(0)
+
+
+fragment_bit = cuda.jit(device=True, inline=True)(fragment_bit)

@@ -1,0 +1,140 @@
+"""tc's host side: what it can run, its kernels for a set of compile-time constants, and the
+launch plan of a call.
+
+A tc call launches the forward kernel, or the backward's D kernel (fa2's, on the 16-bit
+values), the dK/dV kernel (dQ added atomically into a float32 buffer) and the kernel that
+converts that buffer into the 16-bit dq. Arrays are float16, or uint16 holding bfloat16 bits
+(numba-cuda has no bfloat16 type; nbflash.inputs takes torch's bfloat16 tensors as their
+bits), and results come back of the same kind. As fa2's (nbflash.kernels.fa2.plan), each kernel
+is compiled once per signature, launched through the driver, and a call's :class:`TcPlan` is
+worked out once and cached (:func:`plan_for`).
+"""
+
+import functools
+
+from numba import types
+
+from ..common.arguments import kernel_types
+from ..common.factory import Spec, flat, kernel
+from ..common.fastlaunch import Bound
+from ..common.options import NONE, Features, OptionArguments
+from ..common.smem import check_fits
+from ..common.softmax import DELTA_THREADS, make_delta, split_scale
+from ..common.warp import make_warp_ops
+from .backward import make_convert, make_dkdv
+from .forward import make_forward
+from .tiles import tiles as default_tiles
+
+#: the tiled kernels (the compile check's and the tile tables'); "delta" and "convert" have none
+KERNELS = ("forward", "dkdv")
+CONVERT_THREADS = 256
+
+
+def check(d, pass_, dropout=False):
+    """tc's own checks (the shared ones, dtype and head dim among them, are nbflash.inputs'):
+    its default tiles' shared memory at head dim d (with dropout's keep bits) against what a
+    block may opt in to."""
+    check_fits("tc", ("forward",) if pass_ == "forward" else ("dkdv",), default_tiles, d,
+               dropout)
+
+
+def launch_bounds(tiles, features=Features()):
+    """(threads, min_blocks) for a tc kernel: the tiles' min_blocks for the plain kernels; the
+    options' extra state needs the registers, so with any option 1."""
+    return tiles.threads, (1 if any(features) else tiles.min_blocks)
+
+
+def spec(name, tiles, causal, dtype, features=Features()):
+    """tc kernel `name` ("forward", "delta", "dkdv", "convert") for these constants (a factory
+    Spec); dtype "float16" or "bfloat16" (16-bit data as uint16 bits)."""
+    bf16 = str(dtype) == "bfloat16"
+    if name == "forward":
+        fn = make_forward(tiles, causal, bf16, features)
+    elif name == "dkdv":
+        fn = make_dkdv(tiles, causal, bf16, features)
+    elif name == "delta":    # fa2's, on the 16-bit bits
+        fn = make_delta(DELTA_THREADS, make_warp_ops(DELTA_THREADS, bf16)[4])
+    elif name == "convert":
+        fn = make_convert(CONVERT_THREADS, bf16)
+    else:
+        raise ValueError(name)
+    if name == "convert":    # dq_acc, dq, pairs
+        argtypes = (types.Array(types.float32, 1, "C"), types.Array(types.uint16, 1, "C"),
+                    types.int64)
+    else:                    # fa2's arguments (dkdv always has dq_acc)
+        argtypes = kernel_types(name, types.uint16)
+    if name not in KERNELS:
+        return Spec(fn, argtypes)
+    return Spec(fn, argtypes, tiles.smem_bytes(name, features.dropout),
+                launch_bounds(tiles, features))
+
+
+def _bits(xp, x):
+    """A 16-bit array as its uint16 bits (a view; bfloat16 data already is)."""
+    return x if x.dtype == xp.uint16 else x.view(xp.uint16)
+
+
+class TcPlan(OptionArguments):
+    """A tc call's tiles, compiled kernels, grids and packed arguments (as fa2's Fa2Plan).
+    Takes float16 arrays, or uint16 arrays holding bfloat16 bits, and returns the same kind.
+    The backward adds dQ atomically (no deterministic pass)."""
+
+    def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=NONE):
+        causal = bool(causal)
+        self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H, Nk, d), (B, H, Nq)
+        self.dtype, self.layout = dtype, layout
+        features, drop = layout.features, layout.features.dropout
+        nq, nk, rows = B * H * Nq * d, B * H * Nk * d, B * H * Nq
+        Q, K, L, ACC = (nq, 2), (nk, 2), (rows, 4), (nq, 4)
+        opt, opt_scalars = layout.array_sizes(B), layout.scalars()
+        sc = split_scale(scale)
+        tiles = dict(tiles or ())
+        t = tiles.get("forward") or default_tiles("forward", d)
+        self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
+                         (-(-Nq // t.rows), H, B), t.threads, t.smem_bytes("forward", drop),
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *opt_scalars))
+        self.delta = Bound(kernel(spec, "delta", None, False, dtype),
+                           (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
+                           (Q, Q, L, ACC), (rows, d, 1))
+        t = tiles.get("dkdv") or default_tiles("dkdv", d)
+        self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features),
+                          (-(-Nk // t.rows), H, B), t.threads, t.smem_bytes("dkdv", drop),
+                          (Q, K, K, Q, L, L, ACC, K, K, *opt),
+                          (Nq, Nk, H, *sc, float(scale), *opt_scalars))
+        self.convert = Bound(kernel(spec, "convert", None, False, dtype),
+                             (-(-(nq // 2) // CONVERT_THREADS), 1, 1), CONVERT_THREADS, 0,
+                             (ACC, Q), (nq // 2,))
+
+    def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
+        """FA2 Algorithm 1 on tensor cores; returns (o, lse)."""
+        o = xp.empty(self.q_shape, xp.uint16)
+        lse = xp.empty(self.lse_shape, xp.float32)
+        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
+        self.fwd(stream, flat((_bits(xp, q), _bits(xp, k), _bits(xp, v), o, lse, *opt)),
+                 self.with_options(self.fwd, scalars))
+        return (o if q.dtype == xp.uint16 else o.view(q.dtype)), lse
+
+    def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
+                 seed=0, offset=0):
+        """FA2 Algorithm 2 on tensor cores; returns (dq, dk, dv)."""
+        dtype = q.dtype
+        do, q, k, v, o = (_bits(xp, x) for x in (do, q, k, v, o))
+        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
+        delta = xp.empty(self.lse_shape, xp.float32)
+        dq_acc = xp.empty(self.q_shape, xp.float32)
+        dq = xp.empty(self.q_shape, xp.uint16)
+        dk = xp.empty(self.k_shape, xp.uint16)
+        dv = xp.empty(self.k_shape, xp.uint16)
+        self.delta(stream, flat((o, do, delta, dq_acc)))       # and zeroes dq_acc
+        self.dkdv(stream, flat((q, k, v, do, lse, delta, dq_acc, dk, dv, *opt)),
+                  self.with_options(self.dkdv, scalars))
+        self.convert(stream, flat((dq_acc, dq)))
+        if dtype == xp.uint16:
+            return dq, dk, dv
+        return dq.view(dtype), dk.view(dtype), dv.view(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def plan_for(B, H, Nq, Nk, d, dtype, causal, scale, tiles=None, layout=NONE):
+    """The cached :class:`TcPlan`; `tiles`: None or a tuple of (kernel, TcTiles) pairs."""
+    return TcPlan(B, H, Nq, Nk, d, str(dtype), causal, scale, tiles, layout)
