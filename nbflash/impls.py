@@ -177,9 +177,9 @@ def resolve(name, dtype, head_dim):
     return REGISTRY[AUTO[0]]
 
 
-def taking(dtype, head_dim, among=None):
-    """The names of the impls (among `among`, default all) that take `dtype` at `head_dim`."""
-    return tuple(n for n in (among or names()) if REGISTRY[n].takes(dtype, head_dim))
+def taking(dtype, head_dim):
+    """The names of the impls that take `dtype` at `head_dim`."""
+    return tuple(n for n in names() if REGISTRY[n].takes(dtype, head_dim))
 
 
 __all__ = ["Impl", "Family", "REGISTRY", "AUTO", "names", "get", "kernels", "resolve", "taking"]

@@ -384,9 +384,10 @@ def _arrays(named):
 
 
 def _problem(xp, to_host, torch, stream, q, k, v, impl, pass_, causal, softmax_scale, own,
-             masking, deterministic=False):
-    """The shared checks, then the impl's own (nbflash.impls); returns the Problem."""
-    B, H, Nq, Nk, d = _check_qkv(q, k, v, torch)
+             masking, deterministic=False, dims=None):
+    """The shared checks, then the impl's own (nbflash.impls); returns the Problem. dims:
+    (B, H, Nq, Nk, d) when the caller has checked q, k, v already."""
+    B, H, Nq, Nk, d = dims or _check_qkv(q, k, v, torch)
     dtype = _name(q)
     impl = impls.resolve(impl, dtype, d)
     _check_own_options(impl, own)
@@ -446,5 +447,5 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
         raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
     prob = _problem(xp, to_host, torch, stream, q, k, v, impl, "backward", causal,
                     softmax_scale, {"M": M, "block_rule": block_rule}, {**MASKING, **masking},
-                    deterministic)
+                    deterministic, (B, H, Nq, Nk, d))
     return prob, tuple(_contiguous(xp, x) for x in (do, q, k, v, o, lse))

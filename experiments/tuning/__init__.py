@@ -11,8 +11,6 @@ is there). The winners go into the family's tile table by hand (nbflash/kernels/
 tiles.py), whose comment names the data.
 """
 
-import math
-
 import nbflash
 from nbflash import bench
 from nbflash._cuda import MODE
@@ -65,12 +63,11 @@ def measure_candidate(store, point, group, runner, passes, repeats, warmup, reso
     except Exception as exc:  # noqa: BLE001  (recorded, the sweep goes on)
         point.update(bench.failure(exc))
     store.add(point)
-    tflops = point.get("tflops")
-    print({k: v for k, v in point.items() if k not in ("max_err", "tolerance")}
-          if tflops is None or not math.isfinite(tflops) else
-          f"{point.get('kernel', point.get('impl'))} d={point['d']} "
-          f"{point.get('tiles', point.get('threads'))}: {point['median_ms']:.3f} ms, "
-          f"{tflops:.2f} TFLOP/s", flush=True)
+    what = (f"{point.get('kernel', point.get('impl'))} d={point['d']} "
+            f"{point.get('tiles', point.get('threads'))}")
+    print(f"{what}: {point['median_ms']:.3f} ms, {point['tflops']:.2f} TFLOP/s"
+          if point["status"] == "ok" else f"{what}: {point['status']} {point.get('error', '')}",
+          flush=True)
     return point
 
 

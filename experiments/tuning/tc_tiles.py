@@ -33,7 +33,7 @@ def config():
 def _candidate(kernel, d, sizes, B, H, N):
     t = tc_tiles.TcTiles(d, *sizes)
     fields = {"threads": t.threads, "smem_bytes": t.smem_bytes(kernel)}
-    if kernel == "dkdv" and (t.cols // 16) * (d // 16) % t.warps:
+    if kernel == "dkdv" and not t.shares_dq_evenly:
         return ({**fields, "status": "unsupported",
                  "error": "dQ's 16 x 16 pieces do not divide evenly among the warps"}, None, None)
     plan = tc_plan.plan_for(B, H, N, N, d, "float16", False, d ** -0.5, ((kernel, t),))

@@ -10,7 +10,8 @@ key padding and a block mask whose 32 x 32 blocks cut across the tiles (causal o
 run short). Each case prints its max error against the float64 reference, so that the run shows
 it computed something. memcheck's reports of host API calls that fail are left out
 (``--report-api-errors no``): cuda-bindings probes driver entry points with cuGetProcAddress,
-some of which fail by design. The command prints each tool's summary and exits 0 only when every tool found nothing.
+some of which fail by design. The command prints each tool's summary and exits 0 only when
+every tool found nothing.
 Under the sanitizer a case takes 10-20 s on an H200 (every family's cases, both tools: well over
 ten minutes): ``--impls`` picks families, ``--time-limit`` stops a tool that runs too long.
 """
@@ -37,8 +38,8 @@ CASES = ((77, 130, 64), (130, 77, 48), (33, 33, 128))
 
 def find():
     """The compute-sanitizer executable, or None."""
-    return shutil.which("compute-sanitizer") or next(
-        (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None)
+    default = "/usr/local/cuda/bin/compute-sanitizer"
+    return shutil.which("compute-sanitizer") or (default if os.path.exists(default) else None)
 
 
 def _inputs(rng, dtype, shapes):

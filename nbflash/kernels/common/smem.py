@@ -53,10 +53,6 @@ class SmemPlan:
         """Where region `name` begins, in elements of `unit` bytes (default: the plan's)."""
         return self._units(self._at[name][0], unit or self.unit)
 
-    def size(self, name, unit=None):
-        """Region `name`'s size in elements of `unit` bytes (default: the plan's)."""
-        return self._units(self._at[name][1], unit or self.unit)
-
     def shape(self, name):
         """The count or shape region `name` was given (fa1: a static shared array's shape)."""
         return self._at[name][2]

@@ -39,6 +39,12 @@ class TcTiles:
         return 32 * self.warps
 
     @property
+    def shares_dq_evenly(self):
+        """The dK/dV pass shares dQ's (cols/16) x (d/16) pieces of 16 x 16 evenly among its
+        warps (the kernel needs it)."""
+        return (self.cols // 16) * (self.d // 16) % self.warps == 0
+
+    @property
     def ds(self):
         """Row stride (elements) of the d-wide shared tiles."""
         return self.d + 8
@@ -97,6 +103,7 @@ def tiles(kernel, d, table=None):
     warps, cols, stages, *more = sizes[key]      # more: min_blocks, mtiles
     if kernel == "dkdv":   # dQ's (cols/16) x (d/16) pieces of 16 x 16 are shared evenly among
         # the warps: more columns per step, or else fewer warps, until they are
-        warps, cols = next((w, c) for w in (warps, warps // 2, warps // 4, 1) if w >= 1
-                           for c in (cols, 2 * cols, 4 * cols) if (c // 16) * (d // 16) % w == 0)
+        return next(t for w in (warps, warps // 2, warps // 4, 1) if w >= 1
+                    for t in (TcTiles(d, w, c, stages, *more) for c in (cols, 2 * cols, 4 * cols))
+                    if t.shares_dq_evenly)
     return TcTiles(d, warps, cols, stages, *more)
