@@ -24,6 +24,20 @@ kernels' generator, run here on whole arrays), so that
 (the FlashAttention paper's Algorithms 2 and 4). `keep` gives Z explicitly instead (the tests
 pass the mask the kernels exported, nbflash.dropout_mask).
 
+Non-finite values, as the kernels treat them (nbflash.kernels.common.softmax): which keys a row
+sees is decided by the masks alone, and keys past key_lengths[b] are never read (zeroed here, so
+that nothing stored there reaches an output). Scores are float32 in every kernel, so a score
+beyond float32's range (3.4e38) is ±inf; the float64 reference applies that range too, and so is
+the reference of what the kernels compute (fa2 and tc keep scores in base 2, τ q·kᵀ log2 e, and
+overflow from 2.4e38; the float16 baseline rounds S to float16 and overflows from 65504, as any
+float16 attention would). A row that sees no key gets o = 0, lse = -inf and
+zero gradients. Every other row gets IEEE arithmetic's softmax over its visible keys: a NaN
+score, a +inf one, or visible scores that are all -inf (q·kᵀ overflowed) make its o and lse NaN;
+NaN and inf then flow through the backward's products. A masked entry is an exact 0 of P and
+dS, and 0 · NaN is NaN, so in these dense products a non-finite value in k, v or dO (or a NaN
+row's D) also reaches gradients of rows and keys that do not depend on it (the kernels do the
+same within a tile).
+
 Row chunks (`row_chunk=R`, forward and backward): the same results with memory bounded by
 R x Nk per matrix instead of Nq x Nk, for a reference at sequence lengths where the N x N
 float64 matrices do not fit (nbflash.bench uses it there). The query rows are taken R at a time,
@@ -40,6 +54,7 @@ once at the end: they differ from the unchunked results in the order of that sum
 as described above, every matrix N x N at once.
 """
 
+import contextlib
 import math
 
 import numpy as np
@@ -124,11 +139,18 @@ def _masks(q, k, causal, dropout_p, seed, offset, keep, rows=None, **mask_opts):
     return vis, z
 
 
+#: the largest float32: scores beyond it are ±inf in every kernel, and in the float64 reference
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _scores(q, k, vis, scale):
-    """S = τ Q Kᵀ in the accumulation dtype, hidden entries -inf."""
+    """S = τ Q Kᵀ in the accumulation dtype, hidden entries -inf; in float64, entries beyond
+    float32's range ±inf (the scores' range in every impl: see the module docstring)."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
     S = _mm(q, _t(k)).astype(acc) * acc(scale)
+    if acc == np.float64:
+        S = xp.where(xp.abs(S) > FLOAT32_MAX, xp.copysign(acc(np.inf), S), S)
     if vis is not None:
         S = xp.where(vis, S, acc(-np.inf))
     return S
@@ -149,21 +171,47 @@ def row_chunks(Nq, row_chunk):
     return [slice(r, min(r + row_chunk, Nq)) for r in range(0, Nq, row_chunk)]
 
 
+def _ieee(xp):
+    """NumPy's warnings off for the non-finite arithmetic that the rule below relies on."""
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore") if xp is np \
+        else contextlib.nullcontext()
+
+
+def _sees_a_key(vis, shape, xp):
+    """(..., rows, 1): does the row see any key? Decided by the masks alone (all rows without)."""
+    if vis is None:
+        return xp.ones(shape[:-1] + (1,), dtype=bool)
+    return xp.broadcast_to(vis, shape).any(axis=-1, keepdims=True)
+
+
+def _unread_keys_zeroed(k, v, key_lengths):
+    """k, v with the keys past key_lengths[b] set to 0: the kernels never read them, so that
+    nothing there (NaN included) reaches any output."""
+    if key_lengths is None:
+        return k, v
+    xp = array_module(k)
+    read = (xp.arange(k.shape[2]).reshape(1, 1, -1, 1)
+            < xp.asarray(key_lengths).reshape(-1, 1, 1, 1))
+    return xp.where(read, k, k.dtype.type(0)), xp.where(read, v, v.dtype.type(0))
+
+
 def _forward_rows(q, k, v, vis, z, scale):
-    """(o, lse) of the rows of q given, with their masks."""
+    """(o, lse) of the rows of q given, with their masks, by the non-finite rule (module
+    docstring): rows that see no key 0 and -inf; otherwise IEEE softmax over the visible keys,
+    so that a NaN score, a +inf one, or visible scores that are all -inf make the row NaN."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
-    S = _scores(q, k, vis, scale)
-    m = S.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, acc(0))             # rows that see no key: no shift
-    E = xp.exp(S - m)
-    ell = E.sum(axis=-1, keepdims=True)
-    seen = ell > 0
-    P = xp.where(seen, E / xp.where(seen, ell, acc(1)), acc(0))
-    if z is not None:
-        P = P * z
-    o = _mm(P.astype(q.dtype), v)
-    lse = xp.where(seen, m + xp.log(xp.where(seen, ell, acc(1))), acc(-np.inf))[..., 0]
+    with _ieee(xp):
+        S = _scores(q, k, vis, scale)
+        sees = _sees_a_key(vis, S.shape, xp)
+        m = xp.where(sees, S.max(axis=-1, keepdims=True), acc(0))   # NaN if a score is NaN
+        E = xp.exp(S - m)                          # NaN where m is ±inf (inf - inf)
+        ell = E.sum(axis=-1, keepdims=True)
+        P = xp.where(sees, E / xp.where(sees, ell, acc(1)), acc(0))
+        if z is not None:
+            P = P * z
+        o = _mm(P.astype(q.dtype), v)
+        lse = xp.where(sees, m + xp.log(xp.where(sees, ell, acc(1))), acc(-np.inf))[..., 0]
     return o, lse.astype(acc)
 
 
@@ -179,6 +227,7 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.
     rows of the mask."""
     scale = _scale(q, softmax_scale)
     masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
+    k, v = _unread_keys_zeroed(k, v, key_lengths)
     if row_chunk is None:
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
         return _forward_rows(q, k, v, vis, z, scale)
@@ -211,20 +260,21 @@ def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm):
     dv as mm(dSᵀ, Q) (τ not applied yet) and mm((P ∘ Z/(1-p))ᵀ, dO)."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
-    S = _scores(q, k, vis, scale)
-    lse = lse.astype(acc)[..., None]
-    seen = xp.isfinite(lse)
-    P = xp.where(seen, xp.exp(S - xp.where(seen, lse, acc(0))), acc(0))
-    dP = _mm(do, _t(v)).astype(acc)
-    if z is not None:
-        dv = mm(_t((P * z).astype(q.dtype)), do)
-        dP = dP * z
-    else:
-        dv = mm(_t(P.astype(q.dtype)), do)
-    D = (do.astype(acc) * o.astype(acc)).sum(axis=-1, keepdims=True)
-    dS = (P * (dP - D)).astype(q.dtype)
-    dq = (_mm(dS, k).astype(acc) * acc(scale)).astype(q.dtype)
-    dk = mm(_t(dS), q)
+    with _ieee(xp):
+        S = _scores(q, k, vis, scale)
+        lse = lse.astype(acc)[..., None]
+        seen = lse != acc(-np.inf)          # rows that see a key (a NaN row stays NaN)
+        P = xp.where(seen, xp.exp(S - xp.where(seen, lse, acc(0))), acc(0))
+        dP = _mm(do, _t(v)).astype(acc)
+        if z is not None:
+            dv = mm(_t((P * z).astype(q.dtype)), do)
+            dP = dP * z
+        else:
+            dv = mm(_t(P.astype(q.dtype)), do)
+        D = (do.astype(acc) * o.astype(acc)).sum(axis=-1, keepdims=True)
+        dS = (P * (dP - D)).astype(q.dtype)
+        dq = (_mm(dS, k).astype(acc) * acc(scale)).astype(q.dtype)
+        dk = mm(_t(dS), q)
     return dq, dk, dv
 
 
@@ -239,6 +289,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     acc = _acc_dtype(q.dtype)
     scale = _scale(q, softmax_scale)
     masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
+    k, v = _unread_keys_zeroed(k, v, key_lengths)
     if row_chunk is None:
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
         dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm)

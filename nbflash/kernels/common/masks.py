@@ -120,7 +120,28 @@ def first_query_block(key0, C, Nq, Nk, causal):
     return max(0, (key0 - Nk + Nq) // C) if causal else 0
 
 
+def sees_a_key(row, Nq, Nk, klen, causal, sparse, bmask, base, nbk, bq, bk):
+    """Does query `row` see any key at all? Decided by the masks alone (the key length, the causal
+    mask, the block mask's row of blocks), never by the scores: a row that sees none gets o = 0
+    and lse = -inf, one whose visible scores are all -inf gets NaN (the non-finite rule of
+    nbflash.kernels.common.softmax). The kernels ask only for rows that ended with ℓ = 0."""
+    last = klen - 1                     # the last key the row may see
+    if causal:
+        last = min(last, row + Nk - Nq)
+    if row >= Nq or last < 0:
+        return False
+    if not sparse:
+        return True
+    for j in range(nbk):
+        if j * bk > last:
+            break
+        if bmask[base + (row // bq) * nbk + j] != 0:
+            return True
+    return False
+
+
 visible = cuda.jit(device=True, inline=True)(visible)
+sees_a_key = cuda.jit(device=True, inline=True)(sees_a_key)
 block_on = cuda.jit(device=True, inline=True)(block_on)
 tile_status = cuda.jit(device=True, inline=True)(tile_status)
 bit_on = cuda.jit(device=True, inline=True)(bit_on)

@@ -11,7 +11,7 @@ statistics: the maximum m and the sum ℓ of exp(s - m). When a block with its o
 and the output accumulated so far is rescaled by the same two factors (Alg. 1 line 13):
 :func:`online_softmax_update`, which fa1 uses. A row that has seen only masked keys has
 m = m̃ = -inf; then nothing is rescaled (both factors are 0) instead of computing
-e^(-inf + inf) = NaN.
+e^(-inf + inf) = NaN, and ℓ stays 0 (or NaN, from NaN scores).
 
 FlashAttention-2 (Dao 2023, §3.1.1) merges differently: the block's exponentials are taken
 against the new maximum directly, P̃ = 2^(s - m_new) with log2(e) folded into the scores, and ℓ
@@ -23,6 +23,15 @@ end. :func:`new_max` is that step, for fa2 and tc.
 fma(s, hi, s·lo), so that folding it in costs no accuracy: s' is s·τ·log2(e) rounded once, as
 the naive baseline rounds s·τ. lse is stored in natural-log units (LN2 converts), and the
 backward takes lse·log2(e) in two parts too (LOG2E + LOG2E_LO).
+
+**Non-finite values.** Which keys a query row sees is decided by the masks alone. A row that
+sees none has o = 0 and lse = -inf (and zero gradients). Every other row gets what the softmax
+over its visible keys gives in IEEE float32 arithmetic: a NaN score makes the row NaN; a +inf
+score, or visible scores that are all -inf (an overflowed q·kᵀ, say), make m = ±inf and the
+row NaN (e^(s - m) = e^(inf - inf)); a single -inf score among finite ones weighs 0.
+:func:`finish_row` ends a row by that rule; the running max may drop a NaN score (a comparison with NaN
+is false), but its exponential is NaN, so ℓ is NaN and the rule sees it.
+The backward recomputes P from lse, so a NaN row stays NaN there (row_stats maps only -inf).
 
 **Row statistics of the backward.** :func:`row_stats` reads a query row's lse and D, and
 :func:`make_delta` computes D = rowsum(dO ∘ O) (FA2 Algorithm 2, line 4).
@@ -36,6 +45,7 @@ from numba import float32
 from ..._cuda import cuda
 
 NEG_INF = float32(-math.inf)
+NAN = float32(math.nan)
 ZERO = float32(0.0)
 ONE = float32(1.0)
 LOG2E = float32(math.log2(math.e))
@@ -51,8 +61,8 @@ def online_softmax_update(m_old, l_old, m_blk, l_blk):
     so that l_new = alpha * l_old + beta * l_blk.
     """
     m_new = max(m_old, m_blk)
-    if m_new == NEG_INF:
-        return m_new, ZERO, ZERO, ZERO
+    if m_new == NEG_INF:   # ℓ stays 0, or NaN where a NaN score was dropped by the max
+        return m_new, l_old + l_blk, ZERO, ZERO
     alpha = math.exp(m_old - m_new)
     beta = math.exp(m_blk - m_new)
     return m_new, alpha * l_old + beta * l_blk, alpha, beta
@@ -71,6 +81,20 @@ def new_max(m_old, m_blk):
     if m_new == NEG_INF:
         return m_new, ZERO, ONE
     return m_new, m_new, math.exp2(m_old - m_new)
+
+
+@cuda.jit(device=True, inline=True)
+def finish_row(m, l, sees_key):
+    """(the divisor of a row's unnormalised O, its lse in natural log) from its running max m
+    (base 2) and ℓ, by the non-finite rule above: ℓ > 0 or NaN: (ℓ, (m + log2 ℓ) ln 2); ℓ = 0:
+    (1, -inf) for a row that sees no key (its O is 0), (NaN, NaN) for one that does (its
+    visible scores were all -inf). Pass sees_key = (l != 0 or masks.sees_a_key(...)), so that the
+    masks are looked at only for the rare ℓ = 0."""
+    if l == ZERO:
+        if sees_key:
+            return NAN, NAN
+        return ONE, NEG_INF
+    return l, (m + math.log2(l)) * LN2
 
 
 def split_scale(scale):

@@ -75,7 +75,7 @@ def make_backward(tiles, causal, cast_dq, opts):
 
         for j in range(Tc):  # line 7
             # line 8: load K_j, V_j from HBM to on-chip SRAM (zeros past Nk)
-            load_key_rows(k, v, Kj, Vj, b, h, j * BC, Nk, tid)
+            load_key_rows(k, v, Kj, Vj, b, h, j * BC, klen, tid)
             # line 9: dK~_j = 0, dV~_j = 0 on SRAM (the same thread owns each entry below)
             for e in range(tid, BC * D, T):
                 dKj[e // D, e % D] = ZERO

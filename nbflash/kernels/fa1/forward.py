@@ -38,8 +38,8 @@ from numba import float32, uint32
 
 from ..._cuda import cuda, mul_rn
 from ..common.dropout import keep_bits, kept
-from ..common.masks import block_on, visible
-from ..common.softmax import NEG_INF, ZERO, online_softmax_update
+from ..common.masks import block_on, sees_a_key, visible
+from ..common.softmax import NAN, NEG_INF, ZERO, online_softmax_update
 from .blocks import make_tile_loader, skip_block
 
 
@@ -102,8 +102,9 @@ def make_forward(tiles, causal, cast_output, opts):
         cuda.syncthreads()  # line 9 reads what other threads initialised
 
         for j in range(Tc):  # line 6
-            # line 7: load K_j, V_j from HBM to on-chip SRAM (zeros past Nk)
-            load_key_rows(k, v, Kj, Vj, b, h, j * BC, Nk, tid)
+            # line 7: load K_j, V_j from HBM to on-chip SRAM (zeros past the key length: keys
+            # past it are never read)
+            load_key_rows(k, v, Kj, Vj, b, h, j * BC, klen, tid)
             cuda.syncthreads()  # K_j, V_j complete before any thread reads them
 
             for i in range(Tr):  # line 8
@@ -160,7 +161,7 @@ def make_forward(tiles, causal, cast_output, opts):
                     m_new, l_new, alpha, beta = online_softmax_update(m_i, l_i, m_blk, l_blk)
                     keep[r] = ZERO
                     new[r] = ZERO
-                    if l_new > ZERO:
+                    if l_new != ZERO:   # (a NaN ℓ makes the row NaN: the non-finite rule)
                         keep[r] = l_i * alpha / l_new
                         new[r] = beta / l_new
                     if row < Nq:  # line 14
@@ -182,11 +183,21 @@ def make_forward(tiles, causal, cast_output, opts):
                 cuda.syncthreads()  # the next i overwrites Q_i, O_i, S and the factors
             cuda.syncthreads()  # the next j overwrites K_j, V_j (also when every i was skipped)
 
-        # epilogue (after line 17): lse = m + log ℓ, kept for the backward; O in the output dtype
+        # epilogue (after line 17): lse = m + log ℓ, kept for the backward; O in the output
+        # dtype. ℓ = 0: o = 0 and lse = -inf for a row that sees no key, NaN for one whose
+        # visible scores were all -inf (the non-finite rule, nbflash.kernels.common.softmax)
         for r in range(tid, Nq, T):
             l_r = l[b, h, r]
-            m[b, h, r] = m[b, h, r] + math.log(l_r) if l_r > ZERO else NEG_INF
+            if l_r != ZERO:
+                m[b, h, r] = m[b, h, r] + math.log(l_r)
+            elif sees_a_key(r, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk):
+                m[b, h, r] = NAN
+                for x in range(D):
+                    o_acc[b, h, r, x] = NAN
+            else:
+                m[b, h, r] = NEG_INF
         if CAST:
+            cuda.syncthreads()   # the NaN rows complete before other threads convert them
             for e in range(tid, Nq * D, T):
                 o[b, h, e // D, e % D] = o_acc[b, h, e // D, e % D]
 

@@ -39,11 +39,12 @@ from numba import float32, uint32
 
 from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_drop, make_keep_tile
-from ..common.masks import ALL, bit_on, key_blocks, make_block_bits, make_tile_walk, visible
+from ..common.masks import (ALL, bit_on, key_blocks, make_block_bits, make_tile_walk, sees_a_key,
+                           visible)
 from ..common.options import Features
 from ..common.primitives import (commit_async, make_row_reduce, wait_async_all,
                                  wait_async_all_but_1)
-from ..common.softmax import LN2, NEG_INF, ZERO, new_max, scaled
+from ..common.softmax import NEG_INF, ZERO, finish_row, new_max, scaled
 from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_tile_loader,
                       thread_coords, tile_constants)
 
@@ -162,19 +163,20 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             j, all_on = j_next, next_all_on
             step += 1
 
-        # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
+        # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log); rows that see no
+        # key get 0 and -inf, non-finite scores NaN (finish_row)
         for i in range(TM):
             row = row0 + rg + RG * i
             l_row = row_sum(l[i], tid)
             if row < Nq:
+                div, lse_row = finish_row(m[i], l_row, l_row != ZERO or sees_a_key(
+                    row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
                 for u in range(TX4):
                     for e in range(4):
                         col = u * 4 * L + 4 * cg + e
                         if col < D:
-                            o[q_base + row * D + col] = acc[i * TX + 4 * u + e] / l_row \
-                                if l_row > ZERO else ZERO
+                            o[q_base + row * D + col] = acc[i * TX + 4 * u + e] / div
                 if cg == 0:
-                    lse[bh * Nq + row] = (m[i] + math.log2(l_row)) * LN2 \
-                        if l_row > ZERO else NEG_INF
+                    lse[bh * Nq + row] = lse_row
 
     return fa2_forward

@@ -25,15 +25,13 @@ as uint16 (numba-cuda has no bfloat16 type), rows padded by 8 elements (16 bytes
 row addresses of an ldmatrix fall in different banks (nbflash.kernels.tc.tiles).
 """
 
-import math
-
 from numba import float32, uint16, uint32, uint64
 
 from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
-from ..common.masks import key_blocks, make_tile_walk
+from ..common.masks import key_blocks, make_tile_walk, sees_a_key
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
-from ..common.softmax import LN2, NEG_INF, ZERO, new_max
+from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
 from ..common.warp import exp2, make_warp_ops
 from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_mma2,
                         make_store_rows, thread_coords)
@@ -100,20 +98,23 @@ def make_forward(t, causal, bf16, features):
                 acc[mt * OF + 4 * vt + 2 * h] *= alpha
                 acc[mt * OF + 4 * vt + 2 * h + 1] *= alpha
 
-    def finish_mtile(o, lse, m, l, acc, mt, q_base, bh, r0, Nq, lane, tid):
-        """O = diag(ℓ)^-1 O and lse = m + log ℓ of m-tile mt (rows r0 + g, r0 + g + 8)."""
-        one = float32(1.0)
+    def finish_mtile(o, lse, m, l, acc, mt, q_base, bh, r0, Nq, Nk, klen, bmask, mbase, nbk, bq,
+                     bk, lane, tid):
+        """O = diag(ℓ)^-1 O and lse = m + log ℓ of m-tile mt (rows r0 + g, r0 + g + 8); rows
+        that see no key get 0 and -inf, non-finite scores NaN (finish_row)."""
+        row = r0 + lane // 4
         l0 = row_sum(l[2 * mt], tid)
         l1 = row_sum(l[2 * mt + 1], tid)
-        store_rows(o, q_base, r0, Nq, acc, mt * OF, one, l0 if l0 > ZERO else one,
-                   l1 if l1 > ZERO else one, lane)
+        d0, lse0 = finish_row(m[2 * mt], l0, l0 != ZERO or sees_a_key(
+            row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
+        d1, lse1 = finish_row(m[2 * mt + 1], l1, l1 != ZERO or sees_a_key(
+            row + 8, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
+        store_rows(o, q_base, r0, Nq, acc, mt * OF, float32(1.0), d0, d1, lane)
         if lane % 4 == 0:
-            for h in range(2):
-                row = r0 + lane // 4 + 8 * h
-                l_row = l0 if h == 0 else l1
-                if row < Nq:
-                    lse[bh * Nq + row] = (m[2 * mt + h] + math.log2(l_row)) * LN2 \
-                        if l_row > ZERO else NEG_INF
+            if row < Nq:
+                lse[bh * Nq + row] = lse0
+            if row + 8 < Nq:
+                lse[bh * Nq + row + 8] = lse1
 
     softmax_mtile = cuda.jit(device=True, inline=True)(softmax_mtile)
     finish_mtile = cuda.jit(device=True, inline=True)(finish_mtile)
@@ -234,8 +235,10 @@ def make_forward(t, causal, bf16, features):
             step += 1
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
-        finish_mtile(o, lse, m, l, acc, 0, q_base, bh, row0 + wr, Nq, lane, tid)
+        finish_mtile(o, lse, m, l, acc, 0, q_base, bh, row0 + wr, Nq, Nk, klen, bmask, mbase,
+                     nbk, bq, bk, lane, tid)
         if RM == 2:
-            finish_mtile(o, lse, m, l, acc, 1, q_base, bh, row0 + wr + 16, Nq, lane, tid)
+            finish_mtile(o, lse, m, l, acc, 1, q_base, bh, row0 + wr + 16, Nq, Nk, klen, bmask,
+                         mbase, nbk, bq, bk, lane, tid)
 
     return tc_forward
