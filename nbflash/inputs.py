@@ -353,11 +353,15 @@ def _check_block_mask(xp, block_mask, block_size, B, H, Nq, Nk):
 
 def _contiguous(xp, x):
     """A C-contiguous device array of x; 16-byte aligned too, as fa2 reads rows 16 bytes at a
-    time (a contiguous view that starts inside an allocation may not be)."""
+    time (a contiguous view that starts inside an allocation may not be). In the simulator, a
+    copy of a read-only array (np.frombuffer, a read-only memmap or view): the simulator copies
+    every kernel argument back after the launch, which a read-only array refuses."""
     if not isinstance(x, xp.ndarray):
         x = xp.asarray(x)
     if not x.flags.c_contiguous:
         return xp.ascontiguousarray(x)
+    if xp is np and not x.flags.writeable:
+        return x.copy()
     if xp is not np and x.data.ptr % 16:
         return x.copy()
     return x

@@ -232,3 +232,35 @@ def test_gpu_no_race_at_large_batch(impl, opts):
                 np.testing.assert_allclose(again[name], first[name], rtol=2e-3, atol=2e-3)
             else:
                 np.testing.assert_array_equal(again[name], first[name], err_msg=name)
+
+
+@pytest.mark.parametrize("impl,dtype", [pytest.param("naive", np.float32, id="naive-float32"),
+                                        *pairs(DTYPES, 16)])
+def test_read_only_numpy_inputs(impl, dtype):
+    """Read-only NumPy arrays (np.frombuffer of bytes: memory nobody may write) as q, k, v, do,
+    o, lse, key_lengths and block_mask, forward and backward: the results of writable copies,
+    and the caller's bytes untouched (the simulator copies kernel arguments back after a
+    launch; on a GPU NumPy inputs are copied to the device)."""
+    rng = np.random.default_rng(3)
+    B, H, N, d = 2, 1, 19, 16
+    arrays = [rng.standard_normal((B, H, N, d)).astype(dtype) for _ in range(4)]
+    opts = dict(key_lengths=np.array([19, 11], np.int32), block_mask=np.ones((3, 3), bool),
+                block_size=8, causal=True, impl=impl)
+
+    def frozen(a):
+        return np.frombuffer(a.tobytes(), dtype=a.dtype).reshape(a.shape)
+
+    q, k, v, do = (frozen(a) for a in arrays)
+    ro_opts = {**opts, "key_lengths": frozen(opts["key_lengths"]),
+               "block_mask": frozen(opts["block_mask"])}
+    assert not q.flags.writeable and not ro_opts["key_lengths"].flags.writeable
+    o, lse = nbflash.attention_forward(q, k, v, **ro_opts)
+    grads = nbflash.attention_backward(do, q, k, v, frozen(host(o)), frozen(host(lse)),
+                                       **ro_opts)
+    wo, wlse = nbflash.attention_forward(*(a.copy() for a in arrays[:3]), **opts)
+    wgrads = nbflash.attention_backward(arrays[3].copy(), *(a.copy() for a in arrays[:3]),
+                                        host(wo), host(wlse), **opts)
+    for got, want in zip((o, lse, *grads), (wo, wlse, *wgrads)):
+        np.testing.assert_array_equal(host(got), host(want))
+    for a, b in zip((q, k, v, do), arrays):
+        np.testing.assert_array_equal(a, b)
