@@ -38,7 +38,8 @@ def measure(fresh=False):
     B, H, N, d, dtype, _ = config()
     params = {"B": B, "H": H, "N": N, "d": d, "dtype": dtype, "impl": "fa1", "pass": "fwd",
               "rule": "paper", "points (M, Br, Bc)": points()}
-    store = common.Store(NAME, params, key=("M",), fresh=fresh)
+    store = common.Store(NAME, params, key=("M",), fresh=fresh,
+                         planned=[{"M": M} for M, _, _ in points()])
     group = None
     for M, Br, Bc in points():
         if store.done(M=M):
@@ -57,6 +58,7 @@ def measure(fresh=False):
         store.add(point)
     del group
     bench.free_memory()
+    store.finish()
 
 
 def plot():

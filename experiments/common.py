@@ -2,11 +2,17 @@
 before a timing, and the figure style.
 
 Every experiment writes `figures/data/<name>.json` and `figures/<name>.png`. A data file is the
-benchmark's resumable store (nbflash.bench.store): {"meta", "points"}, or, for the experiments
-that run nbflash.bench, a bench document (its "records" instead of "points"). The file is
-rewritten (atomically) after every point, and a rerun skips the points already there with a
-final status, so an interrupted run loses nothing it finished. A file measured on one GPU is
-never resumed on another: the run stops and says to pass --fresh.
+benchmark's resumable store (nbflash.bench.store, whose docstring has the rules): {"meta",
+"points"}, or, for the experiments that run nbflash.bench, a bench document (its "records"
+instead of "points"). A run writes its progress after every point to the side file
+`figures/data/<name>.partial.json` and replaces the data file only when it finishes (`measure`
+and `count` finish their store at the end), so an interrupted run leaves the last complete
+file in place, and a rerun resumes the side file (--fresh starts again from nothing, setting
+an unfinished side file aside). A file that cannot be read stops the run with its name and
+what to do; --fresh sets it aside (kept next to it, as <name>.corrupt-<time>.json) and starts
+again. A file measured on one GPU is never resumed on another: the run stops and says to pass
+--fresh. Figures and the summary table drawn from an unfinished run's data (a side file, where
+no run has finished yet) say so: "incomplete: 4 of 10 points" (incomplete_note).
 """
 
 import shlex
@@ -14,6 +20,8 @@ import sys
 from pathlib import Path
 
 from nbflash import MODE, bench, impls
+# CorruptData: a data file that cannot be read (its message names it and says what to do)
+from nbflash.bench.store import CorruptData, partial_path, progress, set_aside, stored  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "figures"
@@ -45,8 +53,57 @@ StaleData = bench.StaleData
 
 
 def load(path):
-    """The JSON document at `path`, or None when there is none."""
-    return bench.load_json(path)
+    """The data at `path`: the file (the last finished run), or, where no run into it has
+    finished yet, the unfinished run's side file (its meta says "complete": false); None when
+    there is neither. CorruptData when it cannot be read."""
+    return stored(path)
+
+
+def unfinished(name_or_path):
+    """The side file of an unfinished run into this experiment's data file (a name, or the
+    file's path), or None."""
+    path = Path(name_or_path) if isinstance(name_or_path, Path) else data_path(name_or_path)
+    side = partial_path(path)
+    return side if side.exists() else None
+
+
+def incomplete_note(doc, what=None):
+    """'incomplete: 4 of 10 points' for the data of a run that did not finish (None for complete
+    data, and for files from before the store marked completeness); `what` names the data
+    ('(c) incomplete: ...')."""
+    got = progress(doc) if doc else None
+    if got is None:
+        return None
+    have, planned = got
+    count = ("the run did not finish" if have is None else
+             f"{have} of {planned} points" if planned is not None else
+             f"{have} points, the run did not finish")
+    return f"{what + ' ' if what else ''}incomplete: {count}"
+
+
+def data_notes(name):
+    """What the summary table says about an experiment's data files (<name>.json,
+    <name>_counted.json): '<file>: incomplete: 4 of 10 points' for an unfinished run's data,
+    and where a finished file has an unfinished run beside it, that it is there to resume."""
+    notes = []
+    for path in (data_path(name), data_path(f"{name}_counted")):
+        try:
+            doc = load(path)
+        except CorruptData as exc:
+            notes.append(f"{path.name}: cannot be read ({exc.why})")
+            continue
+        note = incomplete_note(doc)
+        if note:
+            notes.append(f"{path.name}: {note}")
+        elif path.exists() and unfinished(path):
+            notes.append(f"an unfinished run in {unfinished(path).name} (a rerun resumes it)")
+    return notes
+
+
+def set_aside_corrupt(path):
+    """Rename a data file that cannot be read to <name>.corrupt-<time>.json next to it (what
+    --fresh does with one); returns the new path."""
+    return set_aside(path, "corrupt")
 
 
 def command():
@@ -55,20 +112,32 @@ def command():
 
 class Store(bench.Store):
     """One experiment's data file of points (nbflash.bench.Store), each identified by its `key`
-    fields; it refuses data of another GPU unless `fresh`."""
+    fields; it refuses data of another GPU unless `fresh`. planned: the points (dictionaries
+    of their key fields) the run means to measure. The file is replaced when the run calls
+    finish() (or leaves a `with` block without an exception), not before."""
 
-    def __init__(self, name, params, key, fresh=False, path=None):
+    def __init__(self, name, params, key, fresh=False, path=None, planned=None):
         super().__init__(path or data_path(name), bench.run_meta(params, command()), tuple(key),
-                         items="points", fresh=fresh)
+                         items="points", fresh=fresh, planned=planned)
+        report_set_aside(self, print)
+
+
+def report_set_aside(store, say):
+    """say() a line for each file a fresh start set aside (store.aside)."""
+    for old, new in store.aside:
+        why = "an unfinished run" if ".unfinished-" in new.name else "cannot be read"
+        say(f"{old} ({why}): set aside as {new.name}, starting afresh")
 
 
 def run_bench(name, fresh, runs, **grid):
     """nbflash.bench.run into this experiment's data file, once per dict of `runs` (each with
-    `grid`), all into the same file: only the first may start afresh."""
+    `grid`), all into the same file: only the first may start afresh, and only the last
+    finishes (replaces the file): until then they build on one side file, so an interrupted
+    experiment leaves its last complete file in place."""
     path = data_path(name)
     for i, run in enumerate(runs):
-        bench.run(out=path, resume=not (fresh and i == 0), host_overhead=False,
-                  command=command(), **grid, **run)
+        bench.run(out=path, resume=not (fresh and i == 0), finish=i == len(runs) - 1,
+                  host_overhead=False, command=command(), **grid, **run)
 
 
 def in_variant(record, dropout, padding):
@@ -129,12 +198,23 @@ def mark_oom(ax, items):
     ax.plot([], [], marker="x", color="k", linestyle="none", label="out of memory (at the top)")
 
 
-def save(fig, name, title, doc, note=None):
-    """Title the figure with where and when its data was measured, and write it."""
+def title_lines(title, doc, note=None, sources=None, width=60):
+    """The figure's title: `title` wrapped to `width`, then where and when its data was
+    measured, `note`, and for data of a run that did not finish, say so (incomplete_note).
+    sources: {label: document} whose completeness to report (default: doc, unlabelled)."""
     import textwrap  # noqa: PLC0415
+    sources = {None: doc} if sources is None else sources
+    notes = [note] + [incomplete_note(d, label) for label, d in sources.items()]
+    notes = [n for n in notes if n]
+    return ("\n".join(textwrap.wrap(title, width)) + f"\n{source_line(doc)}"
+            + (f" — {'; '.join(notes)}" if notes else ""))
+
+
+def save(fig, name, title, doc, note=None, sources=None):
+    """Title the figure with where and when its data was measured (and, for data of a run that
+    did not finish, that it is incomplete: title_lines), and write it."""
     width = max(60, int(fig.get_figwidth() * 11))
-    fig.suptitle("\n".join(textwrap.wrap(title, width)) + f"\n{source_line(doc)}"
-                 + (f" — {note}" if note else ""), fontsize=10)
+    fig.suptitle(title_lines(title, doc, note, sources, width), fontsize=10)
     fig.tight_layout()
     path = figure_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -55,11 +55,13 @@ def gpu_points():
 
 
 def measure(fresh=False):
-    params = {"B": B, "H": H, "d": D, "dtype": DTYPE, "pass": "fwd", "points": gpu_points()}
-    store = common.Store(NAME, params, key=("impl", "sweep", "N", "M"), fresh=fresh)
-    if ncu.find() is None:
+    if ncu.find() is None:      # before the store: nothing measured, nothing written
         print("ncu not found: the measured HBM traffic needs Nsight Compute", flush=True)
         return
+    params = {"B": B, "H": H, "d": D, "dtype": DTYPE, "pass": "fwd", "points": gpu_points()}
+    store = common.Store(NAME, params, key=("impl", "sweep", "N", "M"), fresh=fresh,
+                         planned=[{"impl": i, "sweep": s, "N": n, "M": m}
+                                  for i, s, n, m in gpu_points()])
     for impl, sweep, N, M in gpu_points():
         if store.done(impl=impl, sweep=sweep, N=N, M=M):
             continue
@@ -77,14 +79,18 @@ def measure(fresh=False):
         except Exception as exc:  # noqa: BLE001
             point.update(bench.failure(exc))
         store.add(point)
+    store.finish()
 
 
 # -- counted in the simulator -------------------------------------------------------------------
 
 def count(fresh=False):
     """The simulator's counts (in a child process in simulator mode when this one is not). They
-    take under a minute, so every run counts them all again instead of resuming: the committed
-    file is always what the code counts now. (`fresh` is accepted for the common interface.)"""
+    take under a minute, so every run counts them all again instead of resuming the committed
+    file: it is always what the code counts now, and it is replaced only when the count
+    finishes. An interrupted count is resumed from its side file
+    (io_complexity_counted.partial.json) by the next run; fresh: count everything again
+    (setting such a side file aside)."""
     if MODE != "sim":
         env = {**os.environ, "NBFLASH_DEVICE": "sim"}
         subprocess.run([sys.executable, "-m", "experiments.io_complexity",
@@ -95,8 +101,13 @@ def count(fresh=False):
     import nbflash  # noqa: PLC0415
     from nbflash import iomodel  # noqa: PLC0415
     from rich.progress import track  # noqa: PLC0415
-    store = common.Store(COUNTED, {"points": SIM_POINTS}, key=("point",), fresh=True)
+    # afresh, unless there is an interrupted count to resume (which started afresh itself)
+    store = common.Store(COUNTED, {"points": SIM_POINTS}, key=("point",),
+                         fresh=fresh or common.unfinished(COUNTED) is None,
+                         planned=[{"point": list(pt)} for pt in SIM_POINTS])
     for pt in track(SIM_POINTS, description="counting global loads and stores"):
+        if store.done(point=list(pt)):
+            continue
         impl, pass_, b, h, nq, nk, d, dtype, causal, M = pt
         rng = np.random.default_rng(0)
         q, do = (rng.standard_normal((b, h, nq, d)).astype(dtype) for _ in range(2))
@@ -115,6 +126,7 @@ def count(fresh=False):
         counted = c.traffic
         store.add({"point": list(pt), "status": "ok", "counted": counted.io._asdict(),
                    "model": model.io._asdict(), "equal": counted == model})
+    store.finish()
 
 
 # -- the figure ---------------------------------------------------------------------------------
@@ -218,7 +230,7 @@ def plot():
     ax.legend(fontsize=6)
     note = f"B={B} H={H} d={D} {DTYPE}; (c) in the simulator"
     return common.save(fig, NAME, "HBM accesses: modelled, counted, measured (Theorem 2)",
-                       doc or counted, note=note)
+                       doc or counted, note=note, sources={"(a, b)": doc, "(c)": counted})
 
 
 if __name__ == "__main__":

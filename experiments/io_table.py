@@ -43,7 +43,9 @@ def gflops(impl, pass_, B, H, N, d):
 def measure(fresh=False):
     shapes, dtype = settings()
     params = {"settings": shapes, "dtype": dtype, "impls": impls(), "causal": False}
-    store = common.Store(NAME, params, key=("impl", "d", "pass"), fresh=fresh)
+    store = common.Store(NAME, params, key=("impl", "d", "pass"), fresh=fresh,
+                         planned=[{"impl": i, "d": d, "pass": p} for _, _, _, d in shapes
+                                  for i in impls() for p in PASSES])
     for B, H, N, d in shapes:
         group = None
         for impl in impls():
@@ -72,6 +74,7 @@ def measure(fresh=False):
             bench.free_memory()
         del group
         bench.free_memory()
+    store.finish()
 
 
 def rows(doc):

@@ -65,7 +65,8 @@ def _torch_peak(impl, q, k, v, do):
 def measure(fresh=False):
     c = config()
     store = common.Store(NAME, {**c, "impls": impls(), "give_up_s": GIVE_UP_S},
-                         key=("impl", "N"), fresh=fresh)
+                         key=("impl", "N"), fresh=fresh,
+                         planned=[{"impl": i, "N": N} for N in c["Ns"] for i in impls()])
     xp = bench.xp()
     slow = {}
     for N in c["Ns"]:
@@ -98,6 +99,7 @@ def measure(fresh=False):
             bench.free_memory()
         del q, k, v, do
         bench.free_memory(collect=True)
+    store.finish()
 
 
 def plot():

@@ -82,17 +82,86 @@ def test_resume_skips_finished_points_and_reruns_errors(tmp_path, count_timings)
     grid = {**TINY, "impls": ("naive",), "passes": ("fwd", "bwd")}
     bench.run(out=out, **grid)
     assert len(count_timings) == 4
+    first = out.read_bytes()
     bench.run(out=out, **grid)
     assert len(count_timings) == 4                      # nothing timed again
+    assert out.read_bytes() == first                    # a run that changes nothing: no write
     doc = json.loads(out.read_text())
     doc["records"][0]["status"] = "error"
     out.write_text(json.dumps(doc))
     doc = bench.run(out=out, **grid)
     assert len(count_timings) == 5                      # only the error point
     assert len(doc["records"]) == 4 and all(r["status"] == "ok" for r in doc["records"])
-    assert len(doc["meta"]["earlier_runs"]) == 2
+    assert len(doc["meta"]["earlier_runs"]) == 1        # the first (the second wrote nothing)
     bench.run(out=out, resume=False, **grid)
     assert len(count_timings) == 9                      # --no-resume: all again
+
+
+def test_interrupted_fresh_run_leaves_the_last_complete_file(tmp_path, monkeypatch):
+    """--no-resume over a complete file, Ctrl-C after 2 of 4 points: the file is byte for byte
+    as it was, the 2 points are in the side file; a rerun resumes them and, finished,
+    replaces the file (without the old run's records: it started afresh)."""
+    out = tmp_path / "b.json"
+    grid = {**TINY, "impls": ("naive",), "passes": ("fwd", "bwd")}     # 2 problems x 2 passes
+    bench.run(out=out, **grid)
+    before = out.read_bytes()
+    real, calls = bench.timing.median_ms, []
+
+    def timed(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:                           # the second problem's first pass
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(bench.timing, "median_ms", timed)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(out=out, resume=False, **grid)
+    assert out.read_bytes() == before
+    side = json.loads((tmp_path / "b.partial.json").read_text())
+    assert len(side["records"]) == 2
+    assert side["meta"]["complete"] is False and side["meta"]["planned"] == 4
+    doc = bench.run(out=out, **grid)
+    assert len(calls) == 5                            # the two points left
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    assert len(doc["records"]) == 4 and doc["meta"]["complete"] is True
+    assert len(doc["meta"]["earlier_runs"]) == 1      # the interrupted run, not the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]
+
+
+def test_corrupt_output_is_named_and_no_resume_sets_it_aside(tmp_path):
+    """A benchmark file cut short: the error names it and says --no-resume, which renames it
+    aside (the bytes kept next to it) and measures again."""
+    from nbflash.bench.store import CorruptData
+    out = tmp_path / "b.json"
+    grid = {**TINY, "impls": ("naive",), "passes": ("fwd",), "causal": (False,)}
+    bench.run(out=out, **grid)
+    damaged = out.read_bytes()[:100]
+    out.write_bytes(damaged)
+    with pytest.raises(CorruptData) as got:
+        bench.run(out=out, **grid)
+    assert str(out) in str(got.value) and "--no-resume" in str(got.value)
+    assert got.value.__cause__ is None and got.value.__suppress_context__
+    assert out.read_bytes() == damaged                # a failed resume touches nothing
+    doc = bench.run(out=out, resume=False, **grid)
+    (aside,) = tmp_path.glob("b.corrupt-*.json")
+    assert aside.read_bytes() == damaged
+    assert json.loads(out.read_text())["records"] == doc["records"] and len(doc["records"]) == 1
+
+
+def test_write_json_cleans_up_and_never_shares_a_temporary_file(tmp_path):
+    """write_json: when json.dump fails the old file is intact and no temporary file is left;
+    its temporary file is its own (a leftover of the old fixed name does not get in the way)."""
+    path = tmp_path / "x.json"
+    bench.write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        bench.write_json(path, {"a": 2, "b": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    other = tmp_path / "sub" / "y.json"
+    other.parent.mkdir()
+    (other.parent / "y.json.tmp").mkdir()             # what another writer could hold
+    bench.write_json(other, {"b": 1})
+    assert json.loads(other.read_text()) == {"b": 1}
+    assert sorted(p.name for p in other.parent.iterdir()) == ["y.json", "y.json.tmp"]
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):

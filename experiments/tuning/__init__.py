@@ -84,7 +84,10 @@ def tile_sweep(name, dtype, config, fresh, candidate):
               "N": N, "tokens": tokens, "hidden": hidden, "dtype": dtype, "causal": False,
               "repeats": repeats}
     store = common.Store(name, params, key=("kernel", "d", "tiles"), fresh=fresh,
-                         path=data_path(name))
+                         path=data_path(name),
+                         planned=[{"kernel": k, "d": d, "tiles": list(sizes)}
+                                  for k, by_d in candidates.items()
+                                  for d, cands in by_d.items() for sizes in cands])
     for kernel, by_d in candidates.items():
         for d, cands in by_d.items():
             B, H = bench.problem_size(tokens, hidden, N, d)
@@ -103,3 +106,4 @@ def tile_sweep(name, dtype, config, fresh, candidate):
                 measure_candidate(store, point, group, runner, passes, repeats, 2, resources)
             del group
             bench.free_memory(collect=True)
+    store.finish()

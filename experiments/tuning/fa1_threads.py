@@ -30,7 +30,10 @@ def measure(fresh=False):
     params = {"problems": problems, "threads": threads, "dtype": "float32", "causal": False,
               "repeats": repeats}
     store = common.Store(NAME, params, key=("impl", "B", "H", "N", "d", "threads"), fresh=fresh,
-                         path=data_path(NAME))
+                         path=data_path(NAME),
+                         planned=[{"impl": i, "B": B, "H": H, "N": N, "d": d, "threads": T}
+                                  for B, H, N, d in problems
+                                  for i, T in [("naive", None)] + [("fa1", T) for T in threads]])
     for B, H, N, d in problems:
         group = None
         for impl, T in [("naive", None)] + [("fa1", T) for T in threads]:
@@ -47,3 +50,4 @@ def measure(fresh=False):
             measure_candidate(store, point, group, runner, ("fwd", "bwd"), repeats, 1)
         del group
         bench.free_memory(collect=True)
+    store.finish()

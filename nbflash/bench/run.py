@@ -6,10 +6,12 @@ public API, and, when torch is importable on the GPU, torch's scaled_dot_product
 (nbflash.bench.runners). Every point is recorded, those a peer cannot run included: status
 "ok", "oom" (CuPy's or torch's out-of-memory error, MemoryError), "unsupported"
 (nbflash.InputError, or a dtype an impl does not take), "skipped" (give_up_ms) or "error"
-(anything else, message kept). The JSON file (nbflash.bench.store) is rewritten after every
-point; a rerun with the same file skips the points already recorded as ok, oom, unsupported or
-skipped (with the same options: a record written before the options existed counts as without
-them).
+(anything else, message kept). The JSON file is nbflash.bench.store's: the run's progress goes
+to its side file (<stem>.partial.json) after every point, and the file is replaced only when
+the run finishes, so an interrupted run leaves the last complete file as it was; a rerun with
+the same file resumes (the side file first) and skips the points already recorded as ok, oom,
+unsupported or skipped (with the same options: a record written before the options existed
+counts as without them).
 
 Host overhead. Separately, the host time of one call at a tiny problem (B=1, H=1, N=128, d=64,
 float32, or float16 for an impl that takes 16-bit inputs only): median of time.perf_counter()
@@ -159,10 +161,23 @@ def _row_chunks_of_grid(tokens, hidden, Ns, ds):
             for N in Ns for d in ds}
 
 
+def _check_counts(**counts):
+    """ValueError unless each count is an integer >= 1 (warmup: >= 0), or a non-empty list of
+    them (Ns, ds)."""
+    for name, value in counts.items():
+        least = 0 if name == "warmup" else 1
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        bad = [x for x in values if isinstance(x, bool) or not isinstance(x, (int, np.integer))
+               or x < least]
+        if bad or not values:
+            raise ValueError(f"{name} must be {'integers' if len(values) != 1 else 'an integer'} "
+                             f">= {least}; got {value!r}")
+
+
 def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), passes=PASSES,
         tokens=None, hidden=None, repeats=None, warmup=None, dropout=0.0, padding=False,
         densities=None, block_size=None, out=None, resume=True, host_overhead=True,
-        progress=True, command=None, console=None, give_up_ms=None):
+        progress=True, command=None, console=None, give_up_ms=None, finish=True):
     """Benchmark the grid; returns {"meta", "records", "host_overhead_us"} (see the module doc).
 
     impls: default every nbflash impl, plus torch and torch-flash when torch runs here.
@@ -170,8 +185,13 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
     SIM_DEFAULTS). dropout: dropout probability of every point (seed DROPOUT_SEED). padding: key
     lengths from U[N-20, N] (key_lengths). densities: block-sparse points at these densities
     (block_mask) instead of dense ones; None: dense.
-    out: JSON path, rewritten after every point (None: no file). resume: keep the records at
-    `out` and skip the points there with status ok, oom or unsupported. host_overhead: also
+    out: JSON path (None: no file); the run's progress goes to its side file after every point
+    and `out` is replaced when the run finishes (nbflash.bench.store). resume: keep the records
+    stored (an unfinished run's side file, else `out`) and skip the points there with status
+    ok, oom, unsupported or skipped; False: start afresh (an unreadable `out` is set aside as
+    <stem>.corrupt-<time>.json). finish: put the finished run in place of `out` (False: leave
+    it in the side file, for a later run into the same `out` to resume and finish: several
+    grids into one file, as the experiments run them). host_overhead: also
     measure the host time per call (measure_host_overhead). progress: show a progress bar.
     give_up_ms: once a point's median time exceeds it, the larger N of the same series (impl,
     dtype, d, causal, pass, options) are recorded as "skipped" instead of measured (a slow impl
@@ -187,14 +207,17 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
     unknown = [p for p in passes if p not in PASSES]
     if unknown:
         raise ValueError(f"unknown passes {unknown}; use {PASSES}")
-    block_size = block_size or d0["block_size"]
+    # a default only where nothing was given: a 0 is refused, never replaced
+    Ns, ds, tokens, hidden, repeats, warmup, block_size = (
+        d0[key] if value is None else value for key, value in (
+            ("Ns", Ns), ("ds", ds), ("tokens", tokens), ("hidden", hidden),
+            ("repeats", repeats), ("warmup", warmup), ("block_size", block_size)))
+    _check_counts(Ns=Ns, ds=ds, tokens=tokens, hidden=hidden, repeats=repeats, warmup=warmup)
     check_options(dropout, densities, block_size)
     params = {"impls": list(impls), "dtypes": [np.dtype(t).name for t in dtypes],
-              "Ns": list(Ns or d0["Ns"]), "ds": list(ds or d0["ds"]),
+              "Ns": list(Ns), "ds": list(ds),
               "causal": [bool(c) for c in causal], "passes": list(passes),
-              "tokens": tokens or d0["tokens"], "hidden": hidden or d0["hidden"],
-              "repeats": repeats or d0["repeats"],
-              "warmup": d0["warmup"] if warmup is None else warmup,
+              "tokens": tokens, "hidden": hidden, "repeats": repeats, "warmup": warmup,
               "dropout_p": float(dropout), "padding": bool(padding),
               "densities": [float(x) for x in densities] if densities else None,
               "block_size": int(block_size) if densities else None,
@@ -204,13 +227,14 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
               "check": "batch 0, heads 0-1 vs float64 naive", "factors": FACTORS,
               "reference": reference_note(),
               "reference_chunk_bytes": reference.REFERENCE_CHUNK_BYTES,
-              "reference_row_chunk": _row_chunks_of_grid(tokens or d0["tokens"],
-                                                         hidden or d0["hidden"],
-                                                         Ns or d0["Ns"], ds or d0["ds"]),
+              "reference_row_chunk": _row_chunks_of_grid(tokens, hidden, Ns, ds),
               "host_overhead": host_config(), "give_up_ms": give_up_ms}
     command = command or shlex.join([sys.executable, *sys.argv])
     store = Store(out, run_meta(params, command), record_key, items="records",
                   fresh=not resume)
+    for old, new in store.aside:      # what a fresh start could not use, kept next to it
+        (console or make_console()).print(f"{old}: set aside as {new.name}, starting afresh",
+                                          markup=False, highlight=False)
     doc = store.doc
     doc.setdefault("host_overhead_us", {})
 
@@ -220,6 +244,7 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
                          dropout_p=params["dropout_p"], padding=params["padding"],
                          densities=params["densities"] or (None,),
                          block_size=params["block_size"])
+    store.plan(p.record({}) for p in points)
     todo = [p for p in points if store.done(record_key(p.record({}))) is None]
     groups = {}
     for p in todo:
@@ -244,7 +269,11 @@ def run(*, impls=None, dtypes=DTYPES, Ns=None, ds=None, causal=(False, True), pa
         if host_overhead:
             rec.describe("host overhead")
             doc["host_overhead_us"].update(measure_host_overhead(impls))
-    store.write()
+            store.write()
+    if finish:
+        store.finish()
+    elif store.changed:
+        store.write()           # the side file, for the next run into `out` to resume
     return doc
 
 

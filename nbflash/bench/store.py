@@ -4,22 +4,53 @@ A data file is a JSON document
 
     {"meta": {"gpu" ("simulator" there), "mode", "device", "versions", "date", "git_commit",
               "git_dirty", "command", "params", "earlier_runs": [the meta of the runs it
-              resumed]},
+              resumed], "complete": whether the run finished, "planned" (where the caller
+              said): how many items the run means the file to hold when it finishes},
      <items>: [{... the item's key fields ..., "status": "ok" | "oom" | "unsupported" |
                "skipped" | "error", ...measurements...}, ...],
      ...}
 
-(the benchmark's items are "records", the experiments' "points"). The file is rewritten
-atomically (a temporary file, then a rename) after every item, and a rerun skips the items
-already there with a final status, so an interrupted run loses nothing it finished. A file
-measured on one GPU is never resumed on another: the store refuses (:class:`StaleData`) unless
-the run starts afresh.
+(the benchmark's items are "records", the experiments' "points"). The rules:
+
+- **The file only ever holds a finished run.** A run in progress writes its document to the
+  side file ``<stem>.partial.json`` next to the file after every item; :meth:`Store.finish`
+  (or the end of a ``with Store(...)`` block without an exception) marks it "complete": true
+  and renames it onto the file. A run that is interrupted (Ctrl-C, a crash, a lost machine)
+  therefore leaves the last complete file exactly as it was, and its own progress in the side
+  file.
+- **Resuming** (the default): a run continues from the side file when there is one (the
+  unfinished run, however it started), else from the file. The items there with a final
+  status are kept and skipped, the others measured again; the finished file holds them all, so
+  a resumed file is only ever extended (an item is replaced only by a new measurement of the
+  same key). A run that changes nothing leaves the file as it was.
+- **Starting afresh** (``fresh=True``: ``python -m experiments --fresh``, ``python -m nbflash
+  bench --no-resume``): the run keeps none of the stored items, and the file is replaced when
+  the run finishes, not before. An unfinished run's side file is first set aside as
+  ``<stem>.unfinished-<time>.json``. To continue an interrupted fresh run, rerun without
+  --fresh: that resumes its side file.
+- **A file that cannot be read** (cut short, not JSON, not this kind of data file) raises
+  :class:`CorruptData`, which names it and says what to do; a fresh start sets it aside as
+  ``<stem>.corrupt-<time>.json`` and begins again (and a finishing run does the same with a
+  file damaged since it started, instead of replacing it). Nothing else is removed: the side
+  file goes only by being renamed onto the file, and the only data a run replaces is the
+  readable file that a fresh run (the user's --fresh) was asked to measure again.
+- A file measured on one GPU is never resumed on another: the store refuses
+  (:class:`StaleData`) unless the run starts afresh.
+- **Completeness**: a document is complete unless its meta says "complete": false, which only
+  a side file does (:func:`stored` reads one where no run has finished yet); files written
+  before the flag existed count as complete. :func:`progress` gives (items, planned) of an
+  incomplete one, for the note its figures and tables carry.
+- Every write is atomic: a temporary file from :func:`tempfile.mkstemp` in the same folder
+  (its own name in every process), flushed to disk, then ``os.replace``; the temporary file is
+  removed when anything fails, and the file it was to replace stays as it was.
 """
 
+import contextlib
 import datetime
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import nbflash
@@ -31,23 +62,104 @@ class StaleData(RuntimeError):
     """Stored data from another GPU, which a run here must not mix with its own."""
 
 
+class CorruptData(ValueError):
+    """A data file that cannot be read as one (cut short, not JSON, not this kind of file). The
+    message names it and says what to do; `path` is the file."""
+
+    def __init__(self, path, why):
+        self.path, self.why = Path(path), why
+        aside = self.path.with_name(f"{self.path.stem}.corrupt-<time>{self.path.suffix}")
+        super().__init__(
+            f"{self.path} cannot be read: {why}. To measure again, pass --fresh (python -m "
+            f"experiments, python -m experiments.tuning) or --no-resume (python -m nbflash "
+            f"bench): the file is set aside, kept as {aside.name}, and the run starts again; "
+            f"or put a good copy back (a committed file: git checkout -- {self.path})")
+
+
+def _file_mode():
+    """What open(path, "w") would give a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json(path, doc):
-    """Write atomically: a temporary file next to `path`, then os.replace."""
+    """Write atomically: a temporary file of its own (tempfile.mkstemp) next to `path`, flushed
+    to disk, then os.replace. When anything fails (an object JSON cannot hold, a full disk,
+    Ctrl-C) the temporary file is removed and `path` stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_json(path):
-    """The JSON document at `path`, or None when there is none."""
+    """The JSON document at `path`, or None when there is none; CorruptData (naming the file and
+    what to do) when it cannot be read."""
     path = Path(path)
-    if not path.exists():
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
         return None
-    with open(path) as f:
-        return json.load(f)
+    except UnicodeDecodeError as exc:
+        raise CorruptData(path, f"not text ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        why = ("it is empty" if not text.strip() else
+               f"not valid JSON, perhaps cut short ({exc.msg}: line {exc.lineno} column "
+               f"{exc.colno}, character {exc.pos} of {len(text)})")
+        raise CorruptData(path, why) from None
+
+
+def partial_path(path):
+    """The side file of an unfinished run into `path`: <stem>.partial<suffix> next to it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def set_aside(path, tag):
+    """Rename `path` to <stem>.<tag>-<time><suffix> next to it (never over another file);
+    returns the new path."""
+    path = Path(path)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        new = path.with_name(f"{path.stem}.{tag}-{stamp}{f'-{i}' if i else ''}{path.suffix}")
+        if not new.exists():
+            os.rename(path, new)
+            return new
+    raise FileExistsError(f"no free name to set {path} aside")
+
+
+def stored(path):
+    """The document a reader of `path` should use: the file (the last finished run), or, while
+    no run into it has finished, the unfinished run's side file (its meta says "complete":
+    false); None when there is neither."""
+    doc = load_json(path)
+    return doc if doc is not None else load_json(partial_path(path))
+
+
+def progress(doc, items=None):
+    """None for a complete document (the run finished, or a file from before the flag); else
+    (the number of items there, the number planned or None). items: the items' name (default:
+    "points" or "records", whichever the document has; None where it has neither)."""
+    meta = (doc or {}).get("meta", {})
+    if meta.get("complete", True):
+        return None
+    name = items or next((k for k in ("points", "records") if k in doc), None)
+    have = len(doc[name]) if name in doc and isinstance(doc[name], list) else None
+    return have, meta.get("planned")
 
 
 def _git_commit():
@@ -84,10 +196,16 @@ def _hashable(value):
 
 class Store:
     """A data file of items, each identified by its key: `key` is a function of an item, or a
-    tuple of field names. path None keeps the document in memory only. fresh: start afresh
-    instead of resuming the file (which is replaced at the first write)."""
+    tuple of field names. path None keeps the document in memory only. fresh: start afresh,
+    keeping none of the stored items (the file is replaced when the run finishes; see the
+    module doc for the side file, what is set aside, and when). planned: the items (or just
+    their key fields) the run means the file to hold, for the count an unfinished run's figures
+    note (plan).
 
-    def __init__(self, path, meta, key, items="points", fresh=False):
+    Finish the run with finish(), or use the store as a context manager, which finishes it when
+    the block ends without an exception: until then the file stays as it was."""
+
+    def __init__(self, path, meta, key, items="points", fresh=False, planned=None):
         self.path = None if path is None else Path(path)
         self.items_name = items
         if callable(key):
@@ -95,21 +213,72 @@ class Store:
         else:
             self.key_fields = tuple(key)
             self.key = lambda item: tuple(_hashable(item.get(f)) for f in self.key_fields)
-        old = None if fresh or self.path is None else load_json(self.path)
+        #: the stored file this run continues (the side file or the file), None: none
+        self.resumed = None
+        #: whether the document differs from the file's (a fresh run replaces it in any case)
+        self.changed = bool(fresh)
+        self.finished = False
+        #: [(a file this fresh start (or finish) set aside, where it is now)], for the caller
+        #: to report
+        self.aside = []
+        old = None if self.path is None else self._stored(meta.get("gpu"), fresh)
         if old is not None:
-            if not isinstance(old, dict) or not isinstance(old.get(items), list):
-                raise ValueError(f"{self.path} holds no {items!r} list, so it is not this kind "
-                                 f"of data file; use another file or start afresh")
-            theirs, ours = old.get("meta", {}).get("gpu"), meta.get("gpu")
-            if theirs and theirs != ours:
-                raise StaleData(f"{self.path} was measured on {theirs}, this is {ours}: measure "
-                                f"it afresh here (python -m experiments --fresh, python -m "
-                                f"nbflash bench --no-resume) or use another file")
             earlier = old.get("meta", {}).pop("earlier_runs", [])
             meta = {**meta, "earlier_runs": earlier + [old.get("meta", {})]}
-        self.doc = {**(old or {}), "meta": meta, items: []}
+        self.doc = {**(old or {}), "meta": {**meta, "complete": False}, items: []}
         self._items = {self.key(item): item for item in (old or {}).get(items, [])}
         self.doc[items] = list(self._items.values())
+        if planned is not None:
+            self.plan(planned)
+
+    @property
+    def partial(self):
+        """The side file this run writes as it goes (None in memory)."""
+        return None if self.path is None else partial_path(self.path)
+
+    def _check(self, doc, path, gpu, any_gpu=False):
+        """Raise unless `doc` (read from `path`) is a data file of this kind, from this GPU
+        (any_gpu: or another)."""
+        if not isinstance(doc, dict) or not isinstance(doc.get(self.items_name), list):
+            raise CorruptData(path, f"it holds no {self.items_name!r} list, so it is not this "
+                                    f"kind of data file (or another file was meant)")
+        theirs = (doc.get("meta") or {}).get("gpu")
+        if not any_gpu and theirs and theirs != gpu:
+            raise StaleData(f"{path} was measured on {theirs}, this is {gpu}: measure it "
+                            f"afresh here (python -m experiments --fresh, python -m nbflash "
+                            f"bench --no-resume) or use another file")
+
+    def _readable(self, path):
+        """Is the file at `path` a data file of this kind (any GPU)?"""
+        try:
+            self._check(load_json(path), path, None, any_gpu=True)
+        except CorruptData:
+            return False
+        return True
+
+    def _stored(self, gpu, fresh):
+        """The document this run continues, None for none. A fresh start sets aside an
+        unfinished run's side file and a file it cannot read, and continues nothing."""
+        if fresh:
+            if self.partial.exists():
+                tag = "unfinished" if self._readable(self.partial) else "corrupt"
+                self.aside.append((self.partial, set_aside(self.partial, tag)))
+            if self.path.exists() and not self._readable(self.path):
+                self.aside.append((self.path, set_aside(self.path, "corrupt")))
+            return None
+        for path in (self.partial, self.path):
+            doc = load_json(path)
+            if doc is not None:
+                self._check(doc, path, gpu)
+                self.resumed = path
+                return doc
+        return None
+
+    def plan(self, items):
+        """Record in the meta ("planned") how many items the file is to hold when this run
+        finishes: `items` (the items, or dictionaries of their key fields) with those stored."""
+        keys = set(self._items) | {self.key(item) for item in items}
+        self.doc["meta"]["planned"] = len(keys)
 
     def get(self, *key, **fields):
         """The stored item with this key (or these key fields), or None."""
@@ -122,7 +291,7 @@ class Store:
 
     def add(self, item):
         """Store `item` (replacing an earlier one with its key, which moves to the end) and
-        rewrite the file."""
+        write the run's progress (the side file)."""
         key = self.key(item)
         self._items.pop(key, None)
         self._items[key] = item
@@ -131,8 +300,35 @@ class Store:
         return item
 
     def write(self):
+        """Write the document as it is now to the side file (the run's progress; the file stays
+        as it was until finish)."""
+        self.changed = True
         if self.path is not None:
-            write_json(self.path, self.doc)
+            write_json(self.partial, self.doc)
+
+    def finish(self):
+        """The run is complete: mark the document so ("complete": true) and put it in place of
+        the file (the side file renamed onto it). Where the run changed nothing in the file it
+        resumed, the file stays as it was. Returns the document."""
+        self.doc["meta"]["complete"] = True
+        if self.path is None or self.finished:
+            return self.doc
+        if self.changed or self.resumed == self.partial or not self.path.exists():
+            write_json(self.partial, self.doc)
+            if (self.resumed != self.path and self.path.exists()
+                    and not self._readable(self.path)):     # damaged since: kept, not replaced
+                self.aside.append((self.path, set_aside(self.path, "corrupt")))
+            os.replace(self.partial, self.path)
+        self.finished = True
+        return self.doc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finish()
+        return False
 
     def _key_of(self, key, fields):
         if fields:
