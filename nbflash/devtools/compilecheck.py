@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 from .. import impls
 from . import impls_argument
+from ..cli_util import input_file, make_parent, output_file, positive_int
 from .._cuda import SIMULATOR, cuda
 from ..kernels.common.options import Features
 
@@ -214,9 +215,11 @@ def cmd_compile(args):
                       str(r.dynamic_shared_bytes or ""), "yes" if r.ok() else "NO")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if args.json:
+        make_parent(args.json)
         with open(args.json, "w") as f:
             json.dump(reports, f, indent=1)
     if args.ptx:
+        make_parent(args.ptx)
         with open(args.ptx, "w") as f:
             json.dump(texts, f)
     status = 0 if all(Report(**r).ok() for r in reports) else 1
@@ -234,17 +237,31 @@ def cmd_compile(args):
     return status
 
 
+def compute_capability(text):
+    """argparse type: a compute capability as its major and minor digits, 50 to 199 (90:
+    sm_90)."""
+    import argparse  # noqa: PLC0415
+
+    value = positive_int(text)
+    if not 50 <= value <= 199:
+        raise argparse.ArgumentTypeError(f"must be a compute capability as two or three digits "
+                                         f"(major, minor), 50 to 199, e.g. 90; got {text!r}")
+    return value
+
+
 def add_parser(sub):
     p = sub.add_parser("compile", help="compile every kernel family's kernels for a GPU (no GPU "
                                        "needed) and report registers, stack and spills")
-    p.add_argument("--cc", type=int, default=90, help="compute capability, e.g. 90 (sm_90)")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--cc", type=compute_capability, default=90,
+                   help="compute capability, e.g. 90 (sm_90)")
+    p.add_argument("--head-dims", type=positive_int, nargs="+", default=[64, 128])
     impls_argument(p)
     p.add_argument("--options", action="store_true",
                    help="also the causal kernels with dropout, key padding and a block mask")
-    p.add_argument("--json", help="also write the reports to this file")
-    p.add_argument("--ptx", metavar="FILE", help="also write each kernel's PTX to this JSON file")
-    p.add_argument("--same-ptx-as", metavar="FILE",
+    p.add_argument("--json", type=output_file, help="also write the reports to this file")
+    p.add_argument("--ptx", type=output_file, metavar="FILE",
+                   help="also write each kernel's PTX to this JSON file")
+    p.add_argument("--same-ptx-as", type=input_file, metavar="FILE",
                    help="compare each kernel's PTX, names normalized, with a file --ptx wrote "
                         "(exit status 1 if any differs)")
     p.set_defaults(func=cmd_compile)

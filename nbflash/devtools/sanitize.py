@@ -30,6 +30,7 @@ import numpy as np
 from .. import impls
 from . import impls_argument
 from .._cuda import MODE
+from ..cli_util import UsageError, output_dir, positive_float
 
 TOOLS = ("memcheck", "racecheck")
 #: (Nq, Nk, d) of the cases: ragged both ways, a head dim that is not a power of two
@@ -118,17 +119,14 @@ def cmd_sanitize(args):
     names = args.impls or [i.name for i in impls.kernels()]
     if args.cases:
         if MODE != "gpu":
-            print("sanitize runs kernels on the GPU (NBFLASH_DEVICE=gpu)", file=sys.stderr)
-            return 2
+            raise UsageError("sanitize runs kernels on the GPU (NBFLASH_DEVICE=gpu)")
         run_cases(names, args.options)
         return 0
     if MODE != "gpu":
-        print("compute-sanitizer needs the GPU (NBFLASH_DEVICE=gpu)", file=sys.stderr)
-        return 2
+        raise UsageError("compute-sanitizer needs the GPU (NBFLASH_DEVICE=gpu)")
     exe = find()
     if exe is None:
-        print("compute-sanitizer not found (PATH, /usr/local/cuda/bin)", file=sys.stderr)
-        return 2
+        raise UsageError("compute-sanitizer not found (PATH, /usr/local/cuda/bin)")
     clean = True
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="nbflash-sanitize-")
     os.makedirs(log_dir, exist_ok=True)
@@ -169,9 +167,9 @@ def add_parser(sub):
     p.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     p.add_argument("--options", action="store_true",
                    help="with dropout, key padding and a block mask (causal only)")
-    p.add_argument("--log-dir", default=None, help="write each tool's log there (default: a "
+    p.add_argument("--log-dir", type=output_dir, default=None, help="write each tool's log there (default: a "
                                                     "temporary folder, named in the output)")
-    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
                    help="stop a tool that runs longer than this")
     p.add_argument("--cases", action="store_true",
                    help="only run the launches (what the sanitizer runs)")

@@ -11,9 +11,9 @@ register margin, so this is the check that counts for speed.
 """
 
 import re
-import sys
 
 from .._cuda import MODE, cuda
+from ..cli_util import UsageError, make_parent, output_file, positive_int
 from ..kernels.common.options import Features
 from . import compilecheck, impls_argument
 
@@ -40,9 +40,8 @@ def counts(sass):
 
 def cmd_sass(args):
     if MODE != "gpu":
-        print("sass reads what the driver compiles for this GPU: it needs one "
-              "(NBFLASH_DEVICE=gpu)", file=sys.stderr)
-        return 2
+        raise UsageError("sass reads what the driver compiles for this GPU: it needs one "
+                         "(NBFLASH_DEVICE=gpu)")
     features = Features(True, True, True) if args.options else Features()
     variants = compilecheck.variants(args.impls, tuple(args.head_dims), features=features,
                                      causal=(False, True))
@@ -58,6 +57,7 @@ def cmd_sass(args):
         if c["LDL"] or c["STL"] or local:
             bad.append(v.label())
     if args.out:
+        make_parent(args.out)
         with open(args.out, "w") as f:
             f.write("\n".join(dump))
     for label in bad:
@@ -69,8 +69,9 @@ def add_parser(sub):
     p = sub.add_parser("sass", help="registers, local memory and instruction counts of every "
                                     "kernel family's kernels as the driver compiles them (GPU)")
     impls_argument(p)
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--head-dims", type=positive_int, nargs="+", default=[64, 128])
     p.add_argument("--options", action="store_true",
                    help="the kernels with dropout, key padding and a block mask")
-    p.add_argument("--out", default=None, help="also write every kernel's SASS to this file")
+    p.add_argument("--out", type=output_file, default=None,
+                   help="also write every kernel's SASS to this file")
     p.set_defaults(func=cmd_sass)
