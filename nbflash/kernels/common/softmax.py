@@ -29,8 +29,9 @@ sees none has o = 0 and lse = -inf (and zero gradients). Every other row gets wh
 over its visible keys gives in IEEE float32 arithmetic: a NaN score makes the row NaN; a +inf
 score, or visible scores that are all -inf (an overflowed q·kᵀ, say), make m = ±inf and the
 row NaN (e^(s - m) = e^(inf - inf)); a single -inf score among finite ones weighs 0.
-:func:`finish_row` ends a row by that rule; the running max may drop a NaN score (a comparison with NaN
-is false), but its exponential is NaN, so ℓ is NaN and the rule sees it.
+:func:`finish_row` ends a row by that rule. The running max may drop a NaN score (max() of two
+float32 is fmaxf on the GPU), but its exponential is NaN, so ℓ is NaN and the rule sees it; the
+backward's clamp of P is :func:`clamp_nonpositive`, which keeps NaN where min() would not.
 The backward recomputes P from lse, so a NaN row stays NaN there (row_stats maps only -inf).
 
 **Row statistics of the backward.** :func:`row_stats` reads a query row's lse and D, and
@@ -95,6 +96,14 @@ def finish_row(m, l, sees_key):
             return NAN, NAN
         return ONE, NEG_INF
     return l, (m + math.log2(l)) * LN2
+
+
+@cuda.jit(device=True, inline=True)
+def clamp_nonpositive(x):
+    """min(x, 0) that keeps NaN: the backward's P = 2^min(s' - lse log2 e, 0) must stay NaN for a
+    NaN score or lse, and min() of two float32 on the GPU is fminf, which returns the other
+    operand (the simulator runs Python's min, which would not show it)."""
+    return ZERO if x > ZERO else x
 
 
 def split_scale(scale):

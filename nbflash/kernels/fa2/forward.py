@@ -44,7 +44,7 @@ from ..common.masks import (ALL, bit_on, key_blocks, make_block_bits, make_tile_
 from ..common.options import Features
 from ..common.primitives import (commit_async, make_row_reduce, wait_async_all,
                                  wait_async_all_but_1)
-from ..common.softmax import NEG_INF, ZERO, finish_row, new_max, scaled
+from ..common.softmax import NAN, NEG_INF, ZERO, finish_row, new_max, scaled
 from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_tile_loader,
                       thread_coords, tile_constants)
 
@@ -164,13 +164,20 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             step += 1
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log); rows that see no
-        # key get 0 and -inf, non-finite scores NaN (finish_row)
+        # key get 0 and -inf, non-finite scores NaN (finish_row). With a block mask, whether a
+        # row with ℓ = 0 sees keys takes a loop over its mask blocks: such a row is written as
+        # one that sees none, then made NaN by a second loop if it does (a loop inside this
+        # one would keep it from unrolling, and acc from staying in registers)
+        empty = uint32(0)
         for i in range(TM):
             row = row0 + rg + RG * i
             l_row = row_sum(l[i], tid)
             if row < Nq:
-                div, lse_row = finish_row(m[i], l_row, l_row != ZERO or sees_a_key(
-                    row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
+                sees = l_row != ZERO or (not SPARSE and sees_a_key(
+                    row, Nq, Nk, klen, CAUSAL, False, bmask, mbase, nbk, bq, bk))
+                div, lse_row = finish_row(m[i], l_row, sees)
+                if SPARSE and l_row == ZERO:
+                    empty |= uint32(1) << uint32(i)
                 for u in range(TX4):
                     for e in range(4):
                         col = u * 4 * L + 4 * cg + e
@@ -178,5 +185,17 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                             o[q_base + row * D + col] = acc[i * TX + 4 * u + e] / div
                 if cg == 0:
                     lse[bh * Nq + row] = lse_row
+        if SPARSE and empty != 0:
+            for i in range(TM):
+                row = row0 + rg + RG * i
+                if (empty >> uint32(i)) & uint32(1) != 0 and sees_a_key(
+                        row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk):
+                    for u in range(TX4):
+                        for e in range(4):
+                            col = u * 4 * L + 4 * cg + e
+                            if col < D:
+                                o[q_base + row * D + col] = NAN
+                    if cg == 0:
+                        lse[bh * Nq + row] = NAN
 
     return fa2_forward

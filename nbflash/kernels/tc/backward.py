@@ -19,7 +19,7 @@ from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import first_query_block, make_tile_walk
 from ..common.primitives import commit_async, make_wait_async
-from ..common.softmax import LOG2E, LOG2E_LO, ZERO, row_stats
+from ..common.softmax import LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_stats
 from ..common.warp import exp2, make_warp_ops
 from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_mma2,
                         make_store_rows, put2, thread_coords)
@@ -164,7 +164,7 @@ def make_dkdv(t, causal, bf16, features):
                         dp = ZERO
                     else:
                         dp *= drop_scale
-                p = exp2(min(cuda.fma(st[x], sc_hi, -lse_q), ZERO))
+                p = exp2(clamp_nonpositive(cuda.fma(st[x], sc_hi, -lse_q)))
                 if masked and not fragment_bit(vis, x):
                     p = ZERO
                 st[x] = p
