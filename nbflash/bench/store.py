@@ -69,6 +69,12 @@ class CorruptData(ValueError):
     def __init__(self, path, why):
         self.path, self.why = Path(path), why
         aside = self.path.with_name(f"{self.path.stem}.corrupt-<time>{self.path.suffix}")
+        if self.path.stem.endswith(".partial"):   # an unfinished run's side file
+            super().__init__(
+                f"{self.path} (an unfinished run's progress) cannot be read: {why}. Move it "
+                f"away or delete it to resume from the last complete file, or pass --fresh / "
+                f"--no-resume to measure everything again")
+            return
         super().__init__(
             f"{self.path} cannot be read: {why}. To measure again, pass --fresh (python -m "
             f"experiments, python -m experiments.tuning) or --no-resume (python -m nbflash "
@@ -76,11 +82,19 @@ class CorruptData(ValueError):
             f"or put a good copy back (a committed file: git checkout -- {self.path})")
 
 
-def _file_mode():
-    """What open(path, "w") would give a new file: 0o666 less the umask."""
+def _read_umask():
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+#: what open(path, "w") gives a new file: 0o666 less the umask (read once, at import: reading
+#: it sets it for a moment, which no other thread should see)
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+def _file_mode():
+    return _FILE_MODE
 
 
 def write_json(path, doc):

@@ -196,6 +196,7 @@ def cmd_compile(args):
         env = {**os.environ, "NBFLASH_DEVICE": "compile"}
         return subprocess.call([sys.executable, "-m", "nbflash", *args.argv], env=env)
     cc = (args.cc // 10, args.cc % 10)
+    old = _load_ptx_file(args.same_ptx_as) if args.same_ptx_as else None   # before compiling
     chosen = variants(args.impls, tuple(args.head_dims))
     if args.options:
         chosen += variants(args.impls, tuple(args.head_dims), causal=(True,),
@@ -224,8 +225,6 @@ def cmd_compile(args):
             json.dump(texts, f)
     status = 0 if all(Report(**r).ok() for r in reports) else 1
     if args.same_ptx_as:
-        with open(args.same_ptx_as) as f:
-            old = json.load(f)
         missing = sorted(set(texts) - set(old))
         differ = sorted(k for k in texts if k in old
                         and normalized_ptx(texts[k]) != normalized_ptx(old[k]))
@@ -235,6 +234,24 @@ def cmd_compile(args):
             print(f"  differs: {k}")
         status = status or (1 if differ or missing else 0)
     return status
+
+
+def _load_ptx_file(path):
+    """The {kernel label: PTX} of a file --ptx wrote; a UsageError (one line) for anything else,
+    found before minutes of compiling."""
+    import json  # noqa: PLC0415
+
+    from ..cli_util import UsageError  # noqa: PLC0415
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--same-ptx-as {path}: cannot be read as JSON ({exc})") from None
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in doc.items()):
+        raise UsageError(f"--same-ptx-as {path}: not a file that --ptx wrote "
+                         f"(a JSON object of kernel names to PTX)")
+    return doc
 
 
 def compute_capability(text):

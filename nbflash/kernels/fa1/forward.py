@@ -194,10 +194,12 @@ def make_forward(tiles, causal, cast_output, opts):
                 m[b, h, r] = NAN
                 for x in range(D):
                     o_acc[b, h, r, x] = NAN
-            else:
+            else:   # zeros written, not left: a masked key's 0 · inf in O is NaN
                 m[b, h, r] = NEG_INF
+                for x in range(D):
+                    o_acc[b, h, r, x] = ZERO
         if CAST:
-            cuda.syncthreads()   # the NaN rows complete before other threads convert them
+            cuda.syncthreads()   # the NaN and zero rows complete before others convert them
             for e in range(tid, Nq * D, T):
                 o[b, h, e // D, e % D] = o_acc[b, h, e // D, e % D]
 

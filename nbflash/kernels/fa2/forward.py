@@ -182,7 +182,9 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                     for e in range(4):
                         col = u * 4 * L + 4 * cg + e
                         if col < D:
-                            o[q_base + row * D + col] = acc[i * TX + 4 * u + e] / div
+                            # (0, not 0 / 1: a masked key's 0 · inf in acc is NaN)
+                            o[q_base + row * D + col] = ZERO if lse_row == NEG_INF \
+                                else acc[i * TX + 4 * u + e] / div
                 if cg == 0:
                     lse[bh * Nq + row] = lse_row
         if SPARSE and empty != 0:

@@ -223,7 +223,7 @@ def make_dkdv(t, causal, bf16, features):
             step += 1
 
         one = float32(1.0)   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P̃_ijᵀ dO_i, written once
-        store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, scale, one, one, lane)
-        store_rows(dv, k_base, wkey0, Nk, dv_acc, 0, one, one, one, lane)
+        store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, scale, one, one, False, False, lane)
+        store_rows(dv, k_base, wkey0, Nk, dv_acc, 0, one, one, one, False, False, lane)
 
     return tc_dkdv

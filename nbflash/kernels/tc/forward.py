@@ -109,7 +109,8 @@ def make_forward(t, causal, bf16, features):
             row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
         d1, lse1 = finish_row(m[2 * mt + 1], l1, l1 != ZERO or sees_a_key(
             row + 8, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
-        store_rows(o, q_base, r0, Nq, acc, mt * OF, float32(1.0), d0, d1, lane)
+        store_rows(o, q_base, r0, Nq, acc, mt * OF, float32(1.0), d0, d1, lse0 == NEG_INF,
+                   lse1 == NEG_INF, lane)
         if lane % 4 == 0:
             if row < Nq:
                 lse[bh * Nq + row] = lse0

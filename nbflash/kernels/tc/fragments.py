@@ -8,7 +8,7 @@ global memory (:func:`make_store_rows`), pair two mma into one 16 x 16 product
 (:func:`make_mma2`), and mask a warp's fragments (:func:`make_fragment_mask`).
 """
 
-from numba import uint64
+from numba import float32, uint64
 
 from ..._cuda import cuda
 from ..common.masks import block_on, visible
@@ -46,19 +46,24 @@ def make_async_rows(ROWS, D, DS, T):
 def make_store_rows(D, pack):
     """Device function: the fragments acc[a0:] of one m-tile (16 rows x D columns of a warp,
     see the module docstring) times `scale`, divided by d0 (row g) and d1 (row g + 8), as
-    16-bit values into rows row0 + g, row0 + g + 8 (those below n) of a flat head at `base`."""
+    16-bit values into rows row0 + g, row0 + g + 8 (those below n) of a flat head at `base`;
+    zeros instead for a row whose `z0` / `z1` is true (a row that sees no key)."""
     NV = D // 8
 
-    def store(dst, base, row0, n, acc, a0, scale, d0, d1, lane):
+    def store(dst, base, row0, n, acc, a0, scale, d0, d1, z0, z1, lane):
         g, t = lane // 4, lane % 4
         for h in range(2):
             row = row0 + g + 8 * h
             div = d0 if h == 0 else d1
+            zero = z0 if h == 0 else z1
             if row < n:
                 for vt in range(NV):
-                    put2(dst, base + row * D + 8 * vt + 2 * t,
-                         pack(acc[a0 + 4 * vt + 2 * h] * scale / div,
-                              acc[a0 + 4 * vt + 2 * h + 1] * scale / div))
+                    x0 = acc[a0 + 4 * vt + 2 * h] * scale / div
+                    x1 = acc[a0 + 4 * vt + 2 * h + 1] * scale / div
+                    if zero:
+                        x0 = float32(0.0)
+                        x1 = float32(0.0)
+                    put2(dst, base + row * D + 8 * vt + 2 * t, pack(x0, x1))
 
     return cuda.jit(device=True, inline=True)(store)
 
