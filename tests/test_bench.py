@@ -341,3 +341,26 @@ def test_cli_takes_the_options(tmp_path, capsys):
     (r,) = json.loads(out.read_text())["records"]
     assert options_of(r) == (0.1, True, 0.5, 4) and r["status"] == "ok", r
     assert "dropout 0.1, padded, density 0.5 block 4" in capsys.readouterr().out
+
+
+def test_resuming_a_side_file_after_the_file_changed_is_refused(tmp_path):
+    """An unfinished run's side file, then the data file changes (a pull, a copy, another run):
+    resuming the side file would put its older data in place of the newer file, so the store
+    refuses, naming both, and the newer file stays as it is."""
+    from nbflash.bench.store import Store  # noqa: PLC0415
+    out = tmp_path / "d.json"
+    with Store(out, {"gpu": "g"}, key=("a",)) as first:
+        first.add({"a": 1, "status": "ok"})
+    unfinished = Store(out, {"gpu": "g"}, key=("a",))
+    unfinished.add({"a": 2, "status": "ok"})            # interrupted: never finished
+    assert (tmp_path / "d.partial.json").exists()
+    newer = json.loads(out.read_text())
+    newer["points"].append({"a": 3, "status": "ok"})
+    out.write_text(json.dumps(newer))
+    before = out.read_bytes()
+    with pytest.raises(bench.StaleData, match="d.partial.json"):
+        Store(out, {"gpu": "g"}, key=("a",))
+    assert out.read_bytes() == before
+    (tmp_path / "d.partial.json").unlink()              # as the message says: resume the file
+    again = Store(out, {"gpu": "g"}, key=("a",))
+    assert again.done(a=3) is not None and again.done(a=2) is None

@@ -34,6 +34,9 @@ A data file is a JSON document
   file damaged since it started, instead of replacing it). Nothing else is removed: the side
   file goes only by being renamed onto the file, and the only data a run replaces is the
   readable file that a fresh run (the user's --fresh) was asked to measure again.
+- A side file records the file as its run found it (meta "based_on", a sha256): resuming it
+  after the file has changed (a pull, a copy, another run) is refused (:class:`StaleData`),
+  since finishing would put the side file's older data in place of the newer file.
 - A file measured on one GPU is never resumed on another: the store refuses
   (:class:`StaleData`) unless the run starts afresh.
 - **Completeness**: a document is complete unless its meta says "complete": false, which only
@@ -47,6 +50,7 @@ A data file is a JSON document
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -203,6 +207,14 @@ def run_meta(params, command):
             "params": params}
 
 
+def _fingerprint(path):
+    """sha256 of the file's bytes, "none" when there is no file."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return "none"
+
+
 def _hashable(value):
     """A key field as a dictionary key: lists (as JSON gives tuples back) become tuples."""
     return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
@@ -239,7 +251,20 @@ class Store:
         if old is not None:
             earlier = old.get("meta", {}).pop("earlier_runs", [])
             meta = {**meta, "earlier_runs": earlier + [old.get("meta", {})]}
-        self.doc = {**(old or {}), "meta": {**meta, "complete": False}, items: []}
+        if self.path is not None and self.resumed == self.partial:
+            based_on = (old.get("meta") or {}).get("based_on")
+            if based_on is not None and based_on != _fingerprint(self.path):
+                raise StaleData(
+                    f"{self.path} has changed since the unfinished run in {self.partial.name} "
+                    f"began, which would replace it with its older data when it finishes: move "
+                    f"{self.partial.name} away to resume from {self.path.name}, or pass --fresh "
+                    f"(--no-resume) to measure again")
+        # the file as this run found it: a later resume of its side file checks it is unchanged
+        based_on = (old or {}).get("meta", {}).get("based_on") \
+            if self.resumed == self.partial and self.path is not None else \
+            (None if self.path is None else _fingerprint(self.path))
+        self.doc = {**(old or {}), "meta": {**meta, "complete": False, "based_on": based_on},
+                    items: []}
         self._items = {self.key(item): item for item in (old or {}).get(items, [])}
         self.doc[items] = list(self._items.values())
         if planned is not None:
