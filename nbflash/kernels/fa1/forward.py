@@ -179,7 +179,10 @@ def make_forward(tiles, causal, cast_output, opts):
                         pv = ZERO
                         for c in range(BC):
                             pv += S[r, c] * Vj[c, x]
-                        o_acc[b, h, row, x] = keep[r] * Oi[r, x] + new[r] * pv
+                        # both factors 0: the row has seen no key yet, and O stays 0 (not
+                        # 0 · pv, which is NaN for a masked key's inf in V_j)
+                        o_acc[b, h, row, x] = keep[r] * Oi[r, x] + new[r] * pv \
+                            if keep[r] != ZERO or new[r] != ZERO else ZERO
                 cuda.syncthreads()  # the next i overwrites Q_i, O_i, S and the factors
             cuda.syncthreads()  # the next j overwrites K_j, V_j (also when every i was skipped)
 
@@ -194,12 +197,10 @@ def make_forward(tiles, causal, cast_output, opts):
                 m[b, h, r] = NAN
                 for x in range(D):
                     o_acc[b, h, r, x] = NAN
-            else:   # zeros written, not left: a masked key's 0 · inf in O is NaN
+            else:
                 m[b, h, r] = NEG_INF
-                for x in range(D):
-                    o_acc[b, h, r, x] = ZERO
         if CAST:
-            cuda.syncthreads()   # the NaN and zero rows complete before others convert them
+            cuda.syncthreads()   # the NaN rows complete before other threads convert them
             for e in range(tid, Nq * D, T):
                 o[b, h, e // D, e % D] = o_acc[b, h, e // D, e % D]
 
