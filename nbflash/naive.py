@@ -100,6 +100,11 @@ def causal_visible(Nq, Nk, xp=np, rows=None):
     return j <= i + (Nk - Nq)
 
 
+def keys_read(key_lengths, Nk, xp=np):
+    """Boolean (B, 1, 1, Nk): key j of batch entry b is below key_lengths[b]."""
+    return xp.arange(Nk).reshape(1, 1, 1, Nk) < xp.asarray(key_lengths).reshape(-1, 1, 1, 1)
+
+
 def visible(B, H, Nq, Nk, xp=np, causal=False, key_lengths=None, block_mask=None,
             block_size=None, rows=None):
     """Boolean mask broadcastable to (B, H, Nq, Nk): entries that no mask hides (None: all).
@@ -110,8 +115,7 @@ def visible(B, H, Nq, Nk, xp=np, causal=False, key_lengths=None, block_mask=None
     mask expanded for them alone)."""
     vis = causal_visible(Nq, Nk, xp, rows) if causal else None
     if key_lengths is not None:
-        kl = xp.asarray(key_lengths).reshape(B, 1, 1, 1)
-        pad = xp.arange(Nk).reshape(1, 1, 1, Nk) < kl
+        pad = keys_read(key_lengths, Nk, xp)
         vis = pad if vis is None else vis & pad
     if block_mask is not None:
         blk = sparsity.expand(block_mask, block_size, Nq, Nk, xp, rows)
@@ -197,8 +201,7 @@ def _unread_keys_zeroed(k, v, key_lengths):
     if key_lengths is None:
         return k, v
     xp = array_module(k)
-    read = (xp.arange(k.shape[2]).reshape(1, 1, -1, 1)
-            < xp.asarray(key_lengths).reshape(-1, 1, 1, 1))
+    read = _t(keys_read(key_lengths, k.shape[2], xp))     # (B, 1, Nk, 1)
     return xp.where(read, k, k.dtype.type(0)), xp.where(read, v, v.dtype.type(0))
 
 

@@ -97,10 +97,6 @@ def _read_umask():
 _FILE_MODE = 0o666 & ~_read_umask()
 
 
-def _file_mode():
-    return _FILE_MODE
-
-
 def write_json(path, doc):
     """Write atomically: a temporary file of its own (tempfile.mkstemp) next to `path`, flushed
     to disk, then os.replace. When anything fails (an object JSON cannot hold, a full disk,
@@ -113,7 +109,7 @@ def write_json(path, doc):
             json.dump(doc, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -251,18 +247,16 @@ class Store:
         if old is not None:
             earlier = old.get("meta", {}).pop("earlier_runs", [])
             meta = {**meta, "earlier_runs": earlier + [old.get("meta", {})]}
+        # the file as this run found it: a later resume of its side file checks it is unchanged
+        based_on = None if self.path is None else _fingerprint(self.path)
         if self.path is not None and self.resumed == self.partial:
-            based_on = (old.get("meta") or {}).get("based_on")
-            if based_on is not None and based_on != _fingerprint(self.path):
+            recorded = (old.get("meta") or {}).get("based_on")
+            if recorded is not None and recorded != based_on:
                 raise StaleData(
                     f"{self.path} has changed since the unfinished run in {self.partial.name} "
                     f"began, which would replace it with its older data when it finishes: move "
                     f"{self.partial.name} away to resume from {self.path.name}, or pass --fresh "
                     f"(--no-resume) to measure again")
-        # the file as this run found it: a later resume of its side file checks it is unchanged
-        based_on = (old or {}).get("meta", {}).get("based_on") \
-            if self.resumed == self.partial and self.path is not None else \
-            (None if self.path is None else _fingerprint(self.path))
         self.doc = {**(old or {}), "meta": {**meta, "complete": False, "based_on": based_on},
                     items: []}
         self._items = {self.key(item): item for item in (old or {}).get(items, [])}

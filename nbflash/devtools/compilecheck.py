@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 
 from .. import impls
 from . import impls_argument
-from ..cli_util import input_file, make_parent, output_file, positive_int
+from ..bench.store import write_json
+from ..cli_util import input_file, output_file, positive_int
 from .._cuda import SIMULATOR, cuda
 from ..kernels.common.options import Features
 
@@ -184,7 +185,6 @@ __all__ = ["Variant", "Report", "compile_report", "ptx", "normalized_ptx", "vari
 
 def cmd_compile(args):
     """Compile the kernels for a GPU target without a GPU and print the compiler's report."""
-    import json  # noqa: PLC0415
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
@@ -216,13 +216,9 @@ def cmd_compile(args):
                       str(r.dynamic_shared_bytes or ""), "yes" if r.ok() else "NO")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
     if args.json:
-        make_parent(args.json)
-        with open(args.json, "w") as f:
-            json.dump(reports, f, indent=1)
+        write_json(args.json, reports)
     if args.ptx:
-        make_parent(args.ptx)
-        with open(args.ptx, "w") as f:
-            json.dump(texts, f)
+        write_json(args.ptx, texts)
     status = 0 if all(Report(**r).ok() for r in reports) else 1
     if args.same_ptx_as:
         missing = sorted(set(texts) - set(old))

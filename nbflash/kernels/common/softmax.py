@@ -88,8 +88,9 @@ def new_max(m_old, m_blk):
 def finish_row(m, l, sees_key):
     """(the divisor of a row's unnormalised O, its lse in natural log) from its running max m
     (base 2) and ℓ, by the non-finite rule above: ℓ > 0 or NaN: (ℓ, (m + log2 ℓ) ln 2); ℓ = 0:
-    (1, -inf) for a row that sees no key (its O is 0), (NaN, NaN) for one that does (its
-    visible scores were all -inf). Pass sees_key = (l != 0 or masks.sees_a_key(...)), so that the
+    (1, -inf) for a row that sees no key, (NaN, NaN) for one that does (its visible scores
+    were all -inf). lse = -inf is the caller's sign to write O as 0 (not acc / 1: a masked
+    key's 0 · inf makes acc NaN). Pass sees_key = (l != 0 or masks.sees_a_key(...)), so that the
     masks are looked at only for the rare ℓ = 0."""
     if l == ZERO:
         if sees_key:
