@@ -45,7 +45,8 @@ class Impl:
     marker: str
     #: one line: what it is
     summary: str
-    #: the input dtypes it takes ("bfloat16": torch bfloat16 tensors, or uint16 bits)
+    #: the input dtypes it takes ("bfloat16": torch.bfloat16 tensors, ml_dtypes.bfloat16
+    #: arrays, or uint16 arrays of bfloat16 bits; nbflash.inputs)
     dtypes: tuple
     #: head dims it takes: multiples of head_dim_multiple up to max_head_dim
     max_head_dim: int
@@ -142,9 +143,11 @@ REGISTRY = {impl.name: impl for impl in (
          check=tc_plan.check, plan=_tc),
 )}
 
-#: what impl="auto" tries, in order: the first that takes the inputs' dtype and head dim runs
-#: (when none does, the first's checks say why)
-AUTO = ("fa2",)
+#: what impl="auto" tries, in order, the fastest first: the first that takes the inputs' dtype
+#: and head dim (and, for a deterministic backward, has a deterministic dq) runs: tc for
+#: float16 and bfloat16, fa2 for float32 (and for float16 at head dims tc does not take). fa1
+#: and naive run only when asked for by name.
+AUTO = ("tc", "fa2")
 
 
 def names():
@@ -166,15 +169,21 @@ def kernels():
     return tuple(impl for impl in REGISTRY.values() if impl.runs_kernels)
 
 
-def resolve(name, dtype, head_dim):
+def resolve(name, dtype, head_dim, deterministic=False):
     """The Impl a call with impl=`name` runs: `name`'s, or for "auto" the first of AUTO that
-    takes `dtype` at `head_dim` (else AUTO's first, whose checks then say why not)."""
+    takes `dtype` at `head_dim` (with deterministic=True: the first of those whose dq can be
+    deterministic). When none does, the first of AUTO that takes `dtype` at some head dim, else
+    AUTO's first: its checks then say why not (fa2's head-dim limit for float32, say)."""
     if name != "auto":
         return get(name)
-    for candidate in AUTO:
-        if REGISTRY[candidate].takes(dtype, head_dim):
-            return REGISTRY[candidate]
-    return REGISTRY[AUTO[0]]
+    auto = [REGISTRY[n] for n in AUTO]
+    for impl in auto:
+        if impl.takes(dtype, head_dim) and not (deterministic and impl.deterministic == "never"):
+            return impl
+    for impl in auto:
+        if impl.takes(dtype, head_dim):
+            return impl
+    return next((impl for impl in auto if str(dtype) in impl.dtypes), auto[0])
 
 
 def taking(dtype, head_dim):

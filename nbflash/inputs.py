@@ -7,6 +7,12 @@ a message saying so. torch tensors (CUDA tensors on the GPU, CPU tensors in the 
 taken without a copy through DLPack, run on torch's current stream, and the results come back as
 torch tensors; torch is only imported when such a tensor arrives.
 
+bfloat16 arrives in three forms, each viewed as its bits (BF16_BITS, uint16) without a copy:
+torch.bfloat16 tensors (results come back as torch.bfloat16), arrays whose dtype is
+ml_dtypes.bfloat16 (NumPy, or CuPy where it takes ml_dtypes: results come back as that dtype,
+NumPy inputs on the GPU included) and uint16 arrays of any kind, taken as bfloat16 bits (results
+come back as uint16 bits). ml_dtypes is never imported (nbflash.bfloat16.is_bfloat16).
+
 What an impl takes (its dtypes, head dims, deterministic dq, its own options) comes from the
 registry (nbflash.impls), and the impl's own checks (its tiles' shared memory, fa1's M) run last,
 from its registry entry.
@@ -19,14 +25,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import impls, rng, sparsity
+from .bfloat16 import is_bfloat16
 from ._cuda import MODE
 from .errors import InputError
 from .kernels.common import options as _options
 
-#: the dtypes of arrays nbflash takes
+#: the float dtypes of arrays nbflash takes (and bfloat16, as BF16_BITS)
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
-#: bfloat16 data: torch bfloat16 tensors arrive as their bits, uint16 arrays
+#: bfloat16 data as the kernels take it: its bits, uint16 arrays (torch.bfloat16 tensors and
+#: ml_dtypes.bfloat16 arrays are viewed as such; uint16 arrays are taken as bfloat16 bits)
 BF16_BITS = np.dtype(np.uint16)
+#: what the dtype error says nbflash takes
+_SUPPORTED = ("float16, float32 or bfloat16 (torch.bfloat16 tensors, ml_dtypes.bfloat16 arrays, "
+              "or uint16 arrays of bfloat16 bits)")
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Problem:
     key_lengths: object = None   # int32 (B,) device array
     block_mask: object = None    # uint8 (B or 1, H or 1, n_q_blocks, n_k_blocks) device array
     block_size: tuple = None     # (bq, bk)
+    bf16_dtype: np.dtype = None  # inputs were bfloat16 arrays (ml_dtypes): the outputs' dtype
 
     @property
     def dtype_name(self):
@@ -79,13 +91,17 @@ class Problem:
         return contextlib.nullcontext()
 
     def outputs(self, arrays):
-        """Results in the kind of array the caller passed."""
+        """Results in the kind of array the caller passed, bfloat16 in the form it came in
+        (torch.bfloat16, ml_dtypes.bfloat16, or uint16 bits)."""
         if self.to_host:
-            return tuple(self.xp.asnumpy(a) for a in arrays)
-        if self.torch:
+            arrays = tuple(self.xp.asnumpy(a) for a in arrays)
+        elif self.torch:
             import torch  # noqa: PLC0415
             return tuple(torch.from_dlpack(a).view(torch.bfloat16) if a.dtype == BF16_BITS
                          else torch.from_dlpack(a) for a in arrays)
+        if self.bf16_dtype is not None:
+            arrays = tuple(a.view(self.bf16_dtype) if a.dtype == BF16_BITS else a
+                           for a in arrays)
         return arrays
 
 
@@ -128,6 +144,23 @@ def _from_torch(named):
 def _bf16_bits(x):
     """A bfloat16 tensor's int16 view (see _from_torch) as BF16_BITS."""
     return x.view(BF16_BITS) if x.dtype == np.int16 else x
+
+
+def _from_bf16_arrays(named):
+    """NumPy or CuPy arrays of a bfloat16 dtype (ml_dtypes.bfloat16) among the 16-bit inputs
+    (all but lse) viewed as their bits (BF16_BITS); returns (arrays, the bfloat16 dtype or
+    None). Refused mixed with uint16 bits: the results could come back as either."""
+    bf16 = [n for n, x in named.items() if n != "lse" and is_bfloat16(x.dtype)]
+    if not bf16:
+        return named, None
+    raw = [n for n, x in named.items() if n != "lse" and x.dtype == BF16_BITS]
+    if raw:
+        raise InputError(f"{', '.join(bf16)} {'has' if len(bf16) == 1 else 'have'} dtype "
+                         f"bfloat16 but {', '.join(raw)} {'has' if len(raw) == 1 else 'have'} "
+                         "uint16 (bfloat16 bits); pass bfloat16 arrays or their uint16 bits, "
+                         "not both")
+    dtype = named[bf16[0]].dtype
+    return {n: x.view(BF16_BITS) if n in bf16 else x for n, x in named.items()}, dtype
 
 
 def _one_kind(named):
@@ -198,12 +231,19 @@ def _check_takes(impl, dtype, d):
         raise InputError(msg)
 
 
-def _check_deterministic(impl, deterministic):
+def _check_deterministic(impl, deterministic, dtype, d):
     if deterministic and impl.deterministic == "never":
-        others = [i.name for i in impls.kernels() if i.deterministic == "optional"]
-        raise InputError(f"impl={impl.name!r} adds dq with atomics and has no deterministic "
-                         f"pass; use {_names(others, ' or ')} with deterministic=True for "
-                         f"bitwise reproducible dq")
+        optional = [i for i in impls.kernels() if i.deterministic == "optional"]
+        others = [i.name for i in optional if i.takes(dtype, d)]
+        msg = f"impl={impl.name!r} adds dq with atomics and has no deterministic pass; "
+        if others:
+            msg += (f"use {_names(others, ' or ')} with deterministic=True for bitwise "
+                    "reproducible dq")
+        else:
+            dtypes = sorted({t for i in optional for t in i.dtypes})
+            msg += (f"a deterministic dq needs {_names([i.name for i in optional], ' or ')} "
+                    f"({' or '.join(dtypes)} inputs); got {dtype}")
+        raise InputError(msg)
 
 
 def _names(names, sep=", "):
@@ -214,16 +254,17 @@ def _takes(names):
     return "takes" if len(names) == 1 else "take"
 
 
-def _check_qkv(q, k, v, torch=False):
+def _check_qkv(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise InputError(
                 f"{name} has {x.ndim} dimensions, shape {tuple(x.shape)}; expected 4: "
                 "(batch, heads, seqlen, head_dim)")
-        if x.dtype not in DTYPES and not (torch and x.dtype == BF16_BITS):
-            bf16 = _names(impls.taking("bfloat16", 16), " or ")
+        if x.dtype not in DTYPES and x.dtype != BF16_BITS:
+            bf16 = _names([n for n in impls.names() if "bfloat16" in impls.get(n).dtypes],
+                          " or ")
             raise InputError(f"{name} has dtype {x.dtype}, which nbflash does not support; "
-                             f"use float16 or float32 (or bfloat16 torch tensors with {bf16})")
+                             f"use {_SUPPORTED}; bfloat16 runs with {bf16}")
     if not (q.dtype == k.dtype == v.dtype):
         raise InputError(f"q, k, v must share one dtype; got {_name(q)}, {_name(k)}, {_name(v)}")
     B, H, Nq, d = q.shape
@@ -368,7 +409,8 @@ def _contiguous(xp, x):
 
 
 def _arrays(named):
-    """(xp, to_host, torch, stream, arrays): torch tensors converted, kinds checked."""
+    """(xp, to_host, torch, stream, arrays, bf16_dtype): torch tensors and bfloat16 arrays
+    viewed as the kernels take them, kinds checked."""
     kind = _one_kind(named)
     torch = kind == "torch"
     stream = 0
@@ -379,33 +421,37 @@ def _arrays(named):
             if isinstance(exc, InputError):
                 raise
             raise InputError(f"a torch tensor could not be taken through DLPack ({exc}); "
-                             "nbflash takes float16 and float32 tensors") from exc
+                             "nbflash takes float16, float32 and bfloat16 tensors") from exc
         kind = _kind(next(iter(named.values())))
     xp, to_host = _array_module(kind, named)
-    if not torch and xp is not np:
-        stream = xp.cuda.get_current_stream().ptr
-    return xp, to_host, torch, stream, named
+    bf16_dtype = None
+    if not torch:
+        named, bf16_dtype = _from_bf16_arrays(named)
+        if xp is not np:
+            stream = xp.cuda.get_current_stream().ptr
+    return xp, to_host, torch, stream, named, bf16_dtype
 
 
-def _problem(xp, to_host, torch, stream, q, k, v, impl, pass_, causal, softmax_scale, own,
-             masking, deterministic=False, dims=None):
+def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causal,
+             softmax_scale, own, masking, deterministic=False, dims=None):
     """The shared checks, then the impl's own (nbflash.impls); returns the Problem. dims:
     (B, H, Nq, Nk, d) when the caller has checked q, k, v already."""
-    B, H, Nq, Nk, d = dims or _check_qkv(q, k, v, torch)
+    B, H, Nq, Nk, d = dims or _check_qkv(q, k, v)
     dtype = _name(q)
-    impl = impls.resolve(impl, dtype, d)
+    impl = impls.resolve(impl, dtype, d, bool(deterministic))
     _check_own_options(impl, own)
     _check_takes(impl, dtype, d)
     causal, scale = _check_scalars(causal, softmax_scale, d)
     p, seed, offset = check_dropout(masking["dropout_p"], masking["seed"], masking["offset"])
-    _check_deterministic(impl, deterministic)
+    _check_deterministic(impl, deterministic, dtype, d)
     key_lengths = _check_key_lengths(xp, masking["key_lengths"], B, Nk)
     block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
                                                masking["block_size"], B, H, Nq, Nk)
     tiles = impl.check(d, pass_, p > 0, **{k: v for k, v in own.items()
                                            if k in impl.own_options}) if impl.check else None
     return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl.name, xp, to_host, tiles,
-                   torch, stream, p, seed, offset, key_lengths, block_mask, block_size)
+                   torch, stream, p, seed, offset, key_lengths, block_mask, block_size,
+                   bf16_dtype)
 
 
 #: the mask and dropout options of the public functions, and their defaults
@@ -423,9 +469,9 @@ def check_forward(q, k, v, *, causal, softmax_scale, impl, M=None, block_rule=No
     """Check a forward call; returns (Problem, (q, k, v)) with contiguous device arrays.
     `masking`: the options of MASKING."""
     _known_impl(impl)
-    xp, to_host, torch, stream, a = _arrays({"q": q, "k": k, "v": v})
+    xp, to_host, torch, stream, a, bf16_dtype = _arrays({"q": q, "k": k, "v": v})
     q, k, v = a["q"], a["k"], a["v"]
-    prob = _problem(xp, to_host, torch, stream, q, k, v, impl, "forward", causal,
+    prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "forward", causal,
                     softmax_scale, {"M": M, "block_rule": block_rule}, {**MASKING, **masking})
     return prob, tuple(_contiguous(xp, x) for x in (q, k, v))
 
@@ -436,10 +482,10 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
     _known_impl(impl)
     if not isinstance(deterministic, (bool, np.bool_)):
         raise InputError(f"deterministic must be True or False; got {deterministic!r}")
-    xp, to_host, torch, stream, a = _arrays(
+    xp, to_host, torch, stream, a, bf16_dtype = _arrays(
         {"do": do, "q": q, "k": k, "v": v, "o": o, "lse": lse})
     do, q, k, v, o, lse = (a[n] for n in ("do", "q", "k", "v", "o", "lse"))
-    B, H, Nq, Nk, d = _check_qkv(q, k, v, torch)
+    B, H, Nq, Nk, d = _check_qkv(q, k, v)
     for name, x in (("do", do), ("o", o)):
         if tuple(x.shape) != tuple(q.shape):
             raise InputError(f"{name} has shape {tuple(x.shape)}; expected q's {tuple(q.shape)}")
@@ -449,7 +495,7 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
         raise InputError(f"lse has shape {tuple(lse.shape)}; expected (B, H, Nq) = {(B, H, Nq)}")
     if lse.dtype != np.float32:
         raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
-    prob = _problem(xp, to_host, torch, stream, q, k, v, impl, "backward", causal,
+    prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "backward", causal,
                     softmax_scale, {"M": M, "block_rule": block_rule}, {**MASKING, **masking},
                     deterministic, (B, H, Nq, Nk, d))
     return prob, tuple(_contiguous(xp, x) for x in (do, q, k, v, o, lse))

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import nbflash
+from nbflash import impls
 from nbflash.kernels.common import factory, fastlaunch
-from support import randn, xp
+from support import host, randn, xp
 
 
 @pytest.fixture(autouse=True)
@@ -28,6 +29,12 @@ def fwd(q, k, v, **kw):
     return nbflash.attention_forward(q, k, v, **kw)
 
 
+def bits(*arrays, d=None):
+    """uint16 arrays (bfloat16 bits) of the arrays' shapes (head dim d if given)."""
+    out = [xp.zeros(x.shape[:3] + (d or x.shape[3],), xp.uint16) for x in arrays]
+    return out[0] if len(out) == 1 else out
+
+
 CASES = {
     "q ndim": (lambda q, k, v: fwd(q[0], k, v), r"q has 3 dimensions"),
     "k ndim": (lambda q, k, v: fwd(q, k[None], v), r"k has 5 dimensions"),
@@ -37,8 +44,27 @@ CASES = {
     "k v seqlen": (lambda q, k, v: fwd(q, k, v[:, :, :3]), r"k and v must have the same seqlen"),
     "Nq 0": (lambda q, k, v: fwd(q[:, :, :0], k, v), r"seqlen of q \(Nq\) is 0"),
     "Nk 0": (lambda q, k, v: fwd(q, k[:, :, :0], v[:, :, :0]), r"seqlen of k and v \(Nk\) is 0"),
-    "dtype": (lambda q, k, v: fwd(q.astype(xp.float64), k, v), r"dtype float64, which nbflash"),
+    "dtype": (lambda q, k, v: fwd(q.astype(xp.float64), k, v),
+              r"q has dtype float64, which nbflash does not support; use float16, float32 or "
+              r"bfloat16 \(torch.bfloat16 tensors, ml_dtypes.bfloat16 arrays, or uint16 arrays "
+              r"of bfloat16 bits\); bfloat16 runs with impl='tc'"),
     "int dtype": (lambda q, k, v: fwd(q, k.astype(xp.int32), v), r"k has dtype int32"),
+    "int16 dtype": (lambda q, k, v: fwd(q, k, v.astype(xp.int16)),
+                    r"v has dtype int16, which .* uint16 arrays of bfloat16 bits"),
+    "bfloat16 and float32": (lambda q, k, v: fwd(bits(q), k, v),
+                             r"share one dtype; got bfloat16, float32, float32"),
+    "bfloat16 for fa2": (lambda q, k, v: fwd(*bits(q, k, v, d=16), impl="fa2"),
+                         r"impl='fa2' takes float32 or float16 inputs; got bfloat16 "
+                         r"\(impl='tc' takes bfloat16\)"),
+    "bfloat16 for fa1": (lambda q, k, v: fwd(*bits(q, k, v, d=16), impl="fa1"),
+                         r"impl='fa1' takes float32 or float16 inputs; got bfloat16 "
+                         r"\(impl='tc' takes bfloat16\)"),
+    "bfloat16 for naive": (lambda q, k, v: fwd(*bits(q, k, v, d=16), impl="naive"),
+                           r"impl='naive' takes float32 or float16 inputs; got bfloat16 "
+                           r"\(impl='tc' takes bfloat16\)"),
+    "float16 head_dim for auto": (
+        lambda q, k, v: fwd(*(xp.zeros((1, 1, 2, 1000), xp.float16),) * 3),
+        r"(head_dim 1000 is above tc's limit|impl='tc' takes head_dim .* got 1000)"),
     "mixed dtype": (lambda q, k, v: fwd(q, k.astype(xp.float16), v),
                     r"share one dtype; got float32, float16, float32"),
     "head_dim limit": (lambda q, k, v: fwd(*(xp.zeros((1, 1, 2, 129), xp.float32),) * 3),
@@ -116,3 +142,31 @@ def test_unhashable_options_still_get_their_message():
     q, k, v = arrays()
     with pytest.raises(nbflash.InputError, match=r"softmax_scale must be a number"):
         fwd(q, k, v, softmax_scale=[0.1])
+
+
+def test_bfloat16_backward_without_a_deterministic_dq():
+    if any(i.deterministic != "never" for i in impls.REGISTRY.values()
+           if i.takes("bfloat16", 16)):
+        pytest.skip("an impl taking bfloat16 has a deterministic dq")
+    q, k, v = bits(*arrays(d=16))
+    o, lse = xp.zeros_like(q), xp.zeros(q.shape[:3], xp.float32)
+    with pytest.raises(nbflash.InputError, match=r"impl='tc' adds dq with atomics .* a "
+                       r"deterministic dq needs impl='fa2' \(float16 or float32 inputs\); "
+                       r"got bfloat16"):
+        nbflash.attention_backward(q, q, k, v, o, lse, deterministic=True)
+
+
+def test_ml_dtypes_bfloat16_refusals():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q, k, v = (host(x).astype(ml_dtypes.bfloat16) for x in arrays(d=16))  # NumPy on the GPU too
+    with pytest.raises(nbflash.InputError, match=r"impl='fa2' takes float32 or float16 inputs; "
+                       r"got bfloat16 \(impl='tc' takes bfloat16\)"):
+        fwd(q, k, v, impl="fa2")
+    with pytest.raises(nbflash.InputError, match=r"q, v have dtype bfloat16 but k has uint16 "
+                       r"\(bfloat16 bits\); pass bfloat16 arrays or their uint16 bits, not both"):
+        fwd(q, k.view(np.uint16), v)
+    o, lse = np.zeros_like(q), np.zeros(q.shape[:3], np.float32)
+    with pytest.raises(nbflash.InputError, match=r"lse has dtype bfloat16; expected float32"):
+        nbflash.attention_backward(q, q, k, v, o, lse.astype(ml_dtypes.bfloat16))
+    with pytest.raises(nbflash.InputError, match=r"o has dtype float16; expected q's bfloat16"):
+        nbflash.attention_backward(q, q, k, v, o.astype(np.float16), lse)
