@@ -7,7 +7,14 @@ through STAGES buffers (:func:`make_dkdv`). Per step each warp computes Sᵀ = K
 from lse, dV += P̃ᵀ dO_i, dPᵀ = V_j dO_iᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - D), dK += dSᵀ Q_i; dSᵀ goes to
 shared memory, and the warps then share dQ_i += dS K_j (A from dSᵀ by ldmatrix.trans), which is
 added into a float32 buffer with atomics (the last bits of dq vary from run to run, as with
-fa2's default). :func:`make_convert` turns that buffer into the 16-bit dq.
+fa2's default). :func:`make_convert` turns that buffer into the 16-bit dq. With
+deterministic=True the dK/dV pass leaves dQ out and :func:`make_dq` computes it instead: one
+block per query tile, as the forward, recomputing P and dP and summing dS K_j in registers, so
+that the order of the additions is fixed.
+
+Large head dims: a dK/dV block's accumulators are 2 x 16 x d float32 per warp, more than the
+registers hold for d > 128, so `dsplit` blocks share one key tile, each keeping dK and dV (and
+adding dQ) for 1/dsplit of the columns; each recomputes S and dP over all of them.
 
 P = 2^min(s·scale - lse·log2 e, 0) is one fma, a min and the exp2 per score (lse·log2 e is
 computed once per query row, in two parts).
@@ -15,9 +22,9 @@ computed once per query row, in two parts).
 
 from numba import float32, uint16, uint32, uint64
 
-from ..._cuda import cuda
+from ..._cuda import SIMULATOR, cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
-from ..common.masks import first_query_block, make_tile_walk
+from ..common.masks import first_query_block, key_blocks, make_tile_walk
 from ..common.primitives import commit_async, make_wait_async
 from ..common.softmax import LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_stats
 from ..common.warp import exp2, make_warp_ops
@@ -38,33 +45,34 @@ def make_convert(threads, bf16):
     return tc_convert
 
 
-def make_dkdv(t, causal, bf16, features):
+def make_dkdv(t, causal, bf16, features, dq=True):
     """FA2 backward over key blocks on tensor cores for TcTiles `t` (nbflash.kernels.tc.tiles:
-    16·W keys per block, C queries per step), dQ added atomically; see the module docstring."""
-    D, W, C, STAGES = t.d, t.warps, t.cols, t.stages
+    16·W keys per block, C queries per step, t.dsplit blocks per key tile), dQ added atomically
+    (dq=False: no dQ; the dQ pass computes it); see the module docstring."""
+    D, DP, DH, SPLIT, W, C, STAGES = t.d, t.dp, t.dh, t.dsplit, t.warps, t.cols, t.stages
     R, T, DS, PS = t.rows, t.threads, t.ds, t.ps
     assert t.mtiles == 1, "the dK/dV pass has one m-tile (16 keys) per warp"
-    KD, NT, NV = D // 16, C // 8, D // 8
-    N_S, N_O = 4 * NT, 4 * NV       # fragment array sizes (compile-time constants)
-    CAUSAL = bool(causal)
+    KD, NT, NVH = DP // 16, C // 8, DH // 8
+    N_S, N_O = 4 * NT, 4 * NVH      # fragment array sizes (compile-time constants)
+    CAUSAL, DQ = bool(causal), bool(dq)
     DROP, PAD, SPARSE = features
-    shared = t.smem_plan("dkdv", DROP)       # offsets in 16-bit elements (keep bits: uint32)
+    shared = t.smem_plan("dkdv", DROP, DQ)   # offsets in 16-bit elements (keep bits: uint32)
     K_OFF, V_OFF, DS_OFF, Q_OFF = (shared.offset(n) for n in ("K", "V", "dSt", "steps"))
     KEEP_OFF = shared.offset("keep", 4)      # dSᵀ: R keys x C queries, row stride PS
     step_plan = shared.sub("steps")          # stage s at Q_OFF + s * STAGE: Q_i, dO_i, lse_i, D_i
     STAGE, DO_IN, LSE_IN = step_plan.elements, step_plan.offset("dO"), step_plan.offset("lse")
     D_AT = step_plan.offset("D", 4) - step_plan.offset("lse", 4)   # D_i after lse_i (float32)
-    ITEMS = (C // 16) * (D // 16)        # dQ_i's 16 x 16 pieces, shared among the warps
-    assert ITEMS % W == 0, (C, D, W)
+    ITEMS = (C // 16) * (DH // 16)       # dQ_i's 16 x 16 pieces, shared among the warps
+    PER_WARP = -(-ITEMS // W)            # (the last round may leave warps without one)
     ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
     mma2 = make_mma2(mma)
-    load_rows = make_async_rows(C, D, DS, T)
-    load_kv = make_async_rows(R, D, DS, T)
+    load_rows = make_async_rows(C, D, DP, DS, T)
+    load_kv = make_async_rows(R, D, DP, DS, T)
     wait_tile = make_wait_async(STAGES - 2)
     fragment_mask = make_fragment_mask(NT, True, CAUSAL, SPARSE)
     fill_keep, tile_kept = make_keep_tile(C, R, T), make_tile_kept(R)
     check_keep_tile(DROP, R, t)
-    store_rows = make_store_rows(D, pack)
+    store_rows = make_store_rows(D, DH, pack)
     walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
 
     def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, smemf, off, tid):
@@ -81,15 +89,17 @@ def make_dkdv(t, causal, bf16, features):
 
     def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, sc_hi,
                 sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
-        """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv", dropout) of dynamic shared
-        memory; 16-bit arrays as uint16; delta from tc_delta; dq_acc: zeroed float32."""
+        """Grid (ceil(Nk/R) dsplit, H, B), T threads, t.smem_bytes("dkdv", dropout, dq) of
+        dynamic shared memory; 16-bit arrays as uint16; delta from tc_delta; dq_acc: zeroed
+        float32 (a placeholder without dQ)."""
         smem = cuda.shared.array(0, uint16)
         smemf = cuda.shared.array(0, float32)    # the same memory: lse_i, D_i
         bits = cuda.shared.array(0, uint32)      # and dropout's keep bits at KEEP_OFF
         tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
         g, t4 = lane // 4, lane % 4
         mi = lane // 8
-        key0 = cuda.blockIdx.x * R
+        key0 = (cuda.blockIdx.x // SPLIT) * R
+        c0 = (cuda.blockIdx.x % SPLIT) * DH      # the first of this block's columns
         wkey0 = key0 + 16 * warp
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A, and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Qᵀ, dOᵀ)
@@ -100,7 +110,7 @@ def make_dkdv(t, causal, bf16, features):
         commit_async()       # K_j, V_j: the first group, complete when step 0's tile is
         dk_acc = cuda.local.array(N_O, float32)
         dv_acc = cuda.local.array(N_O, float32)
-        for x in range(4 * NV):
+        for x in range(N_O):
             dk_acc[x] = ZERO
             dv_acc[x] = ZERO
         st = cuda.local.array(N_S, float32)     # Sᵀ, then Pᵀ
@@ -123,6 +133,7 @@ def make_dkdv(t, causal, bf16, features):
             row0 = ic * C
             wait_tile()
             cuda.syncthreads()   # step's Q_i, dO_i are in; the previous step is done with dSᵀ
+            # (and with its buffer, which this step's load below overwrites)
             off = Q_OFF + (step % STAGES) * STAGE
             nxt = Q_OFF + ((step + STAGES - 1) % STAGES) * STAGE
             if il < n_steps:
@@ -187,43 +198,206 @@ def make_dkdv(t, causal, bf16, features):
                 s1 = pack(dpt[x + 2], dpt[x + 3])
                 s2 = pack(dpt[x + 4], dpt[x + 5])
                 s3 = pack(dpt[x + 6], dpt[x + 7])
-                at = DS_OFF + (16 * warp + g) * PS + 16 * kk + 2 * t4
-                put2(smem, at, s0)
-                put2(smem, at + 8 * PS, s1)
-                put2(smem, at + 8, s2)
-                put2(smem, at + 8 * PS + 8, s3)
-                for dp2 in range(NV // 2):
-                    brow = 16 * kk * DS + 16 * dp2 + a_lane
+                if DQ:
+                    at = DS_OFF + (16 * warp + g) * PS + 16 * kk + 2 * t4
+                    put2(smem, at, s0)
+                    put2(smem, at + 8 * PS, s1)
+                    put2(smem, at + 8, s2)
+                    put2(smem, at + 8 * PS + 8, s3)
+                for dp2 in range(NVH // 2):
+                    brow = 16 * kk * DS + c0 + 16 * dp2 + a_lane
                     b0, b1, b2, b3 = ldsm_t(smem, do_off + brow)
                     y = 8 * dp2
                     mma2(dv_acc, y, p0, p1, p2, p3, b0, b1, b2, b3)
                     b0, b1, b2, b3 = ldsm_t(smem, off + brow)
                     mma2(dk_acc, y, s0, s1, s2, s3, b0, b1, b2, b3)
-            cuda.syncthreads()   # dSᵀ complete
-
-            # dQ_i += τ dS K_j, in 16 x 16 pieces shared among the warps, added atomically
-            for it in range(ITEMS // W):
-                item = warp + W * it
-                qm = item // (D // 16)
-                dp2 = item % (D // 16)
-                for x in range(8):
-                    dq[x] = ZERO
-                for kk in range(R // 16):
-                    a0, a1, a2, a3 = ldsm_t(smem, DS_OFF + (16 * kk + lane % 8 + 8 * (mi // 2))
-                                            * PS + 16 * qm + 8 * (mi % 2))
-                    b0, b1, b2, b3 = ldsm_t(smem, K_OFF + (16 * kk + lane % 8 + 8 * (mi % 2))
-                                            * DS + 16 * dp2 + 8 * (mi // 2))
-                    mma2(dq, 0, a0, a1, a2, a3, b0, b1, b2, b3)
-                for x in range(8):
-                    row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
-                    if row < Nq:
-                        cuda.atomic.add(dq_acc, q_base + row * D + 16 * dp2 + 8 * (x // 4)
-                                        + 2 * t4 + x % 2, dq[x] * scale)
+            if DQ:
+                cuda.syncthreads()   # dSᵀ complete
+                # dQ_i += τ dS K_j, in 16 x 16 pieces shared among the warps, added atomically
+                for it in range(PER_WARP):
+                    item = warp + W * it
+                    own = item < ITEMS
+                    if own or SIMULATOR:   # (there every thread must take part in each mma)
+                        item = min(item, ITEMS - 1)
+                        qm = item // (DH // 16)
+                        col = c0 + 16 * (item % (DH // 16))
+                        for x in range(8):
+                            dq[x] = ZERO
+                        for kk in range(R // 16):
+                            a0, a1, a2, a3 = ldsm_t(smem, DS_OFF + (16 * kk + lane % 8
+                                                                    + 8 * (mi // 2)) * PS
+                                                    + 16 * qm + 8 * (mi % 2))
+                            b0, b1, b2, b3 = ldsm_t(smem, K_OFF + (16 * kk + lane % 8
+                                                                   + 8 * (mi % 2)) * DS
+                                                    + col + 8 * (mi // 2))
+                            mma2(dq, 0, a0, a1, a2, a3, b0, b1, b2, b3)
+                        for x in range(8):
+                            row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
+                            cx = col + 8 * (x // 4) + 2 * t4 + x % 2
+                            if own and row < Nq and cx < D:
+                                cuda.atomic.add(dq_acc, q_base + row * D + cx, dq[x] * scale)
             ic, all_on = walk(ic + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
             step += 1
 
         one = float32(1.0)   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P̃_ijᵀ dO_i, written once
-        store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, scale, one, one, False, False, lane)
-        store_rows(dv, k_base, wkey0, Nk, dv_acc, 0, one, one, one, False, False, lane)
+        store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, c0, scale, one, one, False, False, lane)
+        store_rows(dv, k_base, wkey0, Nk, dv_acc, 0, c0, one, one, one, False, False, lane)
 
     return tc_dkdv
+
+
+def make_dq(t, causal, bf16, features):
+    """FA2's dQ pass on tensor cores for TcTiles `t` (16·W query rows per block, C keys per
+    step; deterministic=True): for each key tile K_j, V_j, streamed as in the forward, every
+    warp recomputes S = Q_i K_jᵀ and dP = dO_i V_jᵀ for its 16 rows, P from lse, dS = P ∘ (dP -
+    D), and adds dQ_i += dS K_j in registers (dS as A fragments, as the forward's P̃); dq = τ dQ
+    is written once. No atomics, so dq is the same bits on every run."""
+    D, DP, W, C, STAGES, QREGS = t.d, t.dp, t.warps, t.cols, t.stages, t.qregs
+    R, T, DS = t.rows, t.threads, t.ds
+    assert t.mtiles == 1, "the dQ pass has one m-tile (16 query rows) per warp"
+    KD, NT, NV = DP // 16, C // 8, DP // 8
+    N_Q, N_S, N_O = (4 * KD if QREGS else 4), 4 * NT, 4 * NV
+    CAUSAL = bool(causal)
+    DROP, PAD, SPARSE = features
+    shared = t.smem_plan("dq", DROP)         # offsets in 16-bit elements (keep bits: uint32)
+    Q_OFF, DO_OFF, KV_OFF = shared.offset("Q"), shared.offset("dO"), shared.offset("KV")
+    KEEP_OFF = shared.offset("keep", 4)
+    STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
+    ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
+    mma2 = make_mma2(mma)
+    load_q = make_async_rows(R, D, DP, DS, T)
+    load_kv = make_async_rows(C, D, DP, DS, T)
+    wait_tile, wait_q = make_wait_async(STAGES - 2), make_wait_async(STAGES - 1)
+    fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE)
+    fill_keep, tile_kept = make_keep_tile(R, C, T), make_tile_kept(C)
+    check_keep_tile(DROP, C, t)
+    store_rows = make_store_rows(D, DP, pack)
+    walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
+
+    def a_fragments(dst, x, smem, at):
+        """dst[x:x+4] = the A fragment (16 rows x 16 columns) at shared offset `at`."""
+        a0, a1, a2, a3 = ldsm(smem, at)
+        dst[x] = a0
+        dst[x + 1] = a1
+        dst[x + 2] = a2
+        dst[x + 3] = a3
+
+    a_fragments = cuda.jit(device=True, inline=True)(a_fragments)
+
+    def tc_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, scale,
+              msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq", dropout) of dynamic shared
+        memory; 16-bit arrays as uint16; delta from tc_delta."""
+        smem = cuda.shared.array(0, uint16)
+        bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
+        tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
+        g, t4 = lane // 4, lane % 4
+        mi = lane // 8
+        row0 = cuda.blockIdx.x * R
+        wr = 16 * warp                           # this warp's first query row in the block
+        a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
+        b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Kᵀ, Vᵀ)
+        q_base, k_base = bh * Nq * D, bh * Nk * D
+
+        load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
+        load_q(do, q_base, row0, Nq, smem, DO_OFF, tid)
+        commit_async()
+        n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
+        jl, _ = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        jc, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        for st in range(STAGES - 1):
+            if jl < n_blocks:
+                load_kv(k, k_base, jl * C, klen, smem, KV_OFF + st * STAGE, tid)
+                load_kv(v, k_base, jl * C, klen, smem, KV_OFF + st * STAGE + V_IN, tid)
+                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            commit_async()
+
+        # this lane's two rows (g, g + 8): lse in base 2 (in two parts) and D
+        ra = row0 + wr + g
+        lse_a, d_a = row_stats(lse, delta, bh * Nq + ra, ra < Nq)
+        lse_b, d_b = row_stats(lse, delta, bh * Nq + ra + 8, ra + 8 < Nq)
+        lse_a = cuda.fma(lse_a, LOG2E, lse_a * LOG2E_LO)
+        lse_b = cuda.fma(lse_b, LOG2E, lse_b * LOG2E_LO)
+        wait_q()
+        cuda.syncthreads()
+        qf = cuda.local.array(N_Q, uint32)    # Q_i's and dO_i's A fragments
+        df = cuda.local.array(N_Q, uint32)
+        if QREGS:
+            for kk in range(KD):
+                a_fragments(qf, 4 * kk, smem, Q_OFF + wr * DS + 16 * kk + a_lane)
+                a_fragments(df, 4 * kk, smem, DO_OFF + wr * DS + 16 * kk + a_lane)
+        acc = cuda.local.array(N_O, float32)   # dQ_i's fragments
+        for x in range(N_O):
+            acc[x] = ZERO
+        s = cuda.local.array(N_S, float32)     # S, then P, then dS
+        dpv = cuda.local.array(N_S, float32)   # dP
+
+        step = 0
+        while jc < n_blocks:
+            col0 = jc * C
+            wait_tile()
+            cuda.syncthreads()   # tile `step` is in; the buffer of step - 1 is free
+            buf = KV_OFF + (step % STAGES) * STAGE
+            nxt = KV_OFF + ((step + STAGES - 1) % STAGES) * STAGE
+            if jl < n_blocks:
+                load_kv(k, k_base, jl * C, klen, smem, nxt, tid)
+                load_kv(v, k_base, jl * C, klen, smem, nxt + V_IN, tid)
+                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            commit_async()
+            if DROP:   # the forward's keep bits, drawn again
+                fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
+                cuda.syncthreads()
+
+            # S = Q_i K_jᵀ and dP = dO_i V_jᵀ: B fragments from K_j's and V_j's rows
+            for x in range(N_S):
+                s[x] = ZERO
+                dpv[x] = ZERO
+            for kk in range(KD):
+                a = 4 * kk if QREGS else 0
+                if not QREGS:
+                    a_fragments(qf, 0, smem, Q_OFF + wr * DS + 16 * kk + a_lane)
+                    a_fragments(df, 0, smem, DO_OFF + wr * DS + 16 * kk + a_lane)
+                for np2 in range(NT // 2):
+                    brow = buf + 16 * np2 * DS + 16 * kk + b_lane
+                    b0, b1, b2, b3 = ldsm(smem, brow)
+                    mma2(s, 8 * np2, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b0, b1, b2, b3)
+                    b0, b1, b2, b3 = ldsm(smem, brow + V_IN)
+                    mma2(dpv, 8 * np2, df[a], df[a + 1], df[a + 2], df[a + 3], b0, b1, b2,
+                         b3)
+
+            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) \
+                or not all_on
+            vis = fragment_mask(row0 + wr, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk,
+                                bq, bk) if masked else uint64(0)
+            for x in range(N_S):   # P from lse; dS = P ∘ (dP ∘ Z/(1-p) - D)
+                upper = (x // 2) % 2 == 0
+                dp = dpv[x]
+                if DROP:
+                    if tile_kept(bits, KEEP_OFF, wr + g + 8 * ((x // 2) % 2),
+                                 8 * (x // 4) + 2 * t4 + x % 2):
+                        dp *= drop_scale
+                    else:
+                        dp = ZERO
+                p = exp2(clamp_nonpositive(cuda.fma(s[x], sc_hi, -(lse_a if upper else lse_b))))
+                if masked and not fragment_bit(vis, x):
+                    p = ZERO
+                s[x] = p * (dp - (d_a if upper else d_b))
+
+            # dQ_i += dS K_j: dS as A fragments (16 keys = two 8-key slices), B from K_j by
+            # ldmatrix.trans
+            for kk in range(NT // 2):
+                x = 8 * kk
+                a0 = pack(s[x], s[x + 1])
+                a1 = pack(s[x + 2], s[x + 3])
+                a2 = pack(s[x + 4], s[x + 5])
+                a3 = pack(s[x + 6], s[x + 7])
+                for dp2 in range(NV // 2):
+                    b0, b1, b2, b3 = ldsm_t(smem, buf + 16 * kk * DS + 16 * dp2 + a_lane)
+                    mma2(acc, 8 * dp2, a0, a1, a2, a3, b0, b1, b2, b3)
+            jc, all_on = walk(jc + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            step += 1
+
+        one = float32(1.0)   # dQ_i = τ Σ_j dS_ij K_j, written once
+        store_rows(dq, q_base, row0 + wr, Nq, acc, 0, 0, scale, one, one, False, False, lane)
+
+    return tc_dq

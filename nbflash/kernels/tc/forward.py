@@ -18,8 +18,12 @@ written.
 
 Scores are in base 2, τ log2(e) folded into one float32 scale (fa2 splits it in two so as to
 round the scaled score once; here P is rounded to 16 bits before its product, far coarser), and
-2^x is ex2.approx.ftz (warp.exp2): per score the forward spends a multiply, a max, a subtract,
-the exp2 and an add. Masking, key padding, block sparsity and dropout use the device functions
+2^x is ex2.approx.ftz (warp.exp2). As in FlashAttention-2's kernels the row max is taken over
+the raw scores and scaled once per row, so that P̃ = 2^(s·scale - m) is one fma: per score the
+forward spends a max, the fma, the exp2 and an add. That needs scale >= 0; a negative τ is
+applied by flipping the sign bits of Q's fragments (exact), so s·|scale| is the same product.
+Head dims that are not a multiple of 16 run on tiles padded to one (zero columns, loaded as
+zeros and never stored). Masking, key padding, block sparsity and dropout use the device functions
 every family shares (nbflash.kernels.common.masks, .dropout). Shared tiles hold 16-bit elements
 as uint16 (numba-cuda has no bfloat16 type), rows padded by 8 elements (16 bytes) so that the 8
 row addresses of an ldmatrix fall in different banks (nbflash.kernels.tc.tiles).
@@ -43,12 +47,13 @@ def make_forward(t, causal, bf16, features):
     see the module docstring.
     With RM = 2 each K or V fragment a warp reads from shared memory feeds two mma, as in
     FlashAttention-2's kernels."""
-    D, W, C, STAGES, RM = t.d, t.warps, t.cols, t.stages, t.mtiles
+    D, DP, W, C, STAGES, RM, QREGS = t.d, t.dp, t.warps, t.cols, t.stages, t.mtiles, t.qregs
     R, T, DS = t.rows, t.threads, t.ds
-    KD, NT, NV = D // 16, C // 8, D // 8
+    KD, NT, NV = DP // 16, C // 8, DP // 8
     # fragment array sizes (compile-time constants); m-tile mt's entries start at mt * size
     QF, SF, OF = 4 * KD, 4 * NT, 4 * NV
     N_Q, N_S, N_O, N_R, N_P = RM * QF, RM * SF, RM * OF, 2 * RM, 4 * RM
+    N_QF = N_Q if QREGS else 4 * RM    # Q_i's fragments held: all, or one 16-dim step's
     CAUSAL = bool(causal)
     DROP, PAD, SPARSE = features
     shared = t.smem_plan("forward", DROP)    # offsets in 16-bit elements (keep bits: uint32)
@@ -56,47 +61,62 @@ def make_forward(t, causal, bf16, features):
     STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
     ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
     mma2 = make_mma2(mma)
-    load_q = make_async_rows(R, D, DS, T)
-    load_kv = make_async_rows(C, D, DS, T)
+    load_q = make_async_rows(R, D, DP, DS, T)
+    load_kv = make_async_rows(C, D, DP, DS, T)
     wait_tile, wait_q = make_wait_async(STAGES - 2), make_wait_async(STAGES - 1)
     row_max, row_sum = make_row_reduce(4, T)
     fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE)
     fill_keep, tile_kept = make_keep_tile(R, C, T), make_tile_kept(C)
     check_keep_tile(DROP, C, t)
-    store_rows = make_store_rows(D, pack)
+    store_rows = make_store_rows(D, DP, pack)
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
 
+    def softmax_row(s, m, l, mt, h, vis, masked, tid, sc):
+        """The online softmax (FA2 Alg. 1 lines 8-10) of row g + 8h of m-tile mt: the running
+        max of the scaled, visible scores (the raw scores' max times sc >= 0), P̃ = 2^(s·sc - m)
+        in place of S (0 where masked), ℓ rescaled and added to; returns the factor alpha that
+        rescales the row's output."""
+        m_blk = NEG_INF
+        for sl in range(NT):
+            for e in range(2):
+                y = 4 * sl + 2 * h + e
+                x = s[mt * SF + y]
+                if masked and not fragment_bit(vis, y):
+                    x = NEG_INF
+                m_blk = max(m_blk, x)
+        r = 2 * mt + h
+        m_blk = row_max(m_blk, tid)
+        if m_blk != NEG_INF:    # (-inf · 0 would be NaN for τ = 0)
+            m_blk *= sc
+        m_new, m_ref, alpha = new_max(m[r], m_blk)
+        m[r] = m_new
+        l_blk = ZERO
+        for sl in range(NT):
+            for e in range(2):
+                y = 4 * sl + 2 * h + e
+                x = mt * SF + y
+                p = exp2(cuda.fma(s[x], sc, -m_ref))
+                if masked and not fragment_bit(vis, y):
+                    p = ZERO
+                l_blk += p     # ℓ: the softmax's sum, before dropout
+                s[x] = p
+        l[r] = l[r] * alpha + l_blk
+        return alpha
+
     def softmax_mtile(s, m, l, acc, mt, r0, col0, lane, tid, masked, Nq, Nk, klen, all_on,
-                      bmask, mbase, nbk, bq, bk, sc_hi, sc_lo):
-        """The online softmax (FA2 Alg. 1 lines 8-10) of m-tile mt (rows r0 + g, r0 + g + 8):
-        scores scaled to base 2 and masked, running max, P̃ = 2^(s - m) in place of S, ℓ and
-        the output rows rescaled."""
+                      bmask, mbase, nbk, bq, bk, sc):
+        """softmax_row for both rows of m-tile mt (r0 + g, r0 + g + 8), then its output rows
+        rescaled. (One call per row rather than a loop: LLVM leaves a loop around so large a
+        body rolled at d = 256, which puts the output fragments in local memory.)"""
         vis = fragment_mask(r0, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq,
                             bk) if masked else uint64(0)
-        for h in range(2):
-            m_blk = NEG_INF
-            for sl in range(NT):
-                for e in range(2):
-                    y = 4 * sl + 2 * h + e
-                    sc = s[mt * SF + y] * sc_hi
-                    if masked and not fragment_bit(vis, y):
-                        sc = NEG_INF
-                    s[mt * SF + y] = sc
-                    m_blk = max(m_blk, sc)
-            r = 2 * mt + h
-            m_new, m_ref, alpha = new_max(m[r], row_max(m_blk, tid))
-            m[r] = m_new
-            l_blk = ZERO
-            for sl in range(NT):
-                for e in range(2):
-                    x = mt * SF + 4 * sl + 2 * h + e
-                    p = exp2(s[x] - m_ref)
-                    l_blk += p     # ℓ: the softmax's sum, before dropout
-                    s[x] = p
-            l[r] = l[r] * alpha + l_blk
-            for vt in range(NV):
-                acc[mt * OF + 4 * vt + 2 * h] *= alpha
-                acc[mt * OF + 4 * vt + 2 * h + 1] *= alpha
+        alpha0 = softmax_row(s, m, l, mt, 0, vis, masked, tid, sc)
+        alpha1 = softmax_row(s, m, l, mt, 1, vis, masked, tid, sc)
+        for vt in range(NV):
+            acc[mt * OF + 4 * vt] *= alpha0
+            acc[mt * OF + 4 * vt + 1] *= alpha0
+            acc[mt * OF + 4 * vt + 2] *= alpha1
+            acc[mt * OF + 4 * vt + 3] *= alpha1
 
     def finish_mtile(o, lse, m, l, acc, mt, q_base, bh, r0, Nq, Nk, klen, bmask, mbase, nbk, bq,
                      bk, lane, tid):
@@ -109,7 +129,7 @@ def make_forward(t, causal, bf16, features):
             row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
         d1, lse1 = finish_row(m[2 * mt + 1], l1, l1 != ZERO or sees_a_key(
             row + 8, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
-        store_rows(o, q_base, r0, Nq, acc, mt * OF, float32(1.0), d0, d1, lse0 == NEG_INF,
+        store_rows(o, q_base, r0, Nq, acc, mt * OF, 0, float32(1.0), d0, d1, lse0 == NEG_INF,
                    lse1 == NEG_INF, lane)
         if lane % 4 == 0:
             if row < Nq:
@@ -117,6 +137,7 @@ def make_forward(t, causal, bf16, features):
             if row + 8 < Nq:
                 lse[bh * Nq + row + 8] = lse1
 
+    softmax_row = cuda.jit(device=True, inline=True)(softmax_row)
     softmax_mtile = cuda.jit(device=True, inline=True)(softmax_mtile)
     finish_mtile = cuda.jit(device=True, inline=True)(finish_mtile)
     assert RM in (1, 2), RM
@@ -126,6 +147,8 @@ def make_forward(t, causal, bf16, features):
         """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward", dropout) of dynamic
         shared memory; q, k, v, o: 16-bit bits (uint16), flat (B, H, N, d); lse: float32.
         sc_hi = τ log2(e) rounded to float32; sc_lo is not used (fa2's argument layout)."""
+        sc = abs(sc_hi)
+        flip = uint32(0x80008000) if sc_hi < ZERO else uint32(0)   # -Q for τ < 0 (sign bits)
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
@@ -150,18 +173,19 @@ def make_forward(t, causal, bf16, features):
 
         wait_q()              # Q_i is in (its group was committed first)
         cuda.syncthreads()
-        qf = cuda.local.array(N_Q, uint32)   # Q_i's A fragments, kept for every step
         mi = lane // 8
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Kᵀ)
-        for mt in range(RM):
-            for kk in range(KD):
-                a0, a1, a2, a3 = ldsm(smem, Q_OFF + (wr + 16 * mt) * DS + 16 * kk + a_lane)
-                x = mt * QF + 4 * kk
-                qf[x] = a0
-                qf[x + 1] = a1
-                qf[x + 2] = a2
-                qf[x + 3] = a3
+        qf = cuda.local.array(N_QF, uint32)   # Q_i's A fragments
+        if QREGS:    # kept for every step
+            for mt in range(RM):
+                for kk in range(KD):
+                    a0, a1, a2, a3 = ldsm(smem, Q_OFF + (wr + 16 * mt) * DS + 16 * kk + a_lane)
+                    x = mt * QF + 4 * kk
+                    qf[x] = a0 ^ flip
+                    qf[x + 1] = a1 ^ flip
+                    qf[x + 2] = a2 ^ flip
+                    qf[x + 3] = a3 ^ flip
 
         m = cuda.local.array(N_R, float32)    # running max of rows g, g + 8 of each m-tile
         l = cuda.local.array(N_R, float32)    # this lane's part of their ℓ
@@ -195,20 +219,28 @@ def make_forward(t, causal, bf16, features):
             for x in range(N_S):
                 s[x] = ZERO
             for kk in range(KD):
+                if not QREGS:   # Q_i's fragments for these 16 dims, from shared memory
+                    for mt in range(RM):
+                        a0, a1, a2, a3 = ldsm(smem, Q_OFF + (wr + 16 * mt) * DS + 16 * kk
+                                              + a_lane)
+                        qf[4 * mt] = a0 ^ flip
+                        qf[4 * mt + 1] = a1 ^ flip
+                        qf[4 * mt + 2] = a2 ^ flip
+                        qf[4 * mt + 3] = a3 ^ flip
                 for np2 in range(NT // 2):
                     b0, b1, b2, b3 = ldsm(smem, buf + 16 * np2 * DS + 16 * kk + b_lane)
                     for mt in range(RM):
-                        a = mt * QF + 4 * kk
+                        a = mt * QF + 4 * kk if QREGS else 4 * mt
                         x = mt * SF + 8 * np2
                         mma2(s, x, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b0, b1, b2, b3)
 
             masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) \
                 or not all_on
             softmax_mtile(s, m, l, acc, 0, row0 + wr, col0, lane, tid, masked, Nq, Nk, klen,
-                          all_on, bmask, mbase, nbk, bq, bk, sc_hi, sc_lo)
+                          all_on, bmask, mbase, nbk, bq, bk, sc)
             if RM == 2:   # (a call per m-tile: LLVM leaves a loop around this body rolled)
                 softmax_mtile(s, m, l, acc, 1, row0 + wr + 16, col0, lane, tid, masked, Nq,
-                              Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc_hi, sc_lo)
+                              Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc)
             if DROP:   # P̃ ∘ Z / (1 - p) for O (FlashAttention Alg. 2 line 13)
                 for x in range(N_S):
                     y = x % SF

@@ -26,44 +26,57 @@ def put2(dst, at, word):
 put2 = cuda.jit(device=True, inline=True)(put2)
 
 
-def make_async_rows(ROWS, D, DS, T):
+def zero_if(z, x):
+    """0 where z, else x (a select: x may be NaN, 0 · x would keep it)."""
+    return float32(0.0) if z else x
+
+
+zero_if = cuda.jit(device=True, inline=True)(zero_if)
+
+
+def make_async_rows(ROWS, D, DP, DS, T):
     """Device function: rows start .. start+ROWS-1 (zeros from row n on) of one head (flat
     offset `base`) of a flat (B, H, n, D) 16-bit array into shared memory at `off` with row
-    stride DS, by cp.async in 16-byte pieces; issued, not waited for."""
-    CH = D // 8                       # 16-byte pieces per row
+    stride DS, DP columns (zeros from column D on), by cp.async in 16-byte pieces; issued, not
+    waited for."""
+    CH = DP // 8                      # 16-byte pieces per shared row
+    assert D % 8 == 0 and DP >= D
 
     def load(src, base, start, n, smem, off, tid):
         for e in range(tid, ROWS * CH, T):
             r = e // CH
             x = 8 * (e % CH)
-            inside = start + r < n
+            inside = start + r < n and (DP == D or x < D)
             copy16_async(smem, off + r * DS + x, src,
                          base + (start + r) * D + x if inside else base, 16 if inside else 0)
 
     return cuda.jit(device=True, inline=True)(load)
 
 
-def make_store_rows(D, pack):
-    """Device function: the fragments acc[a0:] of one m-tile (16 rows x D columns of a warp,
-    see the module docstring) times `scale`, divided by d0 (row g) and d1 (row g + 8), as
-    16-bit values into rows row0 + g, row0 + g + 8 (those below n) of a flat head at `base`;
-    zeros instead for a row whose `z0` / `z1` is true (a row that sees no key)."""
-    NV = D // 8
+def make_store_rows(D, WIDTH, pack):
+    """Device function: the fragments acc[a0:] of one m-tile (16 rows x WIDTH columns of a
+    warp, see the module docstring) times scale / d0 (row g) and scale / d1 (row g + 8), as
+    16-bit values into rows row0 + g, row0 + g + 8 (those below n), columns col0 .. (those below
+    D) of a flat head of row length D at `base`; zeros instead for a row whose `z0` / `z1` is
+    true (a row that sees no key)."""
+    NV = WIDTH // 8
 
-    def store(dst, base, row0, n, acc, a0, scale, d0, d1, z0, z1, lane):
+    def store(dst, base, row0, n, acc, a0, col0, scale, d0, d1, z0, z1, lane):
         g, t = lane // 4, lane % 4
-        for h in range(2):
-            row = row0 + g + 8 * h
-            div = d0 if h == 0 else d1
-            zero = z0 if h == 0 else z1
-            if row < n:
-                for vt in range(NV):
-                    x0 = acc[a0 + 4 * vt + 2 * h] * scale / div
-                    x1 = acc[a0 + 4 * vt + 2 * h + 1] * scale / div
-                    if zero:
-                        x0 = float32(0.0)
-                        x1 = float32(0.0)
-                    put2(dst, base + row * D + 8 * vt + 2 * t, pack(x0, x1))
+        r0, r1 = row0 + g, row0 + g + 8
+        f0, f1 = scale / d0, scale / d1
+        # (the two rows written out rather than in a loop: at d = 256 LLVM would leave such a
+        # loop rolled and put the fragments in local memory)
+        for vt in range(NV):
+            col = col0 + 8 * vt
+            x = a0 + 4 * vt
+            if col < D:
+                if r0 < n:
+                    put2(dst, base + r0 * D + col + 2 * t,
+                         pack(zero_if(z0, acc[x] * f0), zero_if(z0, acc[x + 1] * f0)))
+                if r1 < n:
+                    put2(dst, base + r1 * D + col + 2 * t,
+                         pack(zero_if(z1, acc[x + 2] * f1), zero_if(z1, acc[x + 3] * f1)))
 
     return cuda.jit(device=True, inline=True)(store)
 

@@ -3,11 +3,14 @@ launch plan of a call.
 
 A tc call launches the forward kernel, or the backward's D kernel (fa2's, on the 16-bit
 values), the dK/dV kernel (dQ added atomically into a float32 buffer) and the kernel that
-converts that buffer into the 16-bit dq. Arrays are float16, or uint16 holding bfloat16 bits
-(numba-cuda has no bfloat16 type; nbflash.inputs takes torch's bfloat16 tensors as their
-bits), and results come back of the same kind. As fa2's (nbflash.kernels.fa2.plan), each kernel
-is compiled once per signature, launched through the driver, and a call's :class:`TcPlan` is
-worked out once and cached (:func:`plan_for`).
+converts that buffer into the 16-bit dq; with deterministic=True, the D kernel, the dK/dV
+kernel without dQ and the dQ pass. Arrays are float16, or uint16 holding bfloat16 bits
+(numba-cuda has no bfloat16 type; nbflash.inputs takes torch's and ml_dtypes' bfloat16 as their
+bits), and results come back of the same kind. Head dims that are not a multiple of 8 are padded
+with zero columns on the way in and cut on the way out (as FlashAttention's Python layer does;
+the kernels pad multiples of 8 to their 16-column tiles themselves). As fa2's
+(nbflash.kernels.fa2.plan), each kernel is compiled once per signature, launched through the
+driver, and a call's :class:`TcPlan` is worked out once and cached (:func:`plan_for`).
 """
 
 import functools
@@ -21,12 +24,12 @@ from ..common.options import NONE, Features, OptionArguments
 from ..common.smem import check_fits
 from ..common.softmax import DELTA_THREADS, make_delta, split_scale
 from ..common.warp import make_warp_ops
-from .backward import make_convert, make_dkdv
+from .backward import make_convert, make_dkdv, make_dq
 from .forward import make_forward
-from .tiles import tiles as default_tiles
+from .tiles import kernel_head_dim, tiles as default_tiles
 
 #: the tiled kernels (the compile check's and the tile tables'); "delta" and "convert" have none
-KERNELS = ("forward", "dkdv")
+KERNELS = ("forward", "dkdv", "dq")
 CONVERT_THREADS = 256
 
 
@@ -34,7 +37,7 @@ def check(d, pass_, dropout=False):
     """tc's own checks (the shared ones, dtype and head dim among them, are nbflash.inputs'):
     its default tiles' shared memory at head dim d (with dropout's keep bits) against what a
     block may opt in to."""
-    check_fits("tc", ("forward",) if pass_ == "forward" else ("dkdv",), default_tiles, d,
+    check_fits("tc", ("forward",) if pass_ == "forward" else ("dkdv", "dq"), default_tiles, d,
                dropout)
 
 
@@ -44,14 +47,17 @@ def launch_bounds(tiles, features=Features()):
     return tiles.threads, (1 if any(features) else tiles.min_blocks)
 
 
-def spec(name, tiles, causal, dtype, features=Features()):
-    """tc kernel `name` ("forward", "delta", "dkdv", "convert") for these constants (a factory
-    Spec); dtype "float16" or "bfloat16" (16-bit data as uint16 bits)."""
+def spec(name, tiles, causal, dtype, features=Features(), dq=True):
+    """tc kernel `name` ("forward", "delta", "dkdv", "dq", "convert") for these constants (a
+    factory Spec); dtype "float16" or "bfloat16" (16-bit data as uint16 bits); dq (dkdv):
+    whether it adds dQ (False with the deterministic dQ pass)."""
     bf16 = str(dtype) == "bfloat16"
     if name == "forward":
         fn = make_forward(tiles, causal, bf16, features)
     elif name == "dkdv":
-        fn = make_dkdv(tiles, causal, bf16, features)
+        fn = make_dkdv(tiles, causal, bf16, features, dq)
+    elif name == "dq":
+        fn = make_dq(tiles, causal, bf16, features)
     elif name == "delta":    # fa2's, on the 16-bit bits
         fn = make_delta(DELTA_THREADS, make_warp_ops(DELTA_THREADS, bf16)[4])
     elif name == "convert":
@@ -65,8 +71,8 @@ def spec(name, tiles, causal, dtype, features=Features()):
         argtypes = kernel_types(name, types.uint16)
     if name not in KERNELS:
         return Spec(fn, argtypes)
-    return Spec(fn, argtypes, tiles.smem_bytes(name, features.dropout),
-                launch_bounds(tiles, features))
+    smem = tiles.smem_plan(name, features.dropout, *((dq,) if name == "dkdv" else ())).nbytes
+    return Spec(fn, argtypes, smem, launch_bounds(tiles, features))
 
 
 def _bits(xp, x):
@@ -74,67 +80,97 @@ def _bits(xp, x):
     return x if x.dtype == xp.uint16 else x.view(xp.uint16)
 
 
+def _padded(xp, x, d):
+    """x (..., d0) with zero columns up to d (a new contiguous array), or x itself."""
+    if x.shape[-1] == d:
+        return x
+    out = xp.zeros(x.shape[:-1] + (d,), x.dtype)
+    out[..., :x.shape[-1]] = x
+    return out
+
+
+def _cut(xp, x, d):
+    """x's first d columns as a contiguous array (x itself when it has d)."""
+    return x if x.shape[-1] == d else xp.ascontiguousarray(x[..., :d])
+
+
 class TcPlan(OptionArguments):
     """A tc call's tiles, compiled kernels, grids and packed arguments (as fa2's Fa2Plan).
     Takes float16 arrays, or uint16 arrays holding bfloat16 bits, and returns the same kind.
-    The backward adds dQ atomically (no deterministic pass)."""
+    The backward adds dQ atomically, or with `deterministic` computes it in the dQ pass."""
 
-    def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=NONE):
+    def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=NONE,
+                 deterministic=False):
         causal = bool(causal)
-        self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H, Nk, d), (B, H, Nq)
+        self.d, kd = d, kernel_head_dim(d)            # kd: the kernels' head dim
+        self.q_shape, self.k_shape = (B, H, Nq, kd), (B, H, Nk, kd)
+        self.lse_shape = (B, H, Nq)
         self.dtype, self.layout = dtype, layout
+        self.atomic = not deterministic
         features, drop = layout.features, layout.features.dropout
-        nq, nk, rows = B * H * Nq * d, B * H * Nk * d, B * H * Nq
-        Q, K, L, ACC = (nq, 2), (nk, 2), (rows, 4), (nq, 4)
+        nq, nk, rows = B * H * Nq * kd, B * H * Nk * kd, B * H * Nq
+        Q, K, L = (nq, 2), (nk, 2), (rows, 4)
+        ACC = (nq, 4) if self.atomic else (1, 4)
         opt, opt_scalars = layout.array_sizes(B), layout.scalars()
         sc = split_scale(scale)
         tiles = dict(tiles or ())
-        t = tiles.get("forward") or default_tiles("forward", d)
+        t = tiles.get("forward") or default_tiles("forward", kd)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
                          (-(-Nq // t.rows), H, B), t.threads, t.smem_bytes("forward", drop),
                          (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *opt_scalars))
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
-                           (Q, Q, L, ACC), (rows, d, 1))
-        t = tiles.get("dkdv") or default_tiles("dkdv", d)
-        self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features),
-                          (-(-Nk // t.rows), H, B), t.threads, t.smem_bytes("dkdv", drop),
-                          (Q, K, K, Q, L, L, ACC, K, K, *opt),
-                          (Nq, Nk, H, *sc, float(scale), *opt_scalars))
+                           (Q, Q, L, ACC), (rows, kd, int(self.atomic)))
+        grads = (Nq, Nk, H, *sc, float(scale), *opt_scalars)
+        t = tiles.get("dkdv") or default_tiles("dkdv", kd)
+        self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
+                          (-(-Nk // t.rows) * t.dsplit, H, B), t.threads,
+                          t.smem_bytes("dkdv", drop, self.atomic),
+                          (Q, K, K, Q, L, L, ACC, K, K, *opt), grads)
         self.convert = Bound(kernel(spec, "convert", None, False, dtype),
                              (-(-(nq // 2) // CONVERT_THREADS), 1, 1), CONVERT_THREADS, 0,
-                             (ACC, Q), (nq // 2,))
+                             (ACC, Q), (nq // 2,)) if self.atomic else None
+        t = tiles.get("dq") or default_tiles("dq", kd)
+        self.dq = None if self.atomic else Bound(
+            kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.rows), H, B),
+            t.threads, t.smem_bytes("dq", drop), (Q, K, K, Q, L, L, Q, *opt), grads)
 
     def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
         """FA2 Algorithm 1 on tensor cores; returns (o, lse)."""
+        kd, dtype = self.q_shape[-1], q.dtype
+        q, k, v = (_bits(xp, _padded(xp, x, kd)) for x in (q, k, v))
         o = xp.empty(self.q_shape, xp.uint16)
         lse = xp.empty(self.lse_shape, xp.float32)
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
-        self.fwd(stream, flat((_bits(xp, q), _bits(xp, k), _bits(xp, v), o, lse, *opt)),
-                 self.with_options(self.fwd, scalars))
-        return (o if q.dtype == xp.uint16 else o.view(q.dtype)), lse
+        self.fwd(stream, flat((q, k, v, o, lse, *opt)), self.with_options(self.fwd, scalars))
+        o = _cut(xp, o, self.d)
+        return (o if dtype == xp.uint16 else o.view(dtype)), lse
 
     def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
                  seed=0, offset=0):
         """FA2 Algorithm 2 on tensor cores; returns (dq, dk, dv)."""
-        dtype = q.dtype
-        do, q, k, v, o = (_bits(xp, x) for x in (do, q, k, v, o))
+        kd, dtype = self.q_shape[-1], q.dtype
+        do, q, k, v, o = (_bits(xp, _padded(xp, x, kd)) for x in (do, q, k, v, o))
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
         delta = xp.empty(self.lse_shape, xp.float32)
-        dq_acc = xp.empty(self.q_shape, xp.float32)
+        dq_acc = xp.empty(self.q_shape if self.atomic else (1,), xp.float32)
         dq = xp.empty(self.q_shape, xp.uint16)
         dk = xp.empty(self.k_shape, xp.uint16)
         dv = xp.empty(self.k_shape, xp.uint16)
         self.delta(stream, flat((o, do, delta, dq_acc)))       # and zeroes dq_acc
         self.dkdv(stream, flat((q, k, v, do, lse, delta, dq_acc, dk, dv, *opt)),
                   self.with_options(self.dkdv, scalars))
-        self.convert(stream, flat((dq_acc, dq)))
-        if dtype == xp.uint16:
-            return dq, dk, dv
-        return dq.view(dtype), dk.view(dtype), dv.view(dtype)
+        if self.atomic:
+            self.convert(stream, flat((dq_acc, dq)))
+        else:
+            self.dq(stream, flat((q, k, v, do, lse, delta, dq, *opt)),
+                    self.with_options(self.dq, scalars))
+        grads = tuple(_cut(xp, x, self.d) for x in (dq, dk, dv))
+        return grads if dtype == xp.uint16 else tuple(x.view(dtype) for x in grads)
 
 
 @functools.lru_cache(maxsize=256)
-def plan_for(B, H, Nq, Nk, d, dtype, causal, scale, tiles=None, layout=NONE):
+def plan_for(B, H, Nq, Nk, d, dtype, causal, scale, tiles=None, layout=NONE,
+             deterministic=False):
     """The cached :class:`TcPlan`; `tiles`: None or a tuple of (kernel, TcTiles) pairs."""
-    return TcPlan(B, H, Nq, Nk, d, str(dtype), causal, scale, tiles, layout)
+    return TcPlan(B, H, Nq, Nk, d, str(dtype), causal, scale, tiles, layout, deterministic)

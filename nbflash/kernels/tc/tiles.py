@@ -14,10 +14,14 @@ ELEMENT = 2
 @dataclass(frozen=True)
 class TcTiles:
     """Tiles of a tensor-core kernel (nbflash.kernels.tc.forward, .backward): W warps each own
-    16·mtiles rows of the block's tile (rows = 16 W mtiles: query rows in the forward, keys in
-    the dK/dV pass); each step takes `cols` rows of the other operand (keys, or queries),
-    streamed through `stages` shared buffers by cp.async. 16-bit elements; rows padded by 8
-    elements (16 bytes)."""
+    16·mtiles rows of the block's tile (rows = 16 W mtiles: query rows in the forward and the dQ
+    pass, keys in the dK/dV pass); each step takes `cols` rows of the other operand (keys, or
+    queries), streamed through `stages` shared buffers by cp.async. 16-bit elements; rows padded
+    by 8 elements (16 bytes).
+
+    `d` is the head dim the kernel reads and writes (a multiple of 8: the plan pads other head
+    dims, as FlashAttention does); the shared tiles and the mma work on :attr:`dp` columns, d
+    rounded up to the mma's 16 (the columns past d are loaded as zeros and never written)."""
 
     d: int
     warps: int
@@ -29,6 +33,13 @@ class TcTiles:
     #: m-tiles (of 16 rows) per warp: the forward's warps may own 32 rows (2), as in
     #: FlashAttention-2, so that each K or V fragment read feeds two mma; the dK/dV pass: 1
     mtiles: int = 1
+    #: the dK/dV pass: blocks that share one key tile, each accumulating dK and dV for 1/dsplit
+    #: of the columns (large head dims: 2 x 16 x d float32 accumulators would not fit in a
+    #: warp's registers); each recomputes S and dP
+    dsplit: int = 1
+    #: the forward and the dQ pass: keep Q_i's (and dO_i's) A fragments in registers for every
+    #: step, or read them from shared memory at each step (large head dims)
+    qregs: bool = True
 
     @property
     def rows(self):
@@ -39,71 +50,89 @@ class TcTiles:
         return 32 * self.warps
 
     @property
-    def shares_dq_evenly(self):
-        """The dK/dV pass shares dQ's (cols/16) x (d/16) pieces of 16 x 16 evenly among its
-        warps (the kernel needs it)."""
-        return (self.cols // 16) * (self.d // 16) % self.warps == 0
+    def dp(self):
+        """The head dim of the shared tiles and the mma: d rounded up to 16 (the dK/dV pass:
+        to 16·dsplit, so that every part has whole 16-column pieces)."""
+        unit = 16 * self.dsplit
+        return -(-self.d // unit) * unit
+
+    @property
+    def dh(self):
+        """Columns of dK, dV (and dQ) a dK/dV block accumulates: dp / dsplit."""
+        return self.dp // self.dsplit
 
     @property
     def ds(self):
         """Row stride (elements) of the d-wide shared tiles."""
-        return self.d + 8
+        return self.dp + 8
 
     @property
     def ps(self):
         """Row stride of the dkdv pass's dSᵀ tile (rows keys, `cols` query columns)."""
         return self.cols + 8
 
-    def smem_plan(self, kernel, dropout=False):
-        """The shared memory of tc `kernel` ("forward" or "dkdv") as named regions of 16-bit
-        elements (lse and D are float32); "keep" (dropout's keep bits, uint32) last, empty
-        without dropout."""
+    def smem_plan(self, kernel, dropout=False, dq=True):
+        """The shared memory of tc `kernel` ("forward", "dkdv" or "dq") as named regions of
+        16-bit elements (lse and D are float32); "keep" (dropout's keep bits, uint32) last,
+        empty without dropout. dq (dkdv): whether the pass also computes dQ (its dSᵀ tile)."""
         R, C, DS = self.rows, self.cols, self.ds
         keep = ("keep", R * C // 8 if dropout else 0, 4)
         if kernel == "forward":     # Q_i; per stage K_j, V_j
             kv = SmemPlan(ELEMENT, ("K", C * DS), ("V", C * DS))
             return SmemPlan(ELEMENT, ("Q", R * DS), ("KV", kv, self.stages), keep)
+        if kernel == "dq":          # Q_i, dO_i; per stage K_j, V_j
+            kv = SmemPlan(ELEMENT, ("K", C * DS), ("V", C * DS))
+            return SmemPlan(ELEMENT, ("Q", R * DS), ("dO", R * DS), ("KV", kv, self.stages),
+                            keep)
         if kernel == "dkdv":        # K_j, V_j, dSᵀ; per stage Q_i, dO_i, float32 lse_i, D_i
             step = SmemPlan(ELEMENT, ("Q", C * DS), ("dO", C * DS), ("lse", C, 4), ("D", C, 4))
-            return SmemPlan(ELEMENT, ("K", R * DS), ("V", R * DS), ("dSt", R * self.ps),
+            return SmemPlan(ELEMENT, ("K", R * DS), ("V", R * DS),
+                            ("dSt", R * self.ps if dq else 0),
                             ("steps", step, self.stages), keep)
         raise ValueError(kernel)
 
-    def smem_bytes(self, kernel, dropout=False):
-        return self.smem_plan(kernel, dropout).nbytes
+    def smem_bytes(self, kernel, dropout=False, dq=True):
+        return self.smem_plan(kernel, dropout, dq).nbytes
 
     def label(self):
         return (f"d={self.d} warps={self.warps} mtiles={self.mtiles} cols={self.cols} "
-                f"stages={self.stages} min_blocks={self.min_blocks}")
+                f"stages={self.stages} min_blocks={self.min_blocks} dsplit={self.dsplit} "
+                f"qregs={self.qregs}")
 
 
-#: (warps, cols, stages[, min_blocks[, mtiles]]) per kernel and head dim (the entry of the
-#: smallest head dim >= d). GPU: chosen from sweeps on the H200 (experiments/tuning/tc_tiles.py;
-#: numbers in docs/tensor-cores.md); simulator: one or two warps and 16-32 columns, so that the
-#: tests' short sequences span several tiles.
+#: (warps, cols, stages[, min_blocks[, mtiles[, dsplit[, qregs]]]]) per kernel and head dim
+#: (the entry of the smallest head dim >= d). GPU: chosen from sweeps on the H200
+#: (experiments/tuning/tc_tiles.py; numbers in docs/tensor-cores.md); simulator: one or two
+#: warps and 16-32 columns, so that the tests' short sequences span several tiles.
 GPU_TILES = {
-    "forward": {64: (8, 64, 2, 2), 128: (8, 64, 2)},
-    "dkdv": {64: (8, 32, 2), 128: (8, 16, 2)},
+    "forward": {64: (8, 64, 2, 2), 128: (8, 64, 2), 256: (4, 16, 2, 1, 1, 1, False)},
+    "dkdv": {64: (8, 32, 2), 128: (8, 16, 2), 256: (4, 16, 2, 1, 1, 2)},
+    "dq": {64: (4, 64, 2), 128: (4, 32, 2, 1, 1, 1, False), 256: (4, 16, 2, 1, 1, 1, False)},
 }
 SIM_TILES = {
-    "forward": {32: (1, 16, 2, 1, 2), 128: (1, 16, 3)},
-    "dkdv": {32: (2, 16, 2), 128: (1, 16, 2)},
+    "forward": {32: (1, 16, 2, 1, 2), 128: (1, 16, 3), 256: (1, 16, 2, 1, 1, 1, False)},
+    "dkdv": {32: (2, 16, 2), 128: (1, 16, 2), 256: (1, 16, 2, 1, 1, 2)},
+    "dq": {32: (2, 16, 2), 256: (1, 16, 2, 1, 1, 1, False)},
 }
 #: the table this device mode uses
 TABLE = SIM_TILES if SIMULATOR else GPU_TILES
-#: head dims the tc kernels take: multiples of HEAD_DIM_MULTIPLE up to MAX_HEAD_DIM
-MAX_HEAD_DIM, HEAD_DIM_MULTIPLE = 128, 16
+#: head dims the tc kernels take: every one up to MAX_HEAD_DIM (the kernels read and write
+#: multiples of KERNEL_HEAD_DIM_MULTIPLE; the plan pads the others)
+MAX_HEAD_DIM, HEAD_DIM_MULTIPLE, KERNEL_HEAD_DIM_MULTIPLE = 256, 1, 8
+
+
+def kernel_head_dim(d):
+    """The head dim tc's kernels run a call of head dim d at: d rounded up to a multiple of 8
+    (16-byte rows for cp.async)."""
+    return -(-d // KERNEL_HEAD_DIM_MULTIPLE) * KERNEL_HEAD_DIM_MULTIPLE
 
 
 def tiles(kernel, d, table=None):
-    """TcTiles of tc `kernel` ("forward" or "dkdv") for head dim d from `table` (None: this
-    device's, TABLE)."""
+    """TcTiles of tc `kernel` ("forward", "dkdv" or "dq") for head dim d from `table` (None:
+    this device's, TABLE); d is rounded up to the kernels' multiple of 8."""
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"tc takes head dims 1 to {MAX_HEAD_DIM}; got {d}")
+    d = kernel_head_dim(d)
     sizes = (table or TABLE)[kernel]
     key = min((k for k in sizes if k >= d), default=max(sizes))
-    warps, cols, stages, *more = sizes[key]      # more: min_blocks, mtiles
-    if kernel == "dkdv":   # dQ's (cols/16) x (d/16) pieces of 16 x 16 are shared evenly among
-        # the warps: more columns per step, or else fewer warps, until they are
-        return next(t for w in (warps, warps // 2, warps // 4, 1) if w >= 1
-                    for t in (TcTiles(d, w, c, stages, *more) for c in (cols, 2 * cols, 4 * cols))
-                    if t.shares_dq_evenly)
-    return TcTiles(d, warps, cols, stages, *more)
+    return TcTiles(d, *sizes[key])
