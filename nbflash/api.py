@@ -9,6 +9,8 @@ j <= i + Nk - Nq. With Nq > Nk the first Nq - Nk queries see no key at all; thei
 their lse is -inf and their gradients are 0 (no NaN anywhere).
 """
 
+import sys
+
 from . import impls, inputs
 from ._cuda import ON_GPU
 from .kernels.common.dropout import dropout_mask as _dropout_mask
@@ -21,27 +23,59 @@ _CUPY = []
 
 
 def _fast_key(arrays, options):
-    """For CuPy arrays on the GPU that need no copy (C-contiguous, 16-byte aligned): a key of
-    everything the input checks look at (kinds, shapes, dtypes, devices, options). A call whose
-    key was seen before passed the same checks, so it can go straight to its cached plan;
-    this keeps the host time of repeated calls small. None where the fast path does not apply."""
+    """For CuPy arrays or torch CUDA tensors on the GPU that need no copy (C-contiguous, 16-byte
+    aligned, on the current device): a key of everything the input checks look at (kinds,
+    shapes, dtypes, devices, options). A call whose key was seen before passed the same checks,
+    so it can go straight to its cached plan; this keeps the host time of repeated calls small.
+    None where the fast path does not apply."""
     if not ON_GPU:
         return None
+    first = arrays[0]
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(first, torch.Tensor):
+        return _torch_key(torch, arrays, options)
     if not _CUPY:
         import cupy  # noqa: PLC0415
         _CUPY.append(cupy)
     cupy = _CUPY[0]
     key = [cupy.cuda.runtime.getDevice(), *options]
     for x in arrays:
-        if type(x) is not cupy.ndarray or not x.flags.c_contiguous or x.data.ptr % 16:
+        if type(x) is not cupy.ndarray or not x.flags.c_contiguous or x.data.ptr % 16 \
+                or x.dtype.name == "bfloat16":   # (newer CuPy holds ml_dtypes' bfloat16)
             return None
         key += (x.shape, x.dtype, x.data.device_id)
-    key = tuple(key)
+    return _hashable(tuple(key))
+
+
+def _torch_key(torch, arrays, options):
+    """_fast_key for torch tensors: ("torch", current device, options, then each tensor's
+    shape, dtype and device); None unless all are contiguous, 16-byte aligned CUDA tensors on
+    the current device."""
+    here = torch.cuda.current_device()
+    key = ["torch", here, *options]
+    for x in arrays:
+        if not isinstance(x, torch.Tensor) or not x.is_cuda or not x.is_contiguous() \
+                or x.data_ptr() % 16 or x.get_device() != here:
+            return None
+        key += (x.shape, x.dtype)
+    return _hashable(tuple(key))
+
+
+def _hashable(key):
     try:
         hash(key)
     except TypeError:   # an unhashable option: the checks will say what is wrong with it
         return None
     return key
+
+
+def _fast_call(key):
+    """(array module, stream) for a call on the fast path: CuPy and its current stream, or for
+    torch tensors (nbflash._torch_arrays) torch on the current device and its current stream."""
+    if key[0] == "torch":
+        from . import _torch_arrays  # noqa: PLC0415
+        return _torch_arrays.arrays_on(key[1]), _torch_arrays.current_stream(key[1])
+    return _CUPY[0], _stream()
 
 
 def _remember(key, plan):
@@ -118,7 +152,8 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     plan = _CHECKED.get(key) if key is not None else None
     if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
         _, seed, offset = inputs.check_dropout(dropout_p, seed, offset)
-        return plan.forward(_CUPY[0], q, k, v, _stream(), seed=seed, offset=offset)
+        xp, stream = _fast_call(key)
+        return plan.forward(xp, q, k, v, stream, seed=seed, offset=offset)
     prob, (q, k, v) = inputs.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                            impl=impl, M=M, block_rule=block_rule, **masking)
     with prob.stream_context():
@@ -160,8 +195,8 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     plan = _CHECKED.get(key) if key is not None else None
     if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
         _, seed, offset = inputs.check_dropout(dropout_p, seed, offset)
-        return plan.backward(_CUPY[0], do, q, k, v, o, lse, _stream(), seed=seed,
-                             offset=offset)
+        xp, stream = _fast_call(key)
+        return plan.backward(xp, do, q, k, v, o, lse, stream, seed=seed, offset=offset)
     prob, arrays = inputs.check_backward(do, q, k, v, o, lse, causal=causal,
                                          softmax_scale=softmax_scale, impl=impl, M=M,
                                          block_rule=block_rule, deterministic=deterministic,

@@ -5,8 +5,10 @@
     o.sum().backward()                      # q.grad, k.grad, v.grad from nbflash's backward
 
 The forward saves q, k, v, o and lse; the backward recomputes P from them (nbflash's
-attention_backward). Tensors pass to the kernels without copies (DLPack) and the kernels run on
-torch's current stream. Importing this module imports torch; the rest of nbflash never does.
+attention_backward). Tensors pass to the kernels without copies and the kernels run on torch's
+current stream: the first call with given shapes, dtypes and options goes through the checks
+(tensors taken through DLPack); repeated ones go straight to the cached launch plan, which
+allocates its outputs with torch (nbflash.api's fast path). Importing this module imports torch; the rest of nbflash never does.
 """
 
 import torch
@@ -27,7 +29,9 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = api.attention_backward(do, q, k, v, o, lse, **ctx.options)
+        # (the upstream gradient is often a broadcast view, e.g. of loss = o.sum(): one copy
+        # here, and the call takes the fast path of contiguous tensors)
+        dq, dk, dv = api.attention_backward(do.contiguous(), q, k, v, o, lse, **ctx.options)
         return dq, dk, dv, None, None, None, None, None
 
 

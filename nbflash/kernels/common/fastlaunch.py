@@ -175,8 +175,9 @@ class Bound:
             if scalars is not None:
                 struct.pack_into(self.kernel._scalar_fmt, buf, self.kernel._scalar_off,
                                  *self.scalars)
-            for slot, a in zip(self._slots, arrays):
-                buf[slot] = a.data.ptr if hasattr(a, "data") else _describe(a)[0]
+            for slot, a in zip(self._slots, arrays):    # CuPy's pointer, or any other's
+                data = getattr(a, "data", None)
+                buf[slot] = data.ptr if hasattr(data, "ptr") else _describe(a)[0]
             rc = _driver().cuLaunchKernel(func, gx, gy, gz, self.block, 1, 1, self.smem,
                                           stream, self._params, None)
         if rc:

@@ -115,7 +115,10 @@ class Fa2Plan(OptionArguments):
         self.dkdv(stream, flat(inputs + (dq_acc, dk, dv, *opt)),
                   self.with_options(self.dkdv, scalars))
         if self.atomic:
-            return (dq_acc if self.dtype == "float32" else dq_acc.astype(self.dtype)), dk, dv
+            if self.dtype != "float32":   # (torch tensors have no astype; nbflash.api's xp does)
+                dq_acc = dq_acc.astype(self.dtype) if hasattr(dq_acc, "astype") \
+                    else xp.astype(dq_acc, self.dtype)
+            return dq_acc, dk, dv
         dq = xp.empty(self.q_shape, self.dtype)
         self.dq(stream, flat(inputs + (dq, *opt)), self.with_options(self.dq, scalars))
         return dq, dk, dv
