@@ -3,7 +3,8 @@
 The command runs itself again under ``compute-sanitizer --tool memcheck`` and ``--tool
 racecheck`` (or the tools named), in ``--cases`` mode: small forward and backward launches of
 each impl with kernels (nbflash.impls), through the public API, at ragged lengths in both
-directions and at head dims 64, 48 (not a power of two) and 128 (CASES), causal and not, in each
+directions and at head dims 64, 48 (not a power of two), 128, 59 and 256 (CASES; each impl those it
+takes), causal and not, in each
 dtype the impl takes (bfloat16 through torch tensors when torch is importable); the
 deterministic dQ pass where an impl has one; with ``--options`` every case also with dropout,
 key padding and a block mask whose 32 x 32 blocks cut across the tiles (causal only, to keep the
@@ -33,8 +34,10 @@ from .._cuda import MODE
 from ..cli_util import UsageError, output_dir, positive_float
 
 TOOLS = ("memcheck", "racecheck")
-#: (Nq, Nk, d) of the cases: ragged both ways, a head dim that is not a power of two
-CASES = ((77, 130, 64), (130, 77, 48), (33, 33, 128))
+#: (Nq, Nk, d) of the cases: ragged both ways, a head dim that is not a power of two, one that
+#: is not a multiple of 8 (tc pads it) and one above 128 (tc's dK/dV split, Q from shared
+#: memory); each impl runs those it takes
+CASES = ((77, 130, 64), (130, 77, 48), (33, 33, 128), (50, 70, 59), (70, 50, 256))
 
 
 def find():

@@ -53,6 +53,8 @@ def _driver():
         lib.cuKernelGetFunction.argtypes = [ctypes.POINTER(vp), vp]
         lib.cuFuncSetAttribute.argtypes = [vp, ctypes.c_int, ctypes.c_int]
         lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(vp)]
+        lib.cuCtxSetCurrent.argtypes = [vp]
         _libcuda = lib
     return _libcuda
 
@@ -118,6 +120,9 @@ class Kernel:
                 _check(lib.cuFuncSetAttribute(func, _MAX_DYNAMIC_SMEM, self.max_smem),
                        f"raising {self.name}'s shared memory to {self.max_smem} bytes")
             func = self._funcs[device] = func.value
+            ctx = ctypes.c_void_p()
+            _check(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+            _CONTEXTS[func] = ctx.value
         return func
 
     def resources(self):
@@ -169,6 +174,7 @@ class Bound:
             return
         device = _device(arrays[0])
         func = self.kernel._funcs.get(device) or self.kernel._function(device)
+        _make_current(_CONTEXTS[func])
         gx, gy, gz = self.grid
         with self._lock:
             buf = self._buf
@@ -182,6 +188,20 @@ class Bound:
                                           stream, self._params, None)
         if rc:
             _check(rc, f"launching {self.kernel.name}")
+
+
+#: CUfunction -> the context it was loaded in (the device's primary context, Numba's)
+_CONTEXTS = {}
+
+
+def _make_current(ctx):
+    """Make `ctx` the calling thread's current context if it is not: a launch through the
+    driver needs it, and a thread that only ran torch's (runtime API) work since Numba last
+    touched the context may have none bound (CUDA error 201 at the launch, seen on the H200)."""
+    lib, current = _driver(), ctypes.c_void_p()
+    lib.cuCtxGetCurrent(ctypes.byref(current))
+    if current.value != ctx:
+        _check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
 def _device(a):

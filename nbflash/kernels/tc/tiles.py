@@ -105,8 +105,9 @@ class TcTiles:
 #: (experiments/tuning/tc_tiles.py; numbers in docs/tensor-cores.md); simulator: one or two
 #: warps and 16-32 columns, so that the tests' short sequences span several tiles.
 GPU_TILES = {
-    "forward": {64: (8, 64, 2, 2), 128: (8, 64, 2), 256: (4, 16, 2, 1, 1, 1, False)},
-    "dkdv": {64: (8, 32, 2), 128: (8, 16, 2), 256: (4, 16, 2, 1, 1, 2)},
+    "forward": {64: (8, 64, 2, 2), 128: (8, 64, 2, 1, 2, 1, False),
+                256: (4, 32, 2, 1, 1, 1, False)},
+    "dkdv": {64: (8, 64, 2), 128: (8, 16, 2), 256: (4, 16, 2, 1, 1, 2)},
     "dq": {64: (4, 64, 2), 128: (4, 32, 2, 1, 1, 1, False), 256: (4, 16, 2, 1, 1, 1, False)},
 }
 SIM_TILES = {
