@@ -35,7 +35,8 @@ def cmd_info(args):
         if key == "versions":
             value = ", ".join(f"{k} {v}" for k, v in value.items() if v)
         table.add_row(key, str(value))
-    table.add_row("implementations", ", ".join(impls.names()) + f" (auto: {impls.AUTO[0]})")
+    table.add_row("implementations", ", ".join(impls.names())
+                  + f" (auto: the first of {', '.join(impls.AUTO)} that takes the inputs)")
     _console().print(table)
     return 0
 

@@ -107,18 +107,21 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
                       block_mask=None, block_size=None):
     """Attention forward: returns (o, lse).
 
-    q: (B, H, Nq, d); k, v: (B, H, Nk, d); float16 or float32 (math in float32): CuPy arrays or
-    torch CUDA tensors on the GPU, NumPy arrays (or torch CPU tensors) in the simulator; torch
-    inputs give torch outputs, computed on torch's current stream. o has q's shape and dtype;
+    q: (B, H, Nq, d); k, v: (B, H, Nk, d); float16, float32 or bfloat16 (math in float32;
+    bfloat16 as torch.bfloat16 tensors, ml_dtypes.bfloat16 NumPy arrays or uint16 arrays of its
+    bits, the outputs in the same form): CuPy arrays or torch CUDA tensors on the GPU, NumPy
+    arrays (or torch CPU tensors) in the simulator; torch inputs give torch outputs, computed on
+    torch's current stream. o has q's shape and dtype;
     lse = m + log ℓ per query row, float32 of shape (B, H, Nq), -inf for a row that sees no key.
 
     causal: mask keys after the query, bottom-right aligned (key j visible to query i when
     j <= i + Nk - Nq). softmax_scale (τ): default 1/sqrt(d).
     impl: "fa2" (FlashAttention-2 structure, register-tiled, float32 math on CUDA cores), "tc"
-    (the same structure on tensor cores, through inline PTX: float16, or bfloat16 torch
-    tensors; head_dim a multiple of 16 up to 128; the fast one for 16-bit inputs), "fa1" (the
-    FlashAttention paper's Algorithm 1, as written), "naive" (plain array operations), or
-    "auto" (fa2).
+    (the same structure on tensor cores, through inline PTX: float16 or bfloat16, every
+    head_dim up to 256; the fast one for 16-bit inputs), "fa1" (the FlashAttention paper's
+    Algorithm 1, as written), "naive" (plain array operations), or "auto" (the default: the
+    first of nbflash.impls.AUTO that takes the inputs: tc for float16 and bfloat16, fa2 for
+    float32; a backward with deterministic=True runs the first whose dq can be).
     M, block_rule (fa1 only): on-chip memory in elements (default: the largest whose kernel fits
     the shared memory a block gets; the forward and backward kernels differ in size) and
     the block-size rule, "paper" (Bc = ceil(M/4d), Br = min(Bc, d)) or "seed" (the reverse).
@@ -182,10 +185,10 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     fa2: FlashAttention-2's Algorithm 2). Gradients have the dtypes and shapes of q, k, v; rows
     that see no key get zero gradients, and so do keys that no query sees.
 
-    deterministic (fa2): compute dq in a separate pass, so that it is bitwise reproducible; by
-    default fa2 adds each block's share of dq with atomics, which is faster but leaves the
-    order of the additions, and so the last bits of dq, to the GPU. tc always adds dq with
-    atomics (deterministic=True is refused); fa1 and naive are always deterministic.
+    deterministic (fa2, tc): compute dq in a separate pass, so that it is bitwise reproducible;
+    by default fa2 and tc add each block's share of dq with atomics, which is faster but
+    leaves the order of the additions, and so the last bits of dq, to the GPU. fa1 and naive
+    are always deterministic.
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
                    block_mask=block_mask, block_size=block_size)

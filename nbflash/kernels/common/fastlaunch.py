@@ -172,7 +172,8 @@ class Bound:
         if SIMULATOR:
             self.kernel._simulate(self.grid, self.block, self.smem, arrays, self.scalars)
             return
-        device = _device(arrays[0])
+        first = arrays[0]
+        device = (_ACCESS.get(type(first)) or _access(first))[1](first)
         func = self.kernel._funcs.get(device) or self.kernel._function(device)
         _make_current(_CONTEXTS[func])
         gx, gy, gz = self.grid
@@ -181,9 +182,8 @@ class Bound:
             if scalars is not None:
                 struct.pack_into(self.kernel._scalar_fmt, buf, self.kernel._scalar_off,
                                  *self.scalars)
-            for slot, a in zip(self._slots, arrays):    # CuPy's pointer, or any other's
-                data = getattr(a, "data", None)
-                buf[slot] = data.ptr if hasattr(data, "ptr") else _describe(a)[0]
+            for slot, a in zip(self._slots, arrays):   # (the options' placeholders may be
+                buf[slot] = (_ACCESS.get(type(a)) or _access(a))[0](a)   # of another kind)
             rc = _driver().cuLaunchKernel(func, gx, gy, gz, self.block, 1, 1, self.smem,
                                           stream, self._params, None)
         if rc:
@@ -202,6 +202,26 @@ def _make_current(ctx):
     lib.cuCtxGetCurrent(ctypes.byref(current))
     if current.value != ctx:
         _check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+#: array type -> (its device pointer, its device number): looked up once per type, since a
+#: launch takes tens of arrays and torch's `.data` makes a new tensor at every access
+_ACCESS = {}
+
+
+def _access(a):
+    """(pointer(a), device(a)) functions for arrays of a's type, found and remembered."""
+    kind = type(a)
+    found = _ACCESS.get(kind)
+    if found is None:
+        if hasattr(a, "data_ptr") and hasattr(a, "get_device"):      # torch
+            found = (kind.data_ptr, kind.get_device)
+        elif hasattr(getattr(a, "data", None), "ptr"):                # CuPy
+            found = (lambda x: x.data.ptr, lambda x: x.data.device_id)
+        else:
+            found = (lambda x: _describe(x)[0], _device)
+        _ACCESS[kind] = found
+    return found
 
 
 def _device(a):

@@ -17,6 +17,7 @@ import functools
 
 from numba import types
 
+from ..._cuda import SIMULATOR
 from ..common.arguments import kernel_types
 from ..common.factory import Spec, flat, kernel
 from ..common.fastlaunch import Bound
@@ -76,8 +77,20 @@ def spec(name, tiles, causal, dtype, features=Features(), dq=True):
 
 
 def _bits(xp, x):
-    """A 16-bit array as its uint16 bits (a view; bfloat16 data already is)."""
-    return x if x.dtype == xp.uint16 else x.view(xp.uint16)
+    """A 16-bit array as its uint16 bits, the type the kernels are compiled for (a view;
+    bfloat16 data already is). Only the simulator needs it: a launch on the GPU takes the
+    arrays' pointers, whatever their dtype."""
+    return x if not SIMULATOR or x.dtype == xp.uint16 else x.view(xp.uint16)
+
+
+def _empty16(xp, shape, dtype):
+    """An output for 16-bit results of the inputs' `dtype` (in the simulator uint16 bits,
+    viewed back by :func:`_as`)."""
+    return xp.empty(shape, xp.uint16 if SIMULATOR else dtype)
+
+
+def _as(x, dtype):
+    return x if x.dtype == dtype else x.view(dtype)
 
 
 def _padded(xp, x, d):
@@ -139,12 +152,11 @@ class TcPlan(OptionArguments):
         """FA2 Algorithm 1 on tensor cores; returns (o, lse)."""
         kd, dtype = self.q_shape[-1], q.dtype
         q, k, v = (_bits(xp, _padded(xp, x, kd)) for x in (q, k, v))
-        o = xp.empty(self.q_shape, xp.uint16)
+        o = _empty16(xp, self.q_shape, dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
         self.fwd(stream, flat((q, k, v, o, lse, *opt)), self.with_options(self.fwd, scalars))
-        o = _cut(xp, o, self.d)
-        return (o if dtype == xp.uint16 else o.view(dtype)), lse
+        return _as(_cut(xp, o, self.d), dtype), lse
 
     def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
                  seed=0, offset=0):
@@ -154,9 +166,9 @@ class TcPlan(OptionArguments):
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
         delta = xp.empty(self.lse_shape, xp.float32)
         dq_acc = xp.empty(self.q_shape if self.atomic else (1,), xp.float32)
-        dq = xp.empty(self.q_shape, xp.uint16)
-        dk = xp.empty(self.k_shape, xp.uint16)
-        dv = xp.empty(self.k_shape, xp.uint16)
+        dq = _empty16(xp, self.q_shape, dtype)
+        dk = _empty16(xp, self.k_shape, dtype)
+        dv = _empty16(xp, self.k_shape, dtype)
         self.delta(stream, flat((o, do, delta, dq_acc)))       # and zeroes dq_acc
         self.dkdv(stream, flat((q, k, v, do, lse, delta, dq_acc, dk, dv, *opt)),
                   self.with_options(self.dkdv, scalars))
@@ -165,8 +177,7 @@ class TcPlan(OptionArguments):
         else:
             self.dq(stream, flat((q, k, v, do, lse, delta, dq, *opt)),
                     self.with_options(self.dq, scalars))
-        grads = tuple(_cut(xp, x, self.d) for x in (dq, dk, dv))
-        return grads if dtype == xp.uint16 else tuple(x.view(dtype) for x in grads)
+        return tuple(_as(_cut(xp, x, self.d), dtype) for x in (dq, dk, dv))
 
 
 @functools.lru_cache(maxsize=256)

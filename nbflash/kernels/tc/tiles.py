@@ -107,7 +107,7 @@ class TcTiles:
 GPU_TILES = {
     "forward": {64: (8, 64, 2, 2), 128: (8, 64, 2, 1, 2, 1, False),
                 256: (4, 32, 2, 1, 1, 1, False)},
-    "dkdv": {64: (8, 64, 2), 128: (8, 16, 2), 256: (4, 16, 2, 1, 1, 2)},
+    "dkdv": {64: (8, 32, 2), 128: (8, 16, 2), 256: (4, 16, 2, 1, 1, 2)},
     "dq": {64: (4, 64, 2), 128: (4, 32, 2, 1, 1, 1, False), 256: (4, 16, 2, 1, 1, 1, False)},
 }
 SIM_TILES = {
@@ -115,6 +115,16 @@ SIM_TILES = {
     "dkdv": {32: (2, 16, 2), 128: (1, 16, 2), 256: (1, 16, 2, 1, 1, 2)},
     "dq": {32: (2, 16, 2), 256: (1, 16, 2, 1, 1, 1, False)},
 }
+#: local memory (bytes per thread: spills, and the stack they take) that the H200 sweeps
+#: accepted for a GPU_TILES entry, by (kernel, the entry's head dim); every other kernel must
+#: have none (tests/test_compile.py, and test_tc.py's SASS test on the GPU). Two forwards spill
+#: a few registers and are still the fastest (figures/data/tc_tiles_h200.json, N = 8192): d = 64
+#: with 2 blocks of 8 warps per SM (its 128-register cap) 193 TFLOP/s, 16 bytes spilled by the
+#: H200's compiler, none by CI's, against 153 for min_blocks 1 without spills; d = 128 with 8
+#: warps of 32 rows and Q from shared memory 238, against 200 for the best tiles without
+#: (16 bytes on the H200, 72 causal; 116 in CI's compile).
+LOCAL_ALLOWANCE = {("forward", 64): 32, ("forward", 128): 128}
+
 #: the table this device mode uses
 TABLE = SIM_TILES if SIMULATOR else GPU_TILES
 #: head dims the tc kernels take: every one up to MAX_HEAD_DIM (the kernels read and write
@@ -137,3 +147,11 @@ def tiles(kernel, d, table=None):
     sizes = (table or TABLE)[kernel]
     key = min((k for k in sizes if k >= d), default=max(sizes))
     return TcTiles(d, *sizes[key])
+
+
+def local_allowance(kernel, d):
+    """The local memory LOCAL_ALLOWANCE accepts for tc `kernel` at head dim d with the GPU
+    table's tiles (0 for most)."""
+    d = kernel_head_dim(d)
+    key = min((k for k in GPU_TILES[kernel] if k >= d), default=max(GPU_TILES[kernel]))
+    return LOCAL_ALLOWANCE.get((kernel, key), 0)
