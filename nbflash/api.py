@@ -79,7 +79,10 @@ def _fast_call(key):
 
 
 def _remember(key, plan):
-    if key is None:
+    """Cache a checked call's plan under its key; for torch tensors only the plans whose calls
+    take torch's array calls (nbflash._torch_arrays: fa2's and tc's launch plans say so with
+    TAKES_TORCH), so that fa1 and the naive baseline go through the checks and DLPack."""
+    if key is None or (key[0] == "torch" and not getattr(plan, "TAKES_TORCH", False)):
         return
     if len(_CHECKED) >= _CHECKED_MAX:
         _CHECKED.clear()

@@ -61,6 +61,22 @@ def test_functions_return_torch_and_share_memory():
     assert all(isinstance(x, torch.Tensor) and x.shape == q.shape for x in (dq, dk, dv))
 
 
+@pytest.mark.parametrize("impl", ["naive", "fa1", "fa2", "tc"])
+def test_repeated_calls_with_torch_tensors(impl):
+    """The second call with the same shapes goes straight to the cached plan (fa2, tc: their
+    own torch path; fa1, naive: the checks again) and gives the same results as the first."""
+    dtype = torch.float16
+    q, k, v, do = _inputs(1, 2, 21, 33, 16, dtype)
+    first = nbflash.attention_forward(q, k, v, causal=True, impl=impl)
+    again = nbflash.attention_forward(q, k, v, causal=True, impl=impl)
+    grads = [nbflash.attention_backward(do, q, k, v, *first, causal=True, impl=impl)
+             for _ in range(2)]
+    for a, b in zip(first + tuple(grads[0]), again + tuple(grads[1])):
+        assert isinstance(b, torch.Tensor) and b.dtype == a.dtype and b.shape == a.shape
+        np.testing.assert_allclose(_np(b).astype(np.float32), _np(a).astype(np.float32),
+                                   atol=2e-3)
+
+
 def test_mixed_kinds_are_refused():
     q, k, v, _ = _inputs(1, 1, 4, 4, 8, torch.float32)
     with pytest.raises(nbflash.InputError, match="one kind"):

@@ -1,7 +1,8 @@
 """Which tiles make tc fastest on this GPU: warps, columns per step, stages, launch bounds and
 m-tiles of its forward and dK/dV kernels.
 
-Every candidate TcTiles (warps, cols, stages[, min_blocks[, mtiles]]) runs through a tc launch
+Every candidate TcTiles (warps, cols, stages[, min_blocks[, mtiles[, dsplit[, qregs]]]]) of the
+forward, the dK/dV pass and the deterministic dQ pass runs through a tc launch
 plan at the FlashAttention-2 grid's N = 8192 point (16k tokens, hidden 2048), float16, not
 causal; it is checked against the float64 reference and the forward (forward kernel) or the
 backward (dK/dV) is timed. nbflash/kernels/tc/tiles.py's GPU_TILES holds the winners; the
@@ -9,20 +10,28 @@ sweeps that chose them are in docs/tensor-cores.md.
 """
 
 from nbflash.kernels.common.factory import kernel as compiled
+from nbflash.kernels.common.options import Features
 from nbflash.kernels.tc import plan as tc_plan, tiles as tc_tiles
 
 from .. import common
 from . import PlanRunner, tile_sweep
 
 NAME = "tc_tiles"
+#: (warps, cols, stages[, min_blocks[, mtiles[, dsplit[, qregs]]]]): nbflash.kernels.tc.tiles
 GPU_CANDIDATES = {
-    "forward": {64: [(8, 64, 2, 2), (8, 64, 2), (4, 64, 2, 1, 2), (4, 64, 3, 1, 2),
-                     (8, 32, 2, 1, 2)],
-                128: [(8, 64, 2), (8, 64, 2, 2), (4, 64, 2, 1, 2), (8, 32, 2)]},
-    "dkdv": {64: [(8, 32, 2), (8, 64, 2), (4, 32, 2, 2), (8, 16, 2)],
-             128: [(8, 16, 2), (8, 32, 2), (4, 32, 2)]},
+    "forward": {64: [(8, 64, 2, 2), (8, 64, 2), (8, 128, 2, 2), (4, 64, 2, 4),
+                     (4, 64, 2, 1, 2), (8, 64, 3, 2)],
+                128: [(8, 64, 2, 1, 2, 1, False), (8, 64, 2), (4, 64, 2, 1, 2, 1, False),
+                      (8, 128, 2, 1, 1, 1, False), (8, 32, 2)],
+                256: [(4, 32, 2, 1, 1, 1, False), (4, 16, 2, 1, 1, 1, False)]},
+    "dkdv": {64: [(8, 32, 2), (8, 64, 2), (4, 64, 2)],
+             128: [(8, 16, 2), (8, 32, 2), (4, 16, 2)],
+             256: [(4, 16, 2, 1, 1, 2), (8, 16, 2, 1, 1, 2)]},
+    "dq": {64: [(4, 64, 2), (8, 64, 2)],
+           128: [(4, 32, 2, 1, 1, 1, False), (4, 64, 2, 1, 1, 1, False)]},
 }
-SIM_CANDIDATES = {"forward": {32: [(1, 16, 2), (1, 16, 2, 1, 2)]}, "dkdv": {32: [(2, 16, 2)]}}
+SIM_CANDIDATES = {"forward": {32: [(1, 16, 2), (1, 16, 2, 1, 2)]}, "dkdv": {32: [(2, 16, 2)]},
+                  "dq": {32: [(2, 16, 2)]}}
 
 
 def config():
@@ -31,14 +40,16 @@ def config():
 
 
 def _candidate(kernel, d, sizes, B, H, N):
+    """A candidate's plan: the forward's or the (atomic) backward's with these dK/dV tiles,
+    or for "dq" the deterministic backward (dK/dV without dQ, then the dQ pass)."""
     t = tc_tiles.TcTiles(d, *sizes)
     fields = {"threads": t.threads, "smem_bytes": t.smem_bytes(kernel)}
-    if kernel == "dkdv" and not t.shares_dq_evenly:
-        return ({**fields, "status": "unsupported",
-                 "error": "dQ's 16 x 16 pieces do not divide evenly among the warps"}, None, None)
-    plan = tc_plan.plan_for(B, H, N, N, d, "float16", False, d ** -0.5, ((kernel, t),))
+    det = kernel == "dq"
+    plan = tc_plan.plan_for(B, H, N, N, d, "float16", False, d ** -0.5, ((kernel, t),),
+                            deterministic=det)
+    extra = (Features(), True) if kernel == "dkdv" else ()    # the plan's compiled kernel
     return (fields, PlanRunner(False, plan),
-            lambda: compiled(tc_plan.spec, kernel, t, False, "float16").resources())
+            lambda: compiled(tc_plan.spec, kernel, t, False, "float16", *extra).resources())
 
 
 def measure(fresh=False):

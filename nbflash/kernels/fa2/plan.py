@@ -59,6 +59,9 @@ class Fa2Plan(OptionArguments):
     `layout`: the options' nbflash.kernels.common.options.Layout; a call brings their arrays,
     seed and offset. `tiles`: None or (kernel, RegTiles) pairs instead of the defaults."""
 
+    #: its forward and backward take torch tensors with nbflash._torch_arrays as `xp`
+    TAKES_TORCH = True
+
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles,
                  layout=NONE):
         causal = bool(causal)

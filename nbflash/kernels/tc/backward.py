@@ -252,7 +252,7 @@ def make_dq(t, causal, bf16, features):
     warp recomputes S = Q_i K_jᵀ and dP = dO_i V_jᵀ for its 16 rows, P from lse, dS = P ∘ (dP -
     D), and adds dQ_i += dS K_j in registers (dS as A fragments, as the forward's P̃); dq = τ dQ
     is written once. No atomics, so dq is the same bits on every run."""
-    D, DP, W, C, STAGES, QREGS = t.d, t.dp, t.warps, t.cols, t.stages, t.qregs
+    D, DP, C, STAGES, QREGS = t.d, t.dp, t.cols, t.stages, t.qregs
     R, T, DS = t.rows, t.threads, t.ds
     assert t.mtiles == 1, "the dQ pass has one m-tile (16 query rows) per warp"
     KD, NT, NV = DP // 16, C // 8, DP // 8

@@ -47,7 +47,7 @@ def make_forward(t, causal, bf16, features):
     see the module docstring.
     With RM = 2 each K or V fragment a warp reads from shared memory feeds two mma, as in
     FlashAttention-2's kernels."""
-    D, DP, W, C, STAGES, RM, QREGS = t.d, t.dp, t.warps, t.cols, t.stages, t.mtiles, t.qregs
+    D, DP, C, STAGES, RM, QREGS = t.d, t.dp, t.cols, t.stages, t.mtiles, t.qregs
     R, T, DS = t.rows, t.threads, t.ds
     KD, NT, NV = DP // 16, C // 8, DP // 8
     # fragment array sizes (compile-time constants); m-tile mt's entries start at mt * size

@@ -112,6 +112,9 @@ class TcPlan(OptionArguments):
     Takes float16 arrays, or uint16 arrays holding bfloat16 bits, and returns the same kind.
     The backward adds dQ atomically, or with `deterministic` computes it in the dQ pass."""
 
+    #: its forward and backward take torch tensors with nbflash._torch_arrays as `xp`
+    TAKES_TORCH = True
+
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=NONE,
                  deterministic=False):
         causal = bool(causal)

@@ -118,7 +118,8 @@ SIM_TILES = {
 #: local memory (bytes per thread: spills, and the stack they take) that the H200 sweeps
 #: accepted for a GPU_TILES entry, by (kernel, the entry's head dim); every other kernel must
 #: have none (tests/test_compile.py, and test_tc.py's SASS test on the GPU). Two forwards spill
-#: a few registers and are still the fastest (figures/data/tc_tiles_h200.json, N = 8192): d = 64
+#: a few registers and are still the fastest (the 2026-12-01 sweep in docs/tensor-cores.md,
+#: N = 8192): d = 64
 #: with 2 blocks of 8 warps per SM (its 128-register cap) 193 TFLOP/s, 16 bytes spilled by the
 #: H200's compiler, none by CI's, against 153 for min_blocks 1 without spills; d = 128 with 8
 #: warps of 32 rows and Q from shared memory 238, against 200 for the best tiles without
