@@ -119,10 +119,10 @@ class Kernel:
             if self.max_smem > 48 * 1024:
                 _check(lib.cuFuncSetAttribute(func, _MAX_DYNAMIC_SMEM, self.max_smem),
                        f"raising {self.name}'s shared memory to {self.max_smem} bytes")
-            func = self._funcs[device] = func.value
             ctx = ctypes.c_void_p()
             _check(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
-            _CONTEXTS[func] = ctx.value
+            _CONTEXTS[func.value] = ctx.value     # before the function is published: another
+            func = self._funcs[device] = func.value   # thread may launch it at once
         return func
 
     def resources(self):
@@ -167,9 +167,9 @@ class Bound:
         self._lock = threading.Lock()
 
     def __call__(self, stream, arrays, scalars=None):
-        if scalars is not None:
-            self.scalars = tuple(scalars)
         if SIMULATOR:
+            if scalars is not None:
+                self.scalars = tuple(scalars)
             self.kernel._simulate(self.grid, self.block, self.smem, arrays, self.scalars)
             return
         first = arrays[0]
@@ -177,9 +177,10 @@ class Bound:
         func = self.kernel._funcs.get(device) or self.kernel._function(device)
         _make_current(_CONTEXTS[func])
         gx, gy, gz = self.grid
-        with self._lock:
-            buf = self._buf
+        with self._lock:   # (a call's scalars, e.g. dropout's seed, packed under the lock:
+            buf = self._buf   # threads sharing a cached plan must not launch each other's)
             if scalars is not None:
+                self.scalars = tuple(scalars)
                 struct.pack_into(self.kernel._scalar_fmt, buf, self.kernel._scalar_off,
                                  *self.scalars)
             for slot, a in zip(self._slots, arrays):   # (the options' placeholders may be
