@@ -53,6 +53,32 @@ def test_autograd_matches_reference(dtype, causal):
     assert_close(got, base, ref, np.dtype(str(dtype).split(".")[-1]).type, f"torch {dtype}")
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_autograd_bfloat16_by_default(causal):
+    """bfloat16 tensors with the default impl (auto: tc), as a model trains: outputs and
+    gradients bfloat16, within the tolerance rule of the bfloat16 naive baseline."""
+    from nbflash.torch import attention  # noqa: PLC0415
+    from support import naive_bf16  # noqa: PLC0415
+    N, d = (300, 64) if DEVICE == "cuda" else (19, 16)
+    q, k, v, do = _inputs(1, 2, N, N + 5, d, torch.bfloat16, seed=3)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o = attention(*leaves, causal=causal)
+    assert o.dtype == torch.bfloat16
+    o.backward(do)
+    assert all(x.grad.dtype == torch.bfloat16 for x in leaves)
+    _, lse = nbflash.attention_forward(q, k, v, causal=causal)
+    got = {"o": o, "lse": lse, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+    got = {n: _np(x.float()) for n, x in got.items()}
+    f = [_np(x.float()) for x in (q, k, v, do)]
+    arrays = f
+    if DEVICE == "cuda":
+        import cupy  # noqa: PLC0415
+        arrays = [cupy.asarray(a) for a in f]
+    ref = reference(*arrays, causal)
+    assert_close(got, naive_bf16(*f, causal, 1 / np.sqrt(d)), ref, "bfloat16",
+                 f"torch bfloat16 causal={causal}")
+
+
 def test_functions_return_torch_and_share_memory():
     q, k, v, do = _inputs(1, 2, 9, 9, 8, torch.float32)
     o, lse = nbflash.attention_forward(q, k, v)
