@@ -53,23 +53,14 @@ def _torch_key(torch, arrays, options):
     the current device."""
     here = torch.cuda.current_device()
     key = ["torch", here, *options]
+    takes = (torch.float16, torch.bfloat16, torch.float32)
     for x in arrays:   # (other dtypes, uint16 bits say, go through the checks: their outputs
-        if not isinstance(x, torch.Tensor) or x.dtype not in _torch_dtypes(torch) \
+        if not isinstance(x, torch.Tensor) or x.dtype not in takes \
                 or not x.is_cuda or not x.is_contiguous() \
                 or x.data_ptr() % 16 or x.get_device() != here:   # come back as bfloat16)
             return None
         key += (x.shape, x.dtype)
     return _hashable(tuple(key))
-
-
-_TORCH_DTYPES = []
-
-
-def _torch_dtypes(torch):
-    """The torch dtypes the fast path takes as they are: float16, bfloat16, float32."""
-    if not _TORCH_DTYPES:
-        _TORCH_DTYPES.append((torch.float16, torch.bfloat16, torch.float32))
-    return _TORCH_DTYPES[0]
 
 
 def _hashable(key):

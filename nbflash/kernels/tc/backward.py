@@ -26,10 +26,11 @@ from ..._cuda import SIMULATOR, cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import first_query_block, key_blocks, make_tile_walk
 from ..common.primitives import commit_async, make_wait_async
-from ..common.softmax import LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_stats
+from ..common.softmax import LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_stats, scaled
 from ..common.warp import exp2, make_warp_ops
-from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_mma2,
-                        make_store_rows, put2, thread_coords)
+from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_kv_stream,
+                        make_load_a, make_mma2, make_pack_a, make_store_rows, put2,
+                        thread_coords)
 
 
 def make_convert(threads, bf16):
@@ -65,7 +66,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     ITEMS = (C // 16) * (DH // 16)       # dQ_i's 16 x 16 pieces, shared among the warps
     PER_WARP = -(-ITEMS // W)            # (the last round may leave warps without one)
     ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
-    mma2 = make_mma2(mma)
+    mma2, pack_a = make_mma2(mma), make_pack_a(pack)
     load_rows = make_async_rows(C, D, DP, DS, T)
     load_kv = make_async_rows(R, D, DP, DS, T)
     wait_tile = make_wait_async(STAGES - 2)
@@ -82,7 +83,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
         f = (off + LSE_IN) // 2
         for r in range(tid, C, T):   # lse in base 2 (lse·log2 e, in two parts), and D
             lse_r, dlt = row_stats(lse, delta, bh * Nq + row0 + r, row0 + r < Nq)
-            smemf[f + r] = cuda.fma(lse_r, LOG2E, lse_r * LOG2E_LO)
+            smemf[f + r] = scaled(lse_r, LOG2E, LOG2E_LO)
             smemf[f + D_AT + r] = dlt
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
@@ -189,15 +190,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
             # dV_j += P̃ᵀ dO_i and dK_j += dSᵀ Q_i: A from the fragments, B by ldmatrix.trans;
             # dSᵀ also to shared memory for dQ
             for kk in range(NT // 2):
-                x = 8 * kk
-                p0 = pack(st[x], st[x + 1])
-                p1 = pack(st[x + 2], st[x + 3])
-                p2 = pack(st[x + 4], st[x + 5])
-                p3 = pack(st[x + 6], st[x + 7])
-                s0 = pack(dpt[x], dpt[x + 1])
-                s1 = pack(dpt[x + 2], dpt[x + 3])
-                s2 = pack(dpt[x + 4], dpt[x + 5])
-                s3 = pack(dpt[x + 6], dpt[x + 7])
+                p0, p1, p2, p3 = pack_a(st, 8 * kk)
+                s0, s1, s2, s3 = pack_a(dpt, 8 * kk)
                 if DQ:
                     at = DS_OFF + (16 * warp + g) * PS + 16 * kk + 2 * t4
                     put2(smem, at, s0)
@@ -266,23 +260,15 @@ def make_dq(t, causal, bf16, features):
     ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
     mma2 = make_mma2(mma)
     load_q = make_async_rows(R, D, DP, DS, T)
-    load_kv = make_async_rows(C, D, DP, DS, T)
-    wait_tile, wait_q = make_wait_async(STAGES - 2), make_wait_async(STAGES - 1)
+    load_a, pack_a = make_load_a(ldsm), make_pack_a(pack)
+    wait_q = make_wait_async(STAGES - 1)
     fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE)
     fill_keep, tile_kept = make_keep_tile(R, C, T), make_tile_kept(C)
     check_keep_tile(DROP, C, t)
     store_rows = make_store_rows(D, DP, pack)
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
-
-    def a_fragments(dst, x, smem, at):
-        """dst[x:x+4] = the A fragment (16 rows x 16 columns) at shared offset `at`."""
-        a0, a1, a2, a3 = ldsm(smem, at)
-        dst[x] = a0
-        dst[x + 1] = a1
-        dst[x + 2] = a2
-        dst[x + 3] = a3
-
-    a_fragments = cuda.jit(device=True, inline=True)(a_fragments)
+    start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, KV_OFF, STAGE, V_IN, walk)
+    no_flip = uint32(0)
 
     def tc_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, scale,
               msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
@@ -305,27 +291,22 @@ def make_dq(t, causal, bf16, features):
         n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
         jl, _ = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         jc, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        for st in range(STAGES - 1):
-            if jl < n_blocks:
-                load_kv(k, k_base, jl * C, klen, smem, KV_OFF + st * STAGE, tid)
-                load_kv(v, k_base, jl * C, klen, smem, KV_OFF + st * STAGE + V_IN, tid)
-                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            commit_async()
+        jl = start_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
+                      bk, Nq)
 
         # this lane's two rows (g, g + 8): lse in base 2 (in two parts) and D
         ra = row0 + wr + g
         lse_a, d_a = row_stats(lse, delta, bh * Nq + ra, ra < Nq)
         lse_b, d_b = row_stats(lse, delta, bh * Nq + ra + 8, ra + 8 < Nq)
-        lse_a = cuda.fma(lse_a, LOG2E, lse_a * LOG2E_LO)
-        lse_b = cuda.fma(lse_b, LOG2E, lse_b * LOG2E_LO)
+        lse_a, lse_b = scaled(lse_a, LOG2E, LOG2E_LO), scaled(lse_b, LOG2E, LOG2E_LO)
         wait_q()
         cuda.syncthreads()
         qf = cuda.local.array(N_Q, uint32)    # Q_i's and dO_i's A fragments
         df = cuda.local.array(N_Q, uint32)
         if QREGS:
             for kk in range(KD):
-                a_fragments(qf, 4 * kk, smem, Q_OFF + wr * DS + 16 * kk + a_lane)
-                a_fragments(df, 4 * kk, smem, DO_OFF + wr * DS + 16 * kk + a_lane)
+                load_a(qf, 4 * kk, smem, Q_OFF + wr * DS + 16 * kk + a_lane, no_flip)
+                load_a(df, 4 * kk, smem, DO_OFF + wr * DS + 16 * kk + a_lane, no_flip)
         acc = cuda.local.array(N_O, float32)   # dQ_i's fragments
         for x in range(N_O):
             acc[x] = ZERO
@@ -335,15 +316,8 @@ def make_dq(t, causal, bf16, features):
         step = 0
         while jc < n_blocks:
             col0 = jc * C
-            wait_tile()
-            cuda.syncthreads()   # tile `step` is in; the buffer of step - 1 is free
-            buf = KV_OFF + (step % STAGES) * STAGE
-            nxt = KV_OFF + ((step + STAGES - 1) % STAGES) * STAGE
-            if jl < n_blocks:
-                load_kv(k, k_base, jl * C, klen, smem, nxt, tid)
-                load_kv(v, k_base, jl * C, klen, smem, nxt + V_IN, tid)
-                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            commit_async()
+            buf, jl = next_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase,
+                              nbk, bq, bk, Nq, step)
             if DROP:   # the forward's keep bits, drawn again
                 fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
                 cuda.syncthreads()
@@ -355,8 +329,8 @@ def make_dq(t, causal, bf16, features):
             for kk in range(KD):
                 a = 4 * kk if QREGS else 0
                 if not QREGS:
-                    a_fragments(qf, 0, smem, Q_OFF + wr * DS + 16 * kk + a_lane)
-                    a_fragments(df, 0, smem, DO_OFF + wr * DS + 16 * kk + a_lane)
+                    load_a(qf, 0, smem, Q_OFF + wr * DS + 16 * kk + a_lane, no_flip)
+                    load_a(df, 0, smem, DO_OFF + wr * DS + 16 * kk + a_lane, no_flip)
                 for np2 in range(NT // 2):
                     brow = buf + 16 * np2 * DS + 16 * kk + b_lane
                     b0, b1, b2, b3 = ldsm(smem, brow)
@@ -386,11 +360,7 @@ def make_dq(t, causal, bf16, features):
             # dQ_i += dS K_j: dS as A fragments (16 keys = two 8-key slices), B from K_j by
             # ldmatrix.trans
             for kk in range(NT // 2):
-                x = 8 * kk
-                a0 = pack(s[x], s[x + 1])
-                a1 = pack(s[x + 2], s[x + 3])
-                a2 = pack(s[x + 4], s[x + 5])
-                a3 = pack(s[x + 6], s[x + 7])
+                a0, a1, a2, a3 = pack_a(s, 8 * kk)
                 for dp2 in range(NV // 2):
                     b0, b1, b2, b3 = ldsm_t(smem, buf + 16 * kk * DS + 16 * dp2 + a_lane)
                     mma2(acc, 8 * dp2, a0, a1, a2, a3, b0, b1, b2, b3)

@@ -37,8 +37,8 @@ from ..common.masks import key_blocks, make_tile_walk, sees_a_key
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
 from ..common.warp import exp2, make_warp_ops
-from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_mma2,
-                        make_store_rows, thread_coords)
+from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_kv_stream,
+                        make_load_a, make_mma2, make_pack_a, make_store_rows, thread_coords)
 
 
 def make_forward(t, causal, bf16, features):
@@ -62,14 +62,15 @@ def make_forward(t, causal, bf16, features):
     ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
     mma2 = make_mma2(mma)
     load_q = make_async_rows(R, D, DP, DS, T)
-    load_kv = make_async_rows(C, D, DP, DS, T)
-    wait_tile, wait_q = make_wait_async(STAGES - 2), make_wait_async(STAGES - 1)
+    load_a, pack_a = make_load_a(ldsm), make_pack_a(pack)
+    wait_q = make_wait_async(STAGES - 1)
     row_max, row_sum = make_row_reduce(4, T)
     fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE)
     fill_keep, tile_kept = make_keep_tile(R, C, T), make_tile_kept(C)
     check_keep_tile(DROP, C, t)
     store_rows = make_store_rows(D, DP, pack)
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
+    start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, K_OFF, STAGE, V_IN, walk)
 
     def softmax_row(s, m, l, mt, h, vis, masked, tid, sc):
         """The online softmax (FA2 Alg. 1 lines 8-10) of row g + 8h of m-tile mt: the running
@@ -164,12 +165,8 @@ def make_forward(t, causal, bf16, features):
         # to load, jc the next to compute; both visit the same tiles
         jl, _ = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         jc, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        for st in range(STAGES - 1):            # the first STAGES - 1 tiles in flight
-            if jl < n_blocks:
-                load_kv(k, k_base, jl * C, klen, smem, K_OFF + st * STAGE, tid)
-                load_kv(v, k_base, jl * C, klen, smem, K_OFF + st * STAGE + V_IN, tid)
-                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            commit_async()
+        jl = start_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
+                      bk, Nq)                 # the first STAGES - 1 tiles in flight
 
         wait_q()              # Q_i is in (its group was committed first)
         cuda.syncthreads()
@@ -180,12 +177,8 @@ def make_forward(t, causal, bf16, features):
         if QREGS:    # kept for every step
             for mt in range(RM):
                 for kk in range(KD):
-                    a0, a1, a2, a3 = ldsm(smem, Q_OFF + (wr + 16 * mt) * DS + 16 * kk + a_lane)
-                    x = mt * QF + 4 * kk
-                    qf[x] = a0 ^ flip
-                    qf[x + 1] = a1 ^ flip
-                    qf[x + 2] = a2 ^ flip
-                    qf[x + 3] = a3 ^ flip
+                    load_a(qf, mt * QF + 4 * kk, smem,
+                           Q_OFF + (wr + 16 * mt) * DS + 16 * kk + a_lane, flip)
 
         m = cuda.local.array(N_R, float32)    # running max of rows g, g + 8 of each m-tile
         l = cuda.local.array(N_R, float32)    # this lane's part of their ℓ
@@ -201,15 +194,8 @@ def make_forward(t, causal, bf16, features):
         step = 0
         while jc < n_blocks:
             col0 = jc * C
-            wait_tile()            # tile `step` is in ...
-            cuda.syncthreads()     # ... for every thread, and the buffer of step - 1 is free
-            buf = K_OFF + (step % STAGES) * STAGE
-            nxt = K_OFF + ((step + STAGES - 1) % STAGES) * STAGE
-            if jl < n_blocks:
-                load_kv(k, k_base, jl * C, klen, smem, nxt, tid)
-                load_kv(v, k_base, jl * C, klen, smem, nxt + V_IN, tid)
-                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            commit_async()
+            buf, jl = next_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase,
+                              nbk, bq, bk, Nq, step)
             if DROP:
                 fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
                 cuda.syncthreads()
@@ -221,12 +207,8 @@ def make_forward(t, causal, bf16, features):
             for kk in range(KD):
                 if not QREGS:   # Q_i's fragments for these 16 dims, from shared memory
                     for mt in range(RM):
-                        a0, a1, a2, a3 = ldsm(smem, Q_OFF + (wr + 16 * mt) * DS + 16 * kk
-                                              + a_lane)
-                        qf[4 * mt] = a0 ^ flip
-                        qf[4 * mt + 1] = a1 ^ flip
-                        qf[4 * mt + 2] = a2 ^ flip
-                        qf[4 * mt + 3] = a3 ^ flip
+                        load_a(qf, 4 * mt, smem, Q_OFF + (wr + 16 * mt) * DS + 16 * kk + a_lane,
+                               flip)
                 for np2 in range(NT // 2):
                     b0, b1, b2, b3 = ldsm(smem, buf + 16 * np2 * DS + 16 * kk + b_lane)
                     for mt in range(RM):
@@ -252,11 +234,8 @@ def make_forward(t, causal, bf16, features):
             # ldmatrix.trans, each used by the warp's RM m-tiles
             for kk in range(NT // 2):
                 for mt in range(RM):
-                    x = mt * SF + 8 * kk
-                    pa[4 * mt] = pack(s[x], s[x + 1])
-                    pa[4 * mt + 1] = pack(s[x + 2], s[x + 3])
-                    pa[4 * mt + 2] = pack(s[x + 4], s[x + 5])
-                    pa[4 * mt + 3] = pack(s[x + 6], s[x + 7])
+                    pa[4 * mt], pa[4 * mt + 1], pa[4 * mt + 2], pa[4 * mt + 3] = pack_a(
+                        s, mt * SF + 8 * kk)
                 for dp in range(NV // 2):
                     b0, b1, b2, b3 = ldsm_t(smem, buf + V_IN + 16 * kk * DS + 16 * dp + a_lane)
                     for mt in range(RM):

@@ -3,16 +3,18 @@
 A warp's accumulators are mma fragments (nbflash.kernels.common.warp): lane l holds rows
 g = l // 4 and g + 8 and columns 2t, 2t + 1 (t = l % 4) of each 8-column slice, so entry
 x = 4·slice + 2·h + e of a fragment array is row g + 8h, column 8·slice + 2t + e. These device
-functions move tiles into shared memory (:func:`make_async_rows`, cp.async), fragments out to
-global memory (:func:`make_store_rows`), pair two mma into one 16 x 16 product
-(:func:`make_mma2`), and mask a warp's fragments (:func:`make_fragment_mask`).
+functions move tiles into shared memory (:func:`make_async_rows`, cp.async; K and V streamed
+through pipeline stages by :func:`make_kv_stream`), fragments out to global memory
+(:func:`make_store_rows`), load and pack A fragments (:func:`make_load_a`,
+:func:`make_pack_a`), pair two mma into one 16 x 16 product (:func:`make_mma2`), and mask a
+warp's fragments (:func:`make_fragment_mask`).
 """
 
 from numba import float32, uint64
 
 from ..._cuda import cuda
 from ..common.masks import block_on, visible
-from ..common.primitives import copy16_async
+from ..common.primitives import commit_async, copy16_async, make_wait_async
 from ..common.warp import split16
 
 
@@ -79,6 +81,70 @@ def make_store_rows(D, WIDTH, pack):
                          pack(zero_if(z1, acc[x + 2] * f1), zero_if(z1, acc[x + 3] * f1)))
 
     return cuda.jit(device=True, inline=True)(store)
+
+
+def make_load_a(ldsm):
+    """Device function: dst[x:x+4] = the A fragment (16 rows x 16 columns) of a shared tile at
+    element `at` (ldmatrix.x4), each word XOR `flip` (0x80008000 negates both halves: the
+    forward's -Q for a negative softmax scale; 0 leaves it)."""
+
+    def load_a(dst, x, smem, at, flip):
+        a0, a1, a2, a3 = ldsm(smem, at)
+        dst[x] = a0 ^ flip
+        dst[x + 1] = a1 ^ flip
+        dst[x + 2] = a2 ^ flip
+        dst[x + 3] = a3 ^ flip
+
+    return cuda.jit(device=True, inline=True)(load_a)
+
+
+def make_pack_a(pack):
+    """Device function: the A fragment (4 words) of 16 rows x 16 columns whose float32 values
+    are the score-layout fragments s[x:x+8] of two 8-column slices (see the module docstring:
+    the S fragments of two slices are exactly one A fragment), rounded to 16 bits."""
+
+    def pack_a(s, x):
+        return (pack(s[x], s[x + 1]), pack(s[x + 2], s[x + 3]), pack(s[x + 4], s[x + 5]),
+                pack(s[x + 6], s[x + 7]))
+
+    return cuda.jit(device=True, inline=True)(pack_a)
+
+
+def make_kv_stream(C, D, DP, DS, T, STAGES, KV_OFF, STAGE, V_IN, walk):
+    """Device functions streaming K_j, V_j tiles of C keys through STAGES shared buffers (at
+    KV_OFF + s·STAGE, V_j at + V_IN within one) by cp.async, over the key tiles `walk` visits
+    (the forward and the dQ pass): start(...) puts the first STAGES - 1 tiles in flight and
+    returns the next tile to load; next(..., step) waits until tile `step` is in for every
+    thread (so the buffer of step - 1 is free too), issues the next tile into that buffer and
+    returns (tile `step`'s buffer, the next tile to load)."""
+    load_kv = make_async_rows(C, D, DP, DS, T)
+    wait_tile = make_wait_async(STAGES - 2)
+
+    def start(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq, bk,
+              Nq):
+        for st in range(STAGES - 1):
+            if jl < n_blocks:
+                load_kv(k, k_base, jl * C, klen, smem, KV_OFF + st * STAGE, tid)
+                load_kv(v, k_base, jl * C, klen, smem, KV_OFF + st * STAGE + V_IN, tid)
+                jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            commit_async()
+        return jl
+
+    def next_(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq, bk,
+              Nq, step):
+        wait_tile()
+        cuda.syncthreads()
+        buf = KV_OFF + (step % STAGES) * STAGE
+        nxt = KV_OFF + ((step + STAGES - 1) % STAGES) * STAGE
+        if jl < n_blocks:
+            load_kv(k, k_base, jl * C, klen, smem, nxt, tid)
+            load_kv(v, k_base, jl * C, klen, smem, nxt + V_IN, tid)
+            jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        commit_async()
+        return buf, jl
+
+    jit = cuda.jit(device=True, inline=True)
+    return jit(start), jit(next_)
 
 
 def make_mma2(mma):

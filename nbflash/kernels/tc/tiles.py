@@ -139,20 +139,23 @@ def kernel_head_dim(d):
     return -(-d // KERNEL_HEAD_DIM_MULTIPLE) * KERNEL_HEAD_DIM_MULTIPLE
 
 
+def _entry(sizes, d):
+    """The head dim of the entry of a kernel's table that head dim d (rounded up to the kernels'
+    multiple of 8) takes: the smallest one >= d, else the largest."""
+    d = kernel_head_dim(d)
+    return min((k for k in sizes if k >= d), default=max(sizes))
+
+
 def tiles(kernel, d, table=None):
     """TcTiles of tc `kernel` ("forward", "dkdv" or "dq") for head dim d from `table` (None:
     this device's, TABLE); d is rounded up to the kernels' multiple of 8."""
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"tc takes head dims 1 to {MAX_HEAD_DIM}; got {d}")
-    d = kernel_head_dim(d)
     sizes = (table or TABLE)[kernel]
-    key = min((k for k in sizes if k >= d), default=max(sizes))
-    return TcTiles(d, *sizes[key])
+    return TcTiles(kernel_head_dim(d), *sizes[_entry(sizes, d)])
 
 
 def local_allowance(kernel, d):
     """The local memory LOCAL_ALLOWANCE accepts for tc `kernel` at head dim d with the GPU
     table's tiles (0 for most)."""
-    d = kernel_head_dim(d)
-    key = min((k for k in GPU_TILES[kernel] if k >= d), default=max(GPU_TILES[kernel]))
-    return LOCAL_ALLOWANCE.get((kernel, key), 0)
+    return LOCAL_ALLOWANCE.get((kernel, _entry(GPU_TILES[kernel], d)), 0)
