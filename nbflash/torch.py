@@ -1,55 +1,241 @@
-"""nbflash inside a PyTorch model: attention with autograd.
+"""nbflash inside a PyTorch model: attention as torch custom ops, with autograd and torch.compile.
 
     from nbflash.torch import attention
     o = attention(q, k, v, causal=True)     # q, k, v: torch CUDA tensors, (B, H, N, d)
     o.sum().backward()                      # q.grad, k.grad, v.grad from nbflash's backward
+    o, lse = attention(q, k, v, return_lse=True)
 
-The forward saves q, k, v, o and lse; the backward recomputes P from them (nbflash's
-attention_backward). Tensors pass to the kernels without copies and the kernels run on torch's
-current stream: the first call with given shapes, dtypes and options goes through the checks
-(tensors taken through DLPack); repeated ones go straight to the cached launch plan, which
-allocates its outputs with torch (nbflash.api's fast path). Importing this module imports torch; the rest of nbflash never does.
+Two custom ops (torch.library) carry the calls: ``nbflash::attention_forward`` returns (o, lse)
+and ``nbflash::attention_backward`` returns (dq, dk, dv). Each has a fake (meta) implementation
+giving its outputs' shapes, dtypes and strides, and the forward's autograd formula calls the
+backward op, so ``torch.compile(fn, fullgraph=True)`` traces through nbflash without a graph
+break and AOT autograd puts the backward op in the backward graph. The forward saves q, k, v,
+o and lse; the backward recomputes P from them (nbflash's attention_backward).
+
+Tensors pass to the kernels without copies and the kernels run on torch's current stream: the
+first call with given shapes, dtypes and options goes through the checks (tensors taken through
+DLPack); repeated ones go straight to the cached launch plan, which allocates its outputs with
+torch (nbflash.api's fast path). The one exception is the ops' (B, N, H, d) layout: the
+kernels take contiguous (B, H, N, d) only, so that layout is copied on the way in and out
+(`_to_kernel`). Importing this module imports torch; the rest of nbflash never does.
 """
+
+import numbers
+from typing import List, Optional, Tuple
 
 import torch
 
-from . import api
+from . import api, inputs
+from .errors import InputError
+
+#: the layouts the ops take: (batch, heads, seqlen, head_dim), nbflash's and SDPA's, and
+#: (batch, seqlen, heads, head_dim), FlashAttention's and transformers' projections'
+LAYOUTS = ("bhnd", "bnhd")
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, impl, deterministic, masking):
-        o, lse = api.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                       impl=impl, **masking)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.options = dict(causal=causal, softmax_scale=softmax_scale, impl=impl,
-                           deterministic=deterministic, **masking)
-        return o
+# -- layouts ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        # (the upstream gradient is often a broadcast view, e.g. of loss = o.sum(): one copy
-        # here, and the call takes the fast path of contiguous tensors)
-        dq, dk, dv = api.attention_backward(do.contiguous(), q, k, v, o, lse, **ctx.options)
-        return dq, dk, dv, None, None, None, None, None
+def _to_kernel(x, layout):
+    """x in `layout` as the kernels take it today: a contiguous (B, H, N, d) tensor. A no-op for
+    contiguous (B, H, N, d) input; for "bnhd" a transpose and a copy (the kernels do not take
+    strides yet; once they do, this becomes a view, and the only place that changes)."""
+    if layout == "bnhd":
+        x = x.transpose(1, 2)
+    return x.contiguous()
+
+
+def _from_kernel(x, layout):
+    """A kernel output, contiguous (B, H, N, d), as a view in `layout` (no copy)."""
+    return x.transpose(1, 2) if layout == "bnhd" else x
+
+
+def _empty_from_kernel(like, layout, dtype=None):
+    """An empty tensor with the shape, dtype and strides _from_kernel gives for an output shaped
+    like `like` (in `layout`): what the fake implementations return."""
+    shape = tuple(like.shape)
+    if layout == "bnhd":
+        shape = (shape[0], shape[2], shape[1], shape[3])
+    return _from_kernel(like.new_empty(shape, dtype=dtype or like.dtype), layout)
+
+
+def _out_dtype(dtype):
+    """The output dtype of a torch input dtype: the same, except uint16 (bfloat16 bits), whose
+    outputs come back as torch.bfloat16 (nbflash.inputs)."""
+    return torch.bfloat16 if dtype == torch.uint16 else dtype
+
+
+# -- the custom ops --------------------------------------------------------------------------
+#
+# Options that are not tensors are op arguments of schema types (bool, float, int, str, int[]);
+# key_lengths, block_mask and the dropout seed are tensors or None. The seed travels as an int64
+# tensor holding the uint64 seed's bits (_seed_tensor), so that a seed drawn from torch's
+# generator inside a compiled function stays in the graph.
+
+def _masking(key_lengths, block_mask, seed, dropout_p, offset, block_size):
+    """The API's masking keyword arguments from the ops' arguments."""
+    if block_size is not None:
+        block_size = block_size[0] if len(block_size) == 1 else tuple(block_size)
+    return dict(dropout_p=dropout_p, seed=None if seed is None else int(seed.item()) % 2**64,
+                offset=offset, key_lengths=key_lengths, block_mask=block_mask,
+                block_size=block_size)
+
+
+@torch.library.custom_op("nbflash::attention_forward", mutates_args=())
+def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         key_lengths: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
+                         seed: Optional[torch.Tensor], causal: bool,
+                         softmax_scale: Optional[float], impl: str, deterministic: bool,
+                         dropout_p: float, offset: int, block_size: Optional[List[int]],
+                         layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of nbflash.attention_forward; o in `layout`, lse float32 (B, H, Nq).
+    `deterministic` is the backward's (the autograd formula passes it on)."""
+    o, lse = api.attention_forward(
+        *(_to_kernel(x, layout) for x in (q, k, v)), causal=causal,
+        softmax_scale=softmax_scale, impl=impl,
+        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size))
+    return _from_kernel(o, layout), lse
+
+
+@attention_forward_op.register_fake
+def _(q, k, v, key_lengths, block_mask, seed, causal, softmax_scale, impl, deterministic,
+      dropout_p, offset, block_size, layout):
+    o = _empty_from_kernel(q, layout, _out_dtype(q.dtype))
+    B, Nq = q.shape[0], q.shape[1 if layout == "bnhd" else 2]
+    H = q.shape[2 if layout == "bnhd" else 1]
+    return o, q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("nbflash::attention_backward", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          o: torch.Tensor, lse: torch.Tensor,
+                          key_lengths: Optional[torch.Tensor],
+                          block_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                          causal: bool, softmax_scale: Optional[float], impl: str,
+                          deterministic: bool, dropout_p: float, offset: int,
+                          block_size: Optional[List[int]],
+                          layout: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of nbflash.attention_backward, in `layout`. The upstream gradient is often a
+    broadcast view (of loss = o.sum(), say): _to_kernel copies it once, and the call takes the
+    fast path of contiguous tensors."""
+    grads = api.attention_backward(
+        *(_to_kernel(x, layout) for x in (do, q, k, v, o)), lse.contiguous(), causal=causal,
+        softmax_scale=softmax_scale, impl=impl, deterministic=deterministic,
+        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size))
+    return tuple(_from_kernel(g, layout) for g in grads)
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, key_lengths, block_mask, seed, causal, softmax_scale, impl,
+      deterministic, dropout_p, offset, block_size, layout):
+    return tuple(_empty_from_kernel(x, layout) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_lengths, block_mask, seed, *options = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_lengths, block_mask, seed)
+    ctx.options = options
+    # lse comes out for the caller to read; no gradient flows back through it (as in
+    # FlashAttention: the backward kernels take dO only)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, key_lengths, block_mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, key_lengths, block_mask, seed,
+                                       *ctx.options)
+    return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
+
+
+attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the options as op arguments -------------------------------------------------------------
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _seed_tensor(dropout_p, seed, offset):
+    """(dropout_p, seed tensor or None, offset) checked: with dropout_p > 0 and no seed, one is
+    drawn from torch's default generator (so torch.manual_seed makes runs repeatable; the
+    backward draws the forward's mask again from it); a given seed in [0, 2**64) is kept as the
+    int64 of the same bits."""
+    p, _, _ = inputs.check_dropout(dropout_p, 0, offset)
+    if p == 0.0:
+        return 0.0, None, 0
+    if seed is None:
+        return p, torch.randint(0, 2**62, ()), int(offset)
+    _, seed, offset = inputs.check_dropout(p, seed, offset)
+    return p, torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64), offset
+
+
+def _tensor_option(x, name):
+    """key_lengths or block_mask as a tensor (lists and NumPy arrays converted) or None."""
+    if x is None or isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{name} could not be read as an array: {exc}") from exc
+
+
+def _block_size_arg(block_size):
+    """block_size as the ops take it: [b] or [bq, bk] (None without a block mask)."""
+    if block_size is None:
+        return None
+    if _is_int(block_size):
+        return [int(block_size)]
+    if isinstance(block_size, (list, tuple)) and len(block_size) == 2 \
+            and all(_is_int(b) for b in block_size):
+        return [int(b) for b in block_size]
+    raise InputError(f"block_size must be a positive integer or a pair of them; "
+                     f"got {block_size!r}")
+
+
+def _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
+                  key_lengths, block_mask, block_size, layout):
+    """The ops' arguments after q, k, v, each of a type the ops' schema takes; what is not a
+    tensor is checked here, the rest by nbflash's checks when the op runs (before any kernel)."""
+    if softmax_scale is not None:
+        if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+            raise InputError(f"softmax_scale must be a number or None; got {softmax_scale!r}")
+        softmax_scale = float(softmax_scale)
+    if not isinstance(impl, str):
+        raise InputError(f"impl must be a name (a string); got {impl!r}")
+    p, seed, offset = _seed_tensor(dropout_p, seed, offset)
+    return (_tensor_option(key_lengths, "key_lengths"), _tensor_option(block_mask, "block_mask"),
+            seed, bool(causal), softmax_scale, impl, bool(deterministic), p, offset,
+            _block_size_arg(block_size), layout)
+
+
+def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
+               deterministic=False, dropout_p=0.0, seed=None, offset=0, key_lengths=None,
+               block_mask=None, block_size=None):
+    """(o, lse) through the forward op (autograd, torch.compile), q, k, v and o in `layout`."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{name} must be a torch tensor; got {type(x).__name__} "
+                             f"(nbflash.attention takes NumPy and CuPy arrays)")
+    return attention_forward_op(q, k, v, *_op_arguments(
+        causal, softmax_scale, impl, deterministic, dropout_p, seed, offset, key_lengths,
+        block_mask, block_size, layout))
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", deterministic=False,
               dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
-              block_size=None):
-    """softmax(τ q kᵀ) v for torch tensors, differentiable in q, k and v.
+              block_size=None, return_lse=False):
+    """softmax(τ q kᵀ) v for torch tensors (B, H, N, d), differentiable in q, k and v.
 
     Arguments as :func:`nbflash.attention_forward`; deterministic as
     :func:`nbflash.attention_backward`. With dropout_p > 0 and no seed, a seed is drawn from
     torch's default generator (so torch.manual_seed makes runs repeatable); the backward
-    regenerates the forward's mask from it.
+    regenerates the forward's mask from it. return_lse: return (o, lse), lse float32
+    (B, H, Nq) = m + log ℓ per query row; no gradient flows through lse (as in FlashAttention).
     """
-    if dropout_p and seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-    masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
-                   block_mask=block_mask, block_size=block_size)
-    return _Attention.apply(q, k, v, causal, softmax_scale, impl, deterministic, masking)
+    o, lse = _attention(q, k, v, "bhnd", causal, softmax_scale, impl, deterministic, dropout_p,
+                        seed, offset, key_lengths, block_mask, block_size)
+    return (o, lse) if return_lse else o
 
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_forward_op", "attention_backward_op", "LAYOUTS"]
