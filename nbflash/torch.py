@@ -15,9 +15,14 @@ o and lse; the backward recomputes P from them (nbflash's attention_backward).
 Tensors pass to the kernels without copies and the kernels run on torch's current stream: the
 first call with given shapes, dtypes and options goes through the checks (tensors taken through
 DLPack); repeated ones go straight to the cached launch plan, which allocates its outputs with
-torch (nbflash.api's fast path). The one exception is the ops' (B, N, H, d) layout: the
-kernels take contiguous (B, H, N, d) only, so that layout is copied on the way in and out
-(`_to_kernel`). Importing this module imports torch; the rest of nbflash never does.
+torch (nbflash.api's fast path). The one exception is the (B, N, H, d) layout of
+:func:`flash_attn_func` (and of transformers' projections, nbflash.hf): the kernels take
+contiguous (B, H, N, d) only, so that layout is copied on the way in and out (`_to_kernel`).
+
+Beside :func:`attention`, shims with the signatures models already call: :func:`sdpa`
+(torch's scaled_dot_product_attention) and :func:`flash_attn_func` (FlashAttention's); each
+docstring says what differs from the original. Importing this module imports torch; the rest
+of nbflash never does.
 """
 
 import numbers
@@ -238,4 +243,158 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", determi
     return (o, lse) if return_lse else o
 
 
-__all__ = ["attention", "attention_forward_op", "attention_backward_op", "LAYOUTS"]
+# -- masks as nbflash's options --------------------------------------------------------------
+
+def mask_options(mask, B, Nq, Nk, additive=False):
+    """(causal, key_lengths) of an attention mask that nbflash can express, else InputError.
+
+    mask: broadcastable to (B, H, Nq, Nk), True (or, with additive, 0) where query i sees key j.
+    nbflash expresses exactly two patterns, with key_lengths[b] keys visible in batch entry b
+    (right padding): key j visible when j < key_lengths[b] (a key-padding mask), or that and
+    the causal mask, bottom-right aligned (j <= i + Nk - Nq). Heads must share the mask.
+    additive: a float mask added to the scores, each entry 0 (visible) or -inf or at most
+    finfo.min / 2 (masked), as transformers builds them for eager attention. Anything else
+    (a bias, left padding, packed sequences, a sliding window) is refused with what was found.
+    The check reads the whole mask (a device-to-host read: not for graphs under torch.compile).
+    key_lengths is None when no key is masked.
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise InputError(f"the attention mask must be a torch tensor; got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        visible = mask
+    elif additive and mask.is_floating_point():
+        if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+            raise InputError("the additive attention mask holds values other than 0 and -inf "
+                             "(or finfo.min): a score bias, which nbflash does not take")
+        visible = mask == 0
+    else:
+        raise InputError(
+            f"an attention mask of dtype {mask.dtype} is refused: a float mask adds a bias to "
+            f"the scores, which nbflash does not take; pass a boolean key-padding mask "
+            f"(True where a key is visible) or use the causal flag")
+    if mask.ndim > 4:
+        raise InputError(f"the attention mask has {mask.ndim} dimensions; expected at most 4, "
+                         f"broadcastable to (B, H, Nq, Nk) = ({B}, H, {Nq}, {Nk})")
+    visible = visible.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
+    if visible.shape[0] not in (1, B) or visible.shape[2] not in (1, Nq) \
+            or visible.shape[3] != Nk:
+        raise InputError(f"the attention mask has shape {tuple(mask.shape)}; expected one "
+                         f"broadcastable to (B, H, Nq, Nk) = ({B}, H, {Nq}, {Nk})")
+    if visible.shape[1] != 1 and not bool((visible == visible[:, :1]).all()):
+        raise InputError("the attention mask differs between heads; nbflash's masks are the "
+                         "same for every head")
+    visible = visible[:, 0].expand(B, Nq, Nk)
+    lengths = visible[:, -1].sum(-1)            # the last query row sees every unpadded key
+    j = torch.arange(Nk, device=visible.device)
+    padding = j < lengths[:, None, None]
+    i = torch.arange(Nq, device=visible.device)[:, None]
+    for causal, want in ((False, padding), (True, padding & (j <= i + Nk - Nq))):
+        if torch.equal(visible, want.expand(B, Nq, Nk)):
+            full = bool((lengths == Nk).all())
+            return causal, None if full else lengths.to(torch.int32)
+    raise InputError(
+        "the attention mask is neither a right-padding key mask (batch entry b sees keys "
+        "0..L_b-1) nor that combined with the causal mask (bottom-right aligned): nbflash "
+        "cannot express it (left padding, packed sequences and sliding windows are not "
+        "supported; see issue 17)")
+
+
+def _repeat_kv(x, heads, dim, what):
+    """k or v with `heads` heads along `dim`, each of its heads repeated over its group of query
+    heads (repeat_interleave: a copy; autograd sums dk and dv back over the group). Stands in
+    for grouped-query kernels, which nbflash does not have yet (issue 17)."""
+    kv = x.shape[dim]
+    if kv == heads:
+        return x
+    if heads % kv:
+        raise InputError(f"{what} has {kv} heads, which do not divide the query's {heads}")
+    return x.repeat_interleave(heads // kv, dim=dim)
+
+
+# -- torch SDPA's signature ------------------------------------------------------------------
+
+def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+         enable_gqa=False):
+    """nbflash with torch.nn.functional.scaled_dot_product_attention's signature: (B, H, N, d)
+    tensors in, o (B, H, Nq, d) out, differentiable in query, key and value.
+
+    What differs from torch's:
+    - attn_mask: a boolean mask only, and only one nbflash can express (:func:`mask_options`):
+      a right-padding key mask (broadcastable to (B, H, Nq, Nk), True where a key is visible:
+      batch entry b sees keys 0..L_b-1), alone or combined with the causal mask (bottom-right
+      aligned), becomes key_lengths (and causal). A float mask (a bias) and any other pattern
+      raise nbflash.InputError. Reading the mask is a device-to-host read and a graph break
+      under torch.compile; without a mask the call compiles into one graph.
+    - is_causal is top-left aligned in torch (query i sees keys 0..i) and bottom-right in
+      nbflash; the two agree when Nq == Nk. With Nq < Nk the keys from Nq on are cut off
+      (no query sees them: their gradients are 0); Nq > Nk is refused.
+    - enable_gqa=True with fewer key/value heads: K and V are repeated over each group
+      (repeat_interleave, a copy; dk and dv summed back by autograd), as nbflash has no
+      grouped-query kernels yet (issue 17).
+    - dropout: nbflash's mask (Philox, drawn again in the backward), seeded from torch's
+      default generator, not torch's own dropout mask.
+    - rows that see no key give 0 (torch: NaN); only 4-dimensional inputs, of the same head dim,
+      in float16, bfloat16 or float32.
+    """
+    B, Hq, Nq = query.shape[0], query.shape[-3], query.shape[-2]
+    Nk = key.shape[-2]
+    causal, key_lengths = bool(is_causal), None
+    if attn_mask is not None:
+        if is_causal:
+            raise InputError("attn_mask and is_causal are both given (torch refuses this too): "
+                             "pass one")
+        causal, key_lengths = mask_options(attn_mask, B, Nq, Nk)
+    elif causal and Nq != Nk:
+        if Nq > Nk:
+            raise InputError(
+                f"is_causal with Nq={Nq} > Nk={Nk}: torch's causal mask is top-left aligned "
+                f"and nbflash's bottom-right; they agree only when Nq <= Nk (pass the mask "
+                f"you mean as a boolean attn_mask, or call nbflash.torch.attention)")
+        key, value = key[..., :Nq, :], value[..., :Nq, :]   # top-left: no query sees them
+    if enable_gqa:
+        key, value = (_repeat_kv(x, Hq, -3, n) for x, n in ((key, "key"), (value, "value")))
+    return _attention(query, key, value, "bhnd", causal, scale, dropout_p=dropout_p,
+                      key_lengths=key_lengths)[0]
+
+
+# -- FlashAttention's signature --------------------------------------------------------------
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                    return_attn_probs=False):
+    """nbflash with FlashAttention's flash_attn_func signature: q (B, Nq, H, d), k and v
+    (B, Nk, H_kv, d), out (B, Nq, H, d), differentiable in q, k and v; causal bottom-right
+    aligned, as in FlashAttention 2.
+
+    What differs from FlashAttention's:
+    - the (B, N, H, d) layout is copied to (B, H, N, d) on the way in and the outputs are
+      (B, N, H, d) views of (B, H, N, d) tensors (the kernels do not take strides yet);
+    - fewer key/value heads (MQA/GQA): K and V are repeated over each group
+      (repeat_interleave, a copy; dk and dv summed back by autograd), not read in place
+      (issue 17);
+    - window_size other than (-1, -1), softcap, alibi_slopes (issue 17's sliding windows,
+      softcapping and ALiBi) and return_attn_probs=True (nbflash never forms P) raise
+      nbflash.InputError; for the softmax's lse, call nbflash.torch.attention(...,
+      return_lse=True);
+    - dropout: nbflash's mask, seeded from torch's default generator.
+    """
+    missing = []
+    if tuple(window_size) != (-1, -1):
+        missing.append(f"window_size={tuple(window_size)} (sliding-window attention)")
+    if softcap:
+        missing.append(f"softcap={softcap} (softcapping)")
+    if alibi_slopes is not None:
+        missing.append("alibi_slopes (ALiBi)")
+    if missing:
+        raise InputError(f"nbflash does not take {', '.join(missing)} yet (issue 17)")
+    if return_attn_probs:
+        raise InputError("return_attn_probs=True: nbflash never forms the attention "
+                         "probabilities; nbflash.torch.attention(..., return_lse=True) returns "
+                         "the softmax's lse")
+    k, v = (_repeat_kv(x, q.shape[2], 2, n) for x, n in ((k, "k"), (v, "v")))
+    return _attention(q, k, v, "bnhd", causal, softmax_scale, deterministic=deterministic,
+                      dropout_p=dropout_p)[0]
+
+
+__all__ = ["attention", "sdpa", "flash_attn_func", "mask_options", "attention_forward_op",
+           "attention_backward_op", "LAYOUTS"]
