@@ -40,9 +40,26 @@ def make_async_rows(ROWS, D, DP, DS, T):
     """Device function: rows start .. start+ROWS-1 (zeros from row n on) of one head (flat
     offset `base`) of a flat (B, H, n, D) 16-bit array into shared memory at `off` with row
     stride DS, DP columns (zeros from column D on), by cp.async in 16-byte pieces; issued, not
-    waited for."""
+    waited for. Where the block's threads cover whole rows (T a multiple of the pieces per
+    row, and ROWS of the rows they cover at once), each thread keeps its column and copies
+    every (T / pieces)-th row, a loop of a constant trip count that unrolls; otherwise the
+    pieces are dealt out one by one."""
     CH = DP // 8                      # 16-byte pieces per shared row
     assert D % 8 == 0 and DP >= D
+    RPI = T // CH if T % CH == 0 else 0      # rows the block covers at once
+    if RPI and ROWS % RPI == 0:
+        ITERS = ROWS // RPI
+
+        def load(src, base, start, n, smem, off, tid):
+            r0, x = tid // CH, 8 * (tid % CH)
+            col_in = DP == D or x < D
+            for i in range(ITERS):
+                r = r0 + i * RPI
+                inside = start + r < n and col_in
+                copy16_async(smem, off + r * DS + x, src,
+                             base + (start + r) * D + x if inside else base, 16 if inside else 0)
+
+        return cuda.jit(device=True, inline=True)(load)
 
     def load(src, base, start, n, smem, off, tid):
         for e in range(tid, ROWS * CH, T):
