@@ -1,0 +1,116 @@
+"""nbflash as an attention implementation of Hugging Face transformers models.
+
+    import nbflash.hf
+    name = nbflash.hf.register()          # "nbattn", with transformers' attention interfaces
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name)
+    model.set_attn_implementation(name)   # or switch a model that is already built
+
+register() adds an attention function to transformers' AttentionInterface and, under the same
+name, transformers' own SDPA mask builder to its AttentionMaskInterface: without a mask entry,
+transformers builds no mask at all for a registered name, and padding would be dropped. The name
+must not contain "flash", so the default is "nbattn", not "nbflash": transformers 5.x takes
+every name containing "flash" for a flash-attention kernel (its own FlashAttention path, or one
+to fetch from its hub) and fails with "Could not find the currently requested flash attention
+implementation".
+
+What the attention function does with what transformers passes:
+- no mask: causal attention when the module is causal (its is_causal, or the call's), else full
+  attention; nbflash's causal mask is bottom-right aligned, which is transformers' alignment
+  with a cache (the new queries are the last positions);
+- a mask (4-D, boolean, or additive with 0 and -inf / finfo.min): it must be a right-padding key
+  mask, alone or with the causal mask (nbflash.torch.mask_options), and becomes key_lengths;
+  left padding, packed sequences, sliding windows and biases are refused with
+  nbflash.InputError. The mask is read on the host once per mask tensor (all layers share one);
+  that read is a graph break under torch.compile, which compiles the no-mask call whole;
+- grouped-query heads (fewer key/value heads): K and V repeated over each group
+  (repeat_interleave, as transformers' SDPA path does; autograd sums dk and dv back) until
+  nbflash has grouped-query kernels (issue 17);
+- scaling becomes softmax_scale; dropout becomes dropout_p, with a seed from torch's generator;
+- sliding_window, softcap, attention sinks (s_aux) and packed-sequence lengths (cu_seq_lens_*)
+  are refused (issue 17); attention weights are never returned (None, as SDPA's).
+
+transformers hands the projections over as (B, H, N, d) views of (B, N, H, d) tensors: they go
+to the op in that (B, N, H, d) layout, which is copied to the kernels' contiguous (B, H, N, d)
+today (nbflash.torch._to_kernel) and will not be once the kernels take strides. Importing this
+module imports torch; transformers is imported by register().
+"""
+
+import weakref
+
+from . import torch as nbtorch
+from .errors import InputError
+
+#: the last mask read, (weak reference, (version, B, Nq, Nk), its options): the layers of one
+#: forward share one mask tensor, so it is read once
+_LAST_MASK = []
+
+#: keyword arguments of transformers' attention calls that ask for what nbflash lacks
+_REFUSED = {"sliding_window": "sliding-window attention", "softcap": "softcapping",
+            "s_aux": "attention sinks", "sinks": "attention sinks",
+            "cu_seq_lens_q": "packed variable-length sequences",
+            "cu_seq_lens_k": "packed variable-length sequences"}
+
+
+def register(name="nbattn", impl="auto", deterministic=False):
+    """Register nbflash with transformers' AttentionInterface and AttentionMaskInterface under
+    `name`, running `impl` (as nbflash.attention) with `deterministic` dq in the backward;
+    returns the name to pass as attn_implementation."""
+    if not isinstance(name, str) or not name:
+        raise InputError(f"name must be a non-empty string; got {name!r}")
+    if "flash" in name.lower():
+        raise InputError(f"name {name!r} contains 'flash': transformers 5.x takes such names "
+                         f"for flash-attention kernels (\"Could not find the currently requested "
+                         f"flash attention implementation\"); choose another, such as 'nbattn'")
+    if not isinstance(impl, str):
+        raise InputError(f"impl must be a name (a string); got {impl!r}")
+    from transformers import AttentionInterface, AttentionMaskInterface  # noqa: PLC0415
+    from transformers.masking_utils import sdpa_mask  # noqa: PLC0415
+
+    def nbflash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          is_causal=None, **kwargs):
+        return attention_forward(module, query, key, value, attention_mask, dropout, scaling,
+                                 is_causal, impl=impl, deterministic=deterministic, **kwargs)
+
+    AttentionInterface.register(name, nbflash_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      is_causal=None, *, impl="auto", deterministic=False, **kwargs):
+    """transformers' attention-function signature: query (B, H, Nq, d), key and value
+    (B, H_kv, Nk, d) in, (attention output (B, Nq, H, d), None) out."""
+    refused = sorted({what for arg, what in _REFUSED.items() if kwargs.get(arg) is not None})
+    if refused:
+        raise InputError(f"nbflash does not take {', '.join(refused)} yet (issue 17)")
+    B, H, Nq = query.shape[:3]
+    Nk = key.shape[2]
+    causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    key_lengths = None
+    if attention_mask is not None:
+        causal, key_lengths = _mask_options(attention_mask, B, Nq, Nk)
+    key, value = (nbtorch._repeat_kv(x, H, 1, n) for x, n in ((key, "key"), (value, "value")))
+    # (B, H, N, d) views of (B, N, H, d) projections go as the latter (see the module docstring)
+    layout = "bnhd" if query.transpose(1, 2).is_contiguous() else "bhnd"
+    q, k, v = (x.transpose(1, 2) if layout == "bnhd" else x for x in (query, key, value))
+    o, _ = nbtorch._attention(q, k, v, layout, causal, scaling, impl, deterministic,
+                              dropout_p=dropout, key_lengths=key_lengths)
+    return (o if layout == "bnhd" else o.transpose(1, 2)), None
+
+
+def _mask_options(mask, B, Nq, Nk):
+    """nbflash.torch.mask_options of a transformers mask, remembered for the last mask tensor
+    (and its version, so a mask changed in place is read again)."""
+    import torch  # noqa: PLC0415
+    if not isinstance(mask, torch.Tensor):
+        raise InputError(f"the attention mask is a {type(mask).__name__}; nbflash takes a "
+                         f"boolean or additive mask tensor (register() builds them)")
+    key = (mask._version, B, Nq, Nk)
+    if _LAST_MASK and _LAST_MASK[0][0]() is mask and _LAST_MASK[0][1] == key:
+        return _LAST_MASK[0][2]
+    got = nbtorch.mask_options(mask, B, Nq, Nk, additive=True)
+    _LAST_MASK[:] = [(weakref.ref(mask), key, got)]
+    return got
+
+
+__all__ = ["register", "attention_forward"]
