@@ -20,6 +20,7 @@ from .kernels.common.dropout import dropout_mask as _dropout_mask
 _CHECKED = {}
 _CHECKED_MAX = 1024
 _CUPY = []
+_TORCH_ARRAYS = []
 
 
 def _fast_key(arrays, options):
@@ -75,8 +76,11 @@ def _fast_call(key):
     """(array module, stream) for a call on the fast path: CuPy and its current stream, or for
     torch tensors (nbflash._torch_arrays) torch on the current device and its current stream."""
     if key[0] == "torch":
-        from . import _torch_arrays  # noqa: PLC0415
-        return _torch_arrays.arrays_on(key[1]), _torch_arrays.current_stream(key[1])
+        if not _TORCH_ARRAYS:   # (imported once: an import statement costs a call's µs)
+            from . import _torch_arrays  # noqa: PLC0415
+            _TORCH_ARRAYS.append(_torch_arrays)
+        ta = _TORCH_ARRAYS[0]
+        return ta.arrays_on(key[1]), ta.current_stream(key[1])
     return _CUPY[0], _stream()
 
 

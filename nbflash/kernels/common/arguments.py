@@ -12,8 +12,8 @@ from .options import argument_types as _option_types
 
 
 def kernel_types(name, elem):
-    """Numba argument types of kernel `name` ("forward", "delta", "dkdv", "dq") for storage
-    element type `elem` (a Numba type)."""
+    """Numba argument types of kernel `name` ("forward", "delta", "dkdv", "dq", "dq_delta")
+    for storage element type `elem` (a Numba type)."""
     io = types.Array(elem, 1, "C")
     f32 = types.Array(types.float32, 1, "C")
     i64, f = types.int64, types.float32
@@ -27,5 +27,8 @@ def kernel_types(name, elem):
                 *opt_scalars)
     if name == "dq":     # q, k, v, do, lse, delta, dq, Nq, Nk, H, τ log2 e (hi, lo), τ
         return (io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, f, f, f,
+                *opt_scalars)
+    if name == "dq_delta":   # tc's dQ pass, which computes D itself: as "dq" with o after do
+        return (io, io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, f, f, f,
                 *opt_scalars)
     raise ValueError(name)

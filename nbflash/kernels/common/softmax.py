@@ -119,20 +119,24 @@ def scaled(s, scale_hi, scale_lo):
     return cuda.fma(s, scale_hi, s * scale_lo)
 
 
-def row_stats(lse, delta, at, inside):
-    """lse and D of a query row for the backward: 0 for a row past Nq, and lse 0 where it is
-    -inf (a row that sees no key: all its entries are masked, so any finite value will do)."""
+def row_lse(lse, at, inside):
+    """lse of a query row for the backward: 0 for a row past Nq, and 0 where it is -inf (a row
+    that sees no key: all its entries are masked, so any finite value will do)."""
     lse_r = ZERO
-    dlt = ZERO
     if inside:
         lse_r = lse[at]
         if lse_r == NEG_INF:
             lse_r = ZERO
-        dlt = delta[at]
-    return lse_r, dlt
+    return lse_r
+
+
+def row_stats(lse, delta, at, inside):
+    """lse (see :func:`row_lse`) and D of a query row for the backward (0 past Nq)."""
+    return row_lse(lse, at, inside), delta[at] if inside else ZERO
 
 
 scaled = cuda.jit(device=True, inline=True)(scaled)
+row_lse = cuda.jit(device=True, inline=True)(row_lse)
 row_stats = cuda.jit(device=True, inline=True)(row_stats)
 
 #: threads per block of the D kernel (one thread per query row)

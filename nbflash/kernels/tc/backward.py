@@ -7,10 +7,12 @@ through STAGES buffers (:func:`make_dkdv`). Per step each warp computes Sᵀ = K
 from lse, dV += P̃ᵀ dO_i, dPᵀ = V_j dO_iᵀ, dSᵀ = Pᵀ ∘ (dPᵀ - D), dK += dSᵀ Q_i; dSᵀ goes to
 shared memory, and the warps then share dQ_i += dS K_j (A from dSᵀ by ldmatrix.trans), which is
 added into a float32 buffer with atomics (the last bits of dq vary from run to run, as with
-fa2's default). :func:`make_convert` turns that buffer into the 16-bit dq. With
-deterministic=True the dK/dV pass leaves dQ out and :func:`make_dq` computes it instead: one
-block per query tile, as the forward, recomputing P and dP and summing dS K_j in registers, so
-that the order of the additions is fixed.
+fa2's default). :func:`make_convert` turns that buffer into the 16-bit dq. That is FA2's
+Algorithm 2 as written; tc's default (nbflash.kernels.tc.tiles.DQ_PASS, and always with
+deterministic=True) is faster on the H200: :func:`make_dq` first, one block per query tile as
+the forward, computes D for its rows itself (saving the D kernel's launch) and writes it out,
+recomputes P and dP and sums dS K_j in registers, so that the order of the additions is fixed;
+then the dK/dV pass runs without dQ.
 
 Large head dims: a dK/dV block's accumulators are 2 x 16 x d float32 per warp, more than the
 registers hold for d > 128, so `dsplit` blocks share one key tile, each keeping dK and dV (and
@@ -25,8 +27,9 @@ from numba import float32, uint16, uint32, uint64
 from ..._cuda import SIMULATOR, cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import first_query_block, key_blocks, make_tile_walk
-from ..common.primitives import commit_async, make_wait_async
-from ..common.softmax import LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_stats, scaled
+from ..common.primitives import commit_async, make_row_reduce, make_wait_async
+from ..common.softmax import (LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_lse, row_stats,
+                              scaled)
 from ..common.warp import exp2, make_warp_ops
 from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_kv_stream,
                         make_load_a, make_mma2, make_pack_a, make_store_rows, put2,
@@ -242,10 +245,11 @@ def make_dkdv(t, causal, bf16, features, dq=True):
 
 def make_dq(t, causal, bf16, features):
     """FA2's dQ pass on tensor cores for TcTiles `t` (16·W query rows per block, C keys per
-    step; deterministic=True): for each key tile K_j, V_j, streamed as in the forward, every
-    warp recomputes S = Q_i K_jᵀ and dP = dO_i V_jᵀ for its 16 rows, P from lse, dS = P ∘ (dP -
-    D), and adds dQ_i += dS K_j in registers (dS as A fragments, as the forward's P̃); dq = τ dQ
-    is written once. No atomics, so dq is the same bits on every run."""
+    step; it runs before the dK/dV pass without dQ): D of its rows from O and dO, written out
+    for the dK/dV pass; then for each key tile K_j, V_j, streamed as in the forward, every warp
+    recomputes S = Q_i K_jᵀ and dP = dO_i V_jᵀ for its 16 rows, P from lse, dS = P ∘ (dP - D),
+    and adds dQ_i += dS K_j in registers (dS as A fragments, as the forward's P̃); dq = τ dQ is
+    written once. No atomics, so dq is the same bits on every run."""
     D, DP, C, STAGES, QREGS = t.d, t.dp, t.cols, t.stages, t.qregs
     R, T, DS = t.rows, t.threads, t.ds
     assert t.mtiles == 1, "the dQ pass has one m-tile (16 query rows) per warp"
@@ -257,8 +261,9 @@ def make_dq(t, causal, bf16, features):
     Q_OFF, DO_OFF, KV_OFF = shared.offset("Q"), shared.offset("dO"), shared.offset("KV")
     KEEP_OFF = shared.offset("keep", 4)
     STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
-    ldsm, ldsm_t, mma, pack, _ = make_warp_ops(T, bf16)
+    ldsm, ldsm_t, mma, pack, to_f32 = make_warp_ops(T, bf16)
     mma2 = make_mma2(mma)
+    row_sum = make_row_reduce(4, T)[1]      # over the 4 lanes that hold a row's fragments
     load_q = make_async_rows(R, D, DP, DS, T)
     load_a, pack_a = make_load_a(ldsm), make_pack_a(pack)
     wait_q = make_wait_async(STAGES - 1)
@@ -270,10 +275,10 @@ def make_dq(t, causal, bf16, features):
     start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, KV_OFF, STAGE, V_IN, walk)
     no_flip = uint32(0)
 
-    def tc_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, scale,
-              msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo,
+              scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq", dropout) of dynamic shared
-        memory; 16-bit arrays as uint16; delta from tc_delta."""
+        memory; 16-bit arrays as uint16; delta: written (D of every row, for the dK/dV pass)."""
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
@@ -294,13 +299,37 @@ def make_dq(t, causal, bf16, features):
         jl = start_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
                       bk, Nq)
 
-        # this lane's two rows (g, g + 8): lse in base 2 (in two parts) and D
+        # this lane's two rows (g, g + 8): lse in base 2 (in two parts)
         ra = row0 + wr + g
-        lse_a, d_a = row_stats(lse, delta, bh * Nq + ra, ra < Nq)
-        lse_b, d_b = row_stats(lse, delta, bh * Nq + ra + 8, ra + 8 < Nq)
-        lse_a, lse_b = scaled(lse_a, LOG2E, LOG2E_LO), scaled(lse_b, LOG2E, LOG2E_LO)
+        lse_a = scaled(row_lse(lse, bh * Nq + ra, ra < Nq), LOG2E, LOG2E_LO)
+        lse_b = scaled(row_lse(lse, bh * Nq + ra + 8, ra + 8 < Nq), LOG2E, LOG2E_LO)
         wait_q()
         cuda.syncthreads()
+        # and D = rowsum(dO ∘ O) (FA2 Algorithm 2, line 4), here rather than in a kernel of its
+        # own: the 4 lanes of a row each sum its columns 8s + 2t, 8s + 2t + 1 (dO from shared
+        # memory, O from global), a shuffle adds their parts; written out for the dK/dV pass
+        pa = ZERO
+        pb = ZERO
+        for sl in range(DP // 8):
+            c = 8 * sl + 2 * t4
+            if 8 * sl < D:
+                at = DO_OFF + (wr + g) * DS + c
+                x = q_base + ra * D + c
+                if ra < Nq:
+                    pa += to_f32(o[x]) * to_f32(smem[at]) + \
+                        to_f32(o[x + 1]) * to_f32(smem[at + 1])
+                if ra + 8 < Nq:
+                    x += 8 * D
+                    at += 8 * DS
+                    pb += to_f32(o[x]) * to_f32(smem[at]) + \
+                        to_f32(o[x + 1]) * to_f32(smem[at + 1])
+        d_a = row_sum(pa, tid)
+        d_b = row_sum(pb, tid)
+        if t4 == 0:
+            if ra < Nq:
+                delta[bh * Nq + ra] = d_a
+            if ra + 8 < Nq:
+                delta[bh * Nq + ra + 8] = d_b
         qf = cuda.local.array(N_Q, uint32)    # Q_i's and dO_i's A fragments
         df = cuda.local.array(N_Q, uint32)
         if QREGS:

@@ -1,10 +1,12 @@
 """tc's host side: what it can run, its kernels for a set of compile-time constants, and the
 launch plan of a call.
 
-A tc call launches the forward kernel, or the backward's D kernel (fa2's, on the 16-bit
-values), the dK/dV kernel (dQ added atomically into a float32 buffer) and the kernel that
-converts that buffer into the 16-bit dq; with deterministic=True, the D kernel, the dK/dV
-kernel without dQ and the dQ pass. Arrays are float16, or uint16 holding bfloat16 bits
+A tc call launches the forward kernel, or for the backward the dQ pass (which also computes
+D = rowsum(dO ∘ O)) and the dK/dV kernel without dQ: bitwise reproducible, and on the H200 the
+faster backward (nbflash.kernels.tc.tiles.DQ_PASS). The other backward, FA2's Algorithm 2 as
+written, is the D kernel (fa2's, on the 16-bit values), the dK/dV kernel adding dQ atomically
+into a float32 buffer and the kernel that converts that buffer into the 16-bit dq
+(dq_pass=False; the default where the table says so). Arrays are float16, or uint16 holding bfloat16 bits
 (numba-cuda has no bfloat16 type; nbflash.inputs takes torch's and ml_dtypes' bfloat16 as their
 bits), and results come back of the same kind. Head dims that are not a multiple of 8 are padded
 with zero columns on the way in and cut on the way out (as FlashAttention's Python layer does;
@@ -27,7 +29,7 @@ from ..common.softmax import DELTA_THREADS, make_delta, split_scale
 from ..common.warp import make_warp_ops
 from .backward import make_convert, make_dkdv, make_dq
 from .forward import make_forward
-from .tiles import kernel_head_dim, tiles as default_tiles
+from .tiles import dq_pass as default_dq_pass, kernel_head_dim, tiles as default_tiles
 
 #: the tiled kernels (the compile check's and the tile tables'); "delta" and "convert" have none
 KERNELS = ("forward", "dkdv", "dq")
@@ -48,11 +50,14 @@ def launch_bounds(tiles, features=Features()):
     return tiles.threads, (1 if any(features) else tiles.min_blocks)
 
 
-def spec(name, tiles, causal, dtype, features=Features(), dq=True):
+def spec(name, tiles, causal, dtype, features=Features(), dq=None):
     """tc kernel `name` ("forward", "delta", "dkdv", "dq", "convert") for these constants (a
     factory Spec); dtype "float16" or "bfloat16" (16-bit data as uint16 bits); dq (dkdv):
-    whether it adds dQ (False with the deterministic dQ pass)."""
+    whether it adds dQ (False before the dQ pass; None: as the backward does by default at the
+    tiles' head dim)."""
     bf16 = str(dtype) == "bfloat16"
+    if name == "dkdv" and dq is None:
+        dq = not default_dq_pass(tiles.d)
     if name == "forward":
         fn = make_forward(tiles, causal, bf16, features)
     elif name == "dkdv":
@@ -68,8 +73,8 @@ def spec(name, tiles, causal, dtype, features=Features(), dq=True):
     if name == "convert":    # dq_acc, dq, pairs
         argtypes = (types.Array(types.float32, 1, "C"), types.Array(types.uint16, 1, "C"),
                     types.int64)
-    else:                    # fa2's arguments (dkdv always has dq_acc)
-        argtypes = kernel_types(name, types.uint16)
+    else:                    # fa2's arguments (dkdv always has dq_acc; the dQ pass takes o)
+        argtypes = kernel_types("dq_delta" if name == "dq" else name, types.uint16)
     if name not in KERNELS:
         return Spec(fn, argtypes)
     smem = tiles.smem_plan(name, features.dropout, *((dq,) if name == "dkdv" else ())).nbytes
@@ -110,19 +115,23 @@ def _cut(xp, x, d):
 class TcPlan(OptionArguments):
     """A tc call's tiles, compiled kernels, grids and packed arguments (as fa2's Fa2Plan).
     Takes float16 arrays, or uint16 arrays holding bfloat16 bits, and returns the same kind.
-    The backward adds dQ atomically, or with `deterministic` computes it in the dQ pass."""
+    The backward computes dQ in the dQ pass (dq_pass True, and always with `deterministic`) or
+    adds it atomically in the dK/dV pass (False); None: the default at this head dim."""
 
     #: its forward and backward take torch tensors with nbflash._torch_arrays as `xp`
     TAKES_TORCH = True
 
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=NONE,
-                 deterministic=False):
+                 deterministic=False, dq_pass=None):
         causal = bool(causal)
         self.d, kd = d, kernel_head_dim(d)            # kd: the kernels' head dim
         self.q_shape, self.k_shape = (B, H, Nq, kd), (B, H, Nk, kd)
         self.lse_shape = (B, H, Nq)
         self.dtype, self.layout = dtype, layout
-        self.atomic = not deterministic
+        if dq_pass is None:
+            dq_pass = default_dq_pass(kd)
+        self.atomic = not (deterministic or dq_pass)
+        self._no_acc = None     # the dQ pass's placeholder for the dK/dV kernel's dq_acc
         features, drop = layout.features, layout.features.dropout
         nq, nk, rows = B * H * Nq * kd, B * H * Nk * kd, B * H * Nq
         Q, K, L = (nq, 2), (nk, 2), (rows, 4)
@@ -136,7 +145,7 @@ class TcPlan(OptionArguments):
                          (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *opt_scalars))
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
-                           (Q, Q, L, ACC), (rows, kd, int(self.atomic)))
+                           (Q, Q, L, ACC), (rows, kd, 1)) if self.atomic else None
         grads = (Nq, Nk, H, *sc, float(scale), *opt_scalars)
         t = tiles.get("dkdv") or default_tiles("dkdv", kd)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
@@ -149,7 +158,7 @@ class TcPlan(OptionArguments):
         t = tiles.get("dq") or default_tiles("dq", kd)
         self.dq = None if self.atomic else Bound(
             kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.rows), H, B),
-            t.threads, t.smem_bytes("dq", drop), (Q, K, K, Q, L, L, Q, *opt), grads)
+            t.threads, t.smem_bytes("dq", drop), (Q, K, K, Q, Q, L, L, Q, *opt), grads)
 
     def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
         """FA2 Algorithm 1 on tensor cores; returns (o, lse)."""
@@ -168,23 +177,29 @@ class TcPlan(OptionArguments):
         do, q, k, v, o = (_bits(xp, _padded(xp, x, kd)) for x in (do, q, k, v, o))
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
         delta = xp.empty(self.lse_shape, xp.float32)
-        dq_acc = xp.empty(self.q_shape if self.atomic else (1,), xp.float32)
+        if self.atomic:
+            dq_acc = xp.empty(self.q_shape, xp.float32)
+        else:   # (made once: a launch takes any array kind's pointer)
+            dq_acc = self._no_acc = self._no_acc if self._no_acc is not None else \
+                xp.empty((1,), xp.float32)
         dq = _empty16(xp, self.q_shape, dtype)
         dk = _empty16(xp, self.k_shape, dtype)
         dv = _empty16(xp, self.k_shape, dtype)
-        self.delta(stream, flat((o, do, delta, dq_acc)))       # and zeroes dq_acc
+        if self.atomic:
+            self.delta(stream, flat((o, do, delta, dq_acc)))       # and zeroes dq_acc
+        else:   # (and writes delta)
+            self.dq(stream, flat((q, k, v, do, o, lse, delta, dq, *opt)),
+                    self.with_options(self.dq, scalars))
         self.dkdv(stream, flat((q, k, v, do, lse, delta, dq_acc, dk, dv, *opt)),
                   self.with_options(self.dkdv, scalars))
         if self.atomic:
             self.convert(stream, flat((dq_acc, dq)))
-        else:
-            self.dq(stream, flat((q, k, v, do, lse, delta, dq, *opt)),
-                    self.with_options(self.dq, scalars))
         return tuple(_as(_cut(xp, x, self.d), dtype) for x in (dq, dk, dv))
 
 
 @functools.lru_cache(maxsize=256)
 def plan_for(B, H, Nq, Nk, d, dtype, causal, scale, tiles=None, layout=NONE,
-             deterministic=False):
+             deterministic=False, dq_pass=None):
     """The cached :class:`TcPlan`; `tiles`: None or a tuple of (kernel, TcTiles) pairs."""
-    return TcPlan(B, H, Nq, Nk, d, str(dtype), causal, scale, tiles, layout, deterministic)
+    return TcPlan(B, H, Nq, Nk, d, str(dtype), causal, scale, tiles, layout, deterministic,
+                  dq_pass)

@@ -107,14 +107,23 @@ class TcTiles:
 GPU_TILES = {
     "forward": {64: (8, 64, 2, 2), 128: (8, 64, 2, 1, 2, 1, False),
                 256: (4, 32, 2, 1, 1, 1, False)},
-    "dkdv": {64: (8, 32, 2), 128: (8, 16, 2), 256: (4, 16, 2, 1, 1, 2)},
-    "dq": {64: (4, 64, 2), 128: (4, 32, 2, 1, 1, 1, False), 256: (4, 16, 2, 1, 1, 1, False)},
+    "dkdv": {64: (8, 64, 2), 128: (8, 32, 2), 256: (4, 16, 2, 1, 1, 2)},
+    "dq": {64: (4, 64, 2), 128: (4, 64, 2, 1, 1, 1, False), 256: (4, 16, 2, 1, 1, 1, False)},
 }
 SIM_TILES = {
     "forward": {32: (1, 16, 2, 1, 2), 128: (1, 16, 3), 256: (1, 16, 2, 1, 1, 1, False)},
     "dkdv": {32: (2, 16, 2), 128: (1, 16, 2), 256: (1, 16, 2, 1, 1, 2)},
     "dq": {32: (2, 16, 2), 256: (1, 16, 2, 1, 1, 1, False)},
 }
+#: how the backward gets dQ by default, by the table entry's head dim: True, from the dQ pass
+#: after a dK/dV pass without dQ (bitwise reproducible); False, added by the dK/dV pass with
+#: atomics (FA2's Algorithm 2 as written). On the H200 the dQ pass is the faster at every point
+#: measured (2026-12-01, fp16, N 2048 and 8192, causal and not, against the atomic backward with
+#: the same dK/dV tiles: 1.18-1.70x at d=64, 1.23-1.86x at d=128; docs/tensor-cores.md); the
+#: simulator keeps the atomic one at d=128 so that the tests run both.
+GPU_DQ_PASS = {64: True, 128: True, 256: True}
+SIM_DQ_PASS = {32: True, 128: False, 256: True}
+
 #: local memory (bytes per thread: spills, and the stack they take) that the H200 sweeps
 #: accepted for a GPU_TILES entry, by (kernel, the entry's head dim); every other kernel must
 #: have none (tests/test_compile.py, and test_tc.py's SASS test on the GPU). Two forwards spill
@@ -126,8 +135,8 @@ SIM_TILES = {
 #: (16 bytes on the H200, 72 causal; 116 in CI's compile).
 LOCAL_ALLOWANCE = {("forward", 64): 32, ("forward", 128): 128}
 
-#: the table this device mode uses
-TABLE = SIM_TILES if SIMULATOR else GPU_TILES
+#: the tables this device mode uses
+TABLE, DQ_PASS = (SIM_TILES, SIM_DQ_PASS) if SIMULATOR else (GPU_TILES, GPU_DQ_PASS)
 #: head dims the tc kernels take: every one up to MAX_HEAD_DIM (the kernels read and write
 #: multiples of KERNEL_HEAD_DIM_MULTIPLE; the plan pads the others)
 MAX_HEAD_DIM, HEAD_DIM_MULTIPLE, KERNEL_HEAD_DIM_MULTIPLE = 256, 1, 8
@@ -153,6 +162,14 @@ def tiles(kernel, d, table=None):
         raise ValueError(f"tc takes head dims 1 to {MAX_HEAD_DIM}; got {d}")
     sizes = (table or TABLE)[kernel]
     return TcTiles(kernel_head_dim(d), *sizes[_entry(sizes, d)])
+
+
+def dq_pass(d, table=None):
+    """Whether tc's backward at head dim d computes dQ in its own pass by default (DQ_PASS)."""
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"tc takes head dims 1 to {MAX_HEAD_DIM}; got {d}")
+    table = table or DQ_PASS
+    return table[_entry(table, d)]
 
 
 def local_allowance(kernel, d):
