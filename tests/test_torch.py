@@ -1,6 +1,7 @@
 """torch tensors through nbflash: the public functions (DLPack, no copy) and nbflash.torch's
-autograd Function. Needs torch: on the GPU with CUDA tensors; in the simulator with CPU tensors
-when torch is installed (it is not a dependency of nbflash, so these skip in CI)."""
+autograd path (the custom ops of nbflash.torch). Needs torch: on the GPU with CUDA tensors; in
+the simulator with CPU tensors (torch is not a dependency of nbflash; the torch extra, which CI
+installs, brings it)."""
 
 import numpy as np
 import pytest
