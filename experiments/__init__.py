@@ -19,4 +19,5 @@ NAMES = (
     "throughput",      # FlashAttention-2 Figs. 4-6: TFLOP/s bars from the benchmark
     "io_complexity",   # Theorem 2: HBM accesses against M and N, modelled, counted, measured
     "speedup",         # Figs. 5-8: speed-up over the naive baseline, with dropout and masking
+    "llama_step",      # not the paper's: a Llama's training step with nbflash and SDPA (issue 18)
 )

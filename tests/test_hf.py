@@ -200,3 +200,26 @@ def test_attention_function_refuses(kwargs, match):
     kwargs.setdefault("attention_mask", None)
     with pytest.raises(nbflash.InputError, match=match):
         hf.attention_forward(_Module(), q, k, v, **kwargs)
+
+
+@pytest.mark.skipif(nbflash.MODE != "sim", reason="the tiny sizes are the simulator's")
+def test_llama_step_experiment_in_simulator(tmp_path, monkeypatch):
+    """experiments/llama_step.py's measuring code at the simulator's sizes: both series train
+    with the same losses (float32, a 1-layer model), the host times are there, a rerun resumes
+    (measures nothing), and the figure is drawn."""
+    import json  # noqa: PLC0415
+    from experiments import common, llama_step  # noqa: PLC0415
+    monkeypatch.setattr(common, "FIGURES", tmp_path)
+    llama_step.measure(fresh=True)
+    path = common.data_path("llama_step")
+    doc = json.loads(path.read_text())
+    pts = {p["series"]: p for p in doc["points"]}
+    assert doc["meta"]["gpu"] == "simulator" and all(p["status"] == "ok" for p in pts.values())
+    c = llama_step.config()
+    sdpa, ours = pts["sdpa"]["losses"], pts["nbflash"]["losses"]
+    assert len(ours) == c["warmup"] + c["steps"] and len(pts["nbflash"]["step_ms"]) == c["steps"]
+    np.testing.assert_allclose(ours, sdpa, rtol=1e-5)
+    assert set(pts["host"]["host_us"]) and all(t > 0 for t in pts["host"]["host_us"].values())
+    llama_step.measure()
+    assert json.loads(path.read_text())["points"] == doc["points"]
+    assert llama_step.plot().exists() and "x" in llama_step.summarize(doc)
