@@ -40,14 +40,16 @@ def config():
 
 
 def _candidate(kernel, d, sizes, B, H, N):
-    """A candidate's plan: the forward's or the (atomic) backward's with these dK/dV tiles,
-    or for "dq" the deterministic backward (dK/dV without dQ, then the dQ pass)."""
+    """A candidate's plan: the forward's, or the default backward's (at d's tiles.DQ_PASS: the
+    dQ pass and then the dK/dV pass without dQ, or the atomic dK/dV pass) with these dK/dV
+    tiles, or for "dq" the backward with the dQ pass with these tiles."""
     t = tc_tiles.TcTiles(d, *sizes)
     fields = {"threads": t.threads, "smem_bytes": t.smem_bytes(kernel)}
     det = kernel == "dq"
     plan = tc_plan.plan_for(B, H, N, N, d, "float16", False, d ** -0.5, ((kernel, t),),
                             deterministic=det)
-    extra = (Features(), True) if kernel == "dkdv" else ()    # the plan's compiled kernel
+    # the plan's compiled kernel (the dK/dV pass adds dQ where the backward is atomic)
+    extra = (Features(), not (det or tc_tiles.dq_pass(d))) if kernel == "dkdv" else ()
     return (fields, PlanRunner(False, plan),
             lambda: compiled(tc_plan.spec, kernel, t, False, "float16", *extra).resources())
 
