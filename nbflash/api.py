@@ -116,11 +116,13 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
                       block_mask=None, block_size=None):
     """Attention forward: returns (o, lse).
 
-    q: (B, H, Nq, d); k, v: (B, H, Nk, d); float16, float32 or bfloat16 (math in float32;
-    bfloat16 as torch.bfloat16 tensors, ml_dtypes.bfloat16 NumPy arrays or uint16 arrays of its
-    bits, the outputs in the same form): CuPy arrays or torch CUDA tensors on the GPU, NumPy
-    arrays (or torch CPU tensors) in the simulator; torch inputs give torch outputs, computed on
-    torch's current stream. o has q's shape and dtype;
+    q: (B, H, Nq, d); k, v: (B, H_kv, Nk, d) with H_kv = H, or fewer heads dividing H
+    (grouped-query and multi-query attention: query head h reads key/value head
+    h // (H / H_kv); naive, fa2 and tc take them, fa1 refuses); float16, float32 or
+    bfloat16 (math in float32; bfloat16 as torch.bfloat16 tensors, ml_dtypes.bfloat16 NumPy
+    arrays or uint16 arrays of its bits, the outputs in the same form): CuPy arrays or torch
+    CUDA tensors on the GPU, NumPy arrays (or torch CPU tensors) in the simulator; torch inputs
+    give torch outputs, computed on torch's current stream. o has q's shape and dtype;
     lse = m + log ℓ per query row, float32 of shape (B, H, Nq), -inf for a row that sees no key.
 
     causal: mask keys after the query, bottom-right aligned (key j visible to query i when
@@ -141,18 +143,19 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     dropout_p and scale the kept ones by 1/(1 - dropout_p) (the FlashAttention paper's
     Algorithm 2). The mask is a pure function of seed (an integer in [0, 2**64), required when
     dropout_p > 0), offset (in [0, 2**32)) and the entry's (batch, head, query, key)
-    coordinates (nbflash.rng), so the backward draws it again instead of storing it; lse is the
-    softmax's, before dropout. :func:`dropout_mask` returns the mask itself.
+    coordinates (nbflash.rng; the query head's, with grouped-query heads), so the backward
+    draws it again instead of storing it; lse is the softmax's, before dropout.
+    :func:`dropout_mask` returns the mask itself.
     key_lengths: integers of shape (B,): keys from key_lengths[b] on are ignored for batch entry
     b (a key-padding mask; every query is kept). With causal, both masks apply (the causal one
     aligned to Nq and Nk as above).
     block_mask, block_size: block-sparse attention (the paper's Algorithm 5). block_mask is
     boolean of shape (ceil(Nq/bq), ceil(Nk/bk)), or with leading axes (H,) or (B, H) (1 where
-    shared), for block_size = bq = bk or (bq, bk) query and key positions per block: queries of
-    block i see keys of block j only where block_mask[..., i, j]. The kernels skip the tiles
-    whose mask blocks are all off (nothing is loaded or computed there); any block size works,
-    and sizes that are multiples of the kernels' tiles (64 for fa2 on the H200) skip exactly the
-    masked blocks. nbflash.sparsity builds the paper's patterns.
+    shared; H the query heads), for block_size = bq = bk or (bq, bk) query and key positions
+    per block: queries of block i see keys of block j only where block_mask[..., i, j]. The
+    kernels skip the tiles whose mask blocks are all off (nothing is loaded or computed there);
+    any block size works, and sizes that are multiples of the kernels' tiles (64 for fa2 on the
+    H200) skip exactly the masked blocks. nbflash.sparsity builds the paper's patterns.
 
     A row that sees no key (masked by any of these) gets o = 0 and lse = -inf.
     Raises nbflash.InputError, naming the problem, before any kernel runs.
@@ -191,8 +194,10 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     o and lse are what :func:`attention_forward` returned for the same q, k, v and options
     (dropout with the same seed and offset: its mask is drawn again, not stored).
     P is recomputed from q, k and lse instead of being stored (fa1: the paper's Algorithm 4;
-    fa2: FlashAttention-2's Algorithm 2). Gradients have the dtypes and shapes of q, k, v; rows
-    that see no key get zero gradients, and so do keys that no query sees.
+    fa2: FlashAttention-2's Algorithm 2). Gradients have the dtypes and shapes of q, k, v: with
+    grouped-query heads (k, v of H_kv heads) dk and dv have H_kv heads, each the sum over the
+    query heads of its group (fa2 and tc sum them in registers, without atomics); rows that see
+    no key get zero gradients, and so do keys that no query sees.
 
     deterministic (fa2, tc): compute dq in a separate pass, so that it is bitwise reproducible;
     by default fa2 and tc add each block's share of dq with atomics, which is faster but

@@ -55,6 +55,9 @@ class Impl:
     deterministic: str = "always"
     #: options of the API only this impl takes (fa1: M and block_rule)
     own_options: tuple = ()
+    #: takes k and v with fewer heads than q (grouped-query and multi-query attention: H_kv
+    #: dividing H, query head h reading key/value head h // (H / H_kv))
+    gqa: bool = True
     #: fast enough for the FlashAttention-2 grid at 16k tokens (fa1, as written, is not: it
     #: would take minutes per point there)
     at_scale: bool = True
@@ -108,13 +111,14 @@ def _fa1(prob, layout, deterministic=False):
 
 def _fa2(prob, layout, deterministic=False):
     return fa2_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
-                             prob.causal, prob.scale, bool(deterministic), layout=layout)
+                             prob.causal, prob.scale, bool(deterministic), layout=layout,
+                             kv_heads=prob.kv_heads)
 
 
 def _tc(prob, layout, deterministic=False):
     return tc_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
                             prob.causal, prob.scale, layout=layout,
-                            deterministic=bool(deterministic))
+                            deterministic=bool(deterministic), kv_heads=prob.kv_heads)
 
 
 #: every implementation, in the order tables list them
@@ -126,7 +130,7 @@ REGISTRY = {impl.name: impl for impl in (
          "the FlashAttention paper's Algorithms 1 and 4, as written (for reading and the IO "
          "experiments)",
          ("float32", "float16"), fa1_tiles.MAX_HEAD_DIM, own_options=("M", "block_rule"),
-         at_scale=False,
+         gqa=False, at_scale=False,
          family=Family(fa1_plan.KERNELS, fa1_plan.spec, fa1_tiles.tiles,
                        ("float32", "float16")),
          check=fa1_plan.check, plan=_fa1),

@@ -65,6 +65,12 @@ class Problem:
     block_mask: object = None    # uint8 (B or 1, H or 1, n_q_blocks, n_k_blocks) device array
     block_size: tuple = None     # (bq, bk)
     bf16_dtype: np.dtype = None  # inputs were bfloat16 arrays (ml_dtypes): the outputs' dtype
+    H_kv: int = None             # heads of k and v (dividing H: grouped-query); None: H
+
+    @property
+    def kv_heads(self):
+        """Heads of k and v: H, or fewer (grouped-query / multi-query attention)."""
+        return self.H if self.H_kv is None else self.H_kv
 
     @property
     def dtype_name(self):
@@ -246,6 +252,14 @@ def _check_deterministic(impl, deterministic, dtype, d):
         raise InputError(msg)
 
 
+def _check_gqa(impl, H, H_kv):
+    """Grouped-query heads (k and v with H_kv < H heads) only for the impls that take them."""
+    if H_kv != H and not impl.gqa:
+        others = [i.name for i in impls.REGISTRY.values() if i.gqa]
+        raise InputError(f"impl={impl.name!r} takes k and v with as many heads as q ({H}); got "
+                         f"{H_kv} (grouped-query heads run with {_names(others, ' or ')})")
+
+
 def _names(names, sep=", "):
     return sep.join(f"impl={n!r}" for n in names)
 
@@ -269,14 +283,23 @@ def _check_qkv(q, k, v):
         raise InputError(f"q, k, v must share one dtype; got {_name(q)}, {_name(k)}, {_name(v)}")
     B, H, Nq, d = q.shape
     for name, x in (("k", k), ("v", v)):
-        for axis, what in ((0, "batch"), (1, "heads"), (3, "head_dim")):
+        for axis, what in ((0, "batch"), (3, "head_dim")):
             if x.shape[axis] != q.shape[axis]:
                 raise InputError(f"{what} of {name} is {x.shape[axis]} but {what} of q is "
                                  f"{q.shape[axis]} (q {tuple(q.shape)}, {name} {tuple(x.shape)})")
+    if k.shape[1] != v.shape[1]:
+        raise InputError(f"k and v must have the same number of heads; got {k.shape[1]} and "
+                         f"{v.shape[1]} (k {tuple(k.shape)}, v {tuple(v.shape)})")
+    H_kv = k.shape[1]
+    if H_kv and H % H_kv:
+        raise InputError(f"heads of k and v ({H_kv}) must divide heads of q ({H}): query head "
+                         f"h reads key/value head h // (H / H_kv) (grouped-query attention; "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)})")
     if k.shape[2] != v.shape[2]:
         raise InputError(f"k and v must have the same seqlen; got {k.shape[2]} and {v.shape[2]}")
     Nk = k.shape[2]
-    for what, n in (("batch", B), ("heads", H), ("seqlen of q (Nq)", Nq),
+    for what, n in (("batch", B), ("heads", H), ("heads of k and v", H_kv),
+                    ("seqlen of q (Nq)", Nq),
                     ("seqlen of k and v (Nk)", Nk), ("head_dim", d)):
         if n == 0:
             raise InputError(f"{what} is 0: nothing to attend "
@@ -444,6 +467,8 @@ def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causa
     causal, scale = _check_scalars(causal, softmax_scale, d)
     p, seed, offset = check_dropout(masking["dropout_p"], masking["seed"], masking["offset"])
     _check_deterministic(impl, deterministic, dtype, d)
+    H_kv = k.shape[1]
+    _check_gqa(impl, H, H_kv)
     key_lengths = _check_key_lengths(xp, masking["key_lengths"], B, Nk)
     block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
                                                masking["block_size"], B, H, Nq, Nk)
@@ -451,7 +476,7 @@ def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causa
                                            if k in impl.own_options}) if impl.check else None
     return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl.name, xp, to_host, tiles,
                    torch, stream, p, seed, offset, key_lengths, block_mask, block_size,
-                   bf16_dtype)
+                   bf16_dtype, H_kv)
 
 
 #: the mask and dropout options of the public functions, and their defaults

@@ -38,6 +38,12 @@ dS, and 0 · NaN is NaN, so in these dense products a non-finite value in k, v o
 row's D) also reaches gradients of rows and keys that do not depend on it (the kernels do the
 same within a tile).
 
+Grouped-query and multi-query heads: k and v may have H_kv heads, H_kv dividing q's H; query
+head h reads key/value head h // (H / H_kv). The baseline repeats K and V over each group (as
+a user without grouped-query kernels would), and the backward sums the group's dK and dV in
+float32 (float64 for float64) before rounding them once to the dtype, so dk and dv have
+k's H_kv heads. Masks and dropout stay functions of the query head.
+
 Row chunks (`row_chunk=R`, forward and backward): the same results with memory bounded by
 R x Nk per matrix instead of Nq x Nk, for a reference at sequence lengths where the N x N
 float64 matrices do not fit (nbflash.bench uses it there). The query rows are taken R at a time,
@@ -205,6 +211,25 @@ def _unread_keys_zeroed(k, v, key_lengths):
     return xp.where(read, k, k.dtype.type(0)), xp.where(read, v, v.dtype.type(0))
 
 
+def _group(q, k):
+    """Query heads per key/value head: H / H_kv (1 without grouped-query heads)."""
+    return q.shape[1] // k.shape[1]
+
+
+def _repeat_kv(x, group):
+    """k or v with each head repeated over its group of query heads (head h of the result is
+    head h // group of x)."""
+    return x if group == 1 else array_module(x).repeat(x, group, axis=1)
+
+
+def _group_sum(x, group):
+    """The sum of each group's `group` consecutive heads of x: dK, dV back on k's heads."""
+    if group == 1:
+        return x
+    B, H = x.shape[:2]
+    return x.reshape((B, H // group, group) + x.shape[2:]).sum(axis=2)
+
+
 def _forward_rows(q, k, v, vis, z, scale):
     """(o, lse) of the rows of q given, with their masks, by the non-finite rule (module
     docstring): rows that see no key 0 and -inf; otherwise IEEE softmax over the visible keys,
@@ -237,7 +262,8 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.
     rows of the mask."""
     scale = _scale(q, softmax_scale)
     masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
-    k, v = _unread_keys_zeroed(k, v, key_lengths)
+    group = _group(q, k)
+    k, v = (_repeat_kv(x, group) for x in _unread_keys_zeroed(k, v, key_lengths))
     if row_chunk is None:
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
         return _forward_rows(q, k, v, vis, z, scale)
@@ -291,7 +317,8 @@ def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm):
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, dropout_p=0.0,
                        seed=None, offset=0, keep=None, key_lengths=None, block_mask=None,
                        block_size=None, row_chunk=None):
-    """(dq, dk, dv) in the input dtype, recomputing P = exp(S - lse) and the dropout mask.
+    """(dq, dk, dv) in the input dtype, recomputing P = exp(S - lse) and the dropout mask; dk
+    and dv have k's heads (grouped-query: summed over each group's query heads).
 
     row_chunk: as for attention_forward; dk and dv are then added up across the chunks in
     float32 (float64 for float64) and rounded to the input dtype once, at the end."""
@@ -299,11 +326,18 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     acc = _acc_dtype(q.dtype)
     scale = _scale(q, softmax_scale)
     masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
-    k, v = _unread_keys_zeroed(k, v, key_lengths)
+    group = _group(q, k)
+    k, v = (_repeat_kv(x, group) for x in _unread_keys_zeroed(k, v, key_lengths))
     if row_chunk is None:
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
-        dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm)
-        return dq, (dk.astype(acc) * acc(scale)).astype(q.dtype), dv
+        if group == 1:
+            dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm)
+            return dq, (dk.astype(acc) * acc(scale)).astype(q.dtype), dv
+        # grouped-query heads: each query head's share in float32 (float64), summed over the
+        # group, rounded once
+        dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm_acc)
+        return (dq, (_group_sum(dk, group) * acc(scale)).astype(q.dtype),
+                _group_sum(dv, group).astype(q.dtype))
     Nq = q.shape[2]
     dq = xp.empty(q.shape, dtype=q.dtype)
     dk = xp.zeros(k.shape, dtype=acc)
@@ -316,4 +350,5 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
         dk += dk_part
         dv += dv_part
         del vis, z, dk_part, dv_part
+    dk, dv = _group_sum(dk, group), _group_sum(dv, group)
     return dq, (dk * acc(scale)).astype(q.dtype), dv.astype(q.dtype)

@@ -4,6 +4,11 @@ tc's on tensor cores take the same arguments, so that their plans pack them alik
 Arrays come first, flat (1-D, contiguous) views of the (B, H, N, d) inputs and outputs in the
 storage dtype `elem` (tc: 16-bit data as its uint16 bits) and float32 statistics; then sizes
 and scales; then the options' arguments (nbflash.kernels.common.options).
+
+The sizes are Nq, Nk, H (query heads) and G, the query heads per key/value head (H / H_kv:
+1, or more with grouped-query heads, where q, o, do, lse and D have H heads and k, v, dk, dv
+H_kv; query head h reads key/value head h // G). G is a runtime argument, so grouped-query
+heads add no compiled variants.
 """
 
 from numba import types
@@ -18,17 +23,17 @@ def kernel_types(name, elem):
     f32 = types.Array(types.float32, 1, "C")
     i64, f = types.int64, types.float32
     opt_arrays, opt_scalars = _option_types()
-    if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, τ log2 e (hi, lo)
-        return (io, io, io, io, f32, *opt_arrays, i64, i64, i64, f, f, *opt_scalars)
+    if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, G, τ log2 e (hi, lo)
+        return (io, io, io, io, f32, *opt_arrays, i64, i64, i64, i64, f, f, *opt_scalars)
     if name == "delta":      # o, do, delta, dq_acc, n_rows, d, zero_dq
         return (io, io, f32, f32, i64, i64, i64)
-    if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, τ log2 e (2), τ
-        return (io, io, io, io, f32, f32, f32, io, io, *opt_arrays, i64, i64, i64, f, f, f,
+    if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, G, τ log2 e (2), τ
+        return (io, io, io, io, f32, f32, f32, io, io, *opt_arrays, i64, i64, i64, i64, f, f, f,
                 *opt_scalars)
-    if name == "dq":     # q, k, v, do, lse, delta, dq, Nq, Nk, H, τ log2 e (hi, lo), τ
-        return (io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, f, f, f,
+    if name == "dq":     # q, k, v, do, lse, delta, dq, Nq, Nk, H, G, τ log2 e (hi, lo), τ
+        return (io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, i64, f, f, f,
                 *opt_scalars)
     if name == "dq_delta":   # tc's dQ pass, which computes D itself: as "dq" with o after do
-        return (io, io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, f, f, f,
+        return (io, io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, i64, f, f, f,
                 *opt_scalars)
     raise ValueError(name)

@@ -11,6 +11,12 @@ nbflash.kernels.fa2.forward. The backward recomputes S and P from Q, K and the f
   bits of dq, vary from run to run) or, for ``deterministic=True``, from a separate pass with
   one block per query block that walks the key blocks in order (:func:`make_dq`).
 
+Grouped-query heads (k and v with H / G heads): the forward and the dQ pass read key/value head
+h // G; a dK/dV block owns a key block of one key/value head and walks the query blocks of each
+of its G query heads in turn, so dK_j and dV_j are summed over the group in registers and
+written once (no atomics); the dQ it adds atomically goes to each query head's rows. Dropout's
+mask and the block mask stay the query head's.
+
 The backward takes s' - lse log2(e) with log2(e) in two parts (LOG2E + LOG2E_LO), and
 P = 2^min(s' - lse log2(e), 0) <= 1 (converting lse back can put it an ulp below the forward's
 largest score). With dropout the forward's keep bits are drawn again: dV uses P ∘ Z / (1-p) and
@@ -28,7 +34,7 @@ from ..common.masks import (ALL, bit_on, first_query_block, key_blocks, make_blo
 from ..common.options import Features
 from ..common.primitives import commit_async, wait_async_all, wait_async_all_but_1
 from ..common.softmax import LOG2E, LOG2E_LO, ONE, ZERO, clamp_nonpositive, row_stats, scaled
-from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_row_store,
+from .regtile import (kv_coords, make_dot_cols, make_dot_rows, make_pair_loader, make_row_store,
                       make_tile_loader, thread_coords, tile_constants)
 
 
@@ -93,16 +99,19 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
 
-    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, sc_hi,
-                 sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
+    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
+                 sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
                  drop_scale):
-        """Grid (ceil(Nk/R), H, B), T threads, t.smem_bytes("dkdv", dropout) of dynamic shared
-        memory. delta: D from fa2_delta; dq_acc: zeroed float32 (B, H, Nq, d), used if
-        atomic_dq; then the options' arguments (nbflash.kernels.common.options)."""
+        """Grid (ceil(Nk/R), H / G, B) over key/value heads, T threads, t.smem_bytes("dkdv",
+        dropout) of dynamic shared memory. The block walks the query tiles of each of its G
+        query heads in turn (grouped-query heads: dK_j, dV_j summed over the group in
+        registers, written once, no atomics). delta: D from fa2_delta; dq_acc: zeroed float32
+        (B, H, Nq, d), used if atomic_dq; then the options' arguments
+        (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(L, D, H, Nq, Nk,
-                                                                     key_lengths, msb, msh, PAD)
+        tid, rg, cg, b, hk, klen = kv_coords(L, Nk, key_lengths, PAD)
+        k_base = hk * Nk * D
         key0 = cuda.blockIdx.x * R
 
         load_kv(k, v, k_base, key0, klen, smem, K_OFF, tid)
@@ -121,86 +130,91 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         # mask hides from these keys (Alg. 5)
         first = first_query_block(key0, C, Nq, Nk, CAUSAL)
         n_steps = (Nq + C - 1) // C if key0 < klen else first
-        i, all_on = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        if STAGES == 2 and i < n_steps:
-            load_step(q, do, lse, delta, q_base, bh, i * C, Nq, smem, Q_OFF, tid)
-            commit_async()
-        step = 0
-        while i < n_steps:
-            row0 = i * C
-            i_next, next_all_on = walk(i + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq,
-                                       klen)
-            cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
-            if STAGES == 2:
-                off = Q_OFF + (step % 2) * STAGE
-                if i_next < n_steps:
-                    load_step(q, do, lse, delta, q_base, bh, i_next * C, Nq, smem,
-                              Q_OFF + ((step + 1) % 2) * STAGE, tid)
-                    commit_async()
-                    wait_async_all_but_1()
+        for gq in range(G):   # the group's query heads, each walking its query tiles
+            bh = hk * G + gq                  # the query head, as b*H + h
+            q_base = bh * Nq * D
+            mbase = b * msb + (bh - b * H) * msh
+            i, all_on = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            if STAGES == 2 and i < n_steps:
+                cuda.syncthreads()   # the previous head's last step is done with stage 0
+                load_step(q, do, lse, delta, q_base, bh, i * C, Nq, smem, Q_OFF, tid)
+                commit_async()
+            step = 0
+            while i < n_steps:
+                row0 = i * C
+                i_next, next_all_on = walk(i + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq,
+                                           klen)
+                cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
+                if STAGES == 2:
+                    off = Q_OFF + (step % 2) * STAGE
+                    if i_next < n_steps:
+                        load_step(q, do, lse, delta, q_base, bh, i_next * C, Nq, smem,
+                                  Q_OFF + ((step + 1) % 2) * STAGE, tid)
+                        commit_async()
+                        wait_async_all_but_1()
+                    else:
+                        wait_async_all()
                 else:
-                    wait_async_all()
-            else:
-                off = Q_OFF
-                load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid)
-            if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
-                fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
-            do_off = off + DO_IN
-            lse_off = off + LSE_IN
-            d_off = off + D_IN
-            cuda.syncthreads()   # Q_i, dO_i, lse_i, D_i (and the keep bits) complete
+                    off = Q_OFF
+                    load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid)
+                if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
+                    fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
+                do_off = off + DO_IN
+                lse_off = off + LSE_IN
+                d_off = off + D_IN
+                cuda.syncthreads()   # Q_i, dO_i, lse_i, D_i (and the keep bits) complete
 
-            for x in range(TM * TN):
-                st[x] = ZERO
-                dpt[x] = ZERO
-            rows_dot(smem, K_OFF + rg * DS, off + cg * DS, st)
-            rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
-            if DROP:   # dropout: dP ∘ Z / (1-p) enters dS (Alg. 4 line 19) ...
-                drop_regs(dpt, bits, KEEP_OFF, rg, cg, drop_scale)
-            on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, key0, rg, cg, Nq, klen)
-            masked = row0 + C > Nq or key0 + R > klen or \
-                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or on != ALL
-            for a in range(TM):
-                kr = rg + RG * a                  # key row within the block
-                for u in range(TN):
-                    qr = cg + L * u               # query row within the block
-                    lse_q = smem[lse_off + qr]
-                    p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
-                                      lse_q * LOG2E_LO, smem[d_off + qr])
-                    if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL)
-                                       and bit_on(on, a * TN + u)):
-                        p = ZERO
-                        ds = ZERO
-                    smem[PT_OFF + kr * PSC + qr] = p
-                    smem[DST_OFF + kr * PSC + qr] = ds
-                    if ATOMIC:
-                        smem[DS_OFF + qr * PSR + kr] = ds
-            if DROP:   # ... and dV takes P ∘ Z / (1-p) (line 17)
-                drop_tile(smem, PT_OFF, PSC, bits, KEEP_OFF, rg, cg, drop_scale)
-            cuda.syncthreads()   # Pᵀ, dSᵀ (and dS) complete
-            if TWO_LEVEL:   # dV += Pᵀ dO_i, dK += dSᵀ Q_i, the step's share summed on its
-                for x in range(N_ACC):   # own, then added to the running sums
-                    part[x] = ZERO
-                cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, part)
-                for x in range(N_ACC):
-                    dv_acc[x] += part[x]
-                    part[x] = ZERO
-                cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, part)
-                for x in range(N_ACC):
-                    dk_acc[x] += part[x]
-            else:
-                cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, dv_acc)
-                cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, dk_acc)
-            if ATOMIC:
-                for x in range(TMQ * TX):
-                    dq_part[x] = ZERO
-                dq_dot(smem, DS_OFF + rg * PSR, K_OFF + 4 * cg, dq_part)
-                for a in range(TMQ):
-                    row = row0 + rg + RG * a
-                    if row < Nq:
-                        add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
-            i, all_on = i_next, next_all_on
-            step += 1
+                for x in range(TM * TN):
+                    st[x] = ZERO
+                    dpt[x] = ZERO
+                rows_dot(smem, K_OFF + rg * DS, off + cg * DS, st)
+                rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
+                if DROP:   # dropout: dP ∘ Z / (1-p) enters dS (Alg. 4 line 19) ...
+                    drop_regs(dpt, bits, KEEP_OFF, rg, cg, drop_scale)
+                on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, key0, rg, cg, Nq, klen)
+                masked = row0 + C > Nq or key0 + R > klen or \
+                    (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or on != ALL
+                for a in range(TM):
+                    kr = rg + RG * a                  # key row within the block
+                    for u in range(TN):
+                        qr = cg + L * u               # query row within the block
+                        lse_q = smem[lse_off + qr]
+                        p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
+                                          lse_q * LOG2E_LO, smem[d_off + qr])
+                        if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL)
+                                           and bit_on(on, a * TN + u)):
+                            p = ZERO
+                            ds = ZERO
+                        smem[PT_OFF + kr * PSC + qr] = p
+                        smem[DST_OFF + kr * PSC + qr] = ds
+                        if ATOMIC:
+                            smem[DS_OFF + qr * PSR + kr] = ds
+                if DROP:   # ... and dV takes P ∘ Z / (1-p) (line 17)
+                    drop_tile(smem, PT_OFF, PSC, bits, KEEP_OFF, rg, cg, drop_scale)
+                cuda.syncthreads()   # Pᵀ, dSᵀ (and dS) complete
+                if TWO_LEVEL:   # dV += Pᵀ dO_i, dK += dSᵀ Q_i, the step's share summed on its
+                    for x in range(N_ACC):   # own, then added to the running sums
+                        part[x] = ZERO
+                    cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, part)
+                    for x in range(N_ACC):
+                        dv_acc[x] += part[x]
+                        part[x] = ZERO
+                    cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, part)
+                    for x in range(N_ACC):
+                        dk_acc[x] += part[x]
+                else:
+                    cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, dv_acc)
+                    cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, dk_acc)
+                if ATOMIC:
+                    for x in range(TMQ * TX):
+                        dq_part[x] = ZERO
+                    dq_dot(smem, DS_OFF + rg * PSR, K_OFF + 4 * cg, dq_part)
+                    for a in range(TMQ):
+                        row = row0 + rg + RG * a
+                        if row < Nq:
+                            add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
+                i, all_on = i_next, next_all_on
+                step += 1
 
         for a in range(TM):   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P_ijᵀ dO_i, written once
             key = key0 + rg + RG * a
@@ -231,14 +245,15 @@ def make_dq(t, causal, features=Features()):
     check_keep_tile(DROP, C, t)
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
 
-    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, scale,
-               msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo,
+               scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq", dropout) of dynamic shared
-        memory; the options' arguments last (nbflash.kernels.common.options)."""
+        memory; query head h reads key/value head h // G; the options' arguments last
+        (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(L, D, H, Nq, Nk,
-                                                                     key_lengths, msb, msh, PAD)
+        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
+            L, D, H, G, Nq, Nk, key_lengths, msb, msh, PAD)
         row0 = cuda.blockIdx.x * R
 
         load_q(q, do, q_base, row0, Nq, smem, Q_OFF, tid)

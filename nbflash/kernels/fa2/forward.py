@@ -76,16 +76,16 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
 
-    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo, msb, msh,
+    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo, msb, msh,
                     nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward", dropout) of dynamic
-        shared memory. q, o: flat (B, H, Nq, d); k, v: flat (B, H, Nk, d); lse: flat (B, H, Nq)
-        float32. sc_hi + sc_lo = τ log2(e) (:func:`split_scale`); then the options' arguments
-        (nbflash.kernels.common.options)."""
+        shared memory. q, o: flat (B, H, Nq, d); k, v: flat (B, H / G, Nk, d) (query head h
+        reads key/value head h // G); lse: flat (B, H, Nq) float32. sc_hi + sc_lo = τ log2(e)
+        (:func:`split_scale`); then the options' arguments (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(L, D, H, Nq, Nk,
-                                                                     key_lengths, msb, msh, PAD)
+        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
+            L, D, H, G, Nq, Nk, key_lengths, msb, msh, PAD)
         row0 = cuda.blockIdx.x * R
 
         load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)          # Q_i, once

@@ -3,8 +3,11 @@ launch plan of a call.
 
 An fa2 call launches the forward kernel, or the backward's D kernel, dK/dV kernel (dQ by atomic
 adds into a float32 buffer) and, with ``deterministic=True``, the separate dQ pass instead of the
-atomics. Each is compiled once per signature (nbflash.kernels.common.factory) and launched
-through the driver (nbflash.kernels.common.fastlaunch): a :class:`Fa2Plan` works out
+atomics. With grouped-query heads (k and v with H_kv heads, H_kv dividing H) the forward, D and
+dQ grids stay over query heads and the dK/dV grid is over key/value heads, each block summing
+its group's G = H / H_kv query heads (G is a runtime argument: no more compiled variants).
+Each is compiled once per signature (nbflash.kernels.common.factory) and launched through the
+driver (nbflash.kernels.common.fastlaunch): a :class:`Fa2Plan` works out
 everything that depends only on a call's sizes and options once (tiles, kernels, grids, packed
 arguments), and :func:`plan_for` caches plans, so that a repeated call only allocates its outputs
 and writes pointers into ready parameter buffers.
@@ -63,14 +66,16 @@ class Fa2Plan(OptionArguments):
     TAKES_TORCH = True
 
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles,
-                 layout=NONE):
+                 layout=NONE, kv_heads=None):
         causal = bool(causal)
-        self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H, Nk, d), (B, H, Nq)
+        H_kv = H if kv_heads is None else kv_heads    # grouped-query: G = H / H_kv per group
+        G = H // H_kv
+        self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H_kv, Nk, d), (B, H, Nq)
         self.dtype = dtype
         self.layout = layout
         features, drop = layout.features, layout.features.dropout
         io = 2 if dtype == "float16" else 4
-        nq, nk, rows = B * H * Nq * d, B * H * Nk * d, B * H * Nq
+        nq, nk, rows = B * H * Nq * d, B * H_kv * Nk * d, B * H * Nq
         Q, K, L = (nq, io), (nk, io), (rows, 4)     # (items, itemsize) of q-, k-, lse-shaped
         opt = layout.array_sizes(B)
         opt_scalars = layout.scalars()
@@ -79,17 +84,17 @@ class Fa2Plan(OptionArguments):
         t = tiles.get("forward") or default_tiles("forward", d)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
                          (-(-Nq // t.R), H, B), t.threads, t.smem_bytes("forward", drop),
-                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *opt_scalars))
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *sc, *opt_scalars))
         self.atomic = not deterministic
         acc = (nq, 4) if self.atomic else (1, 4)
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
                            (Q, Q, L, acc), (rows, d, int(self.atomic)))
         inputs = (Q, K, K, Q, L, L)                 # q, k, v, do, lse, delta
-        grads = (Nq, Nk, H, *sc, float(scale))
-        t = tiles.get("dkdv") or default_tiles("dkdv", d)
+        grads = (Nq, Nk, H, G, *sc, float(scale))
+        t = tiles.get("dkdv") or default_tiles("dkdv", d)   # (a block per key/value head)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
-                          (-(-Nk // t.R), H, B), t.threads, t.smem_bytes("dkdv", drop),
+                          (-(-Nk // t.R), H_kv, B), t.threads, t.smem_bytes("dkdv", drop),
                           inputs + (acc, K, K, *opt), grads + opt_scalars)
         t = tiles.get("dq") or default_tiles("dq", d)
         self.dq = None if self.atomic else Bound(
@@ -129,9 +134,11 @@ class Fa2Plan(OptionArguments):
 
 @functools.lru_cache(maxsize=256)
 def plan_for(B, H, Nq, Nk, d, dtype, causal, scale, deterministic=False, tiles=None,
-             layout=NONE):
-    """The cached :class:`Fa2Plan`; `tiles`: None or a tuple of (kernel, RegTiles) pairs."""
-    return Fa2Plan(B, H, Nq, Nk, d, str(dtype), causal, scale, deterministic, tiles, layout)
+             layout=NONE, kv_heads=None):
+    """The cached :class:`Fa2Plan`; `tiles`: None or a tuple of (kernel, RegTiles) pairs;
+    kv_heads: the heads of k and v (a divisor of H: grouped-query heads), None for H."""
+    return Fa2Plan(B, H, Nq, Nk, d, str(dtype), causal, scale, deterministic, tiles, layout,
+                   None if kv_heads == H else kv_heads)
 
 
 def run_forward(xp, q, k, v, *, causal, scale, stream=0, tiles=None, masking=None):
@@ -141,7 +148,8 @@ def run_forward(xp, q, k, v, *, causal, scale, stream=0, tiles=None, masking=Non
     B, H, Nq, d = q.shape
     lay, (key_lengths, block_mask, seed, offset) = options_layout(**(masking or {}))
     p = plan_for(B, H, Nq, k.shape[2], d, str(q.dtype), bool(causal), float(scale),
-                 tiles=(("forward", tiles),) if tiles else None, layout=lay)
+                 tiles=(("forward", tiles),) if tiles else None, layout=lay,
+                 kv_heads=k.shape[1])
     return p.forward(xp, q, k, v, stream, key_lengths, block_mask, seed, offset)
 
 
@@ -152,5 +160,6 @@ def run_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False,
     B, H, Nq, d = q.shape
     lay, (key_lengths, block_mask, seed, offset) = options_layout(**(masking or {}))
     p = plan_for(B, H, Nq, k.shape[2], d, str(q.dtype), bool(causal), float(scale),
-                 bool(deterministic), tuple(sorted(tiles.items())) if tiles else None, lay)
+                 bool(deterministic), tuple(sorted(tiles.items())) if tiles else None, lay,
+                 k.shape[1])
     return p.backward(xp, do, q, k, v, o, lse, stream, key_lengths, block_mask, seed, offset)

@@ -29,21 +29,33 @@ def tile_constants(t):
             t.ds, max(t.dp, 4 * t.d4))
 
 
-def thread_coords(L, D, H, Nq, Nk, key_lengths, msb, msh, PAD):
+def thread_coords(L, D, H, G, Nq, Nk, key_lengths, msb, msh, PAD):
     """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase). Thread tid is lane cg
-    of row group rg of its block's register tiles; the block works on head bh = b*H + h of grid
-    (x, h, b), whose q-shaped rows start at q_base and k-shaped rows at k_base. klen: the key
-    length of batch entry b (key_lengths[b] with PAD, else Nk); mbase: the offset of the head's
-    block mask (batch and head strides msb, msh)."""
+    of row group rg of its block's register tiles; the block works on query head bh = b*H + h
+    of grid (x, h, b), whose q-shaped rows start at q_base, and on key/value head bh // G
+    (b*H_kv + h // G, G query heads per key/value head), whose k-shaped rows start at k_base.
+    klen: the key length of batch entry b (key_lengths[b] with PAD, else Nk); mbase: the
+    offset of the head's block mask (batch and head strides msb, msh)."""
     tid = cuda.threadIdx.x
     b = cuda.blockIdx.z
     h = cuda.blockIdx.y
     bh = b * H + h
     klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return tid, tid // L, tid % L, bh, bh * Nq * D, bh * Nk * D, klen, b * msb + h * msh
+    return tid, tid // L, tid % L, bh, bh * Nq * D, (bh // G) * Nk * D, klen, b * msb + h * msh
+
+
+def kv_coords(L, Nk, key_lengths, PAD):
+    """Where a thread of a dK/dV block is: (tid, rg, cg, b, hk, klen). The grid is
+    (x, h_kv, b) over key/value heads: the block owns key/value head hk = b*H_kv + h_kv (its
+    query heads are hk·G .. hk·G + G - 1, as b*H + h); klen as in :func:`thread_coords`."""
+    tid = cuda.threadIdx.x
+    b = cuda.blockIdx.z
+    klen = min(Nk, key_lengths[b]) if PAD else Nk
+    return tid, tid // L, tid % L, b, b * cuda.gridDim.y + cuda.blockIdx.y, klen
 
 
 thread_coords = cuda.jit(device=True, inline=True)(thread_coords)
+kv_coords = cuda.jit(device=True, inline=True)(kv_coords)
 
 
 def make_tile_loader(ROWS, D, WIDTH, STRIDE, T, ASYNC=False):

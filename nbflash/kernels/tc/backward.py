@@ -14,6 +14,12 @@ the forward, computes D for its rows itself (saving the D kernel's launch) and w
 recomputes P and dP and sums dS K_j in registers, so that the order of the additions is fixed;
 then the dK/dV pass runs without dQ.
 
+Grouped-query heads (k and v with H / G heads): the dQ pass reads key/value head h // G; a dK/dV
+block owns a key tile of one key/value head and walks the query tiles of each of its G query
+heads in turn (restarting the Q_i / dO_i pipeline for each), so dK_j and dV_j are summed over
+the group in the fragments and written once, without atomics; the dQ it adds atomically goes to
+each query head's rows. Dropout's mask and the block mask stay the query head's.
+
 Large head dims: a dK/dV block's accumulators are 2 x 16 x d float32 per warp, more than the
 registers hold for d > 128, so `dsplit` blocks share one key tile, each keeping dK and dV (and
 adding dQ) for 1/dsplit of the columns; each recomputes S and dP over all of them.
@@ -31,9 +37,9 @@ from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import (LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_lse, row_stats,
                               scaled)
 from ..common.warp import exp2, make_warp_ops
-from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_kv_stream,
-                        make_load_a, make_mma2, make_pack_a, make_store_rows, put2,
-                        thread_coords)
+from .fragments import (fragment_bit, kv_coords, make_async_rows, make_fragment_mask,
+                        make_kv_stream, make_load_a, make_mma2, make_pack_a, make_store_rows,
+                        put2, thread_coords)
 
 
 def make_convert(threads, bf16):
@@ -91,15 +97,18 @@ def make_dkdv(t, causal, bf16, features, dq=True):
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
 
-    def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, sc_hi,
-                sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
-        """Grid (ceil(Nk/R) dsplit, H, B), T threads, t.smem_bytes("dkdv", dropout, dq) of
-        dynamic shared memory; 16-bit arrays as uint16; delta from tc_delta; dq_acc: zeroed
-        float32 (a placeholder without dQ)."""
+    def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
+                sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
+                drop_scale):
+        """Grid (ceil(Nk/R) dsplit, H / G, B) over key/value heads, T threads,
+        t.smem_bytes("dkdv", dropout, dq) of dynamic shared memory; 16-bit arrays as uint16;
+        delta from tc_delta; dq_acc: zeroed float32 (a placeholder without dQ). The block walks
+        the query tiles of each of its G query heads in turn (grouped-query heads: dK_j, dV_j
+        summed over the group in registers, written once, no atomics)."""
         smem = cuda.shared.array(0, uint16)
         smemf = cuda.shared.array(0, float32)    # the same memory: lse_i, D_i
         bits = cuda.shared.array(0, uint32)      # and dropout's keep bits at KEEP_OFF
-        tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
+        tid, warp, lane, b, hk, klen = kv_coords(Nk, key_lengths, PAD)
         g, t4 = lane // 4, lane % 4
         mi = lane // 8
         key0 = (cuda.blockIdx.x // SPLIT) * R
@@ -107,7 +116,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
         wkey0 = key0 + 16 * warp
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A, and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Qᵀ, dOᵀ)
-        q_base, k_base = bh * Nq * D, bh * Nk * D
+        k_base = hk * Nk * D
 
         load_kv(k, k_base, key0, klen, smem, K_OFF, tid)
         load_kv(v, k_base, key0, klen, smem, V_OFF, tid)
@@ -123,118 +132,123 @@ def make_dkdv(t, causal, bf16, features, dq=True):
 
         first = first_query_block(key0, C, Nq, Nk, CAUSAL)
         n_steps = (Nq + C - 1) // C if key0 < klen else first
-        il, _ = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        ic, all_on = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        for s_ in range(STAGES - 1):
-            if il < n_steps:
-                load_step(q, do, lse, delta, q_base, bh, il * C, Nq, smem, smemf,
-                          Q_OFF + s_ * STAGE, tid)
-                il, _ = walk(il + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            commit_async()
+        for gq in range(G):   # the group's query heads, each walking its query tiles
+            bh = hk * G + gq                  # the query head, as b*H + h
+            q_base = bh * Nq * D
+            mbase = b * msb + (bh - b * H) * msh
+            il, _ = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            ic, all_on = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+            cuda.syncthreads()   # the previous head's last step is done with the buffers
+            for s_ in range(STAGES - 1):
+                if il < n_steps:
+                    load_step(q, do, lse, delta, q_base, bh, il * C, Nq, smem, smemf,
+                              Q_OFF + s_ * STAGE, tid)
+                    il, _ = walk(il + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+                commit_async()
 
-        step = 0
-        while ic < n_steps:
-            row0 = ic * C
-            wait_tile()
-            cuda.syncthreads()   # step's Q_i, dO_i are in; the previous step is done with dSᵀ
-            # (and with its buffer, which this step's load below overwrites)
-            off = Q_OFF + (step % STAGES) * STAGE
-            nxt = Q_OFF + ((step + STAGES - 1) % STAGES) * STAGE
-            if il < n_steps:
-                load_step(q, do, lse, delta, q_base, bh, il * C, Nq, smem, smemf, nxt, tid)
-                il, _ = walk(il + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            commit_async()
-            if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
-                fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
-                cuda.syncthreads()
-            do_off = off + DO_IN
-            f = (off + LSE_IN) // 2              # lse_i, D_i in smemf
+            step = 0
+            while ic < n_steps:
+                row0 = ic * C
+                wait_tile()
+                cuda.syncthreads()   # step's Q_i, dO_i are in; the previous step is done with dSᵀ
+                # (and with its buffer, which this step's load below overwrites)
+                off = Q_OFF + (step % STAGES) * STAGE
+                nxt = Q_OFF + ((step + STAGES - 1) % STAGES) * STAGE
+                if il < n_steps:
+                    load_step(q, do, lse, delta, q_base, bh, il * C, Nq, smem, smemf, nxt, tid)
+                    il, _ = walk(il + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+                commit_async()
+                if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
+                    fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
+                    cuda.syncthreads()
+                do_off = off + DO_IN
+                f = (off + LSE_IN) // 2              # lse_i, D_i in smemf
 
-            # Sᵀ = K_j Q_iᵀ and dPᵀ = V_j dO_iᵀ: A from this warp's K, V rows, B from Q_i, dO_i
-            for x in range(4 * NT):
-                st[x] = ZERO
-                dpt[x] = ZERO
-            for kk in range(KD):
-                arow = 16 * warp * DS + 16 * kk + a_lane
-                k0, k1, k2, k3 = ldsm(smem, K_OFF + arow)
-                v0, v1, v2, v3 = ldsm(smem, V_OFF + arow)
-                for np2 in range(NT // 2):
-                    brow = 16 * np2 * DS + 16 * kk + b_lane
-                    b0, b1, b2, b3 = ldsm(smem, off + brow)
-                    x = 8 * np2
-                    mma2(st, x, k0, k1, k2, k3, b0, b1, b2, b3)
-                    b0, b1, b2, b3 = ldsm(smem, do_off + brow)
-                    mma2(dpt, x, v0, v1, v2, v3, b0, b1, b2, b3)
-
-            masked = row0 + C > Nq or key0 + R > klen or \
-                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or not all_on
-            vis = fragment_mask(wkey0, row0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk,
-                                bq, bk) if masked else uint64(0)
-            for x in range(4 * NT):   # Pᵀ from lse; dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z/(1-p) - D)
-                qc = 8 * (x // 4) + 2 * t4 + x % 2        # query column within the step
-                lse_q = smemf[f + qc]                      # lse·log2 e
-                dp = dpt[x]
-                if DROP:
-                    if not tile_kept(bits, KEEP_OFF, qc, 16 * warp + g + 8 * ((x // 2) % 2)):
-                        dp = ZERO
-                    else:
-                        dp *= drop_scale
-                p = exp2(clamp_nonpositive(cuda.fma(st[x], sc_hi, -lse_q)))
-                if masked and not fragment_bit(vis, x):
-                    p = ZERO
-                st[x] = p
-                dpt[x] = p * (dp - smemf[f + D_AT + qc])
-            if DROP:   # dV takes P ∘ Z / (1-p) (Alg. 4 line 17)
+                # Sᵀ = K_j Q_iᵀ, dPᵀ = V_j dO_iᵀ: A from this warp's K, V rows, B from Q_i, dO_i
                 for x in range(4 * NT):
-                    qc = 8 * (x // 4) + 2 * t4 + x % 2
-                    kr = 16 * warp + g + 8 * ((x // 2) % 2)
-                    st[x] *= drop_scale if tile_kept(bits, KEEP_OFF, qc, kr) else ZERO
+                    st[x] = ZERO
+                    dpt[x] = ZERO
+                for kk in range(KD):
+                    arow = 16 * warp * DS + 16 * kk + a_lane
+                    k0, k1, k2, k3 = ldsm(smem, K_OFF + arow)
+                    v0, v1, v2, v3 = ldsm(smem, V_OFF + arow)
+                    for np2 in range(NT // 2):
+                        brow = 16 * np2 * DS + 16 * kk + b_lane
+                        b0, b1, b2, b3 = ldsm(smem, off + brow)
+                        x = 8 * np2
+                        mma2(st, x, k0, k1, k2, k3, b0, b1, b2, b3)
+                        b0, b1, b2, b3 = ldsm(smem, do_off + brow)
+                        mma2(dpt, x, v0, v1, v2, v3, b0, b1, b2, b3)
 
-            # dV_j += P̃ᵀ dO_i and dK_j += dSᵀ Q_i: A from the fragments, B by ldmatrix.trans;
-            # dSᵀ also to shared memory for dQ
-            for kk in range(NT // 2):
-                p0, p1, p2, p3 = pack_a(st, 8 * kk)
-                s0, s1, s2, s3 = pack_a(dpt, 8 * kk)
+                masked = row0 + C > Nq or key0 + R > klen or \
+                    (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or not all_on
+                vis = fragment_mask(wkey0, row0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk,
+                                    bq, bk) if masked else uint64(0)
+                for x in range(4 * NT):   # Pᵀ from lse; dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z/(1-p) - D)
+                    qc = 8 * (x // 4) + 2 * t4 + x % 2        # query column within the step
+                    lse_q = smemf[f + qc]                      # lse·log2 e
+                    dp = dpt[x]
+                    if DROP:
+                        if not tile_kept(bits, KEEP_OFF, qc, 16 * warp + g + 8 * ((x // 2) % 2)):
+                            dp = ZERO
+                        else:
+                            dp *= drop_scale
+                    p = exp2(clamp_nonpositive(cuda.fma(st[x], sc_hi, -lse_q)))
+                    if masked and not fragment_bit(vis, x):
+                        p = ZERO
+                    st[x] = p
+                    dpt[x] = p * (dp - smemf[f + D_AT + qc])
+                if DROP:   # dV takes P ∘ Z / (1-p) (Alg. 4 line 17)
+                    for x in range(4 * NT):
+                        qc = 8 * (x // 4) + 2 * t4 + x % 2
+                        kr = 16 * warp + g + 8 * ((x // 2) % 2)
+                        st[x] *= drop_scale if tile_kept(bits, KEEP_OFF, qc, kr) else ZERO
+
+                # dV_j += P̃ᵀ dO_i, dK_j += dSᵀ Q_i: A from the fragments, B by ldmatrix.trans;
+                # dSᵀ also to shared memory for dQ
+                for kk in range(NT // 2):
+                    p0, p1, p2, p3 = pack_a(st, 8 * kk)
+                    s0, s1, s2, s3 = pack_a(dpt, 8 * kk)
+                    if DQ:
+                        at = DS_OFF + (16 * warp + g) * PS + 16 * kk + 2 * t4
+                        put2(smem, at, s0)
+                        put2(smem, at + 8 * PS, s1)
+                        put2(smem, at + 8, s2)
+                        put2(smem, at + 8 * PS + 8, s3)
+                    for dp2 in range(NVH // 2):
+                        brow = 16 * kk * DS + c0 + 16 * dp2 + a_lane
+                        b0, b1, b2, b3 = ldsm_t(smem, do_off + brow)
+                        y = 8 * dp2
+                        mma2(dv_acc, y, p0, p1, p2, p3, b0, b1, b2, b3)
+                        b0, b1, b2, b3 = ldsm_t(smem, off + brow)
+                        mma2(dk_acc, y, s0, s1, s2, s3, b0, b1, b2, b3)
                 if DQ:
-                    at = DS_OFF + (16 * warp + g) * PS + 16 * kk + 2 * t4
-                    put2(smem, at, s0)
-                    put2(smem, at + 8 * PS, s1)
-                    put2(smem, at + 8, s2)
-                    put2(smem, at + 8 * PS + 8, s3)
-                for dp2 in range(NVH // 2):
-                    brow = 16 * kk * DS + c0 + 16 * dp2 + a_lane
-                    b0, b1, b2, b3 = ldsm_t(smem, do_off + brow)
-                    y = 8 * dp2
-                    mma2(dv_acc, y, p0, p1, p2, p3, b0, b1, b2, b3)
-                    b0, b1, b2, b3 = ldsm_t(smem, off + brow)
-                    mma2(dk_acc, y, s0, s1, s2, s3, b0, b1, b2, b3)
-            if DQ:
-                cuda.syncthreads()   # dSᵀ complete
-                # dQ_i += τ dS K_j, in 16 x 16 pieces shared among the warps, added atomically
-                for it in range(PER_WARP):
-                    item = warp + W * it
-                    own = item < ITEMS
-                    if own or SIMULATOR:   # (there every thread must take part in each mma)
-                        item = min(item, ITEMS - 1)
-                        qm = item // (DH // 16)
-                        col = c0 + 16 * (item % (DH // 16))
-                        for x in range(8):
-                            dq[x] = ZERO
-                        for kk in range(R // 16):
-                            a0, a1, a2, a3 = ldsm_t(smem, DS_OFF + (16 * kk + lane % 8
-                                                                    + 8 * (mi // 2)) * PS
-                                                    + 16 * qm + 8 * (mi % 2))
-                            b0, b1, b2, b3 = ldsm_t(smem, K_OFF + (16 * kk + lane % 8
-                                                                   + 8 * (mi % 2)) * DS
-                                                    + col + 8 * (mi // 2))
-                            mma2(dq, 0, a0, a1, a2, a3, b0, b1, b2, b3)
-                        for x in range(8):
-                            row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
-                            cx = col + 8 * (x // 4) + 2 * t4 + x % 2
-                            if own and row < Nq and cx < D:
-                                cuda.atomic.add(dq_acc, q_base + row * D + cx, dq[x] * scale)
-            ic, all_on = walk(ic + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            step += 1
+                    cuda.syncthreads()   # dSᵀ complete
+                    # dQ_i += τ dS K_j, in 16 x 16 pieces shared among the warps, added atomically
+                    for it in range(PER_WARP):
+                        item = warp + W * it
+                        own = item < ITEMS
+                        if own or SIMULATOR:   # (there every thread must take part in each mma)
+                            item = min(item, ITEMS - 1)
+                            qm = item // (DH // 16)
+                            col = c0 + 16 * (item % (DH // 16))
+                            for x in range(8):
+                                dq[x] = ZERO
+                            for kk in range(R // 16):
+                                a0, a1, a2, a3 = ldsm_t(smem, DS_OFF + (16 * kk + lane % 8
+                                                                        + 8 * (mi // 2)) * PS
+                                                        + 16 * qm + 8 * (mi % 2))
+                                b0, b1, b2, b3 = ldsm_t(smem, K_OFF + (16 * kk + lane % 8
+                                                                       + 8 * (mi % 2)) * DS
+                                                        + col + 8 * (mi // 2))
+                                mma2(dq, 0, a0, a1, a2, a3, b0, b1, b2, b3)
+                            for x in range(8):
+                                row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
+                                cx = col + 8 * (x // 4) + 2 * t4 + x % 2
+                                if own and row < Nq and cx < D:
+                                    cuda.atomic.add(dq_acc, q_base + row * D + cx, dq[x] * scale)
+                ic, all_on = walk(ic + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
+                step += 1
 
         one = float32(1.0)   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P̃_ijᵀ dO_i, written once
         store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, c0, scale, one, one, False, False, lane)
@@ -275,10 +289,11 @@ def make_dq(t, causal, bf16, features):
     start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, KV_OFF, STAGE, V_IN, walk)
     no_flip = uint32(0)
 
-    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, sc_hi, sc_lo,
+    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo,
               scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq", dropout) of dynamic shared
-        memory; 16-bit arrays as uint16; delta: written (D of every row, for the dK/dV pass)."""
+        memory; 16-bit arrays as uint16 (k, v with H / G heads: query head h reads key/value
+        head h // G); delta: written (D of every row, for the dK/dV pass)."""
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
@@ -288,7 +303,7 @@ def make_dq(t, causal, bf16, features):
         wr = 16 * warp                           # this warp's first query row in the block
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Kᵀ, Vᵀ)
-        q_base, k_base = bh * Nq * D, bh * Nk * D
+        q_base, k_base = bh * Nq * D, (bh // G) * Nk * D     # key/value head b*H_kv + h // G
 
         load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
         load_q(do, q_base, row0, Nq, smem, DO_OFF, tid)

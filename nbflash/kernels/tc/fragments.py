@@ -187,7 +187,18 @@ def thread_coords(H, Nk, key_lengths, msb, msh, PAD):
     return tid, tid // 32, tid % 32, b * H + h, klen, b * msb + h * msh
 
 
+def kv_coords(Nk, key_lengths, PAD):
+    """(tid, warp, lane, b, hk, klen) of a thread of a dK/dV block, whose grid (x, h_kv, b) is
+    over key/value heads: hk = b*H_kv + h_kv (its query heads are hk·G .. hk·G + G - 1, as
+    b*H + h)."""
+    tid = cuda.threadIdx.x
+    b = cuda.blockIdx.z
+    klen = min(Nk, key_lengths[b]) if PAD else Nk
+    return tid, tid // 32, tid % 32, b, b * cuda.gridDim.y + cuda.blockIdx.y, klen
+
+
 thread_coords = cuda.jit(device=True, inline=True)(thread_coords)
+kv_coords = cuda.jit(device=True, inline=True)(kv_coords)
 
 
 def make_fragment_mask(NT, TRANSPOSED, CAUSAL, SPARSE):

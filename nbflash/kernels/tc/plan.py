@@ -13,6 +13,11 @@ with zero columns on the way in and cut on the way out (as FlashAttention's Pyth
 the kernels pad multiples of 8 to their 16-column tiles themselves). As fa2's
 (nbflash.kernels.fa2.plan), each kernel is compiled once per signature, launched through the
 driver, and a call's :class:`TcPlan` is worked out once and cached (:func:`plan_for`).
+
+Grouped-query heads (k and v with H_kv heads, H_kv dividing H): the forward's, the dQ pass's
+and the D kernel's grids stay over query heads, the dK/dV grid is over key/value heads, each
+block summing its group's G = H / H_kv query heads; G is a runtime argument (no more compiled
+variants).
 """
 
 import functools
@@ -122,10 +127,12 @@ class TcPlan(OptionArguments):
     TAKES_TORCH = True
 
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=NONE,
-                 deterministic=False, dq_pass=None):
+                 deterministic=False, dq_pass=None, kv_heads=None):
         causal = bool(causal)
+        H_kv = H if kv_heads is None else kv_heads    # grouped-query: G = H / H_kv per group
+        G = H // H_kv
         self.d, kd = d, kernel_head_dim(d)            # kd: the kernels' head dim
-        self.q_shape, self.k_shape = (B, H, Nq, kd), (B, H, Nk, kd)
+        self.q_shape, self.k_shape = (B, H, Nq, kd), (B, H_kv, Nk, kd)
         self.lse_shape = (B, H, Nq)
         self.dtype, self.layout = dtype, layout
         if dq_pass is None:
@@ -133,7 +140,7 @@ class TcPlan(OptionArguments):
         self.atomic = not (deterministic or dq_pass)
         self._no_acc = None     # the dQ pass's placeholder for the dK/dV kernel's dq_acc
         features, drop = layout.features, layout.features.dropout
-        nq, nk, rows = B * H * Nq * kd, B * H * Nk * kd, B * H * Nq
+        nq, nk, rows = B * H * Nq * kd, B * H_kv * Nk * kd, B * H * Nq
         Q, K, L = (nq, 2), (nk, 2), (rows, 4)
         ACC = (nq, 4) if self.atomic else (1, 4)
         opt, opt_scalars = layout.array_sizes(B), layout.scalars()
@@ -142,14 +149,14 @@ class TcPlan(OptionArguments):
         t = tiles.get("forward") or default_tiles("forward", kd)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
                          (-(-Nq // t.rows), H, B), t.threads, t.smem_bytes("forward", drop),
-                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, *sc, *opt_scalars))
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *sc, *opt_scalars))
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
                            (Q, Q, L, ACC), (rows, kd, 1)) if self.atomic else None
-        grads = (Nq, Nk, H, *sc, float(scale), *opt_scalars)
-        t = tiles.get("dkdv") or default_tiles("dkdv", kd)
+        grads = (Nq, Nk, H, G, *sc, float(scale), *opt_scalars)
+        t = tiles.get("dkdv") or default_tiles("dkdv", kd)   # (a block per key/value head)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
-                          (-(-Nk // t.rows) * t.dsplit, H, B), t.threads,
+                          (-(-Nk // t.rows) * t.dsplit, H_kv, B), t.threads,
                           t.smem_bytes("dkdv", drop, self.atomic),
                           (Q, K, K, Q, L, L, ACC, K, K, *opt), grads)
         self.convert = Bound(kernel(spec, "convert", None, False, dtype),
@@ -199,7 +206,8 @@ class TcPlan(OptionArguments):
 
 @functools.lru_cache(maxsize=256)
 def plan_for(B, H, Nq, Nk, d, dtype, causal, scale, tiles=None, layout=NONE,
-             deterministic=False, dq_pass=None):
-    """The cached :class:`TcPlan`; `tiles`: None or a tuple of (kernel, TcTiles) pairs."""
+             deterministic=False, dq_pass=None, kv_heads=None):
+    """The cached :class:`TcPlan`; `tiles`: None or a tuple of (kernel, TcTiles) pairs;
+    kv_heads: the heads of k and v (a divisor of H: grouped-query heads), None for H."""
     return TcPlan(B, H, Nq, Nk, d, str(dtype), causal, scale, tiles, layout, deterministic,
-                  dq_pass)
+                  dq_pass, None if kv_heads == H else kv_heads)
