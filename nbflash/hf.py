@@ -22,9 +22,9 @@ What the attention function does with what transformers passes:
   left padding, packed sequences, sliding windows and biases are refused with
   nbflash.InputError. The mask is read on the host once per mask tensor (all layers share one);
   that read is a graph break under torch.compile, which compiles the no-mask call whole;
-- grouped-query heads (fewer key/value heads): K and V repeated over each group
-  (repeat_interleave, as transformers' SDPA path does; autograd sums dk and dv back) until
-  nbflash has grouped-query kernels (issue 17);
+- grouped-query heads (fewer key/value heads): passed as they are, read in place by nbflash's
+  grouped-query kernels (no repeat_interleave, which transformers' SDPA path may do), dk and
+  dv summed over each group inside them;
 - scaling becomes softmax_scale; dropout becomes dropout_p, with a seed from torch's generator;
 - sliding_window, softcap, attention sinks (s_aux) and packed-sequence lengths (cu_seq_lens_*)
   are refused (issue 17); attention weights are never returned (None, as SDPA's).
@@ -83,13 +83,12 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     refused = sorted({what for arg, what in _REFUSED.items() if kwargs.get(arg) is not None})
     if refused:
         raise InputError(f"nbflash does not take {', '.join(refused)} yet (issue 17)")
-    B, H, Nq = query.shape[:3]
+    B, Nq = query.shape[0], query.shape[2]
     Nk = key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     key_lengths = None
     if attention_mask is not None:
         causal, key_lengths = _mask_options(attention_mask, B, Nq, Nk)
-    key, value = (nbtorch._repeat_kv(x, H, 1, n) for x, n in ((key, "key"), (value, "value")))
     # (B, H, N, d) views of (B, N, H, d) projections go as the latter (see the module docstring)
     layout = "bnhd" if query.transpose(1, 2).is_contiguous() else "bhnd"
     q, k, v = (x.transpose(1, 2) if layout == "bnhd" else x for x in (query, key, value))

@@ -229,9 +229,12 @@ def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", deterministic=False,
               dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
-              block_size=None, return_lse=False):
+              block_size=None, return_lse=False, enable_gqa=False):
     """softmax(τ q kᵀ) v for torch tensors (B, H, N, d), differentiable in q, k and v.
 
+    k and v may have fewer heads H_kv dividing H (grouped-query and multi-query attention:
+    query head h reads key/value head h // (H / H_kv); their gradients have H_kv heads), with
+    or without enable_gqa, which is taken for SDPA's users and changes nothing.
     Arguments as :func:`nbflash.attention_forward`; deterministic as
     :func:`nbflash.attention_backward`. With dropout_p > 0 and no seed, a seed is drawn from
     torch's default generator (so torch.manual_seed makes runs repeatable); the backward
@@ -299,16 +302,14 @@ def mask_options(mask, B, Nq, Nk, additive=False):
         "supported; see issue 17)")
 
 
-def _repeat_kv(x, heads, dim, what):
-    """k or v with `heads` heads along `dim`, each of its heads repeated over its group of query
-    heads (repeat_interleave: a copy; autograd sums dk and dv back over the group). Stands in
-    for grouped-query kernels, which nbflash does not have yet (issue 17)."""
-    kv = x.shape[dim]
-    if kv == heads:
-        return x
-    if heads % kv:
-        raise InputError(f"{what} has {kv} heads, which do not divide the query's {heads}")
-    return x.repeat_interleave(heads // kv, dim=dim)
+def _sdpa_heads(query, key, value, enable_gqa):
+    """torch SDPA's rule for key/value heads: as many as the query's, or with enable_gqa=True
+    fewer (nbflash's kernels read them in place; the API checks that they divide)."""
+    Hq, Hk, Hv = query.shape[-3], key.shape[-3], value.shape[-3]
+    if not enable_gqa and not Hq == Hk == Hv:
+        raise InputError(f"query has {Hq} heads but key {Hk} and value {Hv}: fewer key/value "
+                         "heads (grouped-query attention) need enable_gqa=True, as in torch's "
+                         "scaled_dot_product_attention")
 
 
 # -- torch SDPA's signature ------------------------------------------------------------------
@@ -328,15 +329,15 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
     - is_causal is top-left aligned in torch (query i sees keys 0..i) and bottom-right in
       nbflash; the two agree when Nq == Nk. With Nq < Nk the keys from Nq on are cut off
       (no query sees them: their gradients are 0); Nq > Nk is refused.
-    - enable_gqa=True with fewer key/value heads: K and V are repeated over each group
-      (repeat_interleave, a copy; dk and dv summed back by autograd), as nbflash has no
-      grouped-query kernels yet (issue 17).
+    - enable_gqa=True with fewer key/value heads: as torch's (query head h reads key/value
+      head h // (H / H_kv)), read in place by the grouped-query kernels, no copy; dk and dv
+      come back with the key/value heads, summed over each group inside the kernels.
     - dropout: nbflash's mask (Philox, drawn again in the backward), seeded from torch's
       default generator, not torch's own dropout mask.
     - rows that see no key give 0 (torch: NaN); only 4-dimensional inputs, of the same head dim,
       in float16, bfloat16 or float32.
     """
-    B, Hq, Nq = query.shape[0], query.shape[-3], query.shape[-2]
+    B, Nq = query.shape[0], query.shape[-2]
     Nk = key.shape[-2]
     causal, key_lengths = bool(is_causal), None
     if attn_mask is not None:
@@ -351,8 +352,7 @@ def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scal
                 f"and nbflash's bottom-right; they agree only when Nq <= Nk (pass the mask "
                 f"you mean as a boolean attn_mask, or call nbflash.torch.attention)")
         key, value = key[..., :Nq, :], value[..., :Nq, :]   # top-left: no query sees them
-    if enable_gqa:
-        key, value = (_repeat_kv(x, Hq, -3, n) for x, n in ((key, "key"), (value, "value")))
+    _sdpa_heads(query, key, value, enable_gqa)
     return _attention(query, key, value, "bhnd", causal, scale, dropout_p=dropout_p,
                       key_lengths=key_lengths)[0]
 
@@ -369,9 +369,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     What differs from FlashAttention's:
     - the (B, N, H, d) layout is copied to (B, H, N, d) on the way in and the outputs are
       (B, N, H, d) views of (B, H, N, d) tensors (the kernels do not take strides yet);
-    - fewer key/value heads (MQA/GQA): K and V are repeated over each group
-      (repeat_interleave, a copy; dk and dv summed back by autograd), not read in place
-      (issue 17);
+    - fewer key/value heads (MQA/GQA, H_kv dividing H): as FlashAttention's, read in place by
+      the grouped-query kernels (no repeat), dk and dv summed over each group inside them;
     - window_size other than (-1, -1), softcap, alibi_slopes (issue 17's sliding windows,
       softcapping and ALiBi) and return_attn_probs=True (nbflash never forms P) raise
       nbflash.InputError; for the softmax's lse, call nbflash.torch.attention(...,
@@ -391,7 +390,6 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
         raise InputError("return_attn_probs=True: nbflash never forms the attention "
                          "probabilities; nbflash.torch.attention(..., return_lse=True) returns "
                          "the softmax's lse")
-    k, v = (_repeat_kv(x, q.shape[2], 2, n) for x, n in ((k, "k"), (v, "v")))
     return _attention(q, k, v, "bnhd", causal, softmax_scale, deterministic=deterministic,
                       dropout_p=dropout_p)[0]
 

@@ -172,10 +172,24 @@ def test_attention_matches_the_float64_reference():
 
 def test_sdpa_causal_and_gqa_as_torch():
     """sdpa(is_causal=True, enable_gqa=True) with 4 query heads and 2 key/value heads, as
-    torch's (the repeat's gradients summed back over each group)."""
+    torch's (dk and dv summed over each group inside the kernels)."""
     q, do = _randn(2, 4, N, D, seed=1), _randn(2, 4, N, D, seed=4)
     k, v = _randn(2, 2, N, D, seed=2), _randn(2, 2, N, D, seed=3)
     _assert_as_torch(lambda *x: nt.sdpa(*x, is_causal=True, enable_gqa=True), q, k, v, do,
+                     is_causal=True, enable_gqa=True)
+
+
+def test_attention_takes_fewer_key_value_heads():
+    """nbflash.torch.attention with 2 key/value heads for 4 query heads, read in place (with or
+    without enable_gqa): the same o as with K and V repeated by hand (each query head's
+    computation is the same, bitwise), and gradients, dk and dv with 2 heads, as torch's SDPA
+    (enable_gqa=True) under the tolerance rule."""
+    q, do = _randn(2, 4, N, D, seed=1), _randn(2, 4, N, D, seed=4)
+    k, v = _randn(2, 2, N, D, seed=2), _randn(2, 2, N, D, seed=3)
+    o = nt.attention(q, k, v, causal=True)
+    want = nt.attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), causal=True)
+    np.testing.assert_array_equal(o.cpu().numpy(), want.cpu().numpy())
+    _assert_as_torch(lambda *x: nt.attention(*x, causal=True, enable_gqa=True), q, k, v, do,
                      is_causal=True, enable_gqa=True)
 
 
@@ -257,9 +271,9 @@ def test_sdpa_refuses(kwargs, match):
 def test_sdpa_refuses_top_left_causal_with_more_queries_and_bad_groups():
     with pytest.raises(nbflash.InputError, match="top-left"):
         nt.sdpa(*_qkv(Nq=6, Nk=4), is_causal=True)
-    with pytest.raises(nbflash.InputError, match="do not divide"):
+    with pytest.raises(nbflash.InputError, match=r"heads of k and v \(2\) must divide"):
         nt.sdpa(*_qkv(H=3, Hkv=2), enable_gqa=True)
-    with pytest.raises(nbflash.InputError, match="heads"):      # without enable_gqa: the API's
+    with pytest.raises(nbflash.InputError, match="need enable_gqa=True"):   # as torch's
         nt.sdpa(*_qkv(H=4, Hkv=2))
 
 
