@@ -1,0 +1,311 @@
+"""Hopper's warpgroup matrix multiply (wgmma) for Numba, through inline PTX (sm_90a): the first
+building block of fa3 (issue 15).
+
+One ``wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}.{f16,bf16}`` multiplies a 64 x 16
+tile A by a 16 x N tile B (N a multiple of 8 up to 256) and adds the product to a float32
+64 x N tile D that the warpgroup's 128 threads hold in registers. A and B are read from shared
+memory through 64-bit *matrix descriptors* (start address, the byte strides between 8 x 16-byte
+core matrices, a swizzle mode), asynchronously: the instruction is issued, its reads and the
+accumulation complete in the background, and ``wgmma.commit_group`` / ``wait_group n`` mark and
+wait for them. PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate Instructions".
+
+- :class:`KMajor`: how a rows x cols tile of 16-bit elements (rows: A's M or B's N; cols: the
+  reduction dim K, contiguous) lies in shared memory, with no swizzle or the 128-byte swizzle
+  (the one TMA writes); its ``offset(r, k)`` is the element index of (r, k), for the code that
+  fills the tile, and its descriptor fields are the ones the instruction decodes.
+- :func:`make_wgmma(N, bf16, a, b)`: ``wgmma(acc, x0, smem, a_at, b_at, k0, scale_d)`` adds
+  A[:, k0:k0+16] · B[:, k0:k0+16]ᵀ (B given as its N x K tile, "K-major", as K_j is for
+  S = Q K_jᵀ) to acc[x0:x0 + N/2]; scale_d = 0 overwrites instead (the first k-step).
+  Thread t of the warpgroup holds D's rows 16w + g and 16w + g + 8 (w = t // 32, g = t % 32 // 4)
+  and columns 8j + 2(t % 4) + e: acc[x0 + 4j + 2h + e] = D[16w + g + 8h, 8j + 2(t % 4) + e],
+  the mma.m16n8 layout once per warp (nbflash.kernels.tc.fragments).
+- :func:`shared_byte` (a shared element's byte address: for aligning tiles to 1024 bytes),
+  :func:`fence`, :func:`commit`, :func:`make_wait` (``wgmma.fence``, ``commit_group``,
+  ``wait_group n``), :func:`make_fence_acc` (ties the accumulators to the point after a wait,
+  so that the compiler cannot read them earlier), :func:`fence_proxy_async` (shared memory
+  written by ordinary stores becomes visible to wgmma's reads: before the barrier that
+  precedes the first wgmma on it).
+
+In Numba's CUDA simulator there is no PTX: there each thread computes its own fragment of the
+product at once, reading A and B from the shared array through the same address function the
+descriptors encode (swizzle included), in float64 before rounding to float32. That checks the
+kernels' logic and the layouts' arithmetic; whether the descriptor bits mean to the hardware
+what this module says is checked by tests/test_wgmma.py on the GPU (marked gpu).
+
+Only K-major A and B from shared memory so far; A from registers (for P V) and MN-major B (V,
+whose rows are keys) are the next steps.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import float32
+
+from ..._cuda import SIMULATOR, cuda, intrinsic
+from .warp import _half_value
+
+#: the wgmma descriptor's swizzle field (sm_90): none, or the 128-byte swizzle
+_SWIZZLE_CODE = {0: 0, 128: 1}
+
+
+@dataclass(frozen=True)
+class KMajor:
+    """A rows x cols tile of 16-bit elements in shared memory, K (cols) contiguous, as wgmma
+    reads A (rows = 64) or B (rows = N) through a descriptor. rows a multiple of 8; cols a
+    multiple of 16 (swizzle 0) or of 64 (swizzle 128). The tile's base must be 1024-byte
+    aligned in shared memory for swizzle 128 (the swizzle is a function of address bits).
+
+    swizzle 0: 8 x 8-element core matrices of 128 contiguous bytes, the rows' cores one after
+    the other (SBO = 128 bytes), K's cores `rows / 8` cores apart (LBO = 16 rows bytes).
+    swizzle 128: 8-row atoms of 8 x 64 elements (128-byte rows), atoms along rows 1024 bytes
+    apart (SBO), along K `rows` x 128 bytes apart; within an atom, the 16-byte chunk c of row r
+    is stored at chunk c XOR (r % 8)."""
+
+    rows: int
+    cols: int
+    swizzle: int = 128
+
+    def __post_init__(self):
+        if self.swizzle not in _SWIZZLE_CODE:
+            raise ValueError(f"swizzle {self.swizzle}: 0 or 128")
+        unit = 64 if self.swizzle else 16
+        if self.rows % 8 or self.cols % unit:
+            raise ValueError(f"a {self.rows} x {self.cols} tile: rows must be a multiple of "
+                             f"8 and cols a multiple of {unit} (swizzle {self.swizzle})")
+
+    @property
+    def elements(self):
+        return self.rows * self.cols
+
+    @property
+    def lbo(self):
+        """Leading-dimension byte offset (between core matrices along K; unused by the
+        hardware with the 128-byte swizzle, where it is 1 by convention)."""
+        return 16 if self.swizzle else 16 * self.rows
+
+    @property
+    def sbo(self):
+        """Stride-dimension byte offset (between 8-row groups)."""
+        return 1024 if self.swizzle else 128
+
+    def k_start(self, k0):
+        """Byte offset from the tile's base at which the descriptor of the 16 columns from k0
+        (a multiple of 16) starts."""
+        if self.swizzle:
+            return (k0 // 64) * self.rows * 128 + (k0 % 64) * 2
+        return (k0 // 8) * 16 * self.rows
+
+    def byte(self, start, r, k):
+        """The byte address of element (r, k) of the 16 columns a descriptor starting at byte
+        `start` covers (k < 16), as the hardware computes it: linear in the layout, then (swizzle
+        128) bits 4-6 XOR bits 7-9."""
+        if self.swizzle:
+            linear = start + (r // 8) * self.sbo + (r % 8) * 128 + 2 * k
+            return linear ^ (((linear >> 7) & 7) << 4)
+        return start + (r // 8) * self.sbo + (k // 8) * self.lbo + (r % 8) * 16 + 2 * (k % 8)
+
+    def offset(self, r, k):
+        """The element index of (r, k) of the whole tile from its base (for filling it)."""
+        k0 = k - k % 16
+        return self.byte(self.k_start(k0), r, k % 16) // 2
+
+    def host_image(self, tile):
+        """A (rows, cols) array laid out as this layout puts it in shared memory: a flat array of
+        `elements` entries (NumPy, for tests and for reading the layout)."""
+        tile = np.asarray(tile)
+        out = np.zeros(self.elements, tile.dtype)
+        for r in range(self.rows):
+            for k in range(self.cols):
+                out[self.offset(r, k)] = tile[r, k]
+        return out
+
+
+def _check_n(N):
+    if N % 8 or not 8 <= N <= 256:
+        raise ValueError(f"wgmma N = {N}: a multiple of 8 from 8 to 256")
+
+
+def _make_sim_wgmma(N, bf16, a, b):
+    """The simulator's wgmma: each thread its own fragment, from the shared array directly."""
+    NJ = N // 8
+
+    def wgmma(acc, x0, smem, a_at, b_at, k0, scale_d):
+        tid = cuda.threadIdx.x % 128
+        w, lane = tid // 32, tid % 32
+        g, t = lane // 4, lane % 4
+        a_start, b_start = 2 * a_at + a.k_start(k0), 2 * b_at + b.k_start(k0)
+        for j in range(NJ):
+            for h in range(2):
+                for e in range(2):
+                    row, col = 16 * w + g + 8 * h, 8 * j + 2 * t + e
+                    s = 0.0
+                    for k in range(16):
+                        s += _half_value(smem[a.byte(a_start, row, k) // 2], bf16) * \
+                            _half_value(smem[b.byte(b_start, col, k) // 2], bf16)
+                    x = x0 + 4 * j + 2 * h + e
+                    acc[x] = float32((float(acc[x]) if scale_d else 0.0) + s)
+
+    return cuda.jit(device=True)(wgmma)
+
+
+if not SIMULATOR:
+    from llvmlite import ir
+    from numba.core import types
+
+    from .primitives import asm as _asm, is_1d
+
+    _I32, _I64, _F32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+    def _void_asm(text):
+        @intrinsic
+        def op(typingctx):
+            sig = types.void()
+
+            def codegen(context, builder, sig, args):
+                _asm(builder, ir.VoidType(), text, "~{memory}", [])
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return op
+
+    fence = _void_asm("wgmma.fence.sync.aligned;")
+    commit = _void_asm("wgmma.commit_group.sync.aligned;")
+    fence_proxy_async = _void_asm("fence.proxy.async.shared::cta;")
+
+    def make_wait(n):
+        """wgmma.wait_group n: until at most n committed groups are pending."""
+        return _void_asm(f"wgmma.wait_group.sync.aligned {int(n)};")
+
+    def _descriptor(builder, address, layout, start):
+        """The 64-bit matrix descriptor of a tile at shared byte `address` + `start` (i32)."""
+        addr = builder.zext(builder.add(address, start), _I64)
+        lo = builder.lshr(builder.and_(addr, ir.Constant(_I64, 0x3FFFF)), ir.Constant(_I64, 4))
+        fields = ((layout.lbo >> 4) << 16) | ((layout.sbo >> 4) << 32) \
+            | (_SWIZZLE_CODE[layout.swizzle] << 62)
+        return builder.or_(lo, ir.Constant(_I64, fields))
+
+    def _k_start_ir(builder, layout, k0):
+        """layout.k_start(k0) for an i64 (or narrower) k0, as i32."""
+        k = builder.trunc(k0, _I32) if k0.type.width > 32 else builder.zext(k0, _I32) \
+            if k0.type.width < 32 else k0
+        c = lambda v: ir.Constant(_I32, v)  # noqa: E731
+        if layout.swizzle:
+            atom = builder.mul(builder.udiv(k, c(64)), c(layout.rows * 128))
+            return builder.add(atom, builder.mul(builder.urem(k, c(64)), c(2)))
+        return builder.mul(builder.udiv(k, c(8)), c(16 * layout.rows))
+
+    def _shared_byte(context, builder, arrty, arr, i):
+        data = context.make_array(arrty)(context, builder, arr).data
+        shared = builder.addrspacecast(data, ir.PointerType(data.type.pointee, 3))
+        base = builder.ptrtoint(shared, _I32)
+        idx = builder.trunc(i, _I32) if i.type.width > 32 else builder.zext(i, _I32) \
+            if i.type.width < 32 else i
+        return builder.add(base, builder.shl(idx, ir.Constant(_I32, 1)))
+
+    @intrinsic
+    def shared_byte(typingctx, smem, i):
+        """The 32-bit shared-memory byte address of smem[i] (a uint16 shared array)."""
+        if not (is_1d(smem, (types.uint16,)) and isinstance(i, types.Integer)):
+            return None
+        sig = types.uint32(smem, i)
+
+        def codegen(context, builder, sig, args):
+            return _shared_byte(context, builder, sig.args[0], args[0], args[1])
+
+        return sig, codegen
+
+    def _acc_pointers(context, builder, arrty, arr, x0, n):
+        data = context.make_array(arrty)(context, builder, arr).data
+        x0 = builder.sext(x0, _I64) if x0.type.width < 64 else x0
+        return [builder.gep(data, [builder.add(x0, ir.Constant(_I64, i))]) for i in range(n)]
+
+    def make_wgmma(N, bf16, a, b):
+        """wgmma(acc, x0, smem, a_at, b_at, k0, scale_d): see the module docstring (a_at, b_at:
+        the tiles' element offsets in the uint16 shared array `smem`)."""
+        _check_n(N)
+        kind = "bf16" if bf16 else "f16"
+        R = N // 2
+        outs = ", ".join(f"${i}" for i in range(R))
+        text = ("{ .reg .pred p; setp.ne.b32 p, $" + str(R + 2) + ", 0; "
+                f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{kind}.{kind} "
+                "{" + outs + "}, $" + str(R) + ", $" + str(R + 1) + ", p, 1, 1, 0, 0; }")
+        constraints = ",".join(["=f"] * R + ["l", "l", "r"] + [str(i) for i in range(R)])
+
+        @intrinsic
+        def wgmma(typingctx, acc, x0, smem, a_at, b_at, k0, scale_d):
+            if not (isinstance(acc, types.Array) and acc.dtype == types.float32
+                    and is_1d(smem, (types.uint16,))
+                    and all(isinstance(x, types.Integer) for x in (x0, a_at, b_at, k0, scale_d))):
+                return None
+            sig = types.void(acc, x0, smem, a_at, b_at, k0, scale_d)
+
+            def codegen(context, builder, sig, args):
+                acc_, x0_, smem_, a_at_, b_at_, k0_, sd = args
+                ptrs = _acc_pointers(context, builder, sig.args[0], acc_, x0_, R)
+                da = _descriptor(builder, _shared_byte(context, builder, sig.args[2], smem_,
+                                                       a_at_), a, _k_start_ir(builder, a, k0_))
+                db = _descriptor(builder, _shared_byte(context, builder, sig.args[2], smem_,
+                                                       b_at_), b, _k_start_ir(builder, b, k0_))
+                sd = builder.trunc(sd, _I32) if sd.type.width > 32 else \
+                    builder.zext(sd, _I32) if sd.type.width < 32 else sd
+                ret = ir.LiteralStructType([_F32] * R)
+                res = _asm(builder, ret, text, constraints,
+                           [da, db, sd] + [builder.load(p) for p in ptrs])
+                for i, p in enumerate(ptrs):
+                    builder.store(builder.extract_value(res, i), p)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return wgmma
+
+    def make_fence_acc(n):
+        """fence_acc(acc, x0): acc[x0:x0+n] passed through an empty volatile asm, so that code
+        after a wait_group reads the values the wgmma wrote (CUTLASS's
+        warpgroup_fence_operand)."""
+        text = " ".join(f"// ${i}" for i in range(n))   # (comments: no instruction)
+        constraints = ",".join(["=f"] * n + [str(i) for i in range(n)])
+
+        @intrinsic
+        def fence_acc(typingctx, acc, x0):
+            if not (isinstance(acc, types.Array) and acc.dtype == types.float32
+                    and isinstance(x0, types.Integer)):
+                return None
+            sig = types.void(acc, x0)
+
+            def codegen(context, builder, sig, args):
+                ptrs = _acc_pointers(context, builder, sig.args[0], args[0], args[1], n)
+                res = _asm(builder, ir.LiteralStructType([_F32] * n), text, constraints,
+                           [builder.load(p) for p in ptrs])
+                for i, p in enumerate(ptrs):
+                    builder.store(builder.extract_value(res, i), p)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return fence_acc
+else:
+    def _nothing():
+        pass
+
+    def _sim_shared_byte(smem, i):
+        return 2 * i      # (the simulator's shared arrays: every one at address 0)
+
+    shared_byte = cuda.jit(device=True)(_sim_shared_byte)
+
+    fence = commit = fence_proxy_async = cuda.jit(device=True)(_nothing)
+
+    def make_wait(n):
+        """(the simulator's wgmma completes at once)"""
+        return fence
+
+    def make_wgmma(N, bf16, a, b):
+        _check_n(N)
+        return _make_sim_wgmma(N, bf16, a, b)
+
+    def make_fence_acc(n):
+        def fence_acc(acc, x0):
+            pass
+
+        return cuda.jit(device=True)(fence_acc)

@@ -1,0 +1,192 @@
+"""Hopper's wgmma from Numba (nbflash.kernels.common.wgmma), the first building block of fa3:
+the shared-memory layouts' arithmetic on the host, one warpgroup's 64 x N x K product against
+NumPy (in the simulator through the module's emulation; on an sm_90 GPU through the real
+instruction, which is what checks the descriptors' bits), and the compile for sm_90a without a
+GPU (nvJitLink; no wgmma serialisation warning, no local memory)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from numba import float32, types, uint16
+
+import nbflash
+from nbflash._cuda import cuda
+from nbflash.bfloat16 import bits as bf16_bits, values as bf16_values
+from nbflash.kernels.common import wgmma as W
+
+
+@pytest.mark.parametrize("rows,cols,swizzle", [(64, 64, 128), (24, 128, 128), (64, 16, 0),
+                                               (16, 48, 0)])
+def test_layout_is_a_bijection_onto_the_tile(rows, cols, swizzle):
+    lay = W.KMajor(rows, cols, swizzle)
+    offs = {lay.offset(r, k) for r in range(rows) for k in range(cols)}
+    assert offs == set(range(rows * cols))
+
+
+def test_swizzle_128_is_the_chunk_xor_row_rule():
+    """The address-bit form of the 128-byte swizzle (bits 4-6 XOR bits 7-9, as the hardware
+    applies it to a 1024-byte-aligned tile) puts row r's 16-byte chunk c at chunk c ^ (r % 8)
+    of its 128-byte row, atoms of 8 rows 1024 bytes apart, K's 64-element atoms rows·128 bytes
+    apart: the rule written the other way round."""
+    lay = W.KMajor(32, 128, 128)
+    for r in range(32):
+        for k in range(128):
+            c = (k % 64) // 8
+            want = ((k // 64) * 32 * 128 + (r // 8) * 1024 + (r % 8) * 128
+                    + 16 * (c ^ (r % 8)) + 2 * (k % 8)) // 2
+            assert lay.offset(r, k) == want, (r, k)
+
+
+def test_no_swizzle_core_matrices():
+    """swizzle 0: each 8 x 8 core matrix is 128 contiguous bytes, row-major inside."""
+    lay = W.KMajor(16, 32, 0)
+    for r in range(16):
+        for k in range(32):
+            core = (k // 8) * 2 + r // 8
+            assert lay.offset(r, k) == core * 64 + (r % 8) * 8 + k % 8
+
+
+def test_layouts_refuse_what_they_cannot_hold():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        W.KMajor(64, 32, 128)
+    with pytest.raises(ValueError, match="0 or 128"):
+        W.KMajor(64, 64, 64)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        W.make_wgmma(12, False, W.KMajor(64, 64), W.KMajor(16, 64))
+
+
+def _kernel(N, K, bf16, swizzle):
+    """One warpgroup: A (64 x K) and B (N x K) from their layout images into 1024-byte-aligned
+    shared tiles, D = A Bᵀ by K/16 wgmma, each thread's fragment out."""
+    la, lb = W.KMajor(64, K, swizzle), W.KMajor(N, K, swizzle)
+    R = N // 2
+    b_off = -(-la.elements // 512) * 512          # B 1024 bytes aligned after A
+    size = b_off + lb.elements + 512              # (+ the alignment of the base)
+    A_ELEMENTS, B_ELEMENTS = la.elements, lb.elements
+    mma = W.make_wgmma(N, bf16, la, lb)
+    wait, fence_acc = W.make_wait(0), W.make_fence_acc(R)
+
+    def k(a_img, b_img, out):
+        smem = cuda.shared.array(size, uint16)
+        tid = cuda.threadIdx.x
+        base = ((1024 - W.shared_byte(smem, 0) % 1024) % 1024) // 2
+        for i in range(tid, A_ELEMENTS, 128):
+            smem[base + i] = a_img[i]
+        for i in range(tid, B_ELEMENTS, 128):
+            smem[base + b_off + i] = b_img[i]
+        W.fence_proxy_async()
+        cuda.syncthreads()
+        acc = cuda.local.array(R, float32)
+        for x in range(R):
+            acc[x] = float32(0.0)
+        W.fence()
+        for kk in range(K // 16):
+            mma(acc, 0, smem, base, base + b_off, 16 * kk, 1 if kk else 0)
+        W.commit()
+        wait()
+        fence_acc(acc, 0)
+        for x in range(R):
+            out[tid * R + x] = acc[x]
+
+    return k, la, lb
+
+
+SIG = types.void(types.uint16[::1], types.uint16[::1], types.float32[::1])
+
+
+def _fragments(D):
+    """D (64 x N) as the warpgroup's fragments: out[t, 4j + 2h + e] = D[16w + g + 8h, 8j + 2t' + e]."""
+    N = D.shape[1]
+    out = np.zeros((128, N // 2))
+    for t in range(128):
+        w, g, t4 = t // 32, t % 32 // 4, t % 4
+        for j in range(N // 8):
+            for h in range(2):
+                for e in range(2):
+                    out[t, 4 * j + 2 * h + e] = D[16 * w + g + 8 * h, 8 * j + 2 * t4 + e]
+    return out
+
+
+def _run(N, K, bf16, swizzle):
+    rng = np.random.default_rng(N + K)
+    A, B = rng.standard_normal((64, K)), rng.standard_normal((N, K))
+    if bf16:
+        a_bits, b_bits = bf16_bits(A), bf16_bits(B)
+        A, B = bf16_values(a_bits).astype(np.float64), bf16_values(b_bits).astype(np.float64)
+    else:
+        A, B = A.astype(np.float16), B.astype(np.float16)
+        a_bits, b_bits = A.view(np.uint16), B.view(np.uint16)
+        A, B = A.astype(np.float64), B.astype(np.float64)
+    k, la, lb = _kernel(N, K, bf16, swizzle)
+    a_img, b_img = la.host_image(a_bits), lb.host_image(b_bits)
+    out = np.zeros(128 * (N // 2), np.float32)
+    if nbflash.MODE == "gpu":
+        import cupy  # noqa: PLC0415
+        args = [cupy.asarray(x) for x in (a_img, b_img, out)]
+        cuda.jit(SIG)(k)[1, 128](*args)   # (numba-cuda picks sm_90a on an sm_90 device)
+        out = args[2].get()
+    else:
+        cuda.jit(k)[1, 128](a_img, b_img, out)
+    want = _fragments(A @ B.T)
+    np.testing.assert_allclose(out.reshape(128, N // 2), want, rtol=1e-5, atol=1e-4)
+
+
+SIM_CASES = [(16, 64, False, 128), (8, 32, True, 0)]
+GPU_CASES = [(64, 64, False, 128), (64, 64, True, 128), (128, 64, False, 128),
+             (256, 64, False, 128), (64, 32, False, 0), (24, 64, True, 128)]
+
+
+@pytest.mark.skipif(nbflash.MODE != "sim", reason="the simulator's emulation")
+@pytest.mark.parametrize("N,K,bf16,swizzle", SIM_CASES)
+def test_wgmma_emulation_matches_numpy(N, K, bf16, swizzle):
+    _run(N, K, bf16, swizzle)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(nbflash.MODE != "gpu", reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("N,K,bf16,swizzle", GPU_CASES)
+def test_wgmma_on_the_gpu_matches_numpy(N, K, bf16, swizzle):
+    if cuda.get_current_device().compute_capability < (9, 0):
+        pytest.skip("wgmma needs sm_90")
+    _run(N, K, bf16, swizzle)
+
+
+COMPILE = r"""
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+from nbflash._cuda import cuda
+from nbflash.devtools.compilecheck import _link
+import test_wgmma as t
+out = []
+for N, K, bf16, swizzle in json.loads(sys.argv[2]):
+    k, _, _ = t._kernel(N, K, bf16, swizzle)
+    ptx, _ = cuda.compile_ptx(k, t.SIG, cc=(9, 0, "a"))
+    out.append({"case": [N, K, bf16, swizzle], "log": _link(ptx, "sm_90a"),
+                "wgmma": ptx.count(f"wgmma.mma_async.sync.aligned.m64n{N}k16")})
+print(json.dumps(out))
+"""
+
+
+def test_wgmma_compiles_for_sm90a_without_serialisation():
+    """The kernels above for sm_90a without a GPU (NVVM, then nvJitLink's ptxas): one wgmma
+    per k-step in the PTX, no warning that ptxas serialised the wgmma pipeline (C7510-C7515),
+    no spills or stack."""
+    cases = [(64, 64, False, 128), (256, 64, True, 128), (24, 32, False, 0)]
+    env = {**os.environ, "NBFLASH_DEVICE": "compile"}
+    r = subprocess.run([sys.executable, "-c", COMPILE, os.path.dirname(__file__),
+                        json.dumps(cases)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for got in json.loads(r.stdout.strip().splitlines()[-1]):
+        N, K, _, _ = got["case"]
+        log = got["log"]
+        assert got["wgmma"] == K // 16, got
+        assert "C751" not in log and "serializ" not in log.lower(), log
+        for what in ("bytes stack frame", "bytes spill stores", "bytes spill loads"):
+            m = re.search(r"(\d+) " + what, log)
+            assert m is None or m.group(1) == "0", f"{got['case']}: {what}: {log}"
