@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from numba import float32, types, uint16
+from numba import float32, types, uint16, uint32
 
 import nbflash
 from nbflash._cuda import cuda
@@ -60,23 +60,34 @@ def test_layouts_refuse_what_they_cannot_hold():
         W.make_wgmma(12, False, W.KMajor(64, 64), W.KMajor(16, 64))
 
 
-def _kernel(N, K, bf16, swizzle):
-    """One warpgroup: A (64 x K) and B (N x K) from their layout images into 1024-byte-aligned
-    shared tiles, D = A Bᵀ by K/16 wgmma, each thread's fragment out."""
-    la, lb = W.KMajor(64, K, swizzle), W.KMajor(N, K, swizzle)
+def _kernel(N, K, bf16, swizzle, b_major="K", a_regs=False):
+    """One warpgroup: D = A Bᵀ (A 64 x K, B N x K) by K/16 wgmma, each thread's fragment out.
+    B from its layout image (K- or MN-major) into a 1024-byte-aligned shared tile; A likewise
+    (K-major), or with a_regs from a plain row-major array into each thread's A fragments."""
+    # (A with the 128-byte swizzle where K allows it, with B's swizzle otherwise)
+    la = W.KMajor(64, K, 128 if K % 64 == 0 else swizzle) if not a_regs else \
+        W.KMajor(64, 16, 0)
+    lb = W.KMajor(N, K, swizzle) if b_major == "K" else W.MNMajor(K, N, swizzle)
     R = N // 2
-    b_off = -(-la.elements // 512) * 512          # B 1024 bytes aligned after A
+    b_off = -(-la.elements // 512) * 512 if not a_regs else 0   # B 1024-byte aligned
     size = b_off + lb.elements + 512              # (+ the alignment of the base)
     A_ELEMENTS, B_ELEMENTS = la.elements, lb.elements
-    mma = W.make_wgmma(N, bf16, la, lb)
+    if a_regs:
+        mma = W.make_wgmma_rs(N, bf16, lb, 128)
+    else:
+        mma = W.make_wgmma(N, bf16, la, lb)
     wait, fence_acc = W.make_wait(0), W.make_fence_acc(R)
+    A_REGS = bool(a_regs)
+    NA = 4 * (K // 16)
+    sixteen = uint32(16)
 
-    def k(a_img, b_img, out):
+    def k(a_src, b_img, out):
         smem = cuda.shared.array(size, uint16)
         tid = cuda.threadIdx.x
         base = ((1024 - W.shared_byte(smem, 0) % 1024) % 1024) // 2
-        for i in range(tid, A_ELEMENTS, 128):
-            smem[base + i] = a_img[i]
+        if not A_REGS:
+            for i in range(tid, A_ELEMENTS, 128):
+                smem[base + i] = a_src[i]
         for i in range(tid, B_ELEMENTS, 128):
             smem[base + b_off + i] = b_img[i]
         W.fence_proxy_async()
@@ -84,9 +95,24 @@ def _kernel(N, K, bf16, swizzle):
         acc = cuda.local.array(R, float32)
         for x in range(R):
             acc[x] = float32(0.0)
+        # A's fragment words, every k-step's before the wgmma run (registers that change between
+        # two wgmma of a run make ptxas wait for the first): pairs (row, col) as
+        # mma.m16n8k16 takes them
+        af = cuda.local.array(NA, uint32)
+        if A_REGS:
+            r0 = 16 * (tid // 32) + tid % 32 // 4
+            for kk in range(K // 16):
+                c = 16 * kk + 2 * (tid % 4)
+                for q in range(4):
+                    at = (r0 + 8 * (q % 2)) * K + c + 8 * (q // 2)
+                    af[4 * kk + q] = uint32(a_src[at]) | (uint32(a_src[at + 1]) << sixteen)
         W.fence()
         for kk in range(K // 16):
-            mma(acc, 0, smem, base, base + b_off, 16 * kk, 1 if kk else 0)
+            if A_REGS:
+                mma(acc, 0, af[4 * kk], af[4 * kk + 1], af[4 * kk + 2], af[4 * kk + 3], smem,
+                    base + b_off, 16 * kk, 1 if kk else 0)
+            else:
+                mma(acc, 0, smem, base, base + b_off, 16 * kk, 1 if kk else 0)
         W.commit()
         wait()
         fence_acc(acc, 0)
@@ -112,7 +138,7 @@ def _fragments(D):
     return out
 
 
-def _run(N, K, bf16, swizzle):
+def _run(N, K, bf16, swizzle, b_major="K", a_regs=False):
     rng = np.random.default_rng(N + K)
     A, B = rng.standard_normal((64, K)), rng.standard_normal((N, K))
     if bf16:
@@ -122,38 +148,45 @@ def _run(N, K, bf16, swizzle):
         A, B = A.astype(np.float16), B.astype(np.float16)
         a_bits, b_bits = A.view(np.uint16), B.view(np.uint16)
         A, B = A.astype(np.float64), B.astype(np.float64)
-    k, la, lb = _kernel(N, K, bf16, swizzle)
-    a_img, b_img = la.host_image(a_bits), lb.host_image(b_bits)
+    k, la, lb = _kernel(N, K, bf16, swizzle, b_major, a_regs)
+    a_in = np.ascontiguousarray(a_bits).reshape(-1) if a_regs else la.host_image(a_bits)
+    b_img = lb.host_image(b_bits)
     out = np.zeros(128 * (N // 2), np.float32)
     if nbflash.MODE == "gpu":
         import cupy  # noqa: PLC0415
-        args = [cupy.asarray(x) for x in (a_img, b_img, out)]
+        args = [cupy.asarray(x) for x in (a_in, b_img, out)]
         cuda.jit(SIG)(k)[1, 128](*args)   # (numba-cuda picks sm_90a on an sm_90 device)
         out = args[2].get()
     else:
-        cuda.jit(k)[1, 128](a_img, b_img, out)
+        cuda.jit(k)[1, 128](a_in, b_img, out)
     want = _fragments(A @ B.T)
     np.testing.assert_allclose(out.reshape(128, N // 2), want, rtol=1e-5, atol=1e-4)
 
 
-SIM_CASES = [(16, 64, False, 128), (8, 32, True, 0)]
-GPU_CASES = [(64, 64, False, 128), (64, 64, True, 128), (128, 64, False, 128),
-             (256, 64, False, 128), (64, 32, False, 0), (24, 64, True, 128)]
+# (N, K, bf16, swizzle, B's major dim, A from registers)
+SIM_CASES = [(16, 64, False, 128, "K", False), (8, 32, True, 0, "K", False),
+             (64, 16, False, 128, "MN", True), (16, 32, True, 0, "MN", False)]
+GPU_CASES = [(64, 64, False, 128, "K", False), (64, 64, True, 128, "K", False),
+             (128, 64, False, 128, "K", False), (256, 64, False, 128, "K", False),
+             (64, 32, False, 0, "K", False), (24, 64, True, 128, "K", False),
+             (64, 64, False, 128, "K", True), (128, 64, True, 128, "MN", True),
+             (64, 32, False, 128, "MN", False), (64, 32, False, 0, "MN", True),
+             (24, 32, True, 0, "MN", True)]
 
 
 @pytest.mark.skipif(nbflash.MODE != "sim", reason="the simulator's emulation")
-@pytest.mark.parametrize("N,K,bf16,swizzle", SIM_CASES)
-def test_wgmma_emulation_matches_numpy(N, K, bf16, swizzle):
-    _run(N, K, bf16, swizzle)
+@pytest.mark.parametrize("N,K,bf16,swizzle,b_major,a_regs", SIM_CASES)
+def test_wgmma_emulation_matches_numpy(N, K, bf16, swizzle, b_major, a_regs):
+    _run(N, K, bf16, swizzle, b_major, a_regs)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(nbflash.MODE != "gpu", reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("N,K,bf16,swizzle", GPU_CASES)
-def test_wgmma_on_the_gpu_matches_numpy(N, K, bf16, swizzle):
+@pytest.mark.parametrize("N,K,bf16,swizzle,b_major,a_regs", GPU_CASES)
+def test_wgmma_on_the_gpu_matches_numpy(N, K, bf16, swizzle, b_major, a_regs):
     if cuda.get_current_device().compute_capability < (9, 0):
         pytest.skip("wgmma needs sm_90")
-    _run(N, K, bf16, swizzle)
+    _run(N, K, bf16, swizzle, b_major, a_regs)
 
 
 COMPILE = r"""
@@ -163,10 +196,10 @@ from nbflash._cuda import cuda
 from nbflash.devtools.compilecheck import _link
 import test_wgmma as t
 out = []
-for N, K, bf16, swizzle in json.loads(sys.argv[2]):
-    k, _, _ = t._kernel(N, K, bf16, swizzle)
+for N, K, bf16, swizzle, b_major, a_regs in json.loads(sys.argv[2]):
+    k, _, _ = t._kernel(N, K, bf16, swizzle, b_major, a_regs)
     ptx, _ = cuda.compile_ptx(k, t.SIG, cc=(9, 0, "a"))
-    out.append({"case": [N, K, bf16, swizzle], "log": _link(ptx, "sm_90a"),
+    out.append({"case": [N, K, bf16, swizzle, b_major, a_regs], "log": _link(ptx, "sm_90a"),
                 "wgmma": ptx.count(f"wgmma.mma_async.sync.aligned.m64n{N}k16")})
 print(json.dumps(out))
 """
@@ -176,14 +209,16 @@ def test_wgmma_compiles_for_sm90a_without_serialisation():
     """The kernels above for sm_90a without a GPU (NVVM, then nvJitLink's ptxas): one wgmma
     per k-step in the PTX, no warning that ptxas serialised the wgmma pipeline (C7510-C7515),
     no spills or stack."""
-    cases = [(64, 64, False, 128), (256, 64, True, 128), (24, 32, False, 0)]
+    cases = [(64, 64, False, 128, "K", False), (256, 64, True, 128, "K", False),
+             (24, 32, False, 0, "K", False), (128, 64, True, 128, "MN", True),
+             (64, 32, False, 0, "MN", False)]
     env = {**os.environ, "NBFLASH_DEVICE": "compile"}
     r = subprocess.run([sys.executable, "-c", COMPILE, os.path.dirname(__file__),
                         json.dumps(cases)], capture_output=True, text=True, env=env,
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for got in json.loads(r.stdout.strip().splitlines()[-1]):
-        N, K, _, _ = got["case"]
+        N, K = got["case"][:2]
         log = got["log"]
         assert got["wgmma"] == K // 16, got
         assert "C751" not in log and "serializ" not in log.lower(), log

@@ -11,14 +11,18 @@ wait for them. PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
 
 - :class:`KMajor`: how a rows x cols tile of 16-bit elements (rows: A's M or B's N; cols: the
   reduction dim K, contiguous) lies in shared memory, with no swizzle or the 128-byte swizzle
-  (the one TMA writes); its ``offset(r, k)`` is the element index of (r, k), for the code that
-  fills the tile, and its descriptor fields are the ones the instruction decodes.
+  (the one TMA writes); its ``offset(mn, k)`` is the element index of operand element (mn, k),
+  for the code that fills the tile, and its descriptor fields are the ones the instruction
+  decodes. :class:`MNMajor`: the same for a tile whose M/N dim is contiguous (B transposed:
+  V_j, keys by d, for P V).
 - :func:`make_wgmma(N, bf16, a, b)`: ``wgmma(acc, x0, smem, a_at, b_at, k0, scale_d)`` adds
   A[:, k0:k0+16] · B[:, k0:k0+16]ᵀ (B given as its N x K tile, "K-major", as K_j is for
   S = Q K_jᵀ) to acc[x0:x0 + N/2]; scale_d = 0 overwrites instead (the first k-step).
   Thread t of the warpgroup holds D's rows 16w + g and 16w + g + 8 (w = t // 32, g = t % 32 // 4)
   and columns 8j + 2(t % 4) + e: acc[x0 + 4j + 2h + e] = D[16w + g + 8h, 8j + 2(t % 4) + e],
   the mma.m16n8 layout once per warp (nbflash.kernels.tc.fragments).
+  :func:`make_wgmma_rs(N, bf16, b)`: the same with A's 16 columns from registers, four uint32
+  per thread in mma.m16n8k16's A-fragment layout (P packed from the score fragments).
 - :func:`shared_byte` (a shared element's byte address: for aligning tiles to 1024 bytes),
   :func:`fence`, :func:`commit`, :func:`make_wait` (``wgmma.fence``, ``commit_group``,
   ``wait_group n``), :func:`make_fence_acc` (ties the accumulators to the point after a wait,
@@ -32,8 +36,7 @@ descriptors encode (swizzle included), in float64 before rounding to float32. Th
 kernels' logic and the layouts' arithmetic; whether the descriptor bits mean to the hardware
 what this module says is checked by tests/test_wgmma.py on the GPU (marked gpu).
 
-Only K-major A and B from shared memory so far; A from registers (for P V) and MN-major B (V,
-whose rows are keys) are the next steps.
+A from shared memory is K-major (Q_i, dO_i); B K-major (K_j) or MN-major (V_j).
 """
 
 from dataclasses import dataclass
@@ -64,6 +67,8 @@ class KMajor:
     rows: int
     cols: int
     swizzle: int = 128
+    #: the instruction's transpose immediate for this operand (0: K-major)
+    trans = 0
 
     def __post_init__(self):
         if self.swizzle not in _SWIZZLE_CODE:
@@ -120,6 +125,72 @@ class KMajor:
         return out
 
 
+@dataclass(frozen=True)
+class MNMajor:
+    """A tile whose M/N dim is contiguous, as wgmma reads a transposed operand (B with
+    imm-trans-b = 1): V_j for P V, whose rows are keys (K) and whose d columns (N) are
+    contiguous. rows: its K extent (a multiple of 16); cols: its M/N extent (a multiple of 64
+    with swizzle 128, of 8 without). Element (mn, k) of the operand is row k, column mn.
+
+    swizzle 128 (CUTLASS's MN-major SW128 atom): atoms of 8 K-rows x 64 MN-elements (1024 bytes,
+    the 16-byte chunk c of K-row r at chunk c XOR (r % 8)), along K 1024 bytes apart (SBO),
+    along MN rows x 128 bytes apart (LBO). swizzle 0: core matrices of 8 K-rows x 8 MN-elements
+    (128 contiguous bytes), along K 128 bytes apart (LBO), along MN rows x 16 bytes apart
+    (SBO)."""
+
+    rows: int
+    cols: int
+    swizzle: int = 128
+    trans = 1
+
+    def __post_init__(self):
+        if self.swizzle not in _SWIZZLE_CODE:
+            raise ValueError(f"swizzle {self.swizzle}: 0 or 128")
+        unit = 64 if self.swizzle else 8
+        if self.rows % 16 or self.cols % unit:
+            raise ValueError(f"a {self.rows} x {self.cols} MN-major tile: rows must be a "
+                             f"multiple of 16 and cols a multiple of {unit} (swizzle "
+                             f"{self.swizzle})")
+
+    @property
+    def elements(self):
+        return self.rows * self.cols
+
+    @property
+    def lbo(self):
+        return 128 * self.rows if self.swizzle else 128
+
+    @property
+    def sbo(self):
+        return 1024 if self.swizzle else 16 * self.rows
+
+    def k_start(self, k0):
+        """Byte offset of the descriptor of K-rows k0 .. k0 + 15 (k0 a multiple of 16)."""
+        return (k0 // 8) * (1024 if self.swizzle else 128)
+
+    def byte(self, start, mn, k):
+        """The byte address of operand element (mn, k), k < 16 from the descriptor's start."""
+        if self.swizzle:
+            linear = start + (mn // 64) * self.lbo + (k // 8) * self.sbo + (k % 8) * 128 \
+                + 2 * (mn % 64)
+            return linear ^ (((linear >> 7) & 7) << 4)
+        return start + (mn // 8) * self.sbo + (k // 8) * self.lbo + (k % 8) * 16 + 2 * (mn % 8)
+
+    def offset(self, mn, k):
+        k0 = k - k % 16
+        return self.byte(self.k_start(k0), mn, k % 16) // 2
+
+    def host_image(self, tile):
+        """The shared-memory image (flat) of the operand `tile`, indexed [mn, k] (for V_j:
+        V_jᵀ)."""
+        tile = np.asarray(tile)
+        out = np.zeros(self.elements, tile.dtype)
+        for mn in range(self.cols):
+            for k in range(self.rows):
+                out[self.offset(mn, k)] = tile[mn, k]
+        return out
+
+
 def _check_n(N):
     if N % 8 or not 8 <= N <= 256:
         raise ValueError(f"wgmma N = {N}: a multiple of 8 from 8 to 256")
@@ -146,6 +217,39 @@ def _make_sim_wgmma(N, bf16, a, b):
                     acc[x] = float32((float(acc[x]) if scale_d else 0.0) + s)
 
     return cuda.jit(device=True)(wgmma)
+
+
+def _make_sim_wgmma_rs(N, bf16, b, threads):
+    """The simulator's wgmma with A from registers: the warp's A fragments exchanged through
+    shared memory (so every thread of the block must call it), then as _make_sim_wgmma."""
+    NJ, T = N // 8, threads
+
+    def wgmma_rs(acc, x0, a0, a1, a2, a3, smem, b_at, k0, scale_d):
+        frags = cuda.shared.array((T, 4), np.uint32)
+        tid = cuda.threadIdx.x
+        cuda.syncthreads()
+        frags[tid, 0], frags[tid, 1], frags[tid, 2], frags[tid, 3] = a0, a1, a2, a3
+        cuda.syncthreads()
+        lane = tid % 32
+        first = tid - lane
+        g, t = lane // 4, lane % 4
+        b_start = 2 * b_at + b.k_start(k0)
+
+        def a(row, k):   # A[16w + row, k] (row < 16): lane 4 (row % 8) + (k % 8) // 2
+            word = int(frags[first + 4 * (row % 8) + (k % 8) // 2, row // 8 + 2 * (k // 8)])
+            return _half_value(word >> (16 * (k % 2)), bf16)
+
+        for j in range(NJ):
+            for h in range(2):
+                for e in range(2):
+                    row, col = g + 8 * h, 8 * j + 2 * t + e
+                    s = 0.0
+                    for k in range(16):
+                        s += a(row, k) * _half_value(smem[b.byte(b_start, col, k) // 2], bf16)
+                    x = x0 + 4 * j + 2 * h + e
+                    acc[x] = float32((float(acc[x]) if scale_d else 0.0) + s)
+
+    return cuda.jit(device=True)(wgmma_rs)
 
 
 if not SIMULATOR:
@@ -185,11 +289,16 @@ if not SIMULATOR:
             | (_SWIZZLE_CODE[layout.swizzle] << 62)
         return builder.or_(lo, ir.Constant(_I64, fields))
 
+    def _i32(builder, x):
+        return builder.trunc(x, _I32) if x.type.width > 32 else builder.zext(x, _I32) \
+            if x.type.width < 32 else x
+
     def _k_start_ir(builder, layout, k0):
         """layout.k_start(k0) for an i64 (or narrower) k0, as i32."""
-        k = builder.trunc(k0, _I32) if k0.type.width > 32 else builder.zext(k0, _I32) \
-            if k0.type.width < 32 else k0
+        k = _i32(builder, k0)
         c = lambda v: ir.Constant(_I32, v)  # noqa: E731
+        if layout.trans:      # MNMajor.k_start
+            return builder.mul(builder.udiv(k, c(8)), c(1024 if layout.swizzle else 128))
         if layout.swizzle:
             atom = builder.mul(builder.udiv(k, c(64)), c(layout.rows * 128))
             return builder.add(atom, builder.mul(builder.urem(k, c(64)), c(2)))
@@ -227,9 +336,11 @@ if not SIMULATOR:
         kind = "bf16" if bf16 else "f16"
         R = N // 2
         outs = ", ".join(f"${i}" for i in range(R))
+        if a.trans:
+            raise ValueError("A from shared memory is K-major here")
         text = ("{ .reg .pred p; setp.ne.b32 p, $" + str(R + 2) + ", 0; "
                 f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{kind}.{kind} "
-                "{" + outs + "}, $" + str(R) + ", $" + str(R + 1) + ", p, 1, 1, 0, 0; }")
+                "{" + outs + "}, $" + str(R) + ", $" + str(R + 1) + f", p, 1, 1, 0, {b.trans}; }}")
         constraints = ",".join(["=f"] * R + ["l", "l", "r"] + [str(i) for i in range(R)])
 
         @intrinsic
@@ -259,6 +370,48 @@ if not SIMULATOR:
             return sig, codegen
 
         return wgmma
+
+    def make_wgmma_rs(N, bf16, b, threads=None):
+        """wgmma_rs(acc, x0, a0, a1, a2, a3, smem, b_at, k0, scale_d): as make_wgmma's, with A's
+        16 columns from registers: a0..a3 (uint32 pairs of 16-bit values) in the mma.m16n8k16
+        A-fragment layout of the thread's warp's 16 rows (rows 16w + g, + 8; columns 2t, 2t + 1
+        and + 8), e.g. P packed from score fragments (nbflash.kernels.tc.fragments.make_pack_a).
+        `threads` (the block's) matters only in the simulator."""
+        _check_n(N)
+        kind = "bf16" if bf16 else "f16"
+        R = N // 2
+        outs = ", ".join(f"${i}" for i in range(R))
+        text = ("{ .reg .pred p; setp.ne.b32 p, $" + str(R + 5) + ", 0; "
+                f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{kind}.{kind} "
+                "{" + outs + "}, {$" + str(R) + ", $" + str(R + 1) + ", $" + str(R + 2)
+                + ", $" + str(R + 3) + "}, $" + str(R + 4) + f", p, 1, 1, {b.trans}; }}")
+        constraints = ",".join(["=f"] * R + ["r"] * 4 + ["l", "r"] + [str(i) for i in range(R)])
+
+        @intrinsic
+        def wgmma_rs(typingctx, acc, x0, a0, a1, a2, a3, smem, b_at, k0, scale_d):
+            if not (isinstance(acc, types.Array) and acc.dtype == types.float32
+                    and is_1d(smem, (types.uint16,))
+                    and all(isinstance(x, types.Integer)
+                            for x in (x0, a0, a1, a2, a3, b_at, k0, scale_d))):
+                return None
+            sig = types.void(acc, x0, a0, a1, a2, a3, smem, b_at, k0, scale_d)
+
+            def codegen(context, builder, sig, args):
+                acc_, x0_, *regs, smem_, b_at_, k0_, sd = args
+                ptrs = _acc_pointers(context, builder, sig.args[0], acc_, x0_, R)
+                regs = [_i32(builder, r) for r in regs]
+                db = _descriptor(builder, _shared_byte(context, builder, sig.args[6], smem_,
+                                                       b_at_), b, _k_start_ir(builder, b, k0_))
+                ret = ir.LiteralStructType([_F32] * R)
+                res = _asm(builder, ret, text, constraints,
+                           regs + [db, _i32(builder, sd)] + [builder.load(p) for p in ptrs])
+                for i, p in enumerate(ptrs):
+                    builder.store(builder.extract_value(res, i), p)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return wgmma_rs
 
     def make_fence_acc(n):
         """fence_acc(acc, x0): acc[x0:x0+n] passed through an empty volatile asm, so that code
@@ -302,7 +455,13 @@ else:
 
     def make_wgmma(N, bf16, a, b):
         _check_n(N)
+        if a.trans:
+            raise ValueError("A from shared memory is K-major here")
         return _make_sim_wgmma(N, bf16, a, b)
+
+    def make_wgmma_rs(N, bf16, b, threads=128):
+        _check_n(N)
+        return _make_sim_wgmma_rs(N, bf16, b, threads)
 
     def make_fence_acc(n):
         def fence_acc(acc, x0):
