@@ -28,6 +28,19 @@ def test_layout_is_a_bijection_onto_the_tile(rows, cols, swizzle):
     assert offs == set(range(rows * cols))
 
 
+@pytest.mark.parametrize("layout", [W.KMajor(64, 128, 128), W.KMajor(24, 32, 0),
+                                    W.MNMajor(32, 128, 128), W.MNMajor(16, 24, 0)],
+                         ids=["K128", "K0", "MN128", "MN0"])
+def test_device_offsets_are_the_layouts(layout):
+    """make_offset's integer formula (what kernels fill tiles with) is the layout's offset."""
+    f = W.offset_formula(layout)
+    mn_extent, k_extent = (layout.rows, layout.cols) if not layout.trans else \
+        (layout.cols, layout.rows)
+    for mn in range(mn_extent):
+        for k in range(k_extent):
+            assert f(mn, k) == layout.offset(mn, k), (mn, k)
+
+
 def test_swizzle_128_is_the_chunk_xor_row_rule():
     """The address-bit form of the 128-byte swizzle (bits 4-6 XOR bits 7-9, as the hardware
     applies it to a 1024-byte-aligned tile) puts row r's 16-byte chunk c at chunk c ^ (r % 8)

@@ -12,8 +12,8 @@ wait for them. PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
 - :class:`KMajor`: how a rows x cols tile of 16-bit elements (rows: A's M or B's N; cols: the
   reduction dim K, contiguous) lies in shared memory, with no swizzle or the 128-byte swizzle
   (the one TMA writes); its ``offset(mn, k)`` is the element index of operand element (mn, k),
-  for the code that fills the tile, and its descriptor fields are the ones the instruction
-  decodes. :class:`MNMajor`: the same for a tile whose M/N dim is contiguous (B transposed:
+  for the code that fills the tile (:func:`make_offset` on the device), and its descriptor
+  fields are the ones the instruction decodes. :class:`MNMajor`: the same for a tile whose M/N dim is contiguous (B transposed:
   V_j, keys by d, for P V).
 - :func:`make_wgmma(N, bf16, a, b)`: ``wgmma(acc, x0, smem, a_at, b_at, k0, scale_d)`` adds
   A[:, k0:k0+16] · B[:, k0:k0+16]ᵀ (B given as its N x K tile, "K-major", as K_j is for
@@ -189,6 +189,36 @@ class MNMajor:
             for k in range(self.rows):
                 out[self.offset(mn, k)] = tile[mn, k]
         return out
+
+
+def offset_formula(layout):
+    """f(mn, k) = layout.offset(mn, k) written with integer operations only (for a 1024-byte
+    aligned tile, where the swizzle's address bits are the chunk's and row's), a plain Python
+    function; :func:`make_offset` compiles it as a device function for the code that fills a
+    tile."""
+    R, swizzled = layout.rows, bool(layout.swizzle)
+    if not layout.trans:
+        if swizzled:
+            def f(mn, k):
+                return ((k // 64) * R * 64 + (mn // 8) * 512 + (mn % 8) * 64
+                        + ((((k % 64) // 8) ^ (mn % 8)) * 8) + k % 8)
+        else:
+            def f(mn, k):
+                return ((k // 8) * (R // 8) + mn // 8) * 64 + (mn % 8) * 8 + k % 8
+    elif swizzled:
+        def f(mn, k):
+            return ((mn // 64) * R * 64 + (k // 8) * 512 + (k % 8) * 64
+                    + ((((mn % 64) // 8) ^ (k % 8)) * 8) + mn % 8)
+    else:
+        def f(mn, k):
+            return (mn // 8) * R * 8 + (k // 8) * 64 + (k % 8) * 8 + mn % 8
+    return f
+
+
+def make_offset(layout):
+    """Device function offset(mn, k): the element index of operand element (mn, k) in a tile of
+    `layout` from its (1024-byte aligned) base."""
+    return cuda.jit(device=True, inline=True)(offset_formula(layout))
 
 
 def _check_n(N):
