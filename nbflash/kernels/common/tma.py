@@ -27,6 +27,8 @@ uint64 array of 16 words, :func:`device_tensor_map` on the host), read through
   128): cols = 64 and swizzle = 128, one 128-byte row per tensor row, exactly the layout
   wgmma's descriptors read (a head dim of 128 is two such boxes).
   `tmap` (GPU) is the tensor's map; `src`, n_rows, n_cols are what the simulator copies from.
+- :func:`make_tma_load_3d(rows, cols, swizzle)`: the same for one head of a 3-D (heads, rows,
+  cols) tensor (:func:`device_tensor_map_3d`): a box past a head's last row gets zeros.
 - :func:`fence_tensormap` (tmap): the acquire fence of a map in global memory.
 
 In the simulator a TMA load is a copy done at once, and an mbarrier is four uint64 counters
@@ -54,7 +56,7 @@ def device_tensor_map(x, rows, cols, box_rows, box_cols, swizzle=128):
 
     _check_box(box_rows, box_cols, swizzle)
     err, tmap = drv.cuTensorMapEncodeTiled(
-        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, x.data.ptr,
+        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, _pointer(x),
         [drv.cuuint64_t(cols), drv.cuuint64_t(rows)], [drv.cuuint64_t(cols * 2)],
         [drv.cuuint32_t(box_cols), drv.cuuint32_t(box_rows)],
         [drv.cuuint32_t(1), drv.cuuint32_t(1)],
@@ -66,6 +68,37 @@ def device_tensor_map(x, rows, cols, box_rows, box_cols, swizzle=128):
         raise RuntimeError(f"cuTensorMapEncodeTiled failed: {err}")
     words = np.array([int(w) for w in tmap.opaque], dtype=np.uint64)
     return cupy.asarray(words)
+
+
+def device_tensor_map_3d(x, heads, rows, cols, box_rows, box_cols=64, swizzle=128):
+    """The TMA tensor map of a contiguous (heads, rows, cols) 16-bit CuPy array (the kernels'
+    flat (B·H, N, d) view) for boxes of box_rows x box_cols of one head: a box that runs past a
+    head's last row gets zeros there, not the next head's rows (GPU only)."""
+    from cuda.bindings import driver as drv  # noqa: PLC0415
+    import cupy  # noqa: PLC0415
+
+    _check_box(box_rows, box_cols, swizzle)
+    err, tmap = drv.cuTensorMapEncodeTiled(
+        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, _pointer(x),
+        [drv.cuuint64_t(cols), drv.cuuint64_t(rows), drv.cuuint64_t(heads)],
+        [drv.cuuint64_t(cols * 2), drv.cuuint64_t(rows * cols * 2)],
+        [drv.cuuint32_t(box_cols), drv.cuuint32_t(box_rows), drv.cuuint32_t(1)],
+        [drv.cuuint32_t(1)] * 3,
+        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        getattr(drv.CUtensorMapSwizzle, _SWIZZLE_ENUM[swizzle]),
+        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    if err != drv.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {err}")
+    return cupy.asarray(np.array([int(w) for w in tmap.opaque], dtype=np.uint64))
+
+
+def _pointer(x):
+    """A device array's address (CuPy or torch)."""
+    data = getattr(x, "data", None)
+    if data is not None and hasattr(data, "ptr"):
+        return data.ptr
+    return x.data_ptr()
 
 
 def _check_box(rows, cols, swizzle):
@@ -189,6 +222,37 @@ if not SIMULATOR:
             return sig, codegen
 
         return load
+
+    def make_tma_load_3d(rows, cols=64, swizzle=128):
+        """load(smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar, bar_at): as
+        make_tma_load_2d's, a box of one head of a 3-D (heads, n_rows, n_cols) tensor."""
+        _check_box(rows, cols, swizzle)
+        text = ("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                " [$0], [$1, {$2, $3, $4}], [$5];")
+
+        @intrinsic
+        def load(typingctx, smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar,
+                 bar_at):
+            if not (is_1d(smem, (types.uint16,)) and is_1d(tmap, (types.uint64,))
+                    and is_1d(bar, (types.uint64,))
+                    and all(isinstance(x, types.Integer)
+                            for x in (dst_at, n_rows, n_cols, head, row0, col0, bar_at))):
+                return None
+            sig = types.void(smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar,
+                             bar_at)
+
+            def codegen(context, builder, sig, args):
+                smem_, dst, tmap_, _, _, _, hd, r0, c0, bar_, bat = args
+                ins = [_shared(context, builder, sig.args[0], smem_, dst),
+                       _global(context, builder, sig.args[2], tmap_),
+                       _i32(builder, c0), _i32(builder, r0), _i32(builder, hd),
+                       _shared(context, builder, sig.args[9], bar_, bat)]
+                _asm(builder, ir.VoidType(), text, "r,l,r,r,r,r,~{memory}", ins)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return load
 else:
     # the simulator's barrier: bar[at] pending arrivals, bar[at + 1] the count, bar[at + 2] the
     # number of completed phases, bar[at + 3] bytes still expected / 16
@@ -243,6 +307,21 @@ else:
                     inside = row0 + r < n_rows and col0 + c < n_cols
                     smem[dst_at + layout.offset(r, c)] = \
                         src[(row0 + r) * n_cols + col0 + c] if inside else 0
+            with _LOCK:
+                bar[bar_at + 3] -= rows * cols * 2 // 16
+                _flip_if_done(bar, bar_at)
+
+        return jit(load)
+
+    def make_tma_load_3d(rows, cols=64, swizzle=128):
+        layout = _check_box(rows, cols, swizzle)
+
+        def load(smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar, bar_at):
+            for r in range(rows):
+                for c in range(cols):
+                    inside = row0 + r < n_rows and col0 + c < n_cols
+                    smem[dst_at + layout.offset(r, c)] = \
+                        src[(head * n_rows + row0 + r) * n_cols + col0 + c] if inside else 0
             with _LOCK:
                 bar[bar_at + 3] -= rows * cols * 2 // 16
                 _flip_if_done(bar, bar_at)

@@ -24,6 +24,8 @@ wait for them. PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
   :func:`make_wgmma_rs(N, bf16, b)`: the same with A's 16 columns from registers, four uint32
   per thread in mma.m16n8k16's A-fragment layout (P packed from the score fragments).
 - :func:`shared_byte` (a shared element's byte address: for aligning tiles to 1024 bytes),
+  :func:`rcp_approx` (1 / x without IEEE division's slow-path call, which would make ptxas
+  serialise every wgmma of the kernel),
   :func:`fence`, :func:`commit`, :func:`make_wait` (``wgmma.fence``, ``commit_group``,
   ``wait_group n``), :func:`make_fence_acc` (ties the accumulators to the point after a wait,
   so that the compiler cannot read them earlier), :func:`fence_proxy_async` (shared memory
@@ -303,6 +305,19 @@ if not SIMULATOR:
 
         return op
 
+    @intrinsic
+    def rcp_approx(typingctx, x):
+        """1 / x by rcp.approx.ftz.f32 (1 ulp): IEEE division compiles to a call of a slow-path
+        subroutine, and any call in a function makes ptxas serialise its wgmma (C7509)."""
+        if x != types.float32:
+            return None
+        sig = types.float32(x)
+
+        def codegen(context, builder, sig, args):
+            return _asm(builder, _F32, "rcp.approx.ftz.f32 $0, $1;", "=f,f", [args[0]])
+
+        return sig, codegen
+
     fence = _void_asm("wgmma.fence.sync.aligned;")
     commit = _void_asm("wgmma.commit_group.sync.aligned;")
     fence_proxy_async = _void_asm("fence.proxy.async.shared::cta;")
@@ -471,6 +486,11 @@ if not SIMULATOR:
 else:
     def _nothing():
         pass
+
+    def _sim_rcp(x):
+        return float32(1.0) / x
+
+    rcp_approx = cuda.jit(device=True)(_sim_rcp)
 
     def _sim_shared_byte(smem, i):
         return 2 * i      # (the simulator's shared arrays: every one at address 0)
