@@ -38,6 +38,8 @@ does on the GPU. What the hardware does with the map and the barrier bits is che
 tests/test_tma.py on the GPU only.
 """
 
+import functools
+
 import numpy as np
 
 from ..._cuda import SIMULATOR, cuda, intrinsic
@@ -71,15 +73,22 @@ def device_tensor_map(x, rows, cols, box_rows, box_cols, swizzle=128):
 
 
 def device_tensor_map_3d(x, heads, rows, cols, box_rows, box_cols=64, swizzle=128):
-    """The TMA tensor map of a contiguous (heads, rows, cols) 16-bit CuPy array (the kernels'
-    flat (B·H, N, d) view) for boxes of box_rows x box_cols of one head: a box that runs past a
-    head's last row gets zeros there, not the next head's rows (GPU only)."""
+    """The TMA tensor map of a contiguous (heads, rows, cols) 16-bit CuPy array or torch tensor
+    (the kernels' flat (B·H, N, d) view) for boxes of box_rows x box_cols of one head: a box
+    that runs past a head's last row gets zeros there, not the next head's rows (GPU only).
+    Maps are kept per (address, sizes, box): a map holds nothing but these, so a later array
+    at the same address gets the same map."""
+    return _map_3d(_pointer(x), heads, rows, cols, box_rows, box_cols, swizzle)
+
+
+@functools.lru_cache(maxsize=256)
+def _map_3d(ptr, heads, rows, cols, box_rows, box_cols, swizzle):
     from cuda.bindings import driver as drv  # noqa: PLC0415
     import cupy  # noqa: PLC0415
 
     _check_box(box_rows, box_cols, swizzle)
     err, tmap = drv.cuTensorMapEncodeTiled(
-        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, _pointer(x),
+        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, ptr,
         [drv.cuuint64_t(cols), drv.cuuint64_t(rows), drv.cuuint64_t(heads)],
         [drv.cuuint64_t(cols * 2), drv.cuuint64_t(rows * cols * 2)],
         [drv.cuuint32_t(box_cols), drv.cuuint32_t(box_rows), drv.cuuint32_t(1)],
