@@ -252,23 +252,20 @@ def _make_sim_wgmma(N, bf16, a, b):
 
 
 def _make_sim_wgmma_rs(N, bf16, b, threads):
-    """The simulator's wgmma with A from registers: the warp's A fragments exchanged through
-    shared memory (so every thread of the block must call it), then as _make_sim_wgmma."""
-    NJ, T = N // 8, threads
+    """The simulator's wgmma with A from registers: the warp's A fragments exchanged among its
+    lanes (nbflash.kernels.common.groups: only the warp waits, as the instruction needs only
+    the warpgroup), then as _make_sim_wgmma."""
+    from .groups import warp_exchange_words  # noqa: PLC0415
+    NJ = N // 8
 
     def wgmma_rs(acc, x0, a0, a1, a2, a3, smem, b_at, k0, scale_d):
-        frags = cuda.shared.array((T, 4), np.uint32)
-        tid = cuda.threadIdx.x
-        cuda.syncthreads()
-        frags[tid, 0], frags[tid, 1], frags[tid, 2], frags[tid, 3] = a0, a1, a2, a3
-        cuda.syncthreads()
-        lane = tid % 32
-        first = tid - lane
+        frags = warp_exchange_words((a0, a1, a2, a3))
+        lane = cuda.threadIdx.x % 32
         g, t = lane // 4, lane % 4
         b_start = 2 * b_at + b.k_start(k0)
 
         def a(row, k):   # A[16w + row, k] (row < 16): lane 4 (row % 8) + (k % 8) // 2
-            word = int(frags[first + 4 * (row % 8) + (k % 8) // 2, row // 8 + 2 * (k // 8)])
+            word = int(frags[4 * (row % 8) + (k % 8) // 2, row // 8 + 2 * (k // 8)])
             return _half_value(word >> (16 * (k % 2)), bf16)
 
         for j in range(NJ):

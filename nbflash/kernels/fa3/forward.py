@@ -26,7 +26,7 @@ from numba import float32, uint16, uint32, uint64
 
 from ..._cuda import cuda
 from ..common.masks import key_blocks, sees_a_key, visible
-from ..common.primitives import make_row_reduce
+from ..common.groups import make_quad_reduce
 from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
 from ..common.tma import (fence_barrier_init, fence_tensormap, make_tma_load_3d, mbar_arrive_expect_tx,
                           mbar_init, mbar_try_wait)
@@ -51,7 +51,7 @@ def make_forward(t, causal, bf16):
     mma_o = make_wgmma_rs(D, bf16, lv, THREADS)
     wait_all, fence_s, fence_o = make_wait(0), make_fence_acc(RS), make_fence_acc(RO)
     load_q, load_kv = make_tma_load_3d(ROWS), make_tma_load_3d(C)
-    row_max, row_sum = make_row_reduce(4, THREADS)
+    row_max, row_sum = make_quad_reduce()       # over the 4 lanes of a row
     pack = make_warp_ops(THREADS, bf16)[3]
     pack_a, store_rows = make_pack_a(pack), make_store_rows(D, D, pack)
 
@@ -76,7 +76,7 @@ def make_forward(t, causal, bf16):
                 if masked and not visible(r, col0 + 8 * sl + 2 * t4 + e, Nq, Nk, Nk, CAUSAL):
                     s[x] = NEG_INF
                 m_blk = max(m_blk, s[x])
-        m_blk = row_max(m_blk, tid)
+        m_blk = row_max(m_blk)
         if m_blk != NEG_INF:
             m_blk *= sc
         m_new, m_ref, alpha = new_max(m[h], m_blk)
@@ -171,8 +171,8 @@ def make_forward(t, causal, bf16):
 
         # O_i = diag(ℓ)⁻¹ O_i and lse = m + log ℓ (tc's epilogue)
         r = wr + lane // 4
-        l0 = row_sum(l[0], tid)
-        l1 = row_sum(l[1], tid)
+        l0 = row_sum(l[0])
+        l1 = row_sum(l[1])
         d0, lse0 = finish_row(m[0], l0, l0 != ZERO or sees_a_key(
             r, Nq, Nk, Nk, CAUSAL, False, lse, 0, 0, 1, 1))
         d1, lse1 = finish_row(m[1], l1, l1 != ZERO or sees_a_key(
