@@ -1,4 +1,4 @@
-"""Tuning sweeps: which tiles (fa2, tc) or threads per block (fa1) make a kernel family fastest on
+"""Tuning sweeps: which tiles (fa2, tc, fa3) or threads per block (fa1) make a kernel family fastest on
 this GPU.
 
     python -m experiments.tuning NAME [--fresh]          (on a GPU; in the simulator at tiny sizes)
@@ -18,7 +18,7 @@ from nbflash._cuda import MODE
 from .. import common
 
 #: the sweeps, in the order `python -m experiments.tuning all` runs them
-NAMES = ("fa2_tiles", "tc_tiles", "fa1_threads")
+NAMES = ("fa2_tiles", "tc_tiles", "fa1_threads", "fa3_tiles")
 
 
 def data_path(name):

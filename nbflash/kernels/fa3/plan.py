@@ -66,12 +66,13 @@ class Fa3Plan:
 
     def forward(self, xp, q, k, v, stream):
         """(o, lse) for q, k, v of the plan's shapes (16-bit bits, contiguous)."""
+        dtype = q.dtype
         bits = (lambda x: x.view(xp.uint16)) if SIMULATOR else (lambda x: x)
         q, k, v = (bits(x) for x in (q, k, v))
-        o = xp.empty(self.q_shape, xp.uint16 if SIMULATOR else q.dtype)
+        o = xp.empty(self.q_shape, xp.uint16 if SIMULATOR else dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
         self.fwd(stream, flat((q, k, v, *self._maps(q, k, v), o, lse)))
-        return o, lse
+        return (o if o.dtype == dtype else o.view(dtype)), lse   # (the inputs' kind of array)
 
 
 @functools.lru_cache(maxsize=64)
