@@ -139,7 +139,8 @@ SIG = types.void(types.uint16[::1], types.uint16[::1], types.float32[::1])
 
 
 def _fragments(D):
-    """D (64 x N) as the warpgroup's fragments: out[t, 4j + 2h + e] = D[16w + g + 8h, 8j + 2t' + e]."""
+    """D (64 x N) as the warpgroup's fragments: out[t, 4j + 2h + e] = D[16w + g + 8h,
+    8j + 2(t % 4) + e]."""
     N = D.shape[1]
     out = np.zeros((128, N // 2))
     for t in range(128):

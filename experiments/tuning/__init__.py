@@ -1,5 +1,5 @@
-"""Tuning sweeps: which tiles (fa2, tc, fa3) or threads per block (fa1) make a kernel family fastest on
-this GPU.
+"""Tuning sweeps: which tiles (fa2, tc, fa3) or threads per block (fa1) make a kernel family
+fastest on this GPU.
 
     python -m experiments.tuning NAME [--fresh]          (on a GPU; in the simulator at tiny sizes)
 

@@ -13,8 +13,8 @@ wait for them. PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
   reduction dim K, contiguous) lies in shared memory, with no swizzle or the 128-byte swizzle
   (the one TMA writes); its ``offset(mn, k)`` is the element index of operand element (mn, k),
   for the code that fills the tile (:func:`make_offset` on the device), and its descriptor
-  fields are the ones the instruction decodes. :class:`MNMajor`: the same for a tile whose M/N dim is contiguous (B transposed:
-  V_j, keys by d, for P V).
+  fields are the ones the instruction decodes. :class:`MNMajor`: the same for a tile whose M/N
+  dim is contiguous (B transposed: V_j, keys by d, for P V).
 - :func:`make_wgmma(N, bf16, a, b)`: ``wgmma(acc, x0, smem, a_at, b_at, k0, scale_d)`` adds
   A[:, k0:k0+16] · B[:, k0:k0+16]ᵀ (B given as its N x K tile, "K-major", as K_j is for
   S = Q K_jᵀ) to acc[x0:x0 + N/2]; scale_d = 0 overwrites instead (the first k-step).

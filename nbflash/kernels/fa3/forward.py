@@ -28,8 +28,8 @@ from ..._cuda import cuda
 from ..common.masks import key_blocks, sees_a_key, visible
 from ..common.groups import make_quad_reduce
 from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
-from ..common.tma import (fence_barrier_init, fence_tensormap, make_tma_load_3d, mbar_arrive_expect_tx,
-                          mbar_init, mbar_try_wait)
+from ..common.tma import (fence_barrier_init, fence_tensormap, make_tma_load_3d,
+                          mbar_arrive_expect_tx, mbar_init, mbar_try_wait)
 from ..common.warp import exp2, make_warp_ops
 from ..common.wgmma import (KMajor, MNMajor, commit, fence, make_fence_acc, make_wait,
                             make_wgmma, make_wgmma_rs, rcp_approx, shared_byte)
