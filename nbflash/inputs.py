@@ -252,12 +252,22 @@ def _check_deterministic(impl, deterministic, dtype, d):
         raise InputError(msg)
 
 
-def _check_gqa(impl, H, H_kv):
-    """Grouped-query heads (k and v with H_kv < H heads) only for the impls that take them."""
+#: the most blocks a CUDA grid takes along y and z: fa2's and tc's grids have B·H_kv blocks
+#: along z (the forward and the dQ pass: a key/value head's query heads along y)
+MAX_GRID_YZ = 65535
+
+
+def _check_gqa(impl, B, H, H_kv):
+    """Grouped-query heads (k and v with H_kv < H heads) only for the impls that take them;
+    for the kernels that do, B·H_kv within a grid's z axis."""
     if H_kv != H and not impl.gqa:
         others = [i.name for i in impls.REGISTRY.values() if i.gqa]
         raise InputError(f"impl={impl.name!r} takes k and v with as many heads as q ({H}); got "
                          f"{H_kv} (grouped-query heads run with {_names(others, ' or ')})")
+    if impl.gqa and impl.runs_kernels and B * H_kv > MAX_GRID_YZ:
+        raise InputError(f"batch x heads of k and v is {B} x {H_kv} = {B * H_kv}, above the "
+                         f"{MAX_GRID_YZ} that {impl.name}'s grids take (one block row per "
+                         f"batch entry and key/value head); split the batch")
 
 
 def _names(names, sep=", "):
@@ -468,7 +478,7 @@ def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causa
     p, seed, offset = check_dropout(masking["dropout_p"], masking["seed"], masking["offset"])
     _check_deterministic(impl, deterministic, dtype, d)
     H_kv = k.shape[1]
-    _check_gqa(impl, H, H_kv)
+    _check_gqa(impl, B, H, H_kv)
     key_lengths = _check_key_lengths(xp, masking["key_lengths"], B, Nk)
     block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
                                                masking["block_size"], B, H, Nq, Nk)

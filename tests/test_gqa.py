@@ -208,6 +208,16 @@ def test_gqa_refused():
                                    impl="naive")
 
 
+@runs_kernels
+def test_grid_limit_refused():
+    """fa2's and tc's forward grids have B·H_kv blocks along z (at most 65535)."""
+    q = xp.zeros((65536, 2, 1, 8), np.float32)
+    kv = xp.zeros((65536, 1, 1, 8), np.float32)
+    with pytest.raises(nbflash.InputError, match=r"65536 x 1 = 65536, above the 65535 that "
+                                                 r"fa2's grids take"):
+        nbflash.attention(q, kv, kv, impl="fa2")
+
+
 # ------------------------------------------------------------------------------ GPU sizes
 
 @pytest.mark.gpu

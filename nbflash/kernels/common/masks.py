@@ -11,7 +11,7 @@ the kernels: nothing is loaded or computed for them. The functions below say whi
 """
 
 import numpy as np
-from numba import uint64
+from numba import int64, uint32, uint64
 
 from ..._cuda import cuda
 
@@ -114,6 +114,12 @@ def key_blocks(row0, rows, C, Nq, Nk, klen, causal):
     return n
 
 
+def mask_base(b, bh, H, msb, msh):
+    """The offset of the block mask of query head bh (b*H + h), for batch and head strides
+    msb, msh (the dK/dV passes, whose blocks walk the query heads of a key/value head)."""
+    return b * msb + (bh - b * H) * msh
+
+
 def first_query_block(key0, C, Nq, Nk, causal):
     """The first query block of C rows that sees any of the keys from key0 on (with causal
     masking the blocks before it see none of them)."""
@@ -149,6 +155,45 @@ next_tile = cuda.jit(device=True, inline=True)(next_tile)
 block_hidden = cuda.jit(device=True, inline=True)(block_hidden)
 key_blocks = cuda.jit(device=True, inline=True)(key_blocks)
 first_query_block = cuda.jit(device=True, inline=True)(first_query_block)
+mask_base = cuda.jit(device=True, inline=True)(mask_base)
+
+
+def cursor_tile(c, n_steps):
+    """(g, i) of cursor c = g·n_steps + i of a dK/dV block's walk over its group's query heads
+    (:func:`make_group_walk`): the group's g-th query head and its query tile i. (A 32-bit
+    division: B·H and the tile counts are far below 2^32; int64's, with Python's floor and
+    overflow checks, costs the kernels registers.)"""
+    g = int64(uint32(c) // uint32(n_steps))
+    return g, c - g * n_steps
+
+
+cursor_tile = cuda.jit(device=True, inline=True)(cursor_tile)
+
+
+def make_group_walk(walk):
+    """Device function: the dK/dV passes' walk over the query tiles of every query head of a
+    key/value head's group (grouped-query heads), one head after the other, as one walk over
+    cursors c = g·n_steps + i (query head hk·G + g, as b*H + h; its query tile i:
+    :func:`cursor_tile`), so that a block's pipeline runs on across the heads and its loop
+    carries one cursor, as with one head. group_walk(c, first, n_steps, G, hk, b, H, msb, msh,
+    key0, bmask, nbk, bq, bk, Nq, klen) -> (c', all_on): the first cursor c' >= c whose tile
+    the block computes (tiles before `first`, and with a block mask its empty ones, skipped:
+    `walk`, a :func:`make_tile_walk` over query tiles), and whether all its mask blocks are
+    on; (G·n_steps, True) when none is left."""
+
+    def group_walk(c, first, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk, bq, bk, Nq,
+                   klen):
+        end = G * n_steps
+        while c < end:
+            g, i = cursor_tile(c, n_steps)
+            i, all_on = walk(max(i, first), n_steps, key0, bmask,
+                             mask_base(b, hk * G + g, H, msb, msh), nbk, bq, bk, Nq, klen)
+            if i < n_steps:
+                return g * n_steps + i, all_on
+            c = (g + 1) * n_steps
+        return end, True
+
+    return cuda.jit(device=True, inline=True)(group_walk)
 
 
 def make_tile_walk(ROWS, COLS, OVER_KEYS, SPARSE):

@@ -13,7 +13,8 @@ nbflash.kernels.fa2.forward. The backward recomputes S and P from Q, K and the f
 
 Grouped-query heads (k and v with H / G heads): the forward and the dQ pass read key/value head
 h // G; a dK/dV block owns a key block of one key/value head and walks the query blocks of each
-of its G query heads in turn, so dK_j and dV_j are summed over the group in registers and
+of its G query heads in turn (one walk over (head, block) cursors:
+nbflash.kernels.common.masks.make_group_walk), so dK_j and dV_j are summed over the group in registers and
 written once (no atomics); the dQ it adds atomically goes to each query head's rows. Dropout's
 mask and the block mask stay the query head's.
 
@@ -29,8 +30,9 @@ from numba import float32, uint32
 
 from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_drop, make_keep_tile
-from ..common.masks import (ALL, bit_on, first_query_block, key_blocks, make_block_bits,
-                            make_tile_walk, tile_status, visible)
+from ..common.masks import (ALL, bit_on, cursor_tile, first_query_block, key_blocks,
+                            make_block_bits, make_group_walk, make_tile_walk, mask_base,
+                            tile_status, visible)
 from ..common.options import Features
 from ..common.primitives import commit_async, wait_async_all, wait_async_all_but_1
 from ..common.softmax import LOG2E, LOG2E_LO, ONE, ZERO, clamp_nonpositive, row_stats, scaled
@@ -87,6 +89,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     check_keep_tile(DROP, R, t)
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE, True)
     walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
+    group_walk = make_group_walk(walk)           # ... of each query head of the group
 
     def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid):
         """Q_i, dO_i, lse_i and D_i (see row_stats) to `off`."""
@@ -98,6 +101,14 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
             smem[off + D_IN + r] = dlt
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
+
+    def load_cursor(q, do, lse, delta, c, n_steps, hk, G, Nq, smem, off, tid):
+        """load_step for the tile of cursor c (nbflash.kernels.common.masks.cursor_tile)."""
+        g, i = cursor_tile(c, n_steps)
+        bh = hk * G + g
+        load_step(q, do, lse, delta, bh * Nq * D, bh, i * C, Nq, smem, off, tid)
+
+    load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
     def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
                  sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
@@ -130,91 +141,94 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         # mask hides from these keys (Alg. 5)
         first = first_query_block(key0, C, Nq, Nk, CAUSAL)
         n_steps = (Nq + C - 1) // C if key0 < klen else first
-        for gq in range(G):   # the group's query heads, each walking its query tiles
-            bh = hk * G + gq                  # the query head, as b*H + h
+        # the group's query heads one after the other, as one walk over cursors
+        # c = gq·n_steps + i (query head hk·G + gq, its query tile i; masks.make_group_walk)
+        end = G * n_steps
+        c, all_on = group_walk(first, first, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk,
+                               bq, bk, Nq, klen)
+        if STAGES == 2 and c < end:
+            load_cursor(q, do, lse, delta, c, n_steps, hk, G, Nq, smem, Q_OFF, tid)
+            commit_async()
+        step = 0
+        while c < end:
+            gq, i = cursor_tile(c, n_steps)   # this step's query head and tile
+            bh = hk * G + gq
             q_base = bh * Nq * D
-            mbase = b * msb + (bh - b * H) * msh
-            i, all_on = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            if STAGES == 2 and i < n_steps:
-                cuda.syncthreads()   # the previous head's last step is done with stage 0
-                load_step(q, do, lse, delta, q_base, bh, i * C, Nq, smem, Q_OFF, tid)
-                commit_async()
-            step = 0
-            while i < n_steps:
-                row0 = i * C
-                i_next, next_all_on = walk(i + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq,
-                                           klen)
-                cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
-                if STAGES == 2:
-                    off = Q_OFF + (step % 2) * STAGE
-                    if i_next < n_steps:
-                        load_step(q, do, lse, delta, q_base, bh, i_next * C, Nq, smem,
-                                  Q_OFF + ((step + 1) % 2) * STAGE, tid)
-                        commit_async()
-                        wait_async_all_but_1()
-                    else:
-                        wait_async_all()
+            row0 = i * C
+            c_next, next_all_on = group_walk(c + 1, first, n_steps, G, hk, b, H, msb, msh,
+                                             key0, bmask, nbk, bq, bk, Nq, klen)
+            cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
+            if STAGES == 2:
+                off = Q_OFF + (step % 2) * STAGE
+                if c_next < end:
+                    load_cursor(q, do, lse, delta, c_next, n_steps, hk, G, Nq, smem,
+                                Q_OFF + ((step + 1) % 2) * STAGE, tid)
+                    commit_async()
+                    wait_async_all_but_1()
                 else:
-                    off = Q_OFF
-                    load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid)
-                if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
-                    fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
-                do_off = off + DO_IN
-                lse_off = off + LSE_IN
-                d_off = off + D_IN
-                cuda.syncthreads()   # Q_i, dO_i, lse_i, D_i (and the keep bits) complete
+                    wait_async_all()
+            else:
+                off = Q_OFF
+                load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid)
+            if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
+                fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
+            do_off = off + DO_IN
+            lse_off = off + LSE_IN
+            d_off = off + D_IN
+            cuda.syncthreads()   # Q_i, dO_i, lse_i, D_i (and the keep bits) complete
 
-                for x in range(TM * TN):
-                    st[x] = ZERO
-                    dpt[x] = ZERO
-                rows_dot(smem, K_OFF + rg * DS, off + cg * DS, st)
-                rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
-                if DROP:   # dropout: dP ∘ Z / (1-p) enters dS (Alg. 4 line 19) ...
-                    drop_regs(dpt, bits, KEEP_OFF, rg, cg, drop_scale)
-                on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, key0, rg, cg, Nq, klen)
-                masked = row0 + C > Nq or key0 + R > klen or \
-                    (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or on != ALL
-                for a in range(TM):
-                    kr = rg + RG * a                  # key row within the block
-                    for u in range(TN):
-                        qr = cg + L * u               # query row within the block
-                        lse_q = smem[lse_off + qr]
-                        p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
-                                          lse_q * LOG2E_LO, smem[d_off + qr])
-                        if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL)
-                                           and bit_on(on, a * TN + u)):
-                            p = ZERO
-                            ds = ZERO
-                        smem[PT_OFF + kr * PSC + qr] = p
-                        smem[DST_OFF + kr * PSC + qr] = ds
-                        if ATOMIC:
-                            smem[DS_OFF + qr * PSR + kr] = ds
-                if DROP:   # ... and dV takes P ∘ Z / (1-p) (line 17)
-                    drop_tile(smem, PT_OFF, PSC, bits, KEEP_OFF, rg, cg, drop_scale)
-                cuda.syncthreads()   # Pᵀ, dSᵀ (and dS) complete
-                if TWO_LEVEL:   # dV += Pᵀ dO_i, dK += dSᵀ Q_i, the step's share summed on its
-                    for x in range(N_ACC):   # own, then added to the running sums
-                        part[x] = ZERO
-                    cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, part)
-                    for x in range(N_ACC):
-                        dv_acc[x] += part[x]
-                        part[x] = ZERO
-                    cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, part)
-                    for x in range(N_ACC):
-                        dk_acc[x] += part[x]
-                else:
-                    cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, dv_acc)
-                    cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, dk_acc)
-                if ATOMIC:
-                    for x in range(TMQ * TX):
-                        dq_part[x] = ZERO
-                    dq_dot(smem, DS_OFF + rg * PSR, K_OFF + 4 * cg, dq_part)
-                    for a in range(TMQ):
-                        row = row0 + rg + RG * a
-                        if row < Nq:
-                            add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
-                i, all_on = i_next, next_all_on
-                step += 1
+            for x in range(TM * TN):
+                st[x] = ZERO
+                dpt[x] = ZERO
+            rows_dot(smem, K_OFF + rg * DS, off + cg * DS, st)
+            rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
+            if DROP:   # dropout: dP ∘ Z / (1-p) enters dS (Alg. 4 line 19) ...
+                drop_regs(dpt, bits, KEEP_OFF, rg, cg, drop_scale)
+            on = block_bits(all_on, bmask, mask_base(b, bh, H, msb, msh), nbk, bq, bk, row0, key0,
+                            rg, cg, Nq, klen)
+            masked = row0 + C > Nq or key0 + R > klen or \
+                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or on != ALL
+            for a in range(TM):
+                kr = rg + RG * a                  # key row within the block
+                for u in range(TN):
+                    qr = cg + L * u               # query row within the block
+                    lse_q = smem[lse_off + qr]
+                    p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
+                                      lse_q * LOG2E_LO, smem[d_off + qr])
+                    if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL)
+                                       and bit_on(on, a * TN + u)):
+                        p = ZERO
+                        ds = ZERO
+                    smem[PT_OFF + kr * PSC + qr] = p
+                    smem[DST_OFF + kr * PSC + qr] = ds
+                    if ATOMIC:
+                        smem[DS_OFF + qr * PSR + kr] = ds
+            if DROP:   # ... and dV takes P ∘ Z / (1-p) (line 17)
+                drop_tile(smem, PT_OFF, PSC, bits, KEEP_OFF, rg, cg, drop_scale)
+            cuda.syncthreads()   # Pᵀ, dSᵀ (and dS) complete
+            if TWO_LEVEL:   # dV += Pᵀ dO_i, dK += dSᵀ Q_i, the step's share summed on its
+                for x in range(N_ACC):   # own, then added to the running sums
+                    part[x] = ZERO
+                cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, part)
+                for x in range(N_ACC):
+                    dv_acc[x] += part[x]
+                    part[x] = ZERO
+                cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, part)
+                for x in range(N_ACC):
+                    dk_acc[x] += part[x]
+            else:
+                cols_dot(smem, PT_OFF + rg * PSC, do_off + 4 * cg, dv_acc)
+                cols_dot(smem, DST_OFF + rg * PSC, off + 4 * cg, dk_acc)
+            if ATOMIC:
+                for x in range(TMQ * TX):
+                    dq_part[x] = ZERO
+                dq_dot(smem, DS_OFF + rg * PSR, K_OFF + 4 * cg, dq_part)
+                for a in range(TMQ):
+                    row = row0 + rg + RG * a
+                    if row < Nq:
+                        add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
+            c, all_on = c_next, next_all_on
+            step += 1
 
         for a in range(TM):   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P_ijᵀ dO_i, written once
             key = key0 + rg + RG * a
@@ -247,9 +261,9 @@ def make_dq(t, causal, features=Features()):
 
     def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo,
                scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
-        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq", dropout) of dynamic shared
-        memory; query head h reads key/value head h // G; the options' arguments last
-        (nbflash.kernels.common.options)."""
+        """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
+        dropout) of dynamic shared memory; query head h reads key/value head h // G; the
+        options' arguments last (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(

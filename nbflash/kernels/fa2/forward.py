@@ -78,8 +78,8 @@ def make_forward(t, causal, dtype="float32", features=Features()):
 
     def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo, msb, msh,
                     nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
-        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward", dropout) of dynamic
-        shared memory. q, o: flat (B, H, Nq, d); k, v: flat (B, H / G, Nk, d) (query head h
+        """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("forward",
+        dropout) of dynamic shared memory. q, o: flat (B, H, Nq, d); k, v: flat (B, H / G, Nk, d) (query head h
         reads key/value head h // G); lse: flat (B, H, Nq) float32. sc_hi + sc_lo = τ log2(e)
         (:func:`split_scale`); then the options' arguments (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)

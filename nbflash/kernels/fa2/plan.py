@@ -3,9 +3,10 @@ launch plan of a call.
 
 An fa2 call launches the forward kernel, or the backward's D kernel, dK/dV kernel (dQ by atomic
 adds into a float32 buffer) and, with ``deterministic=True``, the separate dQ pass instead of the
-atomics. With grouped-query heads (k and v with H_kv heads, H_kv dividing H) the forward, D and
-dQ grids stay over query heads and the dK/dV grid is over key/value heads, each block summing
-its group's G = H / H_kv query heads (G is a runtime argument: no more compiled variants).
+atomics. With grouped-query heads (k and v with H_kv heads, H_kv dividing H) the forward and dQ
+grids are (query tiles, G, B·H_kv), a key/value head's G = H / H_kv query heads along y (so
+that no kernel divides to find a head), and the dK/dV grid is over key/value heads, each block
+summing its group's query heads (G is a runtime argument: no more compiled variants).
 Each is compiled once per signature (nbflash.kernels.common.factory) and launched through the
 driver (nbflash.kernels.common.fastlaunch): a :class:`Fa2Plan` works out
 everything that depends only on a call's sizes and options once (tiles, kernels, grids, packed
@@ -83,7 +84,7 @@ class Fa2Plan(OptionArguments):
         tiles = dict(tiles or ())
         t = tiles.get("forward") or default_tiles("forward", d)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
-                         (-(-Nq // t.R), H, B), t.threads, t.smem_bytes("forward", drop),
+                         (-(-Nq // t.R), G, B * H_kv), t.threads, t.smem_bytes("forward", drop),
                          (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *sc, *opt_scalars))
         self.atomic = not deterministic
         acc = (nq, 4) if self.atomic else (1, 4)
@@ -98,7 +99,7 @@ class Fa2Plan(OptionArguments):
                           inputs + (acc, K, K, *opt), grads + opt_scalars)
         t = tiles.get("dq") or default_tiles("dq", d)
         self.dq = None if self.atomic else Bound(
-            kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.R), H, B),
+            kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.R), G, B * H_kv),
             t.threads, t.smem_bytes("dq", drop), inputs + (Q, *opt), grads + opt_scalars)
 
     def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):

@@ -14,7 +14,7 @@ For tm x tn register tiles each step loads tm + tn 16-byte vectors and does 4·t
 The loops have compile-time trip counts, so the accumulators and operands stay in registers.
 """
 
-from numba import float32
+from numba import float32, int64, uint32
 
 from ..._cuda import cuda
 from ..common.primitives import copy16_async, load4, store4
@@ -31,17 +31,19 @@ def tile_constants(t):
 
 def thread_coords(L, D, H, G, Nq, Nk, key_lengths, msb, msh, PAD):
     """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase). Thread tid is lane cg
-    of row group rg of its block's register tiles; the block works on query head bh = b*H + h
-    of grid (x, h, b), whose q-shaped rows start at q_base, and on key/value head bh // G
-    (b*H_kv + h // G, G query heads per key/value head), whose k-shaped rows start at k_base.
-    klen: the key length of batch entry b (key_lengths[b] with PAD, else Nk); mbase: the
-    offset of the head's block mask (batch and head strides msb, msh)."""
+    of row group rg of its block's register tiles. The grid (x, G, B·H_kv) is over query heads
+    grouped by key/value head: the block works on key/value head hk = b*H_kv + h // G (z),
+    whose k-shaped rows start at k_base, and on its query head bh = hk·G + y = b*H + h, whose
+    q-shaped rows start at q_base (so that neither takes a division: one would cost the
+    kernels registers). klen: the key length of batch entry b (key_lengths[b] with PAD, else
+    Nk); mbase: the offset of the head's block mask (batch and head strides msb, msh)."""
     tid = cuda.threadIdx.x
-    b = cuda.blockIdx.z
-    h = cuda.blockIdx.y
-    bh = b * H + h
+    hk = cuda.blockIdx.z
+    bh = hk * G + cuda.blockIdx.y
+    b = int64(uint32(bh) // uint32(H))   # (only with key_lengths or a block mask)
     klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return tid, tid // L, tid % L, bh, bh * Nq * D, (bh // G) * Nk * D, klen, b * msb + h * msh
+    return (tid, tid // L, tid % L, bh, bh * Nq * D, hk * Nk * D, klen,
+            b * msb + (bh - b * H) * msh)
 
 
 def kv_coords(L, Nk, key_lengths, PAD):

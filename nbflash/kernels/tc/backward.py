@@ -16,7 +16,8 @@ then the dK/dV pass runs without dQ.
 
 Grouped-query heads (k and v with H / G heads): the dQ pass reads key/value head h // G; a dK/dV
 block owns a key tile of one key/value head and walks the query tiles of each of its G query
-heads in turn (restarting the Q_i / dO_i pipeline for each), so dK_j and dV_j are summed over
+heads in turn, as one walk over (head, tile) cursors (nbflash.kernels.common.masks
+.make_group_walk) along which the Q_i / dO_i pipeline runs on, so dK_j and dV_j are summed over
 the group in the fragments and written once, without atomics; the dQ it adds atomically goes to
 each query head's rows. Dropout's mask and the block mask stay the query head's.
 
@@ -32,7 +33,8 @@ from numba import float32, uint16, uint32, uint64
 
 from ..._cuda import SIMULATOR, cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
-from ..common.masks import first_query_block, key_blocks, make_tile_walk
+from ..common.masks import (cursor_tile, first_query_block, key_blocks, make_group_walk,
+                            make_tile_walk, mask_base)
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import (LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_lse, row_stats,
                               scaled)
@@ -84,6 +86,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     check_keep_tile(DROP, R, t)
     store_rows = make_store_rows(D, DH, pack)
     walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
+    group_walk = make_group_walk(walk)           # ... of each query head of the group
 
     def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, smemf, off, tid):
         """Q_i, dO_i by cp.async, lse_i and D_i (see row_stats) by plain loads."""
@@ -96,6 +99,14 @@ def make_dkdv(t, causal, bf16, features, dq=True):
             smemf[f + D_AT + r] = dlt
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
+
+    def load_cursor(q, do, lse, delta, c, n_steps, hk, G, Nq, smem, smemf, off, tid):
+        """load_step for the tile of cursor c (nbflash.kernels.common.masks.cursor_tile)."""
+        g, i = cursor_tile(c, n_steps)
+        bh = hk * G + g
+        load_step(q, do, lse, delta, bh * Nq * D, bh, i * C, Nq, smem, smemf, off, tid)
+
+    load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
     def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
                 sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
@@ -132,123 +143,133 @@ def make_dkdv(t, causal, bf16, features, dq=True):
 
         first = first_query_block(key0, C, Nq, Nk, CAUSAL)
         n_steps = (Nq + C - 1) // C if key0 < klen else first
-        for gq in range(G):   # the group's query heads, each walking its query tiles
-            bh = hk * G + gq                  # the query head, as b*H + h
+        # the group's query heads one after the other: one walk over cursors c = gq·n_steps + i
+        # (query head hk·G + gq, its query tile i; group_walk), so that the pipeline runs on
+        # across the heads and the loop carries no more than with one head
+        end = G * n_steps
+        il, _ = group_walk(first, first, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk, bq,
+                           bk, Nq, klen)
+        ic, all_on = il, True
+        if il < end:
+            ic, all_on = group_walk(first, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
+                                    nbk, bq, bk, Nq, klen)
+        for s_ in range(STAGES - 1):
+            if il < end:
+                load_cursor(q, do, lse, delta, il, n_steps, hk, G, Nq, smem, smemf,
+                            Q_OFF + s_ * STAGE, tid)
+                il, _ = group_walk(il + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
+                                   nbk, bq, bk, Nq, klen)
+            commit_async()
+
+        step = 0
+        while ic < end:
+            gq, i = cursor_tile(ic, n_steps)   # this step's query head and tile
+            bh = hk * G + gq
             q_base = bh * Nq * D
-            mbase = b * msb + (bh - b * H) * msh
-            il, _ = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            ic, all_on = walk(first, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-            cuda.syncthreads()   # the previous head's last step is done with the buffers
-            for s_ in range(STAGES - 1):
-                if il < n_steps:
-                    load_step(q, do, lse, delta, q_base, bh, il * C, Nq, smem, smemf,
-                              Q_OFF + s_ * STAGE, tid)
-                    il, _ = walk(il + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-                commit_async()
+            row0 = i * C
+            wait_tile()
+            cuda.syncthreads()   # step's Q_i, dO_i are in; the previous step is done with dSᵀ
+            # (and with its buffer, which this step's load below overwrites)
+            off = Q_OFF + (step % STAGES) * STAGE
+            nxt = Q_OFF + ((step + STAGES - 1) % STAGES) * STAGE
+            if il < end:
+                load_cursor(q, do, lse, delta, il, n_steps, hk, G, Nq, smem, smemf, nxt, tid)
+                il, _ = group_walk(il + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
+                                   nbk, bq, bk, Nq, klen)
+            commit_async()
+            if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
+                fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
+                cuda.syncthreads()
+            do_off = off + DO_IN
+            f = (off + LSE_IN) // 2              # lse_i, D_i in smemf
 
-            step = 0
-            while ic < n_steps:
-                row0 = ic * C
-                wait_tile()
-                cuda.syncthreads()   # step's Q_i, dO_i are in; the previous step is done with dSᵀ
-                # (and with its buffer, which this step's load below overwrites)
-                off = Q_OFF + (step % STAGES) * STAGE
-                nxt = Q_OFF + ((step + STAGES - 1) % STAGES) * STAGE
-                if il < n_steps:
-                    load_step(q, do, lse, delta, q_base, bh, il * C, Nq, smem, smemf, nxt, tid)
-                    il, _ = walk(il + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-                commit_async()
-                if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
-                    fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
-                    cuda.syncthreads()
-                do_off = off + DO_IN
-                f = (off + LSE_IN) // 2              # lse_i, D_i in smemf
+            # Sᵀ = K_j Q_iᵀ, dPᵀ = V_j dO_iᵀ: A from this warp's K, V rows, B from Q_i, dO_i
+            for x in range(4 * NT):
+                st[x] = ZERO
+                dpt[x] = ZERO
+            for kk in range(KD):
+                arow = 16 * warp * DS + 16 * kk + a_lane
+                k0, k1, k2, k3 = ldsm(smem, K_OFF + arow)
+                v0, v1, v2, v3 = ldsm(smem, V_OFF + arow)
+                for np2 in range(NT // 2):
+                    brow = 16 * np2 * DS + 16 * kk + b_lane
+                    b0, b1, b2, b3 = ldsm(smem, off + brow)
+                    x = 8 * np2
+                    mma2(st, x, k0, k1, k2, k3, b0, b1, b2, b3)
+                    b0, b1, b2, b3 = ldsm(smem, do_off + brow)
+                    mma2(dpt, x, v0, v1, v2, v3, b0, b1, b2, b3)
 
-                # Sᵀ = K_j Q_iᵀ, dPᵀ = V_j dO_iᵀ: A from this warp's K, V rows, B from Q_i, dO_i
+            masked = row0 + C > Nq or key0 + R > klen or \
+                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or not all_on
+            vis = fragment_mask(wkey0, row0, lane, Nq, Nk, klen, all_on, bmask,
+                                mask_base(b, bh, H, msb, msh), nbk, bq, bk) if masked \
+                else uint64(0)
+            for x in range(4 * NT):   # Pᵀ from lse; dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z/(1-p) - D)
+                qc = 8 * (x // 4) + 2 * t4 + x % 2        # query column within the step
+                lse_q = smemf[f + qc]                      # lse·log2 e
+                dp = dpt[x]
+                if DROP:
+                    if not tile_kept(bits, KEEP_OFF, qc, 16 * warp + g + 8 * ((x // 2) % 2)):
+                        dp = ZERO
+                    else:
+                        dp *= drop_scale
+                p = exp2(clamp_nonpositive(cuda.fma(st[x], sc_hi, -lse_q)))
+                if masked and not fragment_bit(vis, x):
+                    p = ZERO
+                st[x] = p
+                dpt[x] = p * (dp - smemf[f + D_AT + qc])
+            if DROP:   # dV takes P ∘ Z / (1-p) (Alg. 4 line 17)
                 for x in range(4 * NT):
-                    st[x] = ZERO
-                    dpt[x] = ZERO
-                for kk in range(KD):
-                    arow = 16 * warp * DS + 16 * kk + a_lane
-                    k0, k1, k2, k3 = ldsm(smem, K_OFF + arow)
-                    v0, v1, v2, v3 = ldsm(smem, V_OFF + arow)
-                    for np2 in range(NT // 2):
-                        brow = 16 * np2 * DS + 16 * kk + b_lane
-                        b0, b1, b2, b3 = ldsm(smem, off + brow)
-                        x = 8 * np2
-                        mma2(st, x, k0, k1, k2, k3, b0, b1, b2, b3)
-                        b0, b1, b2, b3 = ldsm(smem, do_off + brow)
-                        mma2(dpt, x, v0, v1, v2, v3, b0, b1, b2, b3)
+                    qc = 8 * (x // 4) + 2 * t4 + x % 2
+                    kr = 16 * warp + g + 8 * ((x // 2) % 2)
+                    st[x] *= drop_scale if tile_kept(bits, KEEP_OFF, qc, kr) else ZERO
 
-                masked = row0 + C > Nq or key0 + R > klen or \
-                    (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or not all_on
-                vis = fragment_mask(wkey0, row0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk,
-                                    bq, bk) if masked else uint64(0)
-                for x in range(4 * NT):   # Pᵀ from lse; dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z/(1-p) - D)
-                    qc = 8 * (x // 4) + 2 * t4 + x % 2        # query column within the step
-                    lse_q = smemf[f + qc]                      # lse·log2 e
-                    dp = dpt[x]
-                    if DROP:
-                        if not tile_kept(bits, KEEP_OFF, qc, 16 * warp + g + 8 * ((x // 2) % 2)):
-                            dp = ZERO
-                        else:
-                            dp *= drop_scale
-                    p = exp2(clamp_nonpositive(cuda.fma(st[x], sc_hi, -lse_q)))
-                    if masked and not fragment_bit(vis, x):
-                        p = ZERO
-                    st[x] = p
-                    dpt[x] = p * (dp - smemf[f + D_AT + qc])
-                if DROP:   # dV takes P ∘ Z / (1-p) (Alg. 4 line 17)
-                    for x in range(4 * NT):
-                        qc = 8 * (x // 4) + 2 * t4 + x % 2
-                        kr = 16 * warp + g + 8 * ((x // 2) % 2)
-                        st[x] *= drop_scale if tile_kept(bits, KEEP_OFF, qc, kr) else ZERO
-
-                # dV_j += P̃ᵀ dO_i, dK_j += dSᵀ Q_i: A from the fragments, B by ldmatrix.trans;
-                # dSᵀ also to shared memory for dQ
-                for kk in range(NT // 2):
-                    p0, p1, p2, p3 = pack_a(st, 8 * kk)
-                    s0, s1, s2, s3 = pack_a(dpt, 8 * kk)
-                    if DQ:
-                        at = DS_OFF + (16 * warp + g) * PS + 16 * kk + 2 * t4
-                        put2(smem, at, s0)
-                        put2(smem, at + 8 * PS, s1)
-                        put2(smem, at + 8, s2)
-                        put2(smem, at + 8 * PS + 8, s3)
-                    for dp2 in range(NVH // 2):
-                        brow = 16 * kk * DS + c0 + 16 * dp2 + a_lane
-                        b0, b1, b2, b3 = ldsm_t(smem, do_off + brow)
-                        y = 8 * dp2
-                        mma2(dv_acc, y, p0, p1, p2, p3, b0, b1, b2, b3)
-                        b0, b1, b2, b3 = ldsm_t(smem, off + brow)
-                        mma2(dk_acc, y, s0, s1, s2, s3, b0, b1, b2, b3)
+            # dV_j += P̃ᵀ dO_i, dK_j += dSᵀ Q_i: A from the fragments, B by ldmatrix.trans;
+            # dSᵀ also to shared memory for dQ
+            for kk in range(NT // 2):
+                p0, p1, p2, p3 = pack_a(st, 8 * kk)
+                s0, s1, s2, s3 = pack_a(dpt, 8 * kk)
                 if DQ:
-                    cuda.syncthreads()   # dSᵀ complete
-                    # dQ_i += τ dS K_j, in 16 x 16 pieces shared among the warps, added atomically
-                    for it in range(PER_WARP):
-                        item = warp + W * it
-                        own = item < ITEMS
-                        if own or SIMULATOR:   # (there every thread must take part in each mma)
-                            item = min(item, ITEMS - 1)
-                            qm = item // (DH // 16)
-                            col = c0 + 16 * (item % (DH // 16))
-                            for x in range(8):
-                                dq[x] = ZERO
-                            for kk in range(R // 16):
-                                a0, a1, a2, a3 = ldsm_t(smem, DS_OFF + (16 * kk + lane % 8
-                                                                        + 8 * (mi // 2)) * PS
-                                                        + 16 * qm + 8 * (mi % 2))
-                                b0, b1, b2, b3 = ldsm_t(smem, K_OFF + (16 * kk + lane % 8
-                                                                       + 8 * (mi % 2)) * DS
-                                                        + col + 8 * (mi // 2))
-                                mma2(dq, 0, a0, a1, a2, a3, b0, b1, b2, b3)
-                            for x in range(8):
-                                row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
-                                cx = col + 8 * (x // 4) + 2 * t4 + x % 2
-                                if own and row < Nq and cx < D:
-                                    cuda.atomic.add(dq_acc, q_base + row * D + cx, dq[x] * scale)
-                ic, all_on = walk(ic + 1, n_steps, key0, bmask, mbase, nbk, bq, bk, Nq, klen)
-                step += 1
+                    at = DS_OFF + (16 * warp + g) * PS + 16 * kk + 2 * t4
+                    put2(smem, at, s0)
+                    put2(smem, at + 8 * PS, s1)
+                    put2(smem, at + 8, s2)
+                    put2(smem, at + 8 * PS + 8, s3)
+                for dp2 in range(NVH // 2):
+                    brow = 16 * kk * DS + c0 + 16 * dp2 + a_lane
+                    b0, b1, b2, b3 = ldsm_t(smem, do_off + brow)
+                    y = 8 * dp2
+                    mma2(dv_acc, y, p0, p1, p2, p3, b0, b1, b2, b3)
+                    b0, b1, b2, b3 = ldsm_t(smem, off + brow)
+                    mma2(dk_acc, y, s0, s1, s2, s3, b0, b1, b2, b3)
+            if DQ:
+                cuda.syncthreads()   # dSᵀ complete
+                # dQ_i += τ dS K_j, in 16 x 16 pieces shared among the warps, added atomically
+                for it in range(PER_WARP):
+                    item = warp + W * it
+                    own = item < ITEMS
+                    if own or SIMULATOR:   # (there every thread must take part in each mma)
+                        item = min(item, ITEMS - 1)
+                        qm = item // (DH // 16)
+                        col = c0 + 16 * (item % (DH // 16))
+                        for x in range(8):
+                            dq[x] = ZERO
+                        for kk in range(R // 16):
+                            a0, a1, a2, a3 = ldsm_t(smem, DS_OFF + (16 * kk + lane % 8
+                                                                    + 8 * (mi // 2)) * PS
+                                                    + 16 * qm + 8 * (mi % 2))
+                            b0, b1, b2, b3 = ldsm_t(smem, K_OFF + (16 * kk + lane % 8
+                                                                   + 8 * (mi % 2)) * DS
+                                                    + col + 8 * (mi // 2))
+                            mma2(dq, 0, a0, a1, a2, a3, b0, b1, b2, b3)
+                        for x in range(8):
+                            row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
+                            cx = col + 8 * (x // 4) + 2 * t4 + x % 2
+                            if own and row < Nq and cx < D:
+                                cuda.atomic.add(dq_acc, q_base + row * D + cx, dq[x] * scale)
+            ic, all_on = group_walk(ic + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
+                                    nbk, bq, bk, Nq, klen)
+            step += 1
 
         one = float32(1.0)   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P̃_ijᵀ dO_i, written once
         store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, c0, scale, one, one, False, False, lane)
@@ -291,19 +312,20 @@ def make_dq(t, causal, bf16, features):
 
     def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo,
               scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
-        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("dq", dropout) of dynamic shared
-        memory; 16-bit arrays as uint16 (k, v with H / G heads: query head h reads key/value
-        head h // G); delta: written (D of every row, for the dK/dV pass)."""
+        """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
+        dropout) of dynamic shared memory; 16-bit arrays as uint16 (k, v with H / G heads:
+        query head h reads key/value head h // G); delta: written (D of every row, for the
+        dK/dV pass)."""
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
+        tid, warp, lane, bh, hk, klen, mbase = thread_coords(H, G, Nk, key_lengths, msb, msh, PAD)
         g, t4 = lane // 4, lane % 4
         mi = lane // 8
         row0 = cuda.blockIdx.x * R
         wr = 16 * warp                           # this warp's first query row in the block
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Kᵀ, Vᵀ)
-        q_base, k_base = bh * Nq * D, (bh // G) * Nk * D     # key/value head b*H_kv + h // G
+        q_base, k_base = bh * Nq * D, hk * Nk * D
 
         load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
         load_q(do, q_base, row0, Nq, smem, DO_OFF, tid)

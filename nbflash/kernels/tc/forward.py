@@ -145,19 +145,19 @@ def make_forward(t, causal, bf16, features):
 
     def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo, msb, msh,
                    nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
-        """Grid (ceil(Nq/R), H, B), T threads, t.smem_bytes("forward", dropout) of dynamic
+        """Grid (ceil(Nq/R), G, B·H / G), T threads, t.smem_bytes("forward", dropout) of dynamic
         shared memory; q, k, v, o: 16-bit bits (uint16), flat (B, H, N, d), k and v with H / G
-        heads (query head h reads key/value head h // G); lse: float32.
+        heads (query head h reads key/value head h // G; thread_coords); lse: float32.
         sc_hi = τ log2(e) rounded to float32; sc_lo is not used (fa2's argument layout)."""
         sc = abs(sc_hi)
         flip = uint32(0x80008000) if sc_hi < ZERO else uint32(0)   # -Q for τ < 0 (sign bits)
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, warp, lane, bh, klen, mbase = thread_coords(H, Nk, key_lengths, msb, msh, PAD)
+        tid, warp, lane, bh, hk, klen, mbase = thread_coords(H, G, Nk, key_lengths, msb, msh, PAD)
         g, t4 = lane // 4, lane % 4
         row0 = cuda.blockIdx.x * R
         wr = 16 * RM * warp                    # this warp's first query row in the block
-        q_base, k_base = bh * Nq * D, (bh // G) * Nk * D     # key/value head b*H_kv + h // G
+        q_base, k_base = bh * Nq * D, hk * Nk * D
 
         load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
         commit_async()

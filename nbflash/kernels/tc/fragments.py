@@ -10,7 +10,7 @@ through pipeline stages by :func:`make_kv_stream`), fragments out to global memo
 warp's fragments (:func:`make_fragment_mask`).
 """
 
-from numba import float32, uint64
+from numba import float32, int64, uint32, uint64
 
 from ..._cuda import cuda
 from ..common.masks import block_on, visible
@@ -178,13 +178,16 @@ def make_mma2(mma):
     return cuda.jit(device=True, inline=True)(mma2)
 
 
-def thread_coords(H, Nk, key_lengths, msb, msh, PAD):
-    """(tid, warp, lane, bh, klen, mbase) of the calling thread (as fa2's thread_coords)."""
+def thread_coords(H, G, Nk, key_lengths, msb, msh, PAD):
+    """(tid, warp, lane, bh, hk, klen, mbase) of the calling thread of the forward or the dQ
+    pass, whose grid (x, G, B·H_kv) is over query heads grouped by key/value head (as fa2's
+    thread_coords): query head bh = b*H + h, key/value head hk = b*H_kv + h // G."""
     tid = cuda.threadIdx.x
-    b = cuda.blockIdx.z
-    h = cuda.blockIdx.y
+    hk = cuda.blockIdx.z
+    bh = hk * G + cuda.blockIdx.y
+    b = int64(uint32(bh) // uint32(H))   # (only with key_lengths or a block mask)
     klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return tid, tid // 32, tid % 32, b * H + h, klen, b * msb + h * msh
+    return tid, tid // 32, tid % 32, bh, hk, klen, b * msb + (bh - b * H) * msh
 
 
 def kv_coords(Nk, key_lengths, PAD):

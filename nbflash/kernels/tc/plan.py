@@ -14,10 +14,10 @@ the kernels pad multiples of 8 to their 16-column tiles themselves). As fa2's
 (nbflash.kernels.fa2.plan), each kernel is compiled once per signature, launched through the
 driver, and a call's :class:`TcPlan` is worked out once and cached (:func:`plan_for`).
 
-Grouped-query heads (k and v with H_kv heads, H_kv dividing H): the forward's, the dQ pass's
-and the D kernel's grids stay over query heads, the dK/dV grid is over key/value heads, each
-block summing its group's G = H / H_kv query heads; G is a runtime argument (no more compiled
-variants).
+Grouped-query heads (k and v with H_kv heads, H_kv dividing H): the forward's and the dQ
+pass's grids are (query tiles, G, B·H_kv), a key/value head's G = H / H_kv query heads along y
+(so that no kernel divides to find a head), the dK/dV grid is over key/value heads, each block
+summing its group's query heads; G is a runtime argument (no more compiled variants).
 """
 
 import functools
@@ -148,7 +148,8 @@ class TcPlan(OptionArguments):
         tiles = dict(tiles or ())
         t = tiles.get("forward") or default_tiles("forward", kd)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
-                         (-(-Nq // t.rows), H, B), t.threads, t.smem_bytes("forward", drop),
+                         (-(-Nq // t.rows), G, B * H_kv), t.threads,
+                         t.smem_bytes("forward", drop),
                          (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *sc, *opt_scalars))
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
@@ -164,7 +165,7 @@ class TcPlan(OptionArguments):
                              (ACC, Q), (nq // 2,)) if self.atomic else None
         t = tiles.get("dq") or default_tiles("dq", kd)
         self.dq = None if self.atomic else Bound(
-            kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.rows), H, B),
+            kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.rows), G, B * H_kv),
             t.threads, t.smem_bytes("dq", drop), (Q, K, K, Q, Q, L, L, Q, *opt), grads)
 
     def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
