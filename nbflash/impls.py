@@ -56,8 +56,9 @@ class Impl:
     #: options of the API only this impl takes (fa1: M and block_rule)
     own_options: tuple = ()
     #: takes k and v with fewer heads than q (grouped-query and multi-query attention: H_kv
-    #: dividing H, query head h reading key/value head h // (H / H_kv))
-    gqa: bool = True
+    #: dividing H, query head h reading key/value head h // (H / H_kv)); off unless an impl
+    #: says so, so that a new one is refused such inputs until its kernels take them
+    gqa: bool = False
     #: fast enough for the FlashAttention-2 grid at 16k tokens (fa1, as written, is not: it
     #: would take minutes per point there)
     at_scale: bool = True
@@ -125,25 +126,25 @@ def _tc(prob, layout, deterministic=False):
 REGISTRY = {impl.name: impl for impl in (
     Impl("naive", "naive (CuPy)", "#7f7f7f", "s",
          "standard attention with array operations (matmul, softmax, matmul): the baseline",
-         ("float32", "float16"), 2**31, plan=_naive),
+         ("float32", "float16"), 2**31, gqa=True, plan=_naive),
     Impl("fa1", "nbflash fa1", "#1f77b4", "o",
          "the FlashAttention paper's Algorithms 1 and 4, as written (for reading and the IO "
          "experiments)",
          ("float32", "float16"), fa1_tiles.MAX_HEAD_DIM, own_options=("M", "block_rule"),
-         gqa=False, at_scale=False,
+         at_scale=False,
          family=Family(fa1_plan.KERNELS, fa1_plan.spec, fa1_tiles.tiles,
                        ("float32", "float16")),
          check=fa1_plan.check, plan=_fa1),
     Impl("fa2", "nbflash fa2", "#d62728", "^",
          "FlashAttention-2 on CUDA cores, register-tiled, float32 math",
-         ("float32", "float16"), fa2_tiles.MAX_HEAD_DIM, deterministic="optional",
+         ("float32", "float16"), fa2_tiles.MAX_HEAD_DIM, deterministic="optional", gqa=True,
          family=Family(fa2_plan.KERNELS, fa2_plan.spec, fa2_tiles.tiles,
                        ("float32", "float16")),
          check=fa2_plan.check, plan=_fa2),
     Impl("tc", "nbflash tc", "#9467bd", "D",
          "FlashAttention-2 on tensor cores (mma.sync through inline PTX), 16-bit inputs",
          ("float16", "bfloat16"), tc_tiles.MAX_HEAD_DIM, tc_tiles.HEAD_DIM_MULTIPLE,
-         deterministic="optional",
+         deterministic="optional", gqa=True,
          family=Family(tc_plan.KERNELS, tc_plan.spec, tc_tiles.tiles, ("float16", "bfloat16")),
          check=tc_plan.check, plan=_tc),
 )}
