@@ -49,50 +49,38 @@ from .wgmma import KMajor
 _SWIZZLE_ENUM = {0: "CU_TENSOR_MAP_SWIZZLE_NONE", 128: "CU_TENSOR_MAP_SWIZZLE_128B"}
 
 
-def device_tensor_map(x, rows, cols, box_rows, box_cols, swizzle=128):
-    """The TMA tensor map of a contiguous (rows, cols) float16 / bfloat16-bits CuPy array `x`
-    (2 bytes an element) for boxes of box_rows x box_cols, encoded by the driver and copied to
-    the device: a CuPy uint64 array of 16 words (GPU only)."""
-    from cuda.bindings import driver as drv  # noqa: PLC0415
-    import cupy  # noqa: PLC0415
-
+def device_tensor_map(x, rows, cols, box_rows, box_cols=64, swizzle=128):
+    """The TMA tensor map of a contiguous (rows, cols) float16 / bfloat16-bits CuPy array or
+    torch tensor `x` for boxes of box_rows x box_cols, encoded by the driver and copied to the
+    device: a CuPy uint64 array of 16 words (GPU only)."""
     _check_box(box_rows, box_cols, swizzle)
-    err, tmap = drv.cuTensorMapEncodeTiled(
-        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, _pointer(x),
-        [drv.cuuint64_t(cols), drv.cuuint64_t(rows)], [drv.cuuint64_t(cols * 2)],
-        [drv.cuuint32_t(box_cols), drv.cuuint32_t(box_rows)],
-        [drv.cuuint32_t(1), drv.cuuint32_t(1)],
-        drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-        getattr(drv.CUtensorMapSwizzle, _SWIZZLE_ENUM[swizzle]),
-        drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-        drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
-    if err != drv.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed: {err}")
-    words = np.array([int(w) for w in tmap.opaque], dtype=np.uint64)
-    return cupy.asarray(words)
+    return _encode(_pointer(x), (cols, rows), (box_cols, box_rows), swizzle)
 
 
 def device_tensor_map_3d(x, heads, rows, cols, box_rows, box_cols=64, swizzle=128):
     """The TMA tensor map of a contiguous (heads, rows, cols) 16-bit CuPy array or torch tensor
     (the kernels' flat (B·H, N, d) view) for boxes of box_rows x box_cols of one head: a box
-    that runs past a head's last row gets zeros there, not the next head's rows (GPU only).
-    Maps are kept per (address, sizes, box): a map holds nothing but these, so a later array
-    at the same address gets the same map."""
-    return _map_3d(_pointer(x), heads, rows, cols, box_rows, box_cols, swizzle)
+    that runs past a head's last row gets zeros there, not the next head's rows (GPU only)."""
+    _check_box(box_rows, box_cols, swizzle)
+    return _encode(_pointer(x), (cols, rows, heads), (box_cols, box_rows, 1), swizzle)
 
 
 @functools.lru_cache(maxsize=256)
-def _map_3d(ptr, heads, rows, cols, box_rows, box_cols, swizzle):
+def _encode(ptr, dims, box, swizzle):
+    """cuTensorMapEncodeTiled of a contiguous 16-bit tensor at `ptr` of sizes `dims` (innermost
+    first), boxes `box`, on the device. Maps are kept per (address, sizes, box, swizzle): a map
+    holds nothing but these, so a later array at the same address gets the same map."""
     from cuda.bindings import driver as drv  # noqa: PLC0415
     import cupy  # noqa: PLC0415
 
-    _check_box(box_rows, box_cols, swizzle)
+    strides, step = [], 2
+    for n in dims[:-1]:
+        step *= n
+        strides.append(drv.cuuint64_t(step))
     err, tmap = drv.cuTensorMapEncodeTiled(
-        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3, ptr,
-        [drv.cuuint64_t(cols), drv.cuuint64_t(rows), drv.cuuint64_t(heads)],
-        [drv.cuuint64_t(cols * 2), drv.cuuint64_t(rows * cols * 2)],
-        [drv.cuuint32_t(box_cols), drv.cuuint32_t(box_rows), drv.cuuint32_t(1)],
-        [drv.cuuint32_t(1)] * 3,
+        drv.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, len(dims), ptr,
+        [drv.cuuint64_t(n) for n in dims], strides, [drv.cuuint32_t(b) for b in box],
+        [drv.cuuint32_t(1)] * len(dims),
         drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         getattr(drv.CUtensorMapSwizzle, _SWIZZLE_ENUM[swizzle]),
         drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
