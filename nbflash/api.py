@@ -200,9 +200,10 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     no key get zero gradients, and so do keys that no query sees.
 
     deterministic (fa2, tc): compute dq in a separate pass, so that it is bitwise reproducible;
-    by default fa2 and tc add each block's share of dq with atomics, which is faster but
-    leaves the order of the additions, and so the last bits of dq, to the GPU. fa1 and naive
-    are always deterministic.
+    by default fa2 adds each block's share of dq with atomics, which is faster but leaves the
+    order of the additions, and so the last bits of dq, to the GPU. tc computes dq in its own
+    pass by default where that is the faster (nbflash.kernels.tc.tiles.DQ_PASS: every head dim
+    on the GPU). fa1 and naive are always deterministic.
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
                    block_mask=block_mask, block_size=block_size)

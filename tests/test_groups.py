@@ -36,8 +36,8 @@ def _kernel():
             got[tid - 128] = buf[tid - 128]
             G.named_barrier(3, 128)
         x = vals[tid]
-        maxes[tid] = quad_max(x)
-        sums[tid] = quad_sum(x)
+        maxes[tid] = quad_max(x, tid)
+        sums[tid] = quad_sum(x, tid)
         elected[tid] = G.elect_one()
 
     return k

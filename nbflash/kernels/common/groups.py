@@ -4,9 +4,10 @@ for the whole block.
 
 - :func:`named_barrier(id, count)`: ``bar.sync id, count`` (count threads, a multiple of 32,
   meet at hardware barrier id 1-15; 0 is the block's syncthreads).
-- :func:`make_quad_reduce()`: (quad_max, quad_sum) of a float32 over the 4 consecutive lanes
-  that hold one row of an mma / wgmma accumulator (shfl.bfly, as
-  nbflash.kernels.common.primitives.make_row_reduce on the GPU).
+- :func:`make_quad_reduce()`: (quad_max, quad_sum)(x, tid) of a float32 over the 4 consecutive
+  lanes that hold one row of an mma / wgmma accumulator (on the GPU
+  nbflash.kernels.common.primitives.make_row_reduce's shuffles; only the simulator's differ,
+  waiting for the warp rather than the block).
 - :func:`make_setmaxnreg(n, increase)`: ``setmaxnreg.{inc,dec}.sync.aligned.u32 n``: a
   warpgroup gives registers back (the producer) or takes them (the consumers); sm_90a.
 - :func:`elect_one()`: 1 in one lane of the warp (``elect.sync``), 0 in the others.
@@ -24,19 +25,17 @@ from numba import float32
 
 from ..._cuda import SIMULATOR, cuda, intrinsic
 
-FULL_MASK = 0xFFFFFFFF
+
+def _check_count(n):
+    if n % 8 or not 24 <= n <= 256:
+        raise ValueError(f"setmaxnreg takes 24 to 256 registers, a multiple of 8; got {n}")
+
 
 if not SIMULATOR:
     from llvmlite import ir
     from numba.core import types
 
-    from .primitives import asm as _asm
-
-    _I32 = ir.IntType(32)
-
-    def _i32(builder, x):
-        return builder.trunc(x, _I32) if x.type.width > 32 else builder.zext(x, _I32) \
-            if x.type.width < 32 else x
+    from .primitives import (asm as _asm, i32 as _i32, make_row_reduce, void_statement)
 
     @intrinsic
     def named_barrier(typingctx, bar_id, count):
@@ -54,43 +53,23 @@ if not SIMULATOR:
     def make_setmaxnreg(n, increase):
         """setmaxnreg.inc (increase) or .dec to n registers per thread (24 to 256, a multiple
         of 8), for the calling warpgroup."""
-        if n % 8 or not 24 <= n <= 256:
-            raise ValueError(f"setmaxnreg takes 24 to 256 registers, a multiple of 8; got {n}")
-        text = f"setmaxnreg.{'inc' if increase else 'dec'}.sync.aligned.u32 {n};"
-
-        @intrinsic
-        def setmaxnreg(typingctx):
-            sig = types.void()
-
-            def codegen(context, builder, sig, args):
-                _asm(builder, ir.VoidType(), text, "~{memory}", [])
-                return context.get_dummy_value()
-
-            return sig, codegen
-
-        return setmaxnreg
+        _check_count(n)
+        return void_statement(f"setmaxnreg.{'inc' if increase else 'dec'}.sync.aligned.u32 {n};")
 
     @intrinsic
     def elect_one(typingctx):
         sig = types.uint32()
 
         def codegen(context, builder, sig, args):
-            return _asm(builder, _I32, "{ .reg .pred p; elect.sync _|p, 0xffffffff; "
+            return _asm(builder, ir.IntType(32), "{ .reg .pred p; elect.sync _|p, 0xffffffff; "
                         "selp.u32 $0, 1, 0, p; }", "=r", [])
 
         return sig, codegen
 
     def make_quad_reduce():
-        def quad_max(x):
-            x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, 1))
-            return max(x, cuda.shfl_xor_sync(FULL_MASK, x, 2))
-
-        def quad_sum(x):
-            x += cuda.shfl_xor_sync(FULL_MASK, x, 1)
-            return x + cuda.shfl_xor_sync(FULL_MASK, x, 2)
-
-        jit = cuda.jit(device=True, inline=True)
-        return jit(quad_max), jit(quad_sum)
+        """(quad_max, quad_sum)(x, tid): the shuffles of primitives.make_row_reduce over 4
+        lanes (the block size does not matter on the GPU)."""
+        return make_row_reduce(4, 32)
 else:
     _BARRIERS = {}
     _SCRATCH = {}
@@ -125,14 +104,14 @@ else:
         bar.wait()
         return buf, lane - lane % 4
 
-    def _sim_quad_max(x):
+    def _sim_quad_max(x, tid):
         buf, first = _warp_exchange(x)
         return float32(max(buf[first:first + 4]))
 
-    def _sim_quad_sum(x):
+    def _sim_quad_sum(x, tid):
         buf, first = _warp_exchange(x)
-        f = np.float32   # (the GPU's butterfly order: (a + b) + (c + d), in float32)
-        return float32(f(f(buf[first]) + f(buf[first + 1])) + f(f(buf[first + 2]) +
+        f = np.float32   # (the GPU's butterfly order, xor 2 then xor 1: (a + c) + (b + d))
+        return float32(f(f(buf[first]) + f(buf[first + 2])) + f(f(buf[first + 1]) +
                                                                  f(buf[first + 3])))
 
     def warp_exchange_words(words):
@@ -149,8 +128,7 @@ else:
         return buf
 
     def make_setmaxnreg(n, increase):
-        if n % 8 or not 24 <= n <= 256:
-            raise ValueError(f"setmaxnreg takes 24 to 256 registers, a multiple of 8; got {n}")
+        _check_count(n)
 
         def setmaxnreg():
             pass

@@ -154,9 +154,44 @@ def make_row_reduce(lanes, threads):
 if not SIMULATOR:
     def asm(builder, ret, text, constraints, args):
         """Emit one inline-PTX statement returning `ret` (an llvmlite type; a struct for several
-        outputs) from the LLVM values `args` (also used by nbflash.kernels.common.warp)."""
+        outputs) from the LLVM values `args` (also used by nbflash.kernels.common.warp, .wgmma,
+        .tma and .groups)."""
         fnty = ir.FunctionType(ret, [a.type for a in args])
         return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=True), args)
+
+    def i32(builder, x):
+        """An LLVM integer as i32 (truncated or zero-extended), as PTX's .u32 operands take it."""
+        t = ir.IntType(32)
+        return builder.trunc(x, t) if x.type.width > 32 else builder.zext(x, t) \
+            if x.type.width < 32 else x
+
+    def shared_address(context, builder, arrty, arr, i):
+        """The 32-bit shared-memory byte address of arr[i] (a shared array; Numba holds it as a
+        generic pointer, which the cast back to address space 3 undoes). The index is narrowed
+        to 32 bits first (shared memory is far smaller than 4 GB), so that the kernels' 64-bit
+        index arithmetic can be narrowed by the compiler too."""
+        t = ir.IntType(32)
+        data = context.make_array(arrty)(context, builder, arr).data
+        shared = builder.addrspacecast(data, ir.PointerType(data.type.pointee, 3))
+        base = builder.ptrtoint(shared, t)
+        idx = i32(builder, i)
+        shift = context.get_abi_sizeof(context.get_data_type(arrty.dtype)).bit_length() - 1
+        return builder.add(base, builder.shl(idx, ir.Constant(t, shift)))
+
+    def void_statement(text):
+        """An intrinsic of no arguments that emits the PTX statement `text` (a fence, a barrier,
+        a register-count change), ordered with memory."""
+        @intrinsic
+        def statement(typingctx):
+            sig = types.void()
+
+            def codegen(context, builder, sig, args):
+                asm(builder, ir.VoidType(), text, "~{memory}", [])
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return statement
 
     @intrinsic
     def copy16_async(typingctx, dst, i, src, j, nbytes):

@@ -112,21 +112,10 @@ if not SIMULATOR:
     from llvmlite import ir
     from numba.core import types
 
-    from .primitives import asm as _asm, is_1d
+    from .primitives import (asm as _asm, i32 as _i32, is_1d, shared_address as _shared,
+                             void_statement)
 
     _I32, _I64 = ir.IntType(32), ir.IntType(64)
-
-    def _i32(builder, x):
-        return builder.trunc(x, _I32) if x.type.width > 32 else builder.zext(x, _I32) \
-            if x.type.width < 32 else x
-
-    def _shared(context, builder, arrty, arr, i):
-        """The 32-bit shared byte address of arr[i]."""
-        data = context.make_array(arrty)(context, builder, arr).data
-        shared = builder.addrspacecast(data, ir.PointerType(data.type.pointee, 3))
-        base = builder.ptrtoint(shared, _I32)
-        size = context.get_abi_sizeof(context.get_data_type(arrty.dtype))
-        return builder.add(base, builder.mul(_i32(builder, i), ir.Constant(_I32, size)))
 
     def _global(context, builder, arrty, arr):
         data = context.make_array(arrty)(context, builder, arr).data
@@ -169,15 +158,7 @@ if not SIMULATOR:
         "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [$1], $2; "
         "selp.u32 $0, 1, 0, p; }", True, returns=True)
 
-    @intrinsic
-    def fence_barrier_init(typingctx):
-        sig = types.void()
-
-        def codegen(context, builder, sig, args):
-            _asm(builder, ir.VoidType(), "fence.mbarrier_init.release.cluster;", "~{memory}", [])
-            return context.get_dummy_value()
-
-        return sig, codegen
+    fence_barrier_init = void_statement("fence.mbarrier_init.release.cluster;")
 
     @intrinsic
     def fence_tensormap(typingctx, tmap):
@@ -192,31 +173,46 @@ if not SIMULATOR:
 
         return sig, codegen
 
+    def _tma_statement(rank):
+        coords = ", ".join(f"${2 + i}" for i in range(rank))
+        return (f"cp.async.bulk.tensor.{rank}d.shared::cluster.global.tile"
+                f".mbarrier::complete_tx::bytes [$0], [$1, {{{coords}}}], [${2 + rank}];")
+
+    def _tma_codegen(rank):
+        """The lowering of a rank-`rank` TMA load whose arguments are (smem, dst_at, tmap, src,
+        n_rows, n_cols, coordinates outermost first, bar, bar_at): the coordinates go to PTX
+        innermost first."""
+        text = _tma_statement(rank)
+        constraints = "r,l," + "r," * rank + "r,~{memory}"
+
+        def codegen(context, builder, sig, args):
+            smem_, dst, tmap_ = args[:3]
+            coords = args[6:6 + rank]
+            bar_, bat = args[6 + rank:]
+            ins = [_shared(context, builder, sig.args[0], smem_, dst),
+                   _global(context, builder, sig.args[2], tmap_),
+                   *(_i32(builder, c) for c in reversed(coords)),
+                   _shared(context, builder, sig.args[6 + rank], bar_, bat)]
+            _asm(builder, ir.VoidType(), text, constraints, ins)
+            return context.get_dummy_value()
+
+        return codegen
+
+    def _tma_types_ok(smem, tmap, bar, ints):
+        return (is_1d(smem, (types.uint16,)) and is_1d(tmap, (types.uint64,))
+                and is_1d(bar, (types.uint64,)) and all(isinstance(x, types.Integer) for x in ints))
+
     def make_tma_load_2d(rows, cols, swizzle=128):
         """See the module docstring (the GPU's: src, n_rows and n_cols are not read)."""
         _check_box(rows, cols, swizzle)
-        text = ("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-                " [$0], [$1, {$2, $3}], [$4];")
+        codegen = _tma_codegen(2)
 
         @intrinsic
         def load(typingctx, smem, dst_at, tmap, src, n_rows, n_cols, row0, col0, bar, bar_at):
-            if not (is_1d(smem, (types.uint16,)) and is_1d(tmap, (types.uint64,))
-                    and is_1d(bar, (types.uint64,))
-                    and all(isinstance(x, types.Integer)
-                            for x in (dst_at, n_rows, n_cols, row0, col0, bar_at))):
+            if not _tma_types_ok(smem, tmap, bar, (dst_at, n_rows, n_cols, row0, col0, bar_at)):
                 return None
-            sig = types.void(smem, dst_at, tmap, src, n_rows, n_cols, row0, col0, bar, bar_at)
-
-            def codegen(context, builder, sig, args):
-                smem_, dst, tmap_, _, _, _, r0, c0, bar_, bat = args
-                ins = [_shared(context, builder, sig.args[0], smem_, dst),
-                       _global(context, builder, sig.args[2], tmap_),
-                       _i32(builder, c0), _i32(builder, r0),
-                       _shared(context, builder, sig.args[8], bar_, bat)]
-                _asm(builder, ir.VoidType(), text, "r,l,r,r,r,~{memory}", ins)
-                return context.get_dummy_value()
-
-            return sig, codegen
+            return types.void(smem, dst_at, tmap, src, n_rows, n_cols, row0, col0, bar,
+                              bar_at), codegen
 
         return load
 
@@ -224,30 +220,16 @@ if not SIMULATOR:
         """load(smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar, bar_at): as
         make_tma_load_2d's, a box of one head of a 3-D (heads, n_rows, n_cols) tensor."""
         _check_box(rows, cols, swizzle)
-        text = ("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-                " [$0], [$1, {$2, $3, $4}], [$5];")
+        codegen = _tma_codegen(3)
 
         @intrinsic
         def load(typingctx, smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar,
                  bar_at):
-            if not (is_1d(smem, (types.uint16,)) and is_1d(tmap, (types.uint64,))
-                    and is_1d(bar, (types.uint64,))
-                    and all(isinstance(x, types.Integer)
-                            for x in (dst_at, n_rows, n_cols, head, row0, col0, bar_at))):
+            if not _tma_types_ok(smem, tmap, bar,
+                                 (dst_at, n_rows, n_cols, head, row0, col0, bar_at)):
                 return None
-            sig = types.void(smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar,
-                             bar_at)
-
-            def codegen(context, builder, sig, args):
-                smem_, dst, tmap_, _, _, _, hd, r0, c0, bar_, bat = args
-                ins = [_shared(context, builder, sig.args[0], smem_, dst),
-                       _global(context, builder, sig.args[2], tmap_),
-                       _i32(builder, c0), _i32(builder, r0), _i32(builder, hd),
-                       _shared(context, builder, sig.args[9], bar_, bat)]
-                _asm(builder, ir.VoidType(), text, "r,l,r,r,r,r,~{memory}", ins)
-                return context.get_dummy_value()
-
-            return sig, codegen
+            return types.void(smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar,
+                              bar_at), codegen
 
         return load
 else:
@@ -295,18 +277,24 @@ else:
     mbar_arrive_expect_tx, mbar_try_wait = jit(_sim_arrive_expect_tx), jit(_sim_try_wait)
     fence_barrier_init, fence_tensormap = jit(_sim_fence_barrier_init), jit(_sim_fence_tensormap)
 
+    def _sim_copy(layout, smem, dst_at, src, n_rows, n_cols, head, row0, col0, bar, bar_at):
+        """A box of head `head` copied at once (zeros past the tensor's rows and columns), its
+        bytes counted on the barrier."""
+        rows, cols = layout.rows, layout.cols
+        for r in range(rows):
+            for c in range(cols):
+                inside = row0 + r < n_rows and col0 + c < n_cols
+                smem[dst_at + layout.offset(r, c)] = \
+                    src[(head * n_rows + row0 + r) * n_cols + col0 + c] if inside else 0
+        with _LOCK:
+            bar[bar_at + 3] -= rows * cols * 2 // 16
+            _flip_if_done(bar, bar_at)
+
     def make_tma_load_2d(rows, cols, swizzle=128):
         layout = _check_box(rows, cols, swizzle)
 
         def load(smem, dst_at, tmap, src, n_rows, n_cols, row0, col0, bar, bar_at):
-            for r in range(rows):
-                for c in range(cols):
-                    inside = row0 + r < n_rows and col0 + c < n_cols
-                    smem[dst_at + layout.offset(r, c)] = \
-                        src[(row0 + r) * n_cols + col0 + c] if inside else 0
-            with _LOCK:
-                bar[bar_at + 3] -= rows * cols * 2 // 16
-                _flip_if_done(bar, bar_at)
+            _sim_copy(layout, smem, dst_at, src, n_rows, n_cols, 0, row0, col0, bar, bar_at)
 
         return jit(load)
 
@@ -314,13 +302,6 @@ else:
         layout = _check_box(rows, cols, swizzle)
 
         def load(smem, dst_at, tmap, src, n_rows, n_cols, head, row0, col0, bar, bar_at):
-            for r in range(rows):
-                for c in range(cols):
-                    inside = row0 + r < n_rows and col0 + c < n_cols
-                    smem[dst_at + layout.offset(r, c)] = \
-                        src[(head * n_rows + row0 + r) * n_cols + col0 + c] if inside else 0
-            with _LOCK:
-                bar[bar_at + 3] -= rows * cols * 2 // 16
-                _flip_if_done(bar, bar_at)
+            _sim_copy(layout, smem, dst_at, src, n_rows, n_cols, head, row0, col0, bar, bar_at)
 
         return jit(load)

@@ -24,7 +24,9 @@ fragments do.
 - ``f16_bits_to_f32(h)`` / ``bf16_bits_to_f32(h)``: one 16-bit pattern (a uint16) as float32.
 - ``exp2(x)``: 2^x by ``ex2.approx.ftz.f32`` (results below 2^-126 flush to 0). ``math.exp2``
   compiles to the non-ftz form, which must produce denormal results; with this one the tc
-  forward ran 10% faster on the H200 (see the README).
+  forward ran 10% faster on the H200 (see the README). ``rcp_approx(x)``: 1/x by
+  ``rcp.approx.ftz.f32`` (1 ulp): an IEEE division compiles to a call of a slow-path
+  subroutine, and any call in a kernel makes ptxas serialise its wgmma (C7509; fa3).
 - ``copy16_async``, ``commit_async`` and ``make_wait_async(n)`` (cp.async, 16 bytes from global
   to shared memory, completing in the background; ``wait_group n``) are in
   nbflash.kernels.common.primitives, shared with fa2.
@@ -150,20 +152,9 @@ if not SIMULATOR:
     from llvmlite import ir
     from numba.core import types
 
-    from .primitives import asm as _asm, is_1d
+    from .primitives import asm as _asm, is_1d, shared_address as _shared_address
 
     _I32, _F32 = ir.IntType(32), ir.FloatType()
-
-    def _shared_address(context, builder, arrty, arr, i):
-        """The 32-bit shared-memory address of arr[i] (arr a 16-bit shared array; Numba holds
-        it as a generic pointer, which the cast back to address space 3 undoes). The index is
-        narrowed to 32 bits first (shared memory is far smaller than 4 GB), so that the
-        kernels' 64-bit index arithmetic can be narrowed by the compiler too."""
-        data = context.make_array(arrty)(context, builder, arr).data
-        shared = builder.addrspacecast(data, ir.PointerType(data.type.pointee, 3))
-        base = builder.ptrtoint(shared, _I32)
-        idx = builder.trunc(i, _I32) if i.type.width > 32 else i
-        return builder.add(base, builder.shl(idx, ir.Constant(_I32, 1)))
 
     def _ldsm_intrinsic(trans):
         text = ("ldmatrix.sync.aligned.m8n8.x4" + (".trans" if trans else "")
@@ -254,17 +245,23 @@ if not SIMULATOR:
 
         return sig, codegen
 
-    @intrinsic
-    def exp2(typingctx, x):
-        """2^x, ex2.approx.ftz.f32."""
-        if x != types.float32:
-            return None
-        sig = types.float32(x)
+    def _unary_f32(instruction):
+        """An intrinsic float32 -> float32 of one PTX instruction (`instruction` $0, $1)."""
+        @intrinsic
+        def op(typingctx, x):
+            if x != types.float32:
+                return None
+            sig = types.float32(x)
 
-        def codegen(context, builder, sig, args):
-            return _asm(builder, _F32, "ex2.approx.ftz.f32 $0, $1;", "=f,f", [args[0]])
+            def codegen(context, builder, sig, args):
+                return _asm(builder, _F32, f"{instruction} $0, $1;", "=f,f", [args[0]])
 
-        return sig, codegen
+            return sig, codegen
+
+        return op
+
+    exp2 = _unary_f32("ex2.approx.ftz.f32")
+    rcp_approx = _unary_f32("rcp.approx.ftz.f32")
 
     ldsm_x4, ldsm_x4_t = _ldsm_intrinsic(False), _ldsm_intrinsic(True)
     mma_f16, mma_bf16 = _mma_intrinsic("f16"), _mma_intrinsic("bf16")
@@ -273,7 +270,11 @@ else:
     def _sim_exp2(x):
         return float32(0.0) if x < -126 else float32(2.0 ** float(x))
 
+    def _sim_rcp(x):
+        return float32(1.0) / x
+
     exp2 = cuda.jit(device=True)(_sim_exp2)
+    rcp_approx = cuda.jit(device=True)(_sim_rcp)
     f16_bits_to_f32 = cuda.jit(device=True)(_sim_to_f32(False))
     bf16_bits_to_f32 = cuda.jit(device=True)(_sim_to_f32(True))
     pack_f16x2 = cuda.jit(device=True)(_sim_pack(False))

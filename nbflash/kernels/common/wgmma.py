@@ -24,8 +24,6 @@ wait for them. PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
   :func:`make_wgmma_rs(N, bf16, b)`: the same with A's 16 columns from registers, four uint32
   per thread in mma.m16n8k16's A-fragment layout (P packed from the score fragments).
 - :func:`shared_byte` (a shared element's byte address: for aligning tiles to 1024 bytes),
-  :func:`rcp_approx` (1 / x without IEEE division's slow-path call, which would make ptxas
-  serialise every wgmma of the kernel),
   :func:`fence`, :func:`commit`, :func:`make_wait` (``wgmma.fence``, ``commit_group``,
   ``wait_group n``), :func:`make_fence_acc` (ties the accumulators to the point after a wait,
   so that the compiler cannot read them earlier), :func:`fence_proxy_async` (shared memory
@@ -53,8 +51,49 @@ from .warp import _half_value
 _SWIZZLE_CODE = {0: 0, 128: 1}
 
 
+class _Layout:
+    """What the two operand layouts share: their size, each element's index from the tile's
+    base (for filling it), and the tile's shared-memory image on the host. A subclass gives
+    the descriptor's strides (lbo, sbo), where the descriptor of 16 K-columns starts
+    (k_start) and the hardware's address of an element from it (byte)."""
+
+    def _check(self, mn_unit, k_unit):
+        if self.swizzle not in _SWIZZLE_CODE:
+            raise ValueError(f"swizzle {self.swizzle}: 0 or 128")
+        rows_unit, cols_unit = (k_unit, mn_unit) if self.trans else (mn_unit, k_unit)
+        if self.rows % rows_unit or self.cols % cols_unit:
+            raise ValueError(f"a {self.rows} x {self.cols} {self.name} tile: rows must be a "
+                             f"multiple of {rows_unit} and cols a multiple of {cols_unit} "
+                             f"(swizzle {self.swizzle})")
+
+    @property
+    def elements(self):
+        return self.rows * self.cols
+
+    @property
+    def extents(self):
+        """(M/N extent, K extent) of the operand the tile holds."""
+        return (self.cols, self.rows) if self.trans else (self.rows, self.cols)
+
+    def offset(self, mn, k):
+        """The element index of operand element (mn, k) of the whole tile from its base."""
+        k0 = k - k % 16
+        return self.byte(self.k_start(k0), mn, k % 16) // 2
+
+    def host_image(self, tile):
+        """The shared-memory image (a flat array of `elements` entries, NumPy) of the operand
+        `tile`, indexed [mn, k] (for tests and for reading the layout)."""
+        tile = np.asarray(tile)
+        out = np.zeros(self.elements, tile.dtype)
+        mn_extent, k_extent = self.extents
+        for mn in range(mn_extent):
+            for k in range(k_extent):
+                out[self.offset(mn, k)] = tile[mn, k]
+        return out
+
+
 @dataclass(frozen=True)
-class KMajor:
+class KMajor(_Layout):
     """A rows x cols tile of 16-bit elements in shared memory, K (cols) contiguous, as wgmma
     reads A (rows = 64) or B (rows = N) through a descriptor. rows a multiple of 8; cols a
     multiple of 16 (swizzle 0) or of 64 (swizzle 128). The tile's base must be 1024-byte
@@ -71,18 +110,10 @@ class KMajor:
     swizzle: int = 128
     #: the instruction's transpose immediate for this operand (0: K-major)
     trans = 0
+    name = "K-major"
 
     def __post_init__(self):
-        if self.swizzle not in _SWIZZLE_CODE:
-            raise ValueError(f"swizzle {self.swizzle}: 0 or 128")
-        unit = 64 if self.swizzle else 16
-        if self.rows % 8 or self.cols % unit:
-            raise ValueError(f"a {self.rows} x {self.cols} tile: rows must be a multiple of "
-                             f"8 and cols a multiple of {unit} (swizzle {self.swizzle})")
-
-    @property
-    def elements(self):
-        return self.rows * self.cols
+        self._check(8, 64 if self.swizzle else 16)
 
     @property
     def lbo(self):
@@ -111,24 +142,9 @@ class KMajor:
             return linear ^ (((linear >> 7) & 7) << 4)
         return start + (r // 8) * self.sbo + (k // 8) * self.lbo + (r % 8) * 16 + 2 * (k % 8)
 
-    def offset(self, r, k):
-        """The element index of (r, k) of the whole tile from its base (for filling it)."""
-        k0 = k - k % 16
-        return self.byte(self.k_start(k0), r, k % 16) // 2
-
-    def host_image(self, tile):
-        """A (rows, cols) array laid out as this layout puts it in shared memory: a flat array of
-        `elements` entries (NumPy, for tests and for reading the layout)."""
-        tile = np.asarray(tile)
-        out = np.zeros(self.elements, tile.dtype)
-        for r in range(self.rows):
-            for k in range(self.cols):
-                out[self.offset(r, k)] = tile[r, k]
-        return out
-
 
 @dataclass(frozen=True)
-class MNMajor:
+class MNMajor(_Layout):
     """A tile whose M/N dim is contiguous, as wgmma reads a transposed operand (B with
     imm-trans-b = 1): V_j for P V, whose rows are keys (K) and whose d columns (N) are
     contiguous. rows: its K extent (a multiple of 16); cols: its M/N extent (a multiple of 64
@@ -144,19 +160,10 @@ class MNMajor:
     cols: int
     swizzle: int = 128
     trans = 1
+    name = "MN-major"
 
     def __post_init__(self):
-        if self.swizzle not in _SWIZZLE_CODE:
-            raise ValueError(f"swizzle {self.swizzle}: 0 or 128")
-        unit = 64 if self.swizzle else 8
-        if self.rows % 16 or self.cols % unit:
-            raise ValueError(f"a {self.rows} x {self.cols} MN-major tile: rows must be a "
-                             f"multiple of 16 and cols a multiple of {unit} (swizzle "
-                             f"{self.swizzle})")
-
-    @property
-    def elements(self):
-        return self.rows * self.cols
+        self._check(64 if self.swizzle else 8, 16)
 
     @property
     def lbo(self):
@@ -177,20 +184,6 @@ class MNMajor:
                 + 2 * (mn % 64)
             return linear ^ (((linear >> 7) & 7) << 4)
         return start + (mn // 8) * self.sbo + (k // 8) * self.lbo + (k % 8) * 16 + 2 * (mn % 8)
-
-    def offset(self, mn, k):
-        k0 = k - k % 16
-        return self.byte(self.k_start(k0), mn, k % 16) // 2
-
-    def host_image(self, tile):
-        """The shared-memory image (flat) of the operand `tile`, indexed [mn, k] (for V_j:
-        V_jᵀ)."""
-        tile = np.asarray(tile)
-        out = np.zeros(self.elements, tile.dtype)
-        for mn in range(self.cols):
-            for k in range(self.rows):
-                out[self.offset(mn, k)] = tile[mn, k]
-        return out
 
 
 def offset_formula(layout):
@@ -228,55 +221,53 @@ def _check_n(N):
         raise ValueError(f"wgmma N = {N}: a multiple of 8 from 8 to 256")
 
 
+def _sim_accumulate(acc, x0, N, a_value, b_value, row0, lane, scale_d):
+    """The simulated product: acc[x0 + 4j + 2h + e] = (acc's value if scale_d) +
+    Σ_k A[row0 + g + 8h, k] B[8j + 2t + e, k] (g, t: the lane's), summed in float64 and rounded
+    to float32; a_value(row, k), b_value(col, k) give the operands' elements as floats."""
+    g, t = lane // 4, lane % 4
+    for j in range(N // 8):
+        for h in range(2):
+            for e in range(2):
+                row, col = row0 + g + 8 * h, 8 * j + 2 * t + e
+                s = 0.0
+                for k in range(16):
+                    s += a_value(row, k) * b_value(col, k)
+                x = x0 + 4 * j + 2 * h + e
+                acc[x] = float32((float(acc[x]) if scale_d else 0.0) + s)
+
+
 def _make_sim_wgmma(N, bf16, a, b):
     """The simulator's wgmma: each thread its own fragment, from the shared array directly."""
-    NJ = N // 8
 
     def wgmma(acc, x0, smem, a_at, b_at, k0, scale_d):
         tid = cuda.threadIdx.x % 128
-        w, lane = tid // 32, tid % 32
-        g, t = lane // 4, lane % 4
         a_start, b_start = 2 * a_at + a.k_start(k0), 2 * b_at + b.k_start(k0)
-        for j in range(NJ):
-            for h in range(2):
-                for e in range(2):
-                    row, col = 16 * w + g + 8 * h, 8 * j + 2 * t + e
-                    s = 0.0
-                    for k in range(16):
-                        s += _half_value(smem[a.byte(a_start, row, k) // 2], bf16) * \
-                            _half_value(smem[b.byte(b_start, col, k) // 2], bf16)
-                    x = x0 + 4 * j + 2 * h + e
-                    acc[x] = float32((float(acc[x]) if scale_d else 0.0) + s)
+        _sim_accumulate(acc, x0, N,
+                        lambda r, k: _half_value(smem[a.byte(a_start, r, k) // 2], bf16),
+                        lambda c, k: _half_value(smem[b.byte(b_start, c, k) // 2], bf16),
+                        16 * (tid // 32), tid % 32, scale_d)
 
     return cuda.jit(device=True)(wgmma)
 
 
-def _make_sim_wgmma_rs(N, bf16, b, threads):
+def _make_sim_wgmma_rs(N, bf16, b):
     """The simulator's wgmma with A from registers: the warp's A fragments exchanged among its
     lanes (nbflash.kernels.common.groups: only the warp waits, as the instruction needs only
     the warpgroup), then as _make_sim_wgmma."""
     from .groups import warp_exchange_words  # noqa: PLC0415
-    NJ = N // 8
 
     def wgmma_rs(acc, x0, a0, a1, a2, a3, smem, b_at, k0, scale_d):
         frags = warp_exchange_words((a0, a1, a2, a3))
-        lane = cuda.threadIdx.x % 32
-        g, t = lane // 4, lane % 4
         b_start = 2 * b_at + b.k_start(k0)
 
-        def a(row, k):   # A[16w + row, k] (row < 16): lane 4 (row % 8) + (k % 8) // 2
+        def a_value(row, k):   # A[16w + row, k] (row < 16): lane 4 (row % 8) + (k % 8) // 2
             word = int(frags[4 * (row % 8) + (k % 8) // 2, row // 8 + 2 * (k // 8)])
             return _half_value(word >> (16 * (k % 2)), bf16)
 
-        for j in range(NJ):
-            for h in range(2):
-                for e in range(2):
-                    row, col = g + 8 * h, 8 * j + 2 * t + e
-                    s = 0.0
-                    for k in range(16):
-                        s += a(row, k) * _half_value(smem[b.byte(b_start, col, k) // 2], bf16)
-                    x = x0 + 4 * j + 2 * h + e
-                    acc[x] = float32((float(acc[x]) if scale_d else 0.0) + s)
+        _sim_accumulate(acc, x0, N, a_value,
+                        lambda c, k: _half_value(smem[b.byte(b_start, c, k) // 2], bf16),
+                        0, cuda.threadIdx.x % 32, scale_d)
 
     return cuda.jit(device=True)(wgmma_rs)
 
@@ -285,43 +276,17 @@ if not SIMULATOR:
     from llvmlite import ir
     from numba.core import types
 
-    from .primitives import asm as _asm, is_1d
+    from .primitives import asm as _asm, i32 as _i32, is_1d, shared_address, void_statement
 
     _I32, _I64, _F32 = ir.IntType(32), ir.IntType(64), ir.FloatType()
 
-    def _void_asm(text):
-        @intrinsic
-        def op(typingctx):
-            sig = types.void()
-
-            def codegen(context, builder, sig, args):
-                _asm(builder, ir.VoidType(), text, "~{memory}", [])
-                return context.get_dummy_value()
-
-            return sig, codegen
-
-        return op
-
-    @intrinsic
-    def rcp_approx(typingctx, x):
-        """1 / x by rcp.approx.ftz.f32 (1 ulp): IEEE division compiles to a call of a slow-path
-        subroutine, and any call in a function makes ptxas serialise its wgmma (C7509)."""
-        if x != types.float32:
-            return None
-        sig = types.float32(x)
-
-        def codegen(context, builder, sig, args):
-            return _asm(builder, _F32, "rcp.approx.ftz.f32 $0, $1;", "=f,f", [args[0]])
-
-        return sig, codegen
-
-    fence = _void_asm("wgmma.fence.sync.aligned;")
-    commit = _void_asm("wgmma.commit_group.sync.aligned;")
-    fence_proxy_async = _void_asm("fence.proxy.async.shared::cta;")
+    fence = void_statement("wgmma.fence.sync.aligned;")
+    commit = void_statement("wgmma.commit_group.sync.aligned;")
+    fence_proxy_async = void_statement("fence.proxy.async.shared::cta;")
 
     def make_wait(n):
         """wgmma.wait_group n: until at most n committed groups are pending."""
-        return _void_asm(f"wgmma.wait_group.sync.aligned {int(n)};")
+        return void_statement(f"wgmma.wait_group.sync.aligned {int(n)};")
 
     def _descriptor(builder, address, layout, start):
         """The 64-bit matrix descriptor of a tile at shared byte `address` + `start` (i32)."""
@@ -331,12 +296,8 @@ if not SIMULATOR:
             | (_SWIZZLE_CODE[layout.swizzle] << 62)
         return builder.or_(lo, ir.Constant(_I64, fields))
 
-    def _i32(builder, x):
-        return builder.trunc(x, _I32) if x.type.width > 32 else builder.zext(x, _I32) \
-            if x.type.width < 32 else x
-
     def _k_start_ir(builder, layout, k0):
-        """layout.k_start(k0) for an i64 (or narrower) k0, as i32."""
+        """layout.k_start(k0) for an integer k0, as i32 (the layouts' k_start in IR)."""
         k = _i32(builder, k0)
         c = lambda v: ir.Constant(_I32, v)  # noqa: E731
         if layout.trans:      # MNMajor.k_start
@@ -346,13 +307,10 @@ if not SIMULATOR:
             return builder.add(atom, builder.mul(builder.urem(k, c(64)), c(2)))
         return builder.mul(builder.udiv(k, c(8)), c(16 * layout.rows))
 
-    def _shared_byte(context, builder, arrty, arr, i):
-        data = context.make_array(arrty)(context, builder, arr).data
-        shared = builder.addrspacecast(data, ir.PointerType(data.type.pointee, 3))
-        base = builder.ptrtoint(shared, _I32)
-        idx = builder.trunc(i, _I32) if i.type.width > 32 else builder.zext(i, _I32) \
-            if i.type.width < 32 else i
-        return builder.add(base, builder.shl(idx, ir.Constant(_I32, 1)))
+    def _operand(context, builder, arrty, smem, at, layout, k0):
+        """The descriptor of `layout`'s tile at element `at` of `smem`, for K-columns k0..+15."""
+        return _descriptor(builder, shared_address(context, builder, arrty, smem, at), layout,
+                           _k_start_ir(builder, layout, k0))
 
     @intrinsic
     def shared_byte(typingctx, smem, i):
@@ -362,27 +320,42 @@ if not SIMULATOR:
         sig = types.uint32(smem, i)
 
         def codegen(context, builder, sig, args):
-            return _shared_byte(context, builder, sig.args[0], args[0], args[1])
+            return shared_address(context, builder, sig.args[0], args[0], args[1])
 
         return sig, codegen
 
-    def _acc_pointers(context, builder, arrty, arr, x0, n):
-        data = context.make_array(arrty)(context, builder, arr).data
+    def _through_asm(context, builder, arrty, acc, x0, n, text, constraints, ins):
+        """acc[x0:x0+n] through the statement `text`: loaded as its last n operands (tied to
+        its n outputs), `ins` before them, and stored back from the outputs."""
+        data = context.make_array(arrty)(context, builder, acc).data
         x0 = builder.sext(x0, _I64) if x0.type.width < 64 else x0
-        return [builder.gep(data, [builder.add(x0, ir.Constant(_I64, i))]) for i in range(n)]
+        ptrs = [builder.gep(data, [builder.add(x0, ir.Constant(_I64, i))]) for i in range(n)]
+        res = _asm(builder, ir.LiteralStructType([_F32] * n), text, constraints,
+                   list(ins) + [builder.load(p) for p in ptrs])
+        for i, p in enumerate(ptrs):
+            builder.store(builder.extract_value(res, i), p)
+        return context.get_dummy_value()
+
+    def _mma_text(N, bf16, a_operand, n_ins, trans_b):
+        """The wgmma statement for m64nNk16 with A `a_operand` (a descriptor "$i" or registers
+        "{$i, ...}"), the B descriptor and the scale-d predicate from the operands after it."""
+        kind = "bf16" if bf16 else "f16"
+        R = N // 2
+        outs = ", ".join(f"${i}" for i in range(R))
+        tail = f"p, 1, 1, 0, {trans_b}" if a_operand.startswith("$") else f"p, 1, 1, {trans_b}"
+        return ("{ .reg .pred p; setp.ne.b32 p, $" + str(R + n_ins - 1) + ", 0; "
+                f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{kind}.{kind} "
+                "{" + outs + "}, " + a_operand + ", $" + str(R + n_ins - 2) + ", " + tail
+                + "; }")
 
     def make_wgmma(N, bf16, a, b):
         """wgmma(acc, x0, smem, a_at, b_at, k0, scale_d): see the module docstring (a_at, b_at:
         the tiles' element offsets in the uint16 shared array `smem`)."""
         _check_n(N)
-        kind = "bf16" if bf16 else "f16"
-        R = N // 2
-        outs = ", ".join(f"${i}" for i in range(R))
         if a.trans:
             raise ValueError("A from shared memory is K-major here")
-        text = ("{ .reg .pred p; setp.ne.b32 p, $" + str(R + 2) + ", 0; "
-                f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{kind}.{kind} "
-                "{" + outs + "}, $" + str(R) + ", $" + str(R + 1) + f", p, 1, 1, 0, {b.trans}; }}")
+        R = N // 2
+        text = _mma_text(N, bf16, f"${R}", 3, b.trans)
         constraints = ",".join(["=f"] * R + ["l", "l", "r"] + [str(i) for i in range(R)])
 
         @intrinsic
@@ -395,19 +368,10 @@ if not SIMULATOR:
 
             def codegen(context, builder, sig, args):
                 acc_, x0_, smem_, a_at_, b_at_, k0_, sd = args
-                ptrs = _acc_pointers(context, builder, sig.args[0], acc_, x0_, R)
-                da = _descriptor(builder, _shared_byte(context, builder, sig.args[2], smem_,
-                                                       a_at_), a, _k_start_ir(builder, a, k0_))
-                db = _descriptor(builder, _shared_byte(context, builder, sig.args[2], smem_,
-                                                       b_at_), b, _k_start_ir(builder, b, k0_))
-                sd = builder.trunc(sd, _I32) if sd.type.width > 32 else \
-                    builder.zext(sd, _I32) if sd.type.width < 32 else sd
-                ret = ir.LiteralStructType([_F32] * R)
-                res = _asm(builder, ret, text, constraints,
-                           [da, db, sd] + [builder.load(p) for p in ptrs])
-                for i, p in enumerate(ptrs):
-                    builder.store(builder.extract_value(res, i), p)
-                return context.get_dummy_value()
+                da = _operand(context, builder, sig.args[2], smem_, a_at_, a, k0_)
+                db = _operand(context, builder, sig.args[2], smem_, b_at_, b, k0_)
+                return _through_asm(context, builder, sig.args[0], acc_, x0_, R, text,
+                                    constraints, [da, db, _i32(builder, sd)])
 
             return sig, codegen
 
@@ -418,15 +382,11 @@ if not SIMULATOR:
         16 columns from registers: a0..a3 (uint32 pairs of 16-bit values) in the mma.m16n8k16
         A-fragment layout of the thread's warp's 16 rows (rows 16w + g, + 8; columns 2t, 2t + 1
         and + 8), e.g. P packed from score fragments (nbflash.kernels.tc.fragments.make_pack_a).
-        `threads` (the block's) matters only in the simulator."""
+        (`threads`: unused, kept for the callers that name the block size.)"""
         _check_n(N)
-        kind = "bf16" if bf16 else "f16"
         R = N // 2
-        outs = ", ".join(f"${i}" for i in range(R))
-        text = ("{ .reg .pred p; setp.ne.b32 p, $" + str(R + 5) + ", 0; "
-                f"wgmma.mma_async.sync.aligned.m64n{N}k16.f32.{kind}.{kind} "
-                "{" + outs + "}, {$" + str(R) + ", $" + str(R + 1) + ", $" + str(R + 2)
-                + ", $" + str(R + 3) + "}, $" + str(R + 4) + f", p, 1, 1, {b.trans}; }}")
+        regs = "{" + ", ".join(f"${R + i}" for i in range(4)) + "}"
+        text = _mma_text(N, bf16, regs, 6, b.trans)
         constraints = ",".join(["=f"] * R + ["r"] * 4 + ["l", "r"] + [str(i) for i in range(R)])
 
         @intrinsic
@@ -439,17 +399,11 @@ if not SIMULATOR:
             sig = types.void(acc, x0, a0, a1, a2, a3, smem, b_at, k0, scale_d)
 
             def codegen(context, builder, sig, args):
-                acc_, x0_, *regs, smem_, b_at_, k0_, sd = args
-                ptrs = _acc_pointers(context, builder, sig.args[0], acc_, x0_, R)
-                regs = [_i32(builder, r) for r in regs]
-                db = _descriptor(builder, _shared_byte(context, builder, sig.args[6], smem_,
-                                                       b_at_), b, _k_start_ir(builder, b, k0_))
-                ret = ir.LiteralStructType([_F32] * R)
-                res = _asm(builder, ret, text, constraints,
-                           regs + [db, _i32(builder, sd)] + [builder.load(p) for p in ptrs])
-                for i, p in enumerate(ptrs):
-                    builder.store(builder.extract_value(res, i), p)
-                return context.get_dummy_value()
+                acc_, x0_, *regs_, smem_, b_at_, k0_, sd = args
+                db = _operand(context, builder, sig.args[6], smem_, b_at_, b, k0_)
+                return _through_asm(context, builder, sig.args[0], acc_, x0_, R, text,
+                                    constraints,
+                                    [_i32(builder, r) for r in regs_] + [db, _i32(builder, sd)])
 
             return sig, codegen
 
@@ -470,12 +424,8 @@ if not SIMULATOR:
             sig = types.void(acc, x0)
 
             def codegen(context, builder, sig, args):
-                ptrs = _acc_pointers(context, builder, sig.args[0], args[0], args[1], n)
-                res = _asm(builder, ir.LiteralStructType([_F32] * n), text, constraints,
-                           [builder.load(p) for p in ptrs])
-                for i, p in enumerate(ptrs):
-                    builder.store(builder.extract_value(res, i), p)
-                return context.get_dummy_value()
+                return _through_asm(context, builder, sig.args[0], args[0], args[1], n, text,
+                                    constraints, [])
 
             return sig, codegen
 
@@ -483,11 +433,6 @@ if not SIMULATOR:
 else:
     def _nothing():
         pass
-
-    def _sim_rcp(x):
-        return float32(1.0) / x
-
-    rcp_approx = cuda.jit(device=True)(_sim_rcp)
 
     def _sim_shared_byte(smem, i):
         return 2 * i      # (the simulator's shared arrays: every one at address 0)
@@ -506,9 +451,9 @@ else:
             raise ValueError("A from shared memory is K-major here")
         return _make_sim_wgmma(N, bf16, a, b)
 
-    def make_wgmma_rs(N, bf16, b, threads=128):
+    def make_wgmma_rs(N, bf16, b, threads=None):
         _check_n(N)
-        return _make_sim_wgmma_rs(N, bf16, b, threads)
+        return _make_sim_wgmma_rs(N, bf16, b)
 
     def make_fence_acc(n):
         def fence_acc(acc, x0):

@@ -30,9 +30,9 @@ from ..common.groups import make_quad_reduce
 from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
 from ..common.tma import (fence_barrier_init, fence_tensormap, make_tma_load_3d,
                           mbar_arrive_expect_tx, mbar_init, mbar_try_wait)
-from ..common.warp import exp2, make_warp_ops
+from ..common.warp import exp2, make_warp_ops, rcp_approx
 from ..common.wgmma import (KMajor, MNMajor, commit, fence, make_fence_acc, make_wait,
-                            make_wgmma, make_wgmma_rs, rcp_approx, shared_byte)
+                            make_wgmma, make_wgmma_rs, shared_byte)
 from ..tc.fragments import make_pack_a, make_store_rows
 from .tiles import ROWS, THREADS
 
@@ -76,7 +76,7 @@ def make_forward(t, causal, bf16):
                 if masked and not visible(r, col0 + 8 * sl + 2 * t4 + e, Nq, Nk, Nk, CAUSAL):
                     s[x] = NEG_INF
                 m_blk = max(m_blk, s[x])
-        m_blk = row_max(m_blk)
+        m_blk = row_max(m_blk, tid)
         if m_blk != NEG_INF:
             m_blk *= sc
         m_new, m_ref, alpha = new_max(m[h], m_blk)
@@ -171,8 +171,8 @@ def make_forward(t, causal, bf16):
 
         # O_i = diag(ℓ)⁻¹ O_i and lse = m + log ℓ (tc's epilogue)
         r = wr + lane // 4
-        l0 = row_sum(l[0])
-        l1 = row_sum(l[1])
+        l0 = row_sum(l[0], tid)
+        l1 = row_sum(l[1], tid)
         d0, lse0 = finish_row(m[0], l0, l0 != ZERO or sees_a_key(
             r, Nq, Nk, Nk, CAUSAL, False, lse, 0, 0, 1, 1))
         d1, lse1 = finish_row(m[1], l1, l1 != ZERO or sees_a_key(

@@ -6,11 +6,12 @@ D = rowsum(dO ∘ O)) and the dK/dV kernel without dQ: bitwise reproducible, and
 faster backward (nbflash.kernels.tc.tiles.DQ_PASS). The other backward, FA2's Algorithm 2 as
 written, is the D kernel (fa2's, on the 16-bit values), the dK/dV kernel adding dQ atomically
 into a float32 buffer and the kernel that converts that buffer into the 16-bit dq
-(dq_pass=False; the default where the table says so). Arrays are float16, or uint16 holding bfloat16 bits
-(numba-cuda has no bfloat16 type; nbflash.inputs takes torch's and ml_dtypes' bfloat16 as their
-bits), and results come back of the same kind. Head dims that are not a multiple of 8 are padded
-with zero columns on the way in and cut on the way out (as FlashAttention's Python layer does;
-the kernels pad multiples of 8 to their 16-column tiles themselves). As fa2's
+(dq_pass=False; the default where the table says so). Arrays are float16, or uint16 holding
+bfloat16 bits (numba-cuda has no bfloat16 type; nbflash.inputs takes torch's and ml_dtypes'
+bfloat16 as their bits), and results come back of the same kind. Head dims that are not a
+multiple of 8 are padded with zero columns on the way in and cut on the way out (as
+FlashAttention's Python layer does; the kernels pad multiples of 8 to their 16-column tiles
+themselves). As fa2's
 (nbflash.kernels.fa2.plan), each kernel is compiled once per signature, launched through the
 driver, and a call's :class:`TcPlan` is worked out once and cached (:func:`plan_for`).
 
