@@ -15,7 +15,7 @@ bfloat16), and both train in one process on one fixed batch of random tokens:
   (nbflash.bench.host_us: perf_counter around the call, no synchronization inside): torch SDPA
   (GQA), nbflash.torch.attention (K and V already repeated) and the transformers attention
   function nbflash.hf registers (K and V with their key/value heads, read in place by the
-  grouped-query kernels; transformers' (B, N, H, d) layout copied today, see nbflash.torch).
+  grouped-query kernels, and the (B, N, H, d) memory of the projections read in place).
 
 In the simulator a 1-layer model of hidden 64 (4 heads, 2 key/value heads), T = 16, float32,
 on the CPU runs the same code (only the tests measure there).

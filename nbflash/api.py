@@ -1,8 +1,12 @@
 """The public functions: check the inputs once (nbflash.inputs), look the implementation up in
 the registry (nbflash.impls) and run its plan.
 
-Layout is (batch, heads, seqlen, head_dim), as in torch's scaled_dot_product_attention. q has Nq
-rows, k and v have Nk rows; neither needs to be a multiple of any block size.
+Shapes are (batch, heads, seqlen, head_dim), as in torch's scaled_dot_product_attention. q has Nq
+rows, k and v have Nk rows; neither needs to be a multiple of any block size. In memory an array
+may be C-contiguous or the (B, H, N, d) view of a C-contiguous (B, N, H, d) array
+(``x.transpose(1, 2)``, the layout FlashAttention and Hugging Face models use): fa2 and tc read
+and write both in place (nbflash.kernels.common.layouts), outputs in their inputs' layout;
+other layouts, and the other impls, get contiguous copies.
 
 Causal masking is bottom-right aligned, as in FlashAttention 2: query i sees key j when
 j <= i + Nk - Nq. With Nq > Nk the first Nq - Nk queries see no key at all; their output is 0,
@@ -14,6 +18,7 @@ import sys
 from . import impls, inputs
 from ._cuda import ON_GPU
 from .kernels.common.dropout import dropout_mask as _dropout_mask
+from .kernels.common.layouts import BHND, BNHD
 
 #: plans of calls that passed the checks, by what the checks depend on (see _fast_key);
 #: emptied when it reaches _CHECKED_MAX entries (e.g. a model with many sequence lengths)
@@ -24,11 +29,12 @@ _TORCH_ARRAYS = []
 
 
 def _fast_key(arrays, options):
-    """For CuPy arrays or torch CUDA tensors on the GPU that need no copy (C-contiguous, 16-byte
-    aligned, on the current device): a key of everything the input checks look at (kinds,
-    shapes, dtypes, devices, options). A call whose key was seen before passed the same checks,
-    so it can go straight to its cached plan; this keeps the host time of repeated calls small.
-    None where the fast path does not apply."""
+    """For CuPy arrays or torch CUDA tensors on the GPU that need no copy (in one of the
+    layouts of nbflash.kernels.common.layouts, the query-shaped ones in one and the key-shaped
+    ones in one, 16-byte aligned, on the current device): a key of everything the input checks
+    look at (kinds, shapes, dtypes, devices, options, and last the two layouts). A call whose
+    key was seen before passed the same checks, so it can go straight to its cached plan; this
+    keeps the host time of repeated calls small. None where the fast path does not apply."""
     if not ON_GPU:
         return None
     first = arrays[0]
@@ -39,13 +45,29 @@ def _fast_key(arrays, options):
         import cupy  # noqa: PLC0415
         _CUPY.append(cupy)
     cupy = _CUPY[0]
-    key = [cupy.cuda.runtime.getDevice(), *options]
+    key, lays = [cupy.cuda.runtime.getDevice(), *options], []
     for x in arrays:
-        if type(x) is not cupy.ndarray or not x.flags.c_contiguous or x.data.ptr % 16 \
+        if type(x) is not cupy.ndarray or x.data.ptr % 16 \
                 or x.dtype.name == "bfloat16":   # (newer CuPy holds ml_dtypes' bfloat16)
             return None
+        lays.append(BHND if x.flags.c_contiguous else
+                    BNHD if x.ndim == 4 and x.swapaxes(1, 2).flags.c_contiguous else None)
         key += (x.shape, x.dtype, x.data.device_id)
-    return _hashable(tuple(key))
+    return _with_layouts(key, lays)
+
+
+def _with_layouts(key, lays):
+    """The key with the call's (query-side, key-side) layouts last; None unless q, do and o
+    share one, k and v one, and lse is contiguous (arrays: q, k, v or do, q, k, v, o, lse)."""
+    if len(lays) == 3:
+        lq, lk, lv = lays
+        same = lv == lk
+    else:
+        ldo, lq, lk, lv, lo, llse = lays
+        same = ldo == lq == lo and lv == lk and llse == BHND
+    if not same or lq is None or lk is None:
+        return None
+    return _hashable((*key, (lq, lk)))
 
 
 def _torch_key(torch, arrays, options):
@@ -53,15 +75,17 @@ def _torch_key(torch, arrays, options):
     shape, dtype and device); None unless all are contiguous, 16-byte aligned CUDA tensors on
     the current device."""
     here = torch.cuda.current_device()
-    key = ["torch", here, *options]
+    key, lays = ["torch", here, *options], []
     takes = (torch.float16, torch.bfloat16, torch.float32)
     for x in arrays:   # (other dtypes, uint16 bits say, go through the checks: their outputs
         if not isinstance(x, torch.Tensor) or x.dtype not in takes \
-                or not x.is_cuda or not x.is_contiguous() \
+                or not x.is_cuda \
                 or x.data_ptr() % 16 or x.get_device() != here:   # come back as bfloat16)
             return None
+        lays.append(BHND if x.is_contiguous() else
+                    BNHD if x.dim() == 4 and x.transpose(1, 2).is_contiguous() else None)
         key += (x.shape, x.dtype)
-    return _hashable(tuple(key))
+    return _with_layouts(key, lays)
 
 
 def _hashable(key):
@@ -87,8 +111,12 @@ def _fast_call(key):
 def _remember(key, plan):
     """Cache a checked call's plan under its key; for torch tensors only the plans whose calls
     take torch's array calls (nbflash._torch_arrays: fa2's and tc's launch plans say so with
-    TAKES_TORCH), so that fa1 and the naive baseline go through the checks and DLPack."""
+    TAKES_TORCH), so that fa1 and the naive baseline go through the checks and DLPack; and
+    only where the plan reads the arrays in the layouts they came in (the checks copied none:
+    a plan without layouts takes contiguous arrays)."""
     if key is None or (key[0] == "torch" and not getattr(plan, "TAKES_TORCH", False)):
+        return
+    if key[-1] != (getattr(plan, "q_layout", BHND), getattr(plan, "k_layout", BHND)):
         return
     if len(_CHECKED) >= _CHECKED_MAX:
         _CHECKED.clear()

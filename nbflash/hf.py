@@ -30,8 +30,9 @@ What the attention function does with what transformers passes:
   are refused (issue 17); attention weights are never returned (None, as SDPA's).
 
 transformers hands the projections over as (B, H, N, d) views of (B, N, H, d) tensors: they go
-to the op in that (B, N, H, d) layout, which is copied to the kernels' contiguous (B, H, N, d)
-today (nbflash.torch._to_kernel) and will not be once the kernels take strides. Importing this
+to the op in that (B, N, H, d) order, the fa2 and tc kernels read them in place
+(nbflash.kernels.common.layouts) and the output comes back as a contiguous (B, N, H, d) tensor,
+which the model's output projection takes as it is: no copy on either side. Importing this
 module imports torch; transformers is imported by register().
 """
 

@@ -59,6 +59,10 @@ class Impl:
     #: dividing H, query head h reading key/value head h // (H / H_kv)); off unless an impl
     #: says so, so that a new one is refused such inputs until its kernels take them
     gqa: bool = False
+    #: reads and writes the (B, H, N, d) arrays in either layout of
+    #: nbflash.kernels.common.layouts ("bhnd", or "bnhd": FlashAttention's and Hugging Face's
+    #: (B, N, H, d) memory) in place; off: the checks hand it contiguous copies
+    layouts: bool = False
     #: fast enough for the FlashAttention-2 grid at 16k tokens (fa1, as written, is not: it
     #: would take minutes per point there)
     at_scale: bool = True
@@ -113,13 +117,14 @@ def _fa1(prob, layout, deterministic=False):
 def _fa2(prob, layout, deterministic=False):
     return fa2_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
                              prob.causal, prob.scale, bool(deterministic), layout=layout,
-                             kv_heads=prob.kv_heads)
+                             kv_heads=prob.kv_heads, layouts=prob.layouts)
 
 
 def _tc(prob, layout, deterministic=False):
     return tc_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
                             prob.causal, prob.scale, layout=layout,
-                            deterministic=bool(deterministic), kv_heads=prob.kv_heads)
+                            deterministic=bool(deterministic), kv_heads=prob.kv_heads,
+                            layouts=prob.layouts)
 
 
 #: every implementation, in the order tables list them
@@ -138,13 +143,14 @@ REGISTRY = {impl.name: impl for impl in (
     Impl("fa2", "nbflash fa2", "#d62728", "^",
          "FlashAttention-2 on CUDA cores, register-tiled, float32 math",
          ("float32", "float16"), fa2_tiles.MAX_HEAD_DIM, deterministic="optional", gqa=True,
+         layouts=True,
          family=Family(fa2_plan.KERNELS, fa2_plan.spec, fa2_tiles.tiles,
                        ("float32", "float16")),
          check=fa2_plan.check, plan=_fa2),
     Impl("tc", "nbflash tc", "#9467bd", "D",
          "FlashAttention-2 on tensor cores (mma.sync through inline PTX), 16-bit inputs",
          ("float16", "bfloat16"), tc_tiles.MAX_HEAD_DIM, tc_tiles.HEAD_DIM_MULTIPLE,
-         deterministic="optional", gqa=True,
+         deterministic="optional", gqa=True, layouts=True,
          family=Family(tc_plan.KERNELS, tc_plan.spec, tc_tiles.tiles, ("float16", "bfloat16")),
          check=tc_plan.check, plan=_tc),
 )}

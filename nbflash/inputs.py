@@ -19,6 +19,7 @@ from its registry entry.
 """
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from . import impls, rng, sparsity
 from .bfloat16 import is_bfloat16
 from ._cuda import MODE
 from .errors import InputError
-from .kernels.common import options as _options
+from .kernels.common import layouts as _layouts, options as _options
 
 #: the float dtypes of arrays nbflash takes (and bfloat16, as BF16_BITS)
 DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
@@ -66,6 +67,9 @@ class Problem:
     block_size: tuple = None     # (bq, bk)
     bf16_dtype: np.dtype = None  # inputs were bfloat16 arrays (ml_dtypes): the outputs' dtype
     H_kv: int = None             # heads of k and v (dividing H: grouped-query); None: H
+    #: the layouts (nbflash.kernels.common.layouts) of the query-shaped arrays and of the
+    #: key-shaped ones as the checks hand them over: both "bhnd" unless the impl takes others
+    layouts: tuple = (_layouts.BHND, _layouts.BHND)
 
     @property
     def kv_heads(self):
@@ -441,6 +445,42 @@ def _contiguous(xp, x):
     return x
 
 
+def _laid_out(xp, x, d):
+    """x's layout (nbflash.kernels.common.layouts) when the fa2 and tc kernels can read it in
+    place, else None: "bhnd" as for :func:`_contiguous`; "bnhd" as well when its rows and
+    heads start at 16-byte boundaries (d·itemsize a multiple of 16, the array aligned)."""
+    if not isinstance(x, xp.ndarray):
+        return None
+    lay = _layouts.layout_of(x)
+    if lay is None or (xp is np and not x.flags.writeable):
+        return None
+    if lay == _layouts.BNHD and (d * x.itemsize) % 16:
+        return None
+    if xp is not np and x.data.ptr % 16:
+        return None
+    return lay
+
+
+def _placed(xp, prob, named):
+    """The query-shaped and the key-shaped arrays of `named` (q, k, v, and do, o) as the
+    impl reads them, and the Problem with their layouts: for an impl whose kernels take
+    layouts (nbflash.impls: `layouts`), q where it lies when that is one of them, do and o in
+    q's layout, and k and v where they lie when both lie in the same one (copies otherwise:
+    contiguous, or in q's layout); for the others contiguous arrays."""
+    if not impls.get(prob.impl).layouts:
+        return prob, {n: _contiguous(xp, x) for n, x in named.items()}
+    lq = _laid_out(xp, named["q"], prob.d) or _layouts.BHND
+    lk = _laid_out(xp, named["k"], prob.d)
+    if lk is None or _laid_out(xp, named["v"], prob.d) != lk:
+        lk = _layouts.BHND
+    out = {}
+    for n, x in named.items():
+        lay = lq if n in ("q", "do", "o") else lk
+        out[n] = x if _laid_out(xp, x, prob.d) == lay else \
+            _layouts.into(xp, lay, _contiguous(xp, x))
+    return dataclasses.replace(prob, layouts=(lq, lk)), out
+
+
 def _arrays(named):
     """(xp, to_host, torch, stream, arrays, bf16_dtype): torch tensors and bfloat16 arrays
     viewed as the kernels take them, kinds checked."""
@@ -501,19 +541,21 @@ def _known_impl(impl):
 
 def check_forward(q, k, v, *, causal, softmax_scale, impl, M=None, block_rule=None,
                   **masking):
-    """Check a forward call; returns (Problem, (q, k, v)) with contiguous device arrays.
-    `masking`: the options of MASKING."""
+    """Check a forward call; returns (Problem, (q, k, v)) with device arrays as the impl reads
+    them (:func:`_placed`). `masking`: the options of MASKING."""
     _known_impl(impl)
     xp, to_host, torch, stream, a, bf16_dtype = _arrays({"q": q, "k": k, "v": v})
     q, k, v = a["q"], a["k"], a["v"]
     prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "forward", causal,
                     softmax_scale, {"M": M, "block_rule": block_rule}, {**MASKING, **masking})
-    return prob, tuple(_contiguous(xp, x) for x in (q, k, v))
+    prob, a = _placed(xp, prob, {"q": q, "k": k, "v": v})
+    return prob, (a["q"], a["k"], a["v"])
 
 
 def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
                    block_rule=None, deterministic=False, **masking):
-    """Check a backward call; returns (Problem, (do, q, k, v, o, lse)) as contiguous arrays."""
+    """Check a backward call; returns (Problem, (do, q, k, v, o, lse)), the arrays as the impl
+    reads them (:func:`_placed`; lse contiguous)."""
     _known_impl(impl)
     if not isinstance(deterministic, (bool, np.bool_)):
         raise InputError(f"deterministic must be True or False; got {deterministic!r}")
@@ -533,4 +575,5 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
     prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "backward", causal,
                     softmax_scale, {"M": M, "block_rule": block_rule}, {**MASKING, **masking},
                     deterministic, (B, H, Nq, Nk, d))
-    return prob, tuple(_contiguous(xp, x) for x in (do, q, k, v, o, lse))
+    prob, a = _placed(xp, prob, {"do": do, "q": q, "k": k, "v": v, "o": o})
+    return prob, (*(a[n] for n in ("do", "q", "k", "v", "o")), _contiguous(xp, lse))

@@ -15,9 +15,10 @@ o and lse; the backward recomputes P from them (nbflash's attention_backward).
 Tensors pass to the kernels without copies and the kernels run on torch's current stream: the
 first call with given shapes, dtypes and options goes through the checks (tensors taken through
 DLPack); repeated ones go straight to the cached launch plan, which allocates its outputs with
-torch (nbflash.api's fast path). The one exception is the (B, N, H, d) layout of
-:func:`flash_attn_func` (and of transformers' projections, nbflash.hf): the kernels take
-contiguous (B, H, N, d) only, so that layout is copied on the way in and out (`_to_kernel`).
+torch (nbflash.api's fast path). That holds for both memory layouts the fa2 and tc kernels read
+and write in place (nbflash.kernels.common.layouts): contiguous (B, H, N, d), and (B, N, H, d)
+(:func:`flash_attn_func`'s, and the (B, H, N, d) views of transformers' projections, nbflash.hf),
+whose outputs are (B, N, H, d) too; tensors in other layouts are copied by the checks.
 
 Beside :func:`attention`, shims with the signatures models already call: :func:`sdpa`
 (torch's scaled_dot_product_attention) and :func:`flash_attn_func` (FlashAttention's); each
@@ -30,37 +31,56 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import api, inputs
+from . import api, impls, inputs
 from .errors import InputError
 
-#: the layouts the ops take: (batch, heads, seqlen, head_dim), nbflash's and SDPA's, and
-#: (batch, seqlen, heads, head_dim), FlashAttention's and transformers' projections'
+#: the orders of the ops' tensor dimensions: (batch, heads, seqlen, head_dim), nbflash's and
+#: SDPA's, and (batch, seqlen, heads, head_dim), FlashAttention's (the tensors' memory may be in
+#: either layout with either: nbflash.kernels.common.layouts)
 LAYOUTS = ("bhnd", "bnhd")
 
 
 # -- layouts ---------------------------------------------------------------------------------
 
 def _to_kernel(x, layout):
-    """x in `layout` as the kernels take it today: a contiguous (B, H, N, d) tensor. A no-op for
-    contiguous (B, H, N, d) input; for "bnhd" a transpose and a copy (the kernels do not take
-    strides yet; once they do, this becomes a view, and the only place that changes)."""
-    if layout == "bnhd":
-        x = x.transpose(1, 2)
-    return x.contiguous()
-
-
-def _from_kernel(x, layout):
-    """A kernel output, contiguous (B, H, N, d), as a view in `layout` (no copy)."""
+    """x, its dimensions in `layout`'s order, as the (B, H, N, d) view the API takes (no copy:
+    the kernels read it in place where its memory allows, nbflash.inputs copies it otherwise)."""
     return x.transpose(1, 2) if layout == "bnhd" else x
 
 
-def _empty_from_kernel(like, layout, dtype=None):
-    """An empty tensor with the shape, dtype and strides _from_kernel gives for an output shaped
-    like `like` (in `layout`): what the fake implementations return."""
-    shape = tuple(like.shape)
-    if layout == "bnhd":
-        shape = (shape[0], shape[2], shape[1], shape[3])
-    return _from_kernel(like.new_empty(shape, dtype=dtype or like.dtype), layout)
+def _from_kernel(x, layout):
+    """A (B, H, N, d) output as a view in `layout`'s order (no copy)."""
+    return x.transpose(1, 2) if layout == "bnhd" else x
+
+
+def _memory_layout(x, impl):
+    """The layout (nbflash.kernels.common.layouts) in which the call reads the (B, H, N, d)
+    view x, and so writes the outputs of x's side: what nbflash.inputs decides (x's own where
+    the impl takes layouts and x's rows and heads start at 16-byte boundaries, else "bhnd"),
+    for the fake implementations, which see no data."""
+    if impl != "auto" and not impls.get(impl).layouts or x.is_contiguous():
+        return "bhnd"
+    size = x.element_size()
+    if x.transpose(1, 2).is_contiguous() and (x.shape[-1] * size) % 16 == 0 \
+            and (x.storage_offset() * size) % 16 == 0:
+        return "bnhd"
+    return "bhnd"
+
+
+def _kv_layout(k, v, impl):
+    """The layout of the key side: k's and v's where they share one, else "bhnd"."""
+    lk = _memory_layout(k, impl)
+    return lk if _memory_layout(v, impl) == lk else "bhnd"
+
+
+def _empty_kernel(like, memory, dtype=None):
+    """An empty (B, H, N, d) tensor shaped like `like` in the `memory` layout: the outputs of
+    the fake implementations, with the strides the real ones have."""
+    B, H, N, d = like.shape
+    dtype = dtype or like.dtype
+    if memory == "bnhd":
+        return like.new_empty((B, N, H, d), dtype=dtype).transpose(1, 2)
+    return like.new_empty((B, H, N, d), dtype=dtype)
 
 
 def _out_dtype(dtype):
@@ -104,10 +124,10 @@ def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @attention_forward_op.register_fake
 def _(q, k, v, key_lengths, block_mask, seed, causal, softmax_scale, impl, deterministic,
       dropout_p, offset, block_size, layout):
-    o = _empty_from_kernel(q, layout, _out_dtype(q.dtype))
-    B, Nq = q.shape[0], q.shape[1 if layout == "bnhd" else 2]
-    H = q.shape[2 if layout == "bnhd" else 1]
-    return o, q.new_empty((B, H, Nq), dtype=torch.float32)
+    q = _to_kernel(q, layout)
+    o = _empty_kernel(q, _memory_layout(q, impl), _out_dtype(q.dtype))
+    B, H, Nq, _ = q.shape
+    return _from_kernel(o, layout), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("nbflash::attention_backward", mutates_args=())
@@ -119,9 +139,12 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                           deterministic: bool, dropout_p: float, offset: int,
                           block_size: Optional[List[int]],
                           layout: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of nbflash.attention_backward, in `layout`. The upstream gradient is often a
-    broadcast view (of loss = o.sum(), say): _to_kernel copies it once, and the call takes the
-    fast path of contiguous tensors."""
+    """(dq, dk, dv) of nbflash.attention_backward, in `layout`. An upstream gradient in
+    another memory layout than o's (a broadcast view, of loss = o.sum() say) is copied into
+    o's once here, so that the call takes the fast path."""
+    if _memory_layout(_to_kernel(do, layout), impl) != _memory_layout(_to_kernel(o, layout),
+                                                                       impl):
+        do = torch.empty_like(o).copy_(do)
     grads = api.attention_backward(
         *(_to_kernel(x, layout) for x in (do, q, k, v, o)), lse.contiguous(), causal=causal,
         softmax_scale=softmax_scale, impl=impl, deterministic=deterministic,
@@ -132,7 +155,10 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 @attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, key_lengths, block_mask, seed, causal, softmax_scale, impl,
       deterministic, dropout_p, offset, block_size, layout):
-    return tuple(_empty_from_kernel(x, layout) for x in (q, k, v))
+    q, k, v = (_to_kernel(x, layout) for x in (q, k, v))
+    lk = _kv_layout(k, v, impl)
+    return (_from_kernel(_empty_kernel(q, _memory_layout(q, impl)), layout),
+            *(_from_kernel(_empty_kernel(x, lk), layout) for x in (k, v)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -367,8 +393,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     aligned, as in FlashAttention 2.
 
     What differs from FlashAttention's:
-    - the (B, N, H, d) layout is copied to (B, H, N, d) on the way in and the outputs are
-      (B, N, H, d) views of (B, H, N, d) tensors (the kernels do not take strides yet);
+    - (B, N, H, d) tensors are read in place when contiguous (with head dims whose rows are
+      a multiple of 16 bytes: d a multiple of 8 in 16 bits); others are copied;
     - fewer key/value heads (MQA/GQA, H_kv dividing H): as FlashAttention's, read in place by
       the grouped-query kernels (no repeat), dk and dv summed over each group inside them;
     - window_size other than (-1, -1), softcap, alibi_slopes (issue 17's sliding windows,

@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from nbflash.kernels.fa1 import tiles as fa1_tiles
+from nbflash.kernels.fa2 import tiles as fa2_tiles
 from nbflash.kernels.tc import tiles as tc_tiles
 
 # (M, d, rule, causal, dtype) of the kernels tests/test_attention.py builds in the simulator;
@@ -85,9 +86,12 @@ def compile_reports(cases, head_dims):
 
 
 def _allowance(label):
-    """tc's measured allowance (tc_tiles.LOCAL_ALLOWANCE) for a variant's label
-    ("tc_forward d=128 ..."); 0 for every other kernel."""
+    """The measured allowance for a variant's label ("tc_forward d=128 ..."): tc's
+    (tc_tiles.LOCAL_ALLOWANCE), fa2's with every option (fa2_tiles.OPTIONS_LOCAL_ALLOWANCE);
+    0 for every other kernel."""
     name, d = label.split()[0], int(re.search(r"\bd=(\d+)", label).group(1))
+    if name.startswith("fa2_"):
+        return fa2_tiles.local_allowance(name[4:], d, " dropout " in label)
     if not name.startswith("tc_"):
         return 0
     return tc_tiles.local_allowance(name[3:], d)

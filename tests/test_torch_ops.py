@@ -93,7 +93,8 @@ def test_opcheck_forward_and_backward():
 def test_fake_tensors_give_the_shapes():
     """Under FakeTensorMode (what torch.compile traces with) no kernel runs: o has q's shape and
     dtype (bfloat16 for uint16 bits), lse is float32 (B, H, Nq); in the (B, N, H, d) layout
-    o is a (B, N, H, d) view of a (B, H, N, d) tensor, as the real op returns it."""
+    o is a contiguous (B, N, H, d) tensor, as the real op returns it (tests/test_layouts.py
+    compares the fakes' strides with the real ops')."""
     from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415
     with FakeTensorMode():
         q = torch.empty(3, 5, 7, 16, dtype=torch.float16)
@@ -105,7 +106,7 @@ def test_fake_tensors_give_the_shapes():
         assert o.dtype == torch.bfloat16
         qn = torch.empty(3, 7, 5, 16)
         o = nt.flash_attn_func(qn, torch.empty(3, 9, 5, 16), torch.empty(3, 9, 5, 16))
-        assert o.shape == (3, 7, 5, 16) and o.transpose(1, 2).is_contiguous()
+        assert o.shape == (3, 7, 5, 16) and o.is_contiguous()
         dq, dk, dv = nt.attention_backward_op(o, qn, qn, qn, o, lse, *_forward_args(
             qn, qn, qn, layout="bnhd")[3:])
         assert dq.shape == qn.shape and dq.stride() == o.stride()

@@ -77,8 +77,8 @@ def _kernel(N, K, bf16, swizzle, b_major="K", a_regs=False):
     """One warpgroup: D = A Bᵀ (A 64 x K, B N x K) by K/16 wgmma, each thread's fragment out.
     B from its layout image (K- or MN-major) into a 1024-byte-aligned shared tile; A likewise
     (K-major), or with a_regs from a plain row-major array into each thread's A fragments."""
-    # (A with the 128-byte swizzle where K allows it, with B's swizzle otherwise)
-    la = W.KMajor(64, K, 128 if K % 64 == 0 else swizzle) if not a_regs else \
+    # (A with the 128-byte swizzle where K allows it, unswizzled otherwise)
+    la = W.KMajor(64, K, 128 if K % 64 == 0 else 0) if not a_regs else \
         W.KMajor(64, 16, 0)
     lb = W.KMajor(N, K, swizzle) if b_major == "K" else W.MNMajor(K, N, swizzle)
     R = N // 2

@@ -8,7 +8,10 @@ and scales; then the options' arguments (nbflash.kernels.common.options).
 The sizes are Nq, Nk, H (query heads) and G, the query heads per key/value head (H / H_kv:
 1, or more with grouped-query heads, where q, o, do, lse and D have H heads and k, v, dk, dv
 H_kv; query head h reads key/value head h // G). G is a runtime argument, so grouped-query
-heads add no compiled variants.
+heads add no compiled variants. After them come the layouts' strides
+(nbflash.kernels.common.layouts.kernel_strides), three for the query-shaped arrays (q, o, dO,
+dQ) and three for the key-shaped ones (k, v, dK, dV): element (b, h, n, c) of a query-shaped
+array is at b·sb + (b·H + h)·sh + n·sn + c.
 """
 
 from numba import types
@@ -23,17 +26,16 @@ def kernel_types(name, elem):
     f32 = types.Array(types.float32, 1, "C")
     i64, f = types.int64, types.float32
     opt_arrays, opt_scalars = _option_types()
-    if name == "forward":    # q, k, v, o, lse, Nq, Nk, H, G, τ log2 e (hi, lo)
-        return (io, io, io, io, f32, *opt_arrays, i64, i64, i64, i64, f, f, *opt_scalars)
-    if name == "delta":      # o, do, delta, dq_acc, n_rows, d, zero_dq
-        return (io, io, f32, f32, i64, i64, i64)
-    if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, Nq, Nk, H, G, τ log2 e (2), τ
-        return (io, io, io, io, f32, f32, f32, io, io, *opt_arrays, i64, i64, i64, i64, f, f, f,
+    sizes = (i64,) * 10      # Nq, Nk, H, G, the query side's sb, sh, sn, the key side's
+    if name == "forward":    # q, k, v, o, lse, sizes, τ log2 e (hi, lo)
+        return (io, io, io, io, f32, *opt_arrays, *sizes, f, f, *opt_scalars)
+    if name == "delta":      # o, do, delta, dq_acc, n_rows, d, zero_dq, N, H, sb, sh, sn
+        return (io, io, f32, f32, *(i64,) * 8)
+    if name == "dkdv":   # q, k, v, do, lse, delta, dq_acc, dk, dv, sizes, τ log2 e (2), τ
+        return (io, io, io, io, f32, f32, f32, io, io, *opt_arrays, *sizes, f, f, f,
                 *opt_scalars)
-    if name == "dq":     # q, k, v, do, lse, delta, dq, Nq, Nk, H, G, τ log2 e (hi, lo), τ
-        return (io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, i64, f, f, f,
-                *opt_scalars)
+    if name == "dq":     # q, k, v, do, lse, delta, dq, sizes, τ log2 e (hi, lo), τ
+        return (io, io, io, io, f32, f32, io, *opt_arrays, *sizes, f, f, f, *opt_scalars)
     if name == "dq_delta":   # tc's dQ pass, which computes D itself: as "dq" with o after do
-        return (io, io, io, io, io, f32, f32, io, *opt_arrays, i64, i64, i64, i64, f, f, f,
-                *opt_scalars)
+        return (io, io, io, io, io, f32, f32, io, *opt_arrays, *sizes, f, f, f, *opt_scalars)
     raise ValueError(name)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..._cuda import SIMULATOR, cuda
 from .fastlaunch import Kernel, switch_interval
+from .layouts import storage
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ def launch(kernel, grid, threads, *args):
 
 
 def flat(arrays):
-    """In the simulator: the 1-D views the fast-launched kernels are typed for (on the GPU the
-    launch only takes the pointers)."""
+    """In the simulator: the 1-D views of the arrays' memory the fast-launched kernels are
+    typed for (nbflash.kernels.common.layouts.storage; on the GPU the launch only takes the
+    pointers)."""
     if SIMULATOR:
-        return tuple(x.reshape(-1) for x in arrays)
+        return tuple(storage(x) for x in arrays)
     return arrays

@@ -41,7 +41,7 @@ The backward recomputes P from lse, so a NaN row stays NaN there (row_stats maps
 import math
 
 import numpy as np
-from numba import float32
+from numba import float32, int64, uint32
 
 from ..._cuda import cuda
 
@@ -149,16 +149,20 @@ def make_delta(threads, load=float32):
     load: an element of o or do as float32 (tc passes the conversion of its 16-bit bits)."""
     T = threads
 
-    def fa2_delta(o, do, delta, dq_acc, n_rows, D, zero_dq):
-        """Grid ceil(n_rows / T); o, do, dq_acc: flat (rows, D); delta: float32 (rows).
-        zero_dq: 1 to zero dq_acc (else it may be a placeholder)."""
+    def fa2_delta(o, do, delta, dq_acc, n_rows, D, zero_dq, N, H, sb, sh, sn):
+        """Grid ceil(n_rows / T); o, do, dq_acc: query-shaped (B, H, N, D), flat in the layout
+        whose strides are sb, sh, sn (nbflash.kernels.common.layouts); delta: float32 (rows)
+        with n_rows = B·H·N. zero_dq: 1 to zero dq_acc (else it may be a placeholder)."""
         row = cuda.blockIdx.x * T + cuda.threadIdx.x
         if row < n_rows:
+            bh = uint32(row) // uint32(N)
+            b = bh // uint32(H)
+            at = int64(b) * sb + int64(bh) * sh + (row - int64(bh) * N) * sn
             acc = ZERO
             for x in range(D):
-                acc += load(o[row * D + x]) * load(do[row * D + x])
+                acc += load(o[at + x]) * load(do[at + x])
                 if zero_dq:
-                    dq_acc[row * D + x] = ZERO
+                    dq_acc[at + x] = ZERO
             delta[row] = acc
 
     return fa2_delta

@@ -91,9 +91,9 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
     group_walk = make_group_walk(walk)           # ... of each query head of the group
 
-    def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid):
-        """Q_i, dO_i, lse_i and D_i (see row_stats) to `off`."""
-        load_q(q, do, q_base, row0, Nq, smem, off, tid)
+    def load_step(q, do, lse, delta, q_base, qsn, bh, row0, Nq, smem, off, tid):
+        """Q_i, dO_i (rows qsn apart), lse_i and D_i (see row_stats) to `off`."""
+        load_q(q, do, q_base, qsn, row0, Nq, smem, off, tid)
         for r in range(tid, C, T):
             row = row0 + r
             lse_r, dlt = row_stats(lse, delta, bh * Nq + row, row < Nq)
@@ -102,30 +102,34 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
 
-    def load_cursor(q, do, lse, delta, c, n_steps, hk, G, Nq, smem, off, tid):
-        """load_step for the tile of cursor c (nbflash.kernels.common.masks.cursor_tile)."""
+    def load_cursor(q, do, lse, delta, c, n_steps, q_group, hk, G, qsh, qsn, Nq, smem, off,
+                    tid):
+        """load_step for the tile of cursor c (nbflash.kernels.common.masks.cursor_tile);
+        q_group: where the group's first query head starts."""
         g, i = cursor_tile(c, n_steps)
-        bh = hk * G + g
-        load_step(q, do, lse, delta, bh * Nq * D, bh, i * C, Nq, smem, off, tid)
+        load_step(q, do, lse, delta, q_group + g * qsh, qsn, hk * G + g, i * C, Nq, smem, off,
+                  tid)
 
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
     def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
-                 sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
-                 drop_scale):
+                 qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk,
+                 seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R), H / G, B) over key/value heads, T threads, t.smem_bytes("dkdv",
         dropout) of dynamic shared memory. The block walks the query tiles of each of its G
         query heads in turn (grouped-query heads: dK_j, dV_j summed over the group in
         registers, written once, no atomics). delta: D from fa2_delta; dq_acc: zeroed float32
-        (B, H, Nq, d), used if atomic_dq; then the options' arguments
+        (B, H, Nq, d) in q's layout, used if atomic_dq (the layouts' strides: as the
+        forward's); then the options' arguments
         (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, b, hk, klen = kv_coords(L, Nk, key_lengths, PAD)
-        k_base = hk * Nk * D
+        k_base = b * ksb + hk * ksh
+        q_group = b * qsb + hk * G * qsh      # the group's first query head
         key0 = cuda.blockIdx.x * R
 
-        load_kv(k, v, k_base, key0, klen, smem, K_OFF, tid)
+        load_kv(k, v, k_base, ksn, key0, klen, smem, K_OFF, tid)
         dk_acc = cuda.local.array(N_ACC, float32)
         dv_acc = cuda.local.array(N_ACC, float32)
         part = cuda.local.array(N_ACC, float32)   # one step's share of dV, then of dK
@@ -147,13 +151,14 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         c, all_on = group_walk(first, first, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk,
                                bq, bk, Nq, klen)
         if STAGES == 2 and c < end:
-            load_cursor(q, do, lse, delta, c, n_steps, hk, G, Nq, smem, Q_OFF, tid)
+            load_cursor(q, do, lse, delta, c, n_steps, q_group, hk, G, qsh, qsn, Nq, smem, Q_OFF,
+                        tid)
             commit_async()
         step = 0
         while c < end:
             gq, i = cursor_tile(c, n_steps)   # this step's query head and tile
             bh = hk * G + gq
-            q_base = bh * Nq * D
+            q_base = q_group + gq * qsh
             row0 = i * C
             c_next, next_all_on = group_walk(c + 1, first, n_steps, G, hk, b, H, msb, msh,
                                              key0, bmask, nbk, bq, bk, Nq, klen)
@@ -161,15 +166,15 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
             if STAGES == 2:
                 off = Q_OFF + (step % 2) * STAGE
                 if c_next < end:
-                    load_cursor(q, do, lse, delta, c_next, n_steps, hk, G, Nq, smem,
-                                Q_OFF + ((step + 1) % 2) * STAGE, tid)
+                    load_cursor(q, do, lse, delta, c_next, n_steps, q_group, hk, G, qsh, qsn,
+                                Nq, smem, Q_OFF + ((step + 1) % 2) * STAGE, tid)
                     commit_async()
                     wait_async_all_but_1()
                 else:
                     wait_async_all()
             else:
                 off = Q_OFF
-                load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, off, tid)
+                load_step(q, do, lse, delta, q_base, qsn, bh, row0, Nq, smem, off, tid)
             if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
                 fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
             do_off = off + DO_IN
@@ -226,15 +231,15 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
                 for a in range(TMQ):
                     row = row0 + rg + RG * a
                     if row < Nq:
-                        add_row(dq_acc, q_base, row, dq_part, a, cg, scale)
+                        add_row(dq_acc, q_base, qsn, row, dq_part, a, cg, scale)
             c, all_on = c_next, next_all_on
             step += 1
 
         for a in range(TM):   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P_ijᵀ dO_i, written once
             key = key0 + rg + RG * a
             if key < Nk:
-                store_row(dk, k_base, key, dk_acc, a, cg, scale)
-                store_row(dv, k_base, key, dv_acc, a, cg, ONE)
+                store_row(dk, k_base, ksn, key, dk_acc, a, cg, scale)
+                store_row(dv, k_base, ksn, key, dv_acc, a, cg, ONE)
 
     return fa2_dkdv
 
@@ -259,18 +264,19 @@ def make_dq(t, causal, features=Features()):
     check_keep_tile(DROP, C, t)
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
 
-    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo,
-               scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn,
+               ksb, ksh, ksn, sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
+               offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; query head h reads key/value head h // G; the
         options' arguments last (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
-            L, D, H, G, Nq, Nk, key_lengths, msb, msh, PAD)
+            L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
         row0 = cuda.blockIdx.x * R
 
-        load_q(q, do, q_base, row0, Nq, smem, Q_OFF, tid)
+        load_q(q, do, q_base, qsn, row0, Nq, smem, Q_OFF, tid)
         for r in range(tid, R, T):              # lse_i and D_i, see row_stats
             row = row0 + r
             lse_r, dlt = row_stats(lse, delta, bh * Nq + row, row < Nq)
@@ -289,7 +295,7 @@ def make_dq(t, causal, features=Features()):
             if not any_on:
                 continue   # the same for every thread of the block
             cuda.syncthreads()
-            load_kv(k, v, k_base, col0, klen, smem, K_OFF, tid)
+            load_kv(k, v, k_base, ksn, col0, klen, smem, K_OFF, tid)
             if DROP:
                 fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
             cuda.syncthreads()
@@ -319,6 +325,6 @@ def make_dq(t, causal, features=Features()):
         for a in range(TM):
             row = row0 + rg + RG * a
             if row < Nq:
-                store_row(dq, q_base, row, acc, a, cg, scale)
+                store_row(dq, q_base, qsn, row, acc, a, cg, scale)
 
     return fa2_dq

@@ -76,19 +76,21 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
 
-    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo, msb, msh,
-                    nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
+                    ksn, sc_hi, sc_lo, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
+                    drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("forward",
-        dropout) of dynamic shared memory. q, o: flat (B, H, Nq, d); k, v: flat (B, H / G, Nk, d) (query head h
-        reads key/value head h // G); lse: flat (B, H, Nq) float32. sc_hi + sc_lo = τ log2(e)
+        dropout) of dynamic shared memory. q, o: (B, H, Nq, d); k, v: (B, H / G, Nk, d) (query
+        head h reads key/value head h // G), flat in the layouts of strides qsb, qsh, qsn and
+        ksb, ksh, ksn (nbflash.kernels.common.layouts); lse: flat (B, H, Nq) float32. sc_hi + sc_lo = τ log2(e)
         (:func:`split_scale`); then the options' arguments (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
-            L, D, H, G, Nq, Nk, key_lengths, msb, msh, PAD)
+            L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
         row0 = cuda.blockIdx.x * R
 
-        load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)          # Q_i, once
+        load_q(q, q_base, qsn, row0, Nq, smem, Q_OFF, tid)          # Q_i, once
         m = cuda.local.array(TM, float32)                       # running max (base 2)
         l = cuda.local.array(TM, float32)                       # this thread's part of ℓ
         acc = cuda.local.array(N_ACC, float32)                # unnormalised O_i slice
@@ -104,7 +106,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
         n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
         j, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         if STAGES == 2 and j < n_blocks:   # the first block into stage 0
-            load_kv(k, v, k_base, j * C, klen, smem, K_OFF, tid)
+            load_kv(k, v, k_base, ksn, j * C, klen, smem, K_OFF, tid)
             commit_async()
         step = 0
         while j < n_blocks:
@@ -115,7 +117,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             if STAGES == 2:      # K_j, V_j were loaded one step ahead; fetch the next ones
                 k_off = K_OFF + (step % 2) * KV
                 if j_next < n_blocks:
-                    load_kv(k, v, k_base, j_next * C, klen, smem,
+                    load_kv(k, v, k_base, ksn, j_next * C, klen, smem,
                             K_OFF + ((step + 1) % 2) * KV, tid)
                     commit_async()
                     wait_async_all_but_1()
@@ -123,7 +125,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                     wait_async_all()
             else:
                 k_off = K_OFF
-                load_kv(k, v, k_base, col0, klen, smem, K_OFF, tid)
+                load_kv(k, v, k_base, ksn, col0, klen, smem, K_OFF, tid)
             if DROP:
                 fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
             v_off = k_off + V_IN_KV
@@ -183,7 +185,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                         col = u * 4 * L + 4 * cg + e
                         if col < D:
                             # (0, not 0 / 1: a masked key's 0 · inf in acc is NaN)
-                            o[q_base + row * D + col] = ZERO if lse_row == NEG_INF \
+                            o[q_base + row * qsn + col] = ZERO if lse_row == NEG_INF \
                                 else acc[i * TX + 4 * u + e] / div
                 if cg == 0:
                     lse[bh * Nq + row] = lse_row
@@ -196,7 +198,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                         for e in range(4):
                             col = u * 4 * L + 4 * cg + e
                             if col < D:
-                                o[q_base + row * D + col] = NAN
+                                o[q_base + row * qsn + col] = NAN
                     if cg == 0:
                         lse[bh * Nq + row] = NAN
 

@@ -6,7 +6,10 @@ adds into a float32 buffer) and, with ``deterministic=True``, the separate dQ pa
 atomics. With grouped-query heads (k and v with H_kv heads, H_kv dividing H) the forward and dQ
 grids are (query tiles, G, B·H_kv), a key/value head's G = H / H_kv query heads along y (so
 that no kernel divides to find a head), and the dK/dV grid is over key/value heads, each block
-summing its group's query heads (G is a runtime argument: no more compiled variants).
+summing its group's query heads (G is a runtime argument: no more compiled variants). The
+query-shaped and the key-shaped arrays each lie in one of the layouts of
+nbflash.kernels.common.layouts ("bhnd" or "bnhd"), runtime arguments too: a plan allocates its
+outputs in its inputs' layouts.
 Each is compiled once per signature (nbflash.kernels.common.factory) and launched through the
 driver (nbflash.kernels.common.fastlaunch): a :class:`Fa2Plan` works out
 everything that depends only on a call's sizes and options once (tiles, kernels, grids, packed
@@ -21,6 +24,7 @@ from numba import types
 from ..common.arguments import kernel_types
 from ..common.factory import Spec, flat, kernel
 from ..common.fastlaunch import Bound
+from ..common.layouts import BHND, empty, kernel_strides
 from ..common.options import NONE, Features, OptionArguments, layout as options_layout
 from ..common.smem import check_fits
 from ..common.softmax import DELTA_THREADS, make_delta, split_scale
@@ -61,19 +65,23 @@ class Fa2Plan(OptionArguments):
     """Everything about an fa2 call that depends only on its sizes and options, worked out once:
     tiles, compiled kernels, grids and arguments, packed for launching (fastlaunch.Bound).
     `layout`: the options' nbflash.kernels.common.options.Layout; a call brings their arrays,
-    seed and offset. `tiles`: None or (kernel, RegTiles) pairs instead of the defaults."""
+    seed and offset. `tiles`: None or (kernel, RegTiles) pairs instead of the defaults.
+    `layouts`: the layouts of the query-shaped arrays (q, o, dO, dQ) and of the key-shaped
+    ones (k, v, dK, dV)."""
 
     #: its forward and backward take torch tensors with nbflash._torch_arrays as `xp`
     TAKES_TORCH = True
 
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles,
-                 layout=NONE, kv_heads=None):
+                 layout=NONE, kv_heads=None, layouts=(BHND, BHND)):
         causal = bool(causal)
         H_kv = H if kv_heads is None else kv_heads    # grouped-query: G = H / H_kv per group
         G = H // H_kv
         self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H_kv, Nk, d), (B, H, Nq)
         self.dtype = dtype
-        self.layout = layout
+        self.layout, (self.q_layout, self.k_layout) = layout, layouts
+        qst = kernel_strides(self.q_layout, H, Nq, d)
+        strides = qst + kernel_strides(self.k_layout, H_kv, Nk, d)
         features, drop = layout.features, layout.features.dropout
         io = 2 if dtype == "float16" else 4
         nq, nk, rows = B * H * Nq * d, B * H_kv * Nk * d, B * H * Nq
@@ -85,14 +93,14 @@ class Fa2Plan(OptionArguments):
         t = tiles.get("forward") or default_tiles("forward", d)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
                          (-(-Nq // t.R), G, B * H_kv), t.threads, t.smem_bytes("forward", drop),
-                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *sc, *opt_scalars))
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *strides, *sc, *opt_scalars))
         self.atomic = not deterministic
         acc = (nq, 4) if self.atomic else (1, 4)
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
-                           (Q, Q, L, acc), (rows, d, int(self.atomic)))
+                           (Q, Q, L, acc), (rows, d, int(self.atomic), Nq, H, *qst))
         inputs = (Q, K, K, Q, L, L)                 # q, k, v, do, lse, delta
-        grads = (Nq, Nk, H, G, *sc, float(scale))
+        grads = (Nq, Nk, H, G, *strides, *sc, float(scale))
         t = tiles.get("dkdv") or default_tiles("dkdv", d)   # (a block per key/value head)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
                           (-(-Nk // t.R), H_kv, B), t.threads, t.smem_bytes("dkdv", drop),
@@ -103,8 +111,8 @@ class Fa2Plan(OptionArguments):
             t.threads, t.smem_bytes("dq", drop), inputs + (Q, *opt), grads + opt_scalars)
 
     def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
-        """FA2 Algorithm 1 on contiguous, checked arrays; returns (o, lse)."""
-        o = xp.empty(self.q_shape, self.dtype)
+        """FA2 Algorithm 1 on checked arrays in the plan's layouts; returns (o, lse)."""
+        o = empty(xp, self.q_layout, self.q_shape, self.dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
         self.fwd(stream, flat((q, k, v, o, lse, *opt)), self.with_options(self.fwd, scalars))
@@ -112,13 +120,15 @@ class Fa2Plan(OptionArguments):
 
     def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
                  seed=0, offset=0):
-        """FA2 Algorithm 2 on contiguous, checked arrays; returns (dq, dk, dv)."""
+        """FA2 Algorithm 2 on checked arrays in the plan's layouts (do and o in q's); returns
+        (dq, dk, dv)."""
         f32 = xp.float32
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
         delta = xp.empty(self.lse_shape, f32)
-        dk = xp.empty(self.k_shape, self.dtype)
-        dv = xp.empty(self.k_shape, self.dtype)
-        dq_acc = xp.empty(self.q_shape if self.atomic else (1,), f32)
+        dk = empty(xp, self.k_layout, self.k_shape, self.dtype)
+        dv = empty(xp, self.k_layout, self.k_shape, self.dtype)
+        dq_acc = empty(xp, self.q_layout, self.q_shape, f32) if self.atomic \
+            else xp.empty((1,), f32)
         self.delta(stream, flat((o, do, delta, dq_acc)))       # and zeroes dq_acc
         inputs = (q, k, v, do, lse, delta)
         self.dkdv(stream, flat(inputs + (dq_acc, dk, dv, *opt)),
@@ -128,18 +138,19 @@ class Fa2Plan(OptionArguments):
                 dq_acc = dq_acc.astype(self.dtype) if hasattr(dq_acc, "astype") \
                     else xp.astype(dq_acc, self.dtype)
             return dq_acc, dk, dv
-        dq = xp.empty(self.q_shape, self.dtype)
+        dq = empty(xp, self.q_layout, self.q_shape, self.dtype)
         self.dq(stream, flat(inputs + (dq, *opt)), self.with_options(self.dq, scalars))
         return dq, dk, dv
 
 
 @functools.lru_cache(maxsize=256)
 def plan_for(B, H, Nq, Nk, d, dtype, causal, scale, deterministic=False, tiles=None,
-             layout=NONE, kv_heads=None):
+             layout=NONE, kv_heads=None, layouts=(BHND, BHND)):
     """The cached :class:`Fa2Plan`; `tiles`: None or a tuple of (kernel, RegTiles) pairs;
-    kv_heads: the heads of k and v (a divisor of H: grouped-query heads), None for H."""
+    kv_heads: the heads of k and v (a divisor of H: grouped-query heads), None for H;
+    layouts: the query side's and the key side's (nbflash.kernels.common.layouts)."""
     return Fa2Plan(B, H, Nq, Nk, d, str(dtype), causal, scale, deterministic, tiles, layout,
-                   None if kv_heads == H else kv_heads)
+                   None if kv_heads == H else kv_heads, tuple(layouts))
 
 
 def run_forward(xp, q, k, v, *, causal, scale, stream=0, tiles=None, masking=None):

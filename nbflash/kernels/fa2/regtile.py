@@ -29,20 +29,21 @@ def tile_constants(t):
             t.ds, max(t.dp, 4 * t.d4))
 
 
-def thread_coords(L, D, H, G, Nq, Nk, key_lengths, msb, msh, PAD):
+def thread_coords(L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh):
     """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase). Thread tid is lane cg
     of row group rg of its block's register tiles. The grid (x, G, B·H_kv) is over query heads
     grouped by key/value head: the block works on key/value head hk = b*H_kv + h // G (z),
     whose k-shaped rows start at k_base, and on its query head bh = hk·G + y = b*H + h, whose
-    q-shaped rows start at q_base (so that neither takes a division: one would cost the
-    kernels registers). klen: the key length of batch entry b (key_lengths[b] with PAD, else
-    Nk); mbase: the offset of the head's block mask (batch and head strides msb, msh)."""
+    q-shaped rows start at q_base (the layouts' strides qsb, qsh and ksb, ksh:
+    nbflash.kernels.common.layouts; b = bh // H is one 32-bit division). klen: the key length
+    of batch entry b (key_lengths[b] with PAD, else Nk); mbase: the offset of the head's block
+    mask (batch and head strides msb, msh)."""
     tid = cuda.threadIdx.x
     hk = cuda.blockIdx.z
     bh = hk * G + cuda.blockIdx.y
-    b = int64(uint32(bh) // uint32(H))   # (only with key_lengths or a block mask)
+    b = int64(uint32(bh) // uint32(H))
     klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return (tid, tid // L, tid % L, bh, bh * Nq * D, hk * Nk * D, klen,
+    return (tid, tid // L, tid % L, bh, b * qsb + bh * qsh, b * ksb + hk * ksh, klen,
             b * msb + (bh - b * H) * msh)
 
 
@@ -61,8 +62,8 @@ kv_coords = cuda.jit(device=True, inline=True)(kv_coords)
 
 
 def make_tile_loader(ROWS, D, WIDTH, STRIDE, T, ASYNC=False):
-    """Device function: rows start .. start+ROWS-1 of head `base` (the flat offset of row 0) of
-    a flat (B, H, n, D) array into shared memory at `off`, as float32 rows of WIDTH values
+    """Device function: rows start .. start+ROWS-1 of the head whose row 0 is at `base` (rows
+    `rs` elements apart: nbflash.kernels.common.layouts) of a flat array into shared memory at `off`, as float32 rows of WIDTH values
     (zeros past column D - 1 and past row n - 1) with row stride STRIDE. Consecutive threads take
     consecutive columns: the global reads coalesce and the shared writes hit distinct banks.
     When D is a multiple of 4 each thread moves 4 columns at a time with vector loads and
@@ -71,31 +72,31 @@ def make_tile_loader(ROWS, D, WIDTH, STRIDE, T, ASYNC=False):
     if D % 4 == 0:
         W4 = WIDTH // 4
 
-        def load_vec(src, base, start, n, smem, off, tid):
+        def load_vec(src, base, rs, start, n, smem, off, tid):
             for e in range(tid, ROWS * W4, T):
                 r = e // W4
                 x = 4 * (e % W4)
                 inside = start + r < n and x < D
                 if ASYNC:   # zeros where outside (nothing is read; the address must be valid)
                     copy16_async(smem, off + r * STRIDE + x, src,
-                                 base + (start + r) * D + x if inside else base,
+                                 base + (start + r) * rs + x if inside else base,
                                  16 if inside else 0)
                 else:
                     v0 = v1 = v2 = v3 = ZERO
                     if inside:
-                        v0, v1, v2, v3 = load4(src, base + (start + r) * D + x)
+                        v0, v1, v2, v3 = load4(src, base + (start + r) * rs + x)
                     store4(smem, off + r * STRIDE + x, v0, v1, v2, v3)
 
         return cuda.jit(device=True, inline=True)(load_vec)
     assert not ASYNC, "asynchronous copies need D % 4 == 0"
 
-    def load(src, base, start, n, smem, off, tid):
+    def load(src, base, rs, start, n, smem, off, tid):
         for e in range(tid, ROWS * WIDTH, T):
             r = e // WIDTH
             x = e % WIDTH
             val = ZERO
             if start + r < n and x < D:
-                val = float32(src[base + (start + r) * D + x])
+                val = float32(src[base + (start + r) * rs + x])
             smem[off + r * STRIDE + x] = val
 
     return cuda.jit(device=True, inline=True)(load)
@@ -105,9 +106,9 @@ def make_pair_loader(load, SECOND):
     """Device function: two arrays' rows with one tile loader, the second tile SECOND floats
     after the first (K_j and V_j; Q_i and dO_i)."""
 
-    def load_pair(src1, src2, base, start, n, smem, off, tid):
-        load(src1, base, start, n, smem, off, tid)
-        load(src2, base, start, n, smem, off + SECOND, tid)
+    def load_pair(src1, src2, base, rs, start, n, smem, off, tid):
+        load(src1, base, rs, start, n, smem, off, tid)
+        load(src2, base, rs, start, n, smem, off + SECOND, tid)
 
     return cuda.jit(device=True, inline=True)(load_pair)
 
@@ -174,22 +175,22 @@ def make_dot_cols(TM, TX4, J4, A_STEP, B_ROW, B_CHUNK):
 def make_row_store(TX4, L, D):
     """(store_scaled, add_scaled): a thread's slice of one row of an R x D output, held in
     acc[a*4*TX4 + 4u + e] (column u*4*L + 4*cg + e, see nbflash.kernels.fa2.tiles.RegTiles), times
-    `factor`, written to (store) or atomically added into (add) dst[base + row*D + column], for
+    `factor`, written to (store) or atomically added into (add) dst[base + row*rs + column], for
     the columns below D."""
 
-    def store_scaled(dst, base, row, acc, a, cg, factor):
+    def store_scaled(dst, base, rs, row, acc, a, cg, factor):
         for u in range(TX4):
             for e in range(4):
                 col = u * 4 * L + 4 * cg + e
                 if col < D:
-                    dst[base + row * D + col] = acc[a * 4 * TX4 + 4 * u + e] * factor
+                    dst[base + row * rs + col] = acc[a * 4 * TX4 + 4 * u + e] * factor
 
-    def add_scaled(dst, base, row, acc, a, cg, factor):
+    def add_scaled(dst, base, rs, row, acc, a, cg, factor):
         for u in range(TX4):
             for e in range(4):
                 col = u * 4 * L + 4 * cg + e
                 if col < D:
-                    cuda.atomic.add(dst, base + row * D + col,
+                    cuda.atomic.add(dst, base + row * rs + col,
                                     acc[a * 4 * TX4 + 4 * u + e] * factor)
 
     jit = cuda.jit(device=True, inline=True)

@@ -141,6 +141,21 @@ SIM_TILES = {kernel: {64: (8, 8, 2, 2), 128: (8, 8, 2, 2)} for kernel in GPU_TIL
 TABLE = SIM_TILES if SIMULATOR else GPU_TILES
 #: Largest head dim fa2 takes: what the tests cover
 MAX_HEAD_DIM = 128
+#: local memory (bytes) accepted for a GPU_TILES entry with every option on (dropout, key
+#: padding, block sparsity, causal), by (kernel, the entry's head dim); every other variant
+#: must have none (tests/test_compile.py). The d = 64 dK/dV kernel with every option was at 252
+#: of 255 registers; the layouts' runtime row strides (nbflash.kernels.common.layouts) took it
+#: to 255 and 36 bytes of spills in CI's compile (2026-12-01); the plain kernels have none.
+OPTIONS_LOCAL_ALLOWANCE = {("dkdv", 64): 40}
+
+
+def local_allowance(kernel, d, options):
+    """The local memory accepted for fa2 `kernel` at head dim d with the GPU table's tiles,
+    with every option (`options`) or none."""
+    if not options:
+        return 0
+    key = min((k for k in GPU_TILES[kernel] if k >= d), default=max(GPU_TILES[kernel]))
+    return OPTIONS_LOCAL_ALLOWANCE.get((kernel, key), 0)
 
 
 def tiles(kernel, d, table=None):

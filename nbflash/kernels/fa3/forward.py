@@ -186,7 +186,7 @@ def make_forward(t, causal, bf16):
             acc[4 * vt + 2] *= inv1
             acc[4 * vt + 3] *= inv1
         one = float32(1.0)
-        store_rows(o, bh * Nq * D, wr, Nq, acc, 0, 0, one, one, one, lse0 == NEG_INF,
+        store_rows(o, bh * Nq * D, D, wr, Nq, acc, 0, 0, one, one, one, lse0 == NEG_INF,
                    lse1 == NEG_INF, lane)
         if lane % 4 == 0:
             if r < Nq:

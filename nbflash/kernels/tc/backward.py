@@ -88,10 +88,10 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
     group_walk = make_group_walk(walk)           # ... of each query head of the group
 
-    def load_step(q, do, lse, delta, q_base, bh, row0, Nq, smem, smemf, off, tid):
+    def load_step(q, do, lse, delta, q_base, qsn, bh, row0, Nq, smem, smemf, off, tid):
         """Q_i, dO_i by cp.async, lse_i and D_i (see row_stats) by plain loads."""
-        load_rows(q, q_base, row0, Nq, smem, off, tid)
-        load_rows(do, q_base, row0, Nq, smem, off + DO_IN, tid)
+        load_rows(q, q_base, qsn, row0, Nq, smem, off, tid)
+        load_rows(do, q_base, qsn, row0, Nq, smem, off + DO_IN, tid)
         f = (off + LSE_IN) // 2
         for r in range(tid, C, T):   # lse in base 2 (lse·log2 e, in two parts), and D
             lse_r, dlt = row_stats(lse, delta, bh * Nq + row0 + r, row0 + r < Nq)
@@ -100,20 +100,23 @@ def make_dkdv(t, causal, bf16, features, dq=True):
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
 
-    def load_cursor(q, do, lse, delta, c, n_steps, hk, G, Nq, smem, smemf, off, tid):
+    def load_cursor(q, do, lse, delta, c, n_steps, b, hk, G, qsb, qsh, qsn, Nq, smem, smemf,
+                    off, tid):
         """load_step for the tile of cursor c (nbflash.kernels.common.masks.cursor_tile)."""
         g, i = cursor_tile(c, n_steps)
         bh = hk * G + g
-        load_step(q, do, lse, delta, bh * Nq * D, bh, i * C, Nq, smem, smemf, off, tid)
+        load_step(q, do, lse, delta, b * qsb + bh * qsh, qsn, bh, i * C, Nq, smem, smemf, off,
+                  tid)
 
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
     def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
-                sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
-                drop_scale):
+                qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk,
+                seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R) dsplit, H / G, B) over key/value heads, T threads,
         t.smem_bytes("dkdv", dropout, dq) of dynamic shared memory; 16-bit arrays as uint16;
-        delta from tc_delta; dq_acc: zeroed float32 (a placeholder without dQ). The block walks
+        delta from tc_delta; dq_acc: zeroed float32 in q's layout (a placeholder without dQ); the
+        layouts' strides as the forward's. The block walks
         the query tiles of each of its G query heads in turn (grouped-query heads: dK_j, dV_j
         summed over the group in registers, written once, no atomics)."""
         smem = cuda.shared.array(0, uint16)
@@ -127,10 +130,10 @@ def make_dkdv(t, causal, bf16, features, dq=True):
         wkey0 = key0 + 16 * warp
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A, and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Qᵀ, dOᵀ)
-        k_base = hk * Nk * D
+        k_base = b * ksb + hk * ksh
 
-        load_kv(k, k_base, key0, klen, smem, K_OFF, tid)
-        load_kv(v, k_base, key0, klen, smem, V_OFF, tid)
+        load_kv(k, k_base, ksn, key0, klen, smem, K_OFF, tid)
+        load_kv(v, k_base, ksn, key0, klen, smem, V_OFF, tid)
         commit_async()       # K_j, V_j: the first group, complete when step 0's tile is
         dk_acc = cuda.local.array(N_O, float32)
         dv_acc = cuda.local.array(N_O, float32)
@@ -155,8 +158,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
                                     nbk, bq, bk, Nq, klen)
         for s_ in range(STAGES - 1):
             if il < end:
-                load_cursor(q, do, lse, delta, il, n_steps, hk, G, Nq, smem, smemf,
-                            Q_OFF + s_ * STAGE, tid)
+                load_cursor(q, do, lse, delta, il, n_steps, b, hk, G, qsb, qsh, qsn, Nq, smem,
+                            smemf, Q_OFF + s_ * STAGE, tid)
                 il, _ = group_walk(il + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
                                    nbk, bq, bk, Nq, klen)
             commit_async()
@@ -165,7 +168,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
         while ic < end:
             gq, i = cursor_tile(ic, n_steps)   # this step's query head and tile
             bh = hk * G + gq
-            q_base = bh * Nq * D
+            q_base = b * qsb + bh * qsh
             row0 = i * C
             wait_tile()
             cuda.syncthreads()   # step's Q_i, dO_i are in; the previous step is done with dSᵀ
@@ -173,7 +176,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
             off = Q_OFF + (step % STAGES) * STAGE
             nxt = Q_OFF + ((step + STAGES - 1) % STAGES) * STAGE
             if il < end:
-                load_cursor(q, do, lse, delta, il, n_steps, hk, G, Nq, smem, smemf, nxt, tid)
+                load_cursor(q, do, lse, delta, il, n_steps, b, hk, G, qsb, qsh, qsn, Nq, smem,
+                            smemf, nxt, tid)
                 il, _ = group_walk(il + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
                                    nbk, bq, bk, Nq, klen)
             commit_async()
@@ -266,14 +270,14 @@ def make_dkdv(t, causal, bf16, features, dq=True):
                             row = row0 + 16 * qm + g + 8 * ((x // 2) % 2)
                             cx = col + 8 * (x // 4) + 2 * t4 + x % 2
                             if own and row < Nq and cx < D:
-                                cuda.atomic.add(dq_acc, q_base + row * D + cx, dq[x] * scale)
+                                cuda.atomic.add(dq_acc, q_base + row * qsn + cx, dq[x] * scale)
             ic, all_on = group_walk(ic + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
                                     nbk, bq, bk, Nq, klen)
             step += 1
 
         one = float32(1.0)   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P̃_ijᵀ dO_i, written once
-        store_rows(dk, k_base, wkey0, Nk, dk_acc, 0, c0, scale, one, one, False, False, lane)
-        store_rows(dv, k_base, wkey0, Nk, dv_acc, 0, c0, one, one, one, False, False, lane)
+        store_rows(dk, k_base, ksn, wkey0, Nk, dk_acc, 0, c0, scale, one, one, False, False, lane)
+        store_rows(dv, k_base, ksn, wkey0, Nk, dv_acc, 0, c0, one, one, one, False, False, lane)
 
     return tc_dkdv
 
@@ -310,30 +314,31 @@ def make_dq(t, causal, bf16, features):
     start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, KV_OFF, STAGE, V_IN, walk)
     no_flip = uint32(0)
 
-    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo,
-              scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn,
+              ksb, ksh, ksn, sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
+              offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; 16-bit arrays as uint16 (k, v with H / G heads:
         query head h reads key/value head h // G); delta: written (D of every row, for the
         dK/dV pass)."""
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, warp, lane, bh, hk, klen, mbase = thread_coords(H, G, Nk, key_lengths, msb, msh, PAD)
+        tid, warp, lane, bh, klen, mbase, q_base, k_base = thread_coords(
+            H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
         g, t4 = lane // 4, lane % 4
         mi = lane // 8
         row0 = cuda.blockIdx.x * R
         wr = 16 * warp                           # this warp's first query row in the block
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Kᵀ, Vᵀ)
-        q_base, k_base = bh * Nq * D, hk * Nk * D
 
-        load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
-        load_q(do, q_base, row0, Nq, smem, DO_OFF, tid)
+        load_q(q, q_base, qsn, row0, Nq, smem, Q_OFF, tid)
+        load_q(do, q_base, qsn, row0, Nq, smem, DO_OFF, tid)
         commit_async()
         n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
         jl, _ = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         jc, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        jl = start_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
+        jl = start_kv(k, v, k_base, ksn, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
                       bk, Nq)
 
         # this lane's two rows (g, g + 8): lse in base 2 (in two parts)
@@ -351,12 +356,12 @@ def make_dq(t, causal, bf16, features):
             c = 8 * sl + 2 * t4
             if 8 * sl < D:
                 at = DO_OFF + (wr + g) * DS + c
-                x = q_base + ra * D + c
+                x = q_base + ra * qsn + c
                 if ra < Nq:
                     pa += to_f32(o[x]) * to_f32(smem[at]) + \
                         to_f32(o[x + 1]) * to_f32(smem[at + 1])
                 if ra + 8 < Nq:
-                    x += 8 * D
+                    x += 8 * qsn
                     at += 8 * DS
                     pb += to_f32(o[x]) * to_f32(smem[at]) + \
                         to_f32(o[x + 1]) * to_f32(smem[at + 1])
@@ -382,7 +387,7 @@ def make_dq(t, causal, bf16, features):
         step = 0
         while jc < n_blocks:
             col0 = jc * C
-            buf, jl = next_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase,
+            buf, jl = next_kv(k, v, k_base, ksn, klen, smem, tid, jl, n_blocks, row0, bmask, mbase,
                               nbk, bq, bk, Nq, step)
             if DROP:   # the forward's keep bits, drawn again
                 fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
@@ -434,6 +439,6 @@ def make_dq(t, causal, bf16, features):
             step += 1
 
         one = float32(1.0)   # dQ_i = τ Σ_j dS_ij K_j, written once
-        store_rows(dq, q_base, row0 + wr, Nq, acc, 0, 0, scale, one, one, False, False, lane)
+        store_rows(dq, q_base, qsn, row0 + wr, Nq, acc, 0, 0, scale, one, one, False, False, lane)
 
     return tc_dq

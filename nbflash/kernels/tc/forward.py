@@ -119,8 +119,8 @@ def make_forward(t, causal, bf16, features):
             acc[mt * OF + 4 * vt + 2] *= alpha1
             acc[mt * OF + 4 * vt + 3] *= alpha1
 
-    def finish_mtile(o, lse, m, l, acc, mt, q_base, bh, r0, Nq, Nk, klen, bmask, mbase, nbk, bq,
-                     bk, lane, tid):
+    def finish_mtile(o, lse, m, l, acc, mt, q_base, qsn, bh, r0, Nq, Nk, klen, bmask, mbase,
+                     nbk, bq, bk, lane, tid):
         """O = diag(ℓ)^-1 O and lse = m + log ℓ of m-tile mt (rows r0 + g, r0 + g + 8); rows
         that see no key get 0 and -inf, non-finite scores NaN (finish_row)."""
         row = r0 + lane // 4
@@ -130,7 +130,7 @@ def make_forward(t, causal, bf16, features):
             row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
         d1, lse1 = finish_row(m[2 * mt + 1], l1, l1 != ZERO or sees_a_key(
             row + 8, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
-        store_rows(o, q_base, r0, Nq, acc, mt * OF, 0, float32(1.0), d0, d1, lse0 == NEG_INF,
+        store_rows(o, q_base, qsn, r0, Nq, acc, mt * OF, 0, float32(1.0), d0, d1, lse0 == NEG_INF,
                    lse1 == NEG_INF, lane)
         if lane % 4 == 0:
             if row < Nq:
@@ -143,30 +143,32 @@ def make_forward(t, causal, bf16, features):
     finish_mtile = cuda.jit(device=True, inline=True)(finish_mtile)
     assert RM in (1, 2), RM
 
-    def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, sc_hi, sc_lo, msb, msh,
-                   nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
+                   ksn, sc_hi, sc_lo, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
+                   drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G), T threads, t.smem_bytes("forward", dropout) of dynamic
-        shared memory; q, k, v, o: 16-bit bits (uint16), flat (B, H, N, d), k and v with H / G
-        heads (query head h reads key/value head h // G; thread_coords); lse: float32.
+        shared memory; q, k, v, o: 16-bit bits (uint16), (B, H, N, d) flat in the layouts of
+        strides qsb, qsh, qsn and ksb, ksh, ksn (nbflash.kernels.common.layouts), k and v with
+        H / G heads (query head h reads key/value head h // G; thread_coords); lse: float32.
         sc_hi = τ log2(e) rounded to float32; sc_lo is not used (fa2's argument layout)."""
         sc = abs(sc_hi)
         flip = uint32(0x80008000) if sc_hi < ZERO else uint32(0)   # -Q for τ < 0 (sign bits)
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, warp, lane, bh, hk, klen, mbase = thread_coords(H, G, Nk, key_lengths, msb, msh, PAD)
+        tid, warp, lane, bh, klen, mbase, q_base, k_base = thread_coords(
+            H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
         g, t4 = lane // 4, lane % 4
         row0 = cuda.blockIdx.x * R
         wr = 16 * RM * warp                    # this warp's first query row in the block
-        q_base, k_base = bh * Nq * D, hk * Nk * D
 
-        load_q(q, q_base, row0, Nq, smem, Q_OFF, tid)
+        load_q(q, q_base, qsn, row0, Nq, smem, Q_OFF, tid)
         commit_async()
         n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
         # the tile walks (Alg. 5 skips tiles whose mask blocks are all off): jl is the next tile
         # to load, jc the next to compute; both visit the same tiles
         jl, _ = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         jc, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        jl = start_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
+        jl = start_kv(k, v, k_base, ksn, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
                       bk, Nq)                 # the first STAGES - 1 tiles in flight
 
         wait_q()              # Q_i is in (its group was committed first)
@@ -195,7 +197,7 @@ def make_forward(t, causal, bf16, features):
         step = 0
         while jc < n_blocks:
             col0 = jc * C
-            buf, jl = next_kv(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase,
+            buf, jl = next_kv(k, v, k_base, ksn, klen, smem, tid, jl, n_blocks, row0, bmask, mbase,
                               nbk, bq, bk, Nq, step)
             if DROP:
                 fill_keep(bits, KEEP_OFF, row0, col0, bh, seed_lo, seed_hi, offset, thr, tid)
@@ -248,10 +250,10 @@ def make_forward(t, causal, bf16, features):
             step += 1
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
-        finish_mtile(o, lse, m, l, acc, 0, q_base, bh, row0 + wr, Nq, Nk, klen, bmask, mbase,
+        finish_mtile(o, lse, m, l, acc, 0, q_base, qsn, bh, row0 + wr, Nq, Nk, klen, bmask, mbase,
                      nbk, bq, bk, lane, tid)
         if RM == 2:
-            finish_mtile(o, lse, m, l, acc, 1, q_base, bh, row0 + wr + 16, Nq, Nk, klen, bmask,
+            finish_mtile(o, lse, m, l, acc, 1, q_base, qsn, bh, row0 + wr + 16, Nq, Nk, klen, bmask,
                          mbase, nbk, bq, bk, lane, tid)
 
     return tc_forward

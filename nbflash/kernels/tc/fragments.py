@@ -37,8 +37,9 @@ zero_if = cuda.jit(device=True, inline=True)(zero_if)
 
 
 def make_async_rows(ROWS, D, DP, DS, T):
-    """Device function: rows start .. start+ROWS-1 (zeros from row n on) of one head (flat
-    offset `base`) of a flat (B, H, n, D) 16-bit array into shared memory at `off` with row
+    """Device function: rows start .. start+ROWS-1 (zeros from row n on) of one head (row 0 at
+    flat offset `base`, rows `rs` elements apart: nbflash.kernels.common.layouts) of a flat
+    16-bit array into shared memory at `off` with row
     stride DS, DP columns (zeros from column D on), by cp.async in 16-byte pieces; issued, not
     waited for. Where the block's threads cover whole rows (T a multiple of the pieces per
     row, and ROWS of the rows they cover at once), each thread keeps its column and copies
@@ -50,24 +51,24 @@ def make_async_rows(ROWS, D, DP, DS, T):
     if RPI and ROWS % RPI == 0:
         ITERS = ROWS // RPI
 
-        def load(src, base, start, n, smem, off, tid):
+        def load(src, base, rs, start, n, smem, off, tid):
             r0, x = tid // CH, 8 * (tid % CH)
             col_in = DP == D or x < D
             for i in range(ITERS):
                 r = r0 + i * RPI
                 inside = start + r < n and col_in
                 copy16_async(smem, off + r * DS + x, src,
-                             base + (start + r) * D + x if inside else base, 16 if inside else 0)
+                             base + (start + r) * rs + x if inside else base, 16 if inside else 0)
 
         return cuda.jit(device=True, inline=True)(load)
 
-    def load(src, base, start, n, smem, off, tid):
+    def load(src, base, rs, start, n, smem, off, tid):
         for e in range(tid, ROWS * CH, T):
             r = e // CH
             x = 8 * (e % CH)
             inside = start + r < n and (DP == D or x < D)
             copy16_async(smem, off + r * DS + x, src,
-                         base + (start + r) * D + x if inside else base, 16 if inside else 0)
+                         base + (start + r) * rs + x if inside else base, 16 if inside else 0)
 
     return cuda.jit(device=True, inline=True)(load)
 
@@ -76,11 +77,11 @@ def make_store_rows(D, WIDTH, pack):
     """Device function: the fragments acc[a0:] of one m-tile (16 rows x WIDTH columns of a
     warp, see the module docstring) times scale / d0 (row g) and scale / d1 (row g + 8), as
     16-bit values into rows row0 + g, row0 + g + 8 (those below n), columns col0 .. (those below
-    D) of a flat head of row length D at `base`; zeros instead for a row whose `z0` / `z1` is
+    D) of a flat head at `base` whose rows are `rs` elements apart; zeros instead for a row whose `z0` / `z1` is
     true (a row that sees no key)."""
     NV = WIDTH // 8
 
-    def store(dst, base, row0, n, acc, a0, col0, scale, d0, d1, z0, z1, lane):
+    def store(dst, base, rs, row0, n, acc, a0, col0, scale, d0, d1, z0, z1, lane):
         g, t = lane // 4, lane % 4
         r0, r1 = row0 + g, row0 + g + 8
         f0, f1 = scale / d0, scale / d1
@@ -91,10 +92,10 @@ def make_store_rows(D, WIDTH, pack):
             x = a0 + 4 * vt
             if col < D:
                 if r0 < n:
-                    put2(dst, base + r0 * D + col + 2 * t,
+                    put2(dst, base + r0 * rs + col + 2 * t,
                          pack(zero_if(z0, acc[x] * f0), zero_if(z0, acc[x + 1] * f0)))
                 if r1 < n:
-                    put2(dst, base + r1 * D + col + 2 * t,
+                    put2(dst, base + r1 * rs + col + 2 * t,
                          pack(zero_if(z1, acc[x + 2] * f1), zero_if(z1, acc[x + 3] * f1)))
 
     return cuda.jit(device=True, inline=True)(store)
@@ -137,25 +138,25 @@ def make_kv_stream(C, D, DP, DS, T, STAGES, KV_OFF, STAGE, V_IN, walk):
     load_kv = make_async_rows(C, D, DP, DS, T)
     wait_tile = make_wait_async(STAGES - 2)
 
-    def start(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq, bk,
-              Nq):
+    def start(k, v, k_base, ksn, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
+              bk, Nq):
         for st in range(STAGES - 1):
             if jl < n_blocks:
-                load_kv(k, k_base, jl * C, klen, smem, KV_OFF + st * STAGE, tid)
-                load_kv(v, k_base, jl * C, klen, smem, KV_OFF + st * STAGE + V_IN, tid)
+                load_kv(k, k_base, ksn, jl * C, klen, smem, KV_OFF + st * STAGE, tid)
+                load_kv(v, k_base, ksn, jl * C, klen, smem, KV_OFF + st * STAGE + V_IN, tid)
                 jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
             commit_async()
         return jl
 
-    def next_(k, v, k_base, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq, bk,
-              Nq, step):
+    def next_(k, v, k_base, ksn, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
+              bk, Nq, step):
         wait_tile()
         cuda.syncthreads()
         buf = KV_OFF + (step % STAGES) * STAGE
         nxt = KV_OFF + ((step + STAGES - 1) % STAGES) * STAGE
         if jl < n_blocks:
-            load_kv(k, k_base, jl * C, klen, smem, nxt, tid)
-            load_kv(v, k_base, jl * C, klen, smem, nxt + V_IN, tid)
+            load_kv(k, k_base, ksn, jl * C, klen, smem, nxt, tid)
+            load_kv(v, k_base, ksn, jl * C, klen, smem, nxt + V_IN, tid)
             jl, _ = walk(jl + 1, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         commit_async()
         return buf, jl
@@ -178,16 +179,18 @@ def make_mma2(mma):
     return cuda.jit(device=True, inline=True)(mma2)
 
 
-def thread_coords(H, G, Nk, key_lengths, msb, msh, PAD):
-    """(tid, warp, lane, bh, hk, klen, mbase) of the calling thread of the forward or the dQ
-    pass, whose grid (x, G, B·H_kv) is over query heads grouped by key/value head (as fa2's
-    thread_coords): query head bh = b*H + h, key/value head hk = b*H_kv + h // G."""
+def thread_coords(H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh):
+    """(tid, warp, lane, bh, klen, mbase, q_base, k_base) of the calling thread of the forward
+    or the dQ pass, whose grid (x, G, B·H_kv) is over query heads grouped by key/value head (as
+    fa2's thread_coords): query head bh = b*H + h, key/value head hk = b*H_kv + h // G; q_base
+    and k_base: where their row 0 is (the layouts' strides qsb, qsh and ksb, ksh)."""
     tid = cuda.threadIdx.x
     hk = cuda.blockIdx.z
     bh = hk * G + cuda.blockIdx.y
-    b = int64(uint32(bh) // uint32(H))   # (only with key_lengths or a block mask)
+    b = int64(uint32(bh) // uint32(H))
     klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return tid, tid // 32, tid % 32, bh, hk, klen, b * msb + (bh - b * H) * msh
+    return (tid, tid // 32, tid % 32, bh, klen, b * msb + (bh - b * H) * msh,
+            b * qsb + bh * qsh, b * ksb + hk * ksh)
 
 
 def kv_coords(Nk, key_lengths, PAD):

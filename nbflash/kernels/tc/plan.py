@@ -18,7 +18,10 @@ driver, and a call's :class:`TcPlan` is worked out once and cached (:func:`plan_
 Grouped-query heads (k and v with H_kv heads, H_kv dividing H): the forward's and the dQ
 pass's grids are (query tiles, G, B·H_kv), a key/value head's G = H / H_kv query heads along y
 (so that no kernel divides to find a head), the dK/dV grid is over key/value heads, each block
-summing its group's query heads; G is a runtime argument (no more compiled variants).
+summing its group's query heads; G is a runtime argument (no more compiled variants). The
+query-shaped and the key-shaped arrays each lie in one of the layouts of
+nbflash.kernels.common.layouts ("bhnd" or "bnhd"; runtime arguments too), and the outputs are
+allocated in their inputs' layouts; head dims that are padded run on contiguous copies.
 """
 
 import functools
@@ -29,6 +32,7 @@ from ..._cuda import SIMULATOR
 from ..common.arguments import kernel_types
 from ..common.factory import Spec, flat, kernel
 from ..common.fastlaunch import Bound
+from ..common.layouts import BHND, empty, kernel_strides
 from ..common.options import NONE, Features, OptionArguments
 from ..common.smem import check_fits
 from ..common.softmax import DELTA_THREADS, make_delta, split_scale
@@ -94,10 +98,10 @@ def _bits(xp, x):
     return x if not SIMULATOR or x.dtype == xp.uint16 else x.view(xp.uint16)
 
 
-def _empty16(xp, shape, dtype):
-    """An output for 16-bit results of the inputs' `dtype` (in the simulator uint16 bits,
-    viewed back by :func:`_as`)."""
-    return xp.empty(shape, xp.uint16 if SIMULATOR else dtype)
+def _empty16(xp, layout, shape, dtype):
+    """An output in `layout` for 16-bit results of the inputs' `dtype` (in the simulator
+    uint16 bits, viewed back by :func:`_as`)."""
+    return empty(xp, layout, shape, xp.uint16 if SIMULATOR else dtype)
 
 
 def _as(x, dtype):
@@ -122,13 +126,15 @@ class TcPlan(OptionArguments):
     """A tc call's tiles, compiled kernels, grids and packed arguments (as fa2's Fa2Plan).
     Takes float16 arrays, or uint16 arrays holding bfloat16 bits, and returns the same kind.
     The backward computes dQ in the dQ pass (dq_pass True, and always with `deterministic`) or
-    adds it atomically in the dK/dV pass (False); None: the default at this head dim."""
+    adds it atomically in the dK/dV pass (False); None: the default at this head dim.
+    `layouts`: the layouts of the query-shaped arrays and of the key-shaped ones (both "bhnd"
+    where the head dim is padded: the padded copies are contiguous)."""
 
     #: its forward and backward take torch tensors with nbflash._torch_arrays as `xp`
     TAKES_TORCH = True
 
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=NONE,
-                 deterministic=False, dq_pass=None, kv_heads=None):
+                 deterministic=False, dq_pass=None, kv_heads=None, layouts=(BHND, BHND)):
         causal = bool(causal)
         H_kv = H if kv_heads is None else kv_heads    # grouped-query: G = H / H_kv per group
         G = H // H_kv
@@ -136,6 +142,9 @@ class TcPlan(OptionArguments):
         self.q_shape, self.k_shape = (B, H, Nq, kd), (B, H_kv, Nk, kd)
         self.lse_shape = (B, H, Nq)
         self.dtype, self.layout = dtype, layout
+        self.q_layout, self.k_layout = layouts if kd == d else (BHND, BHND)
+        qst = kernel_strides(self.q_layout, H, Nq, kd)
+        strides = qst + kernel_strides(self.k_layout, H_kv, Nk, kd)
         if dq_pass is None:
             dq_pass = default_dq_pass(kd)
         self.atomic = not (deterministic or dq_pass)
@@ -151,11 +160,11 @@ class TcPlan(OptionArguments):
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
                          (-(-Nq // t.rows), G, B * H_kv), t.threads,
                          t.smem_bytes("forward", drop),
-                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *sc, *opt_scalars))
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *strides, *sc, *opt_scalars))
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
-                           (Q, Q, L, ACC), (rows, kd, 1)) if self.atomic else None
-        grads = (Nq, Nk, H, G, *sc, float(scale), *opt_scalars)
+                           (Q, Q, L, ACC), (rows, kd, 1, Nq, H, *qst)) if self.atomic else None
+        grads = (Nq, Nk, H, G, *strides, *sc, float(scale), *opt_scalars)
         t = tiles.get("dkdv") or default_tiles("dkdv", kd)   # (a block per key/value head)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
                           (-(-Nk // t.rows) * t.dsplit, H_kv, B), t.threads,
@@ -173,7 +182,7 @@ class TcPlan(OptionArguments):
         """FA2 Algorithm 1 on tensor cores; returns (o, lse)."""
         kd, dtype = self.q_shape[-1], q.dtype
         q, k, v = (_bits(xp, _padded(xp, x, kd)) for x in (q, k, v))
-        o = _empty16(xp, self.q_shape, dtype)
+        o = _empty16(xp, self.q_layout, self.q_shape, dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
         self.fwd(stream, flat((q, k, v, o, lse, *opt)), self.with_options(self.fwd, scalars))
@@ -181,19 +190,19 @@ class TcPlan(OptionArguments):
 
     def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
                  seed=0, offset=0):
-        """FA2 Algorithm 2 on tensor cores; returns (dq, dk, dv)."""
+        """FA2 Algorithm 2 on tensor cores (do and o in q's layout); returns (dq, dk, dv)."""
         kd, dtype = self.q_shape[-1], q.dtype
         do, q, k, v, o = (_bits(xp, _padded(xp, x, kd)) for x in (do, q, k, v, o))
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
         delta = xp.empty(self.lse_shape, xp.float32)
         if self.atomic:
-            dq_acc = xp.empty(self.q_shape, xp.float32)
+            dq_acc = empty(xp, self.q_layout, self.q_shape, xp.float32)
         else:   # (made once: a launch takes any array kind's pointer)
             dq_acc = self._no_acc = self._no_acc if self._no_acc is not None else \
                 xp.empty((1,), xp.float32)
-        dq = _empty16(xp, self.q_shape, dtype)
-        dk = _empty16(xp, self.k_shape, dtype)
-        dv = _empty16(xp, self.k_shape, dtype)
+        dq = _empty16(xp, self.q_layout, self.q_shape, dtype)
+        dk = _empty16(xp, self.k_layout, self.k_shape, dtype)
+        dv = _empty16(xp, self.k_layout, self.k_shape, dtype)
         if self.atomic:
             self.delta(stream, flat((o, do, delta, dq_acc)))       # and zeroes dq_acc
         else:   # (and writes delta)
@@ -208,8 +217,9 @@ class TcPlan(OptionArguments):
 
 @functools.lru_cache(maxsize=256)
 def plan_for(B, H, Nq, Nk, d, dtype, causal, scale, tiles=None, layout=NONE,
-             deterministic=False, dq_pass=None, kv_heads=None):
+             deterministic=False, dq_pass=None, kv_heads=None, layouts=(BHND, BHND)):
     """The cached :class:`TcPlan`; `tiles`: None or a tuple of (kernel, TcTiles) pairs;
-    kv_heads: the heads of k and v (a divisor of H: grouped-query heads), None for H."""
+    kv_heads: the heads of k and v (a divisor of H: grouped-query heads), None for H;
+    layouts: the query side's and the key side's (nbflash.kernels.common.layouts)."""
     return TcPlan(B, H, Nq, Nk, d, str(dtype), causal, scale, tiles, layout, deterministic,
-                  dq_pass, None if kv_heads == H else kv_heads)
+                  dq_pass, None if kv_heads == H else kv_heads, tuple(layouts))
