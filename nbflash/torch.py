@@ -10,7 +10,10 @@ and ``nbflash::attention_backward`` returns (dq, dk, dv). Each has a fake (meta)
 giving its outputs' shapes, dtypes and strides, and the forward's autograd formula calls the
 backward op, so ``torch.compile(fn, fullgraph=True)`` traces through nbflash without a graph
 break and AOT autograd puts the backward op in the backward graph. The forward saves q, k, v,
-o and lse; the backward recomputes P from them (nbflash's attention_backward).
+o and lse; the backward recomputes P from them (nbflash's attention_backward). Eager calls on
+plain tensors run the same functions and formula without the dispatcher (`_Eager`: a custom
+op's autograd dispatch cost more host time than the rest of the call), and without autograd
+where nothing needs a gradient.
 
 Tensors pass to the kernels without copies and the kernels run on torch's current stream: the
 first call with given shapes, dtypes and options goes through the checks (tensors taken through
@@ -105,13 +108,11 @@ def _masking(key_lengths, block_mask, seed, dropout_p, offset, block_size):
                 block_size=block_size)
 
 
-@torch.library.custom_op("nbflash::attention_forward", mutates_args=())
-def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         key_lengths: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
-                         seed: Optional[torch.Tensor], causal: bool,
-                         softmax_scale: Optional[float], impl: str, deterministic: bool,
-                         dropout_p: float, offset: int, block_size: Optional[List[int]],
-                         layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             key_lengths: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
+             seed: Optional[torch.Tensor], causal: bool, softmax_scale: Optional[float],
+             impl: str, deterministic: bool, dropout_p: float, offset: int,
+             block_size: Optional[List[int]], layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of nbflash.attention_forward; o in `layout`, lse float32 (B, H, Nq).
     `deterministic` is the backward's (the autograd formula passes it on)."""
     o, lse = api.attention_forward(
@@ -119,6 +120,10 @@ def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         softmax_scale=softmax_scale, impl=impl,
         **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size))
     return _from_kernel(o, layout), lse
+
+
+attention_forward_op = torch.library.custom_op("nbflash::attention_forward", _forward,
+                                               mutates_args=())
 
 
 @attention_forward_op.register_fake
@@ -130,15 +135,13 @@ def _(q, k, v, key_lengths, block_mask, seed, causal, softmax_scale, impl, deter
     return _from_kernel(o, layout), q.new_empty((B, H, Nq), dtype=torch.float32)
 
 
-@torch.library.custom_op("nbflash::attention_backward", mutates_args=())
-def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          o: torch.Tensor, lse: torch.Tensor,
-                          key_lengths: Optional[torch.Tensor],
-                          block_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
-                          causal: bool, softmax_scale: Optional[float], impl: str,
-                          deterministic: bool, dropout_p: float, offset: int,
-                          block_size: Optional[List[int]],
-                          layout: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_grads(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    o: torch.Tensor, lse: torch.Tensor, key_lengths: Optional[torch.Tensor],
+                    block_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                    causal: bool, softmax_scale: Optional[float], impl: str,
+                    deterministic: bool, dropout_p: float, offset: int,
+                    block_size: Optional[List[int]],
+                    layout: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of nbflash.attention_backward, in `layout`. An upstream gradient in
     another memory layout than o's (a broadcast view, of loss = o.sum() say) is copied into
     o's once here, so that the call takes the fast path."""
@@ -150,6 +153,10 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         softmax_scale=softmax_scale, impl=impl, deterministic=deterministic,
         **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size))
     return tuple(_from_kernel(g, layout) for g in grads)
+
+
+attention_backward_op = torch.library.custom_op("nbflash::attention_backward", _backward_grads,
+                                                mutates_args=())
 
 
 @attention_backward_op.register_fake
@@ -179,6 +186,39 @@ def _backward(ctx, do, _dlse):
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The forward op's autograd formula for eager calls, without the dispatcher: the same
+    functions behind the ops (_forward, _backward_grads) on the same arguments, so the same
+    kernels and results; a custom op's autograd dispatch costs more host time than the rest of
+    a call (on a 2-core CPU, 2026-12-01: 62 µs of 88 per forward with the kernels stubbed
+    out). :func:`_attention` takes it for plain tensors outside torch.compile and torch.func's
+    transforms, the ops otherwise (traced graphs, fake and other tensor subclasses). Its
+    forward takes ctx (no setup_context: with one, each apply binds the arguments through
+    inspect.signature, tens of µs)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_lengths, block_mask, seed, *options):
+        out = _forward(q, k, v, key_lengths, block_mask, seed, *options)
+        _setup_context(ctx, (q, k, v, key_lengths, block_mask, seed, *options), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, key_lengths, block_mask, seed = ctx.saved_tensors
+        dq, dk, dv = _backward_grads(do, q, k, v, o, lse, key_lengths, block_mask, seed,
+                                     *ctx.options)
+        return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
+
+
+_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda x: False)
+
+
+def _eager(q):
+    """Whether a call on q takes :class:`_Eager`: a plain tensor, not under torch.compile nor
+    a torch.func transform."""
+    return type(q) is torch.Tensor and not torch.compiler.is_compiling() and not _wrapped(q)
 
 
 # -- the options as op arguments -------------------------------------------------------------
@@ -248,9 +288,13 @@ def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} must be a torch tensor; got {type(x).__name__} "
                              f"(nbflash.attention takes NumPy and CuPy arrays)")
-    return attention_forward_op(q, k, v, *_op_arguments(
-        causal, softmax_scale, impl, deterministic, dropout_p, seed, offset, key_lengths,
-        block_mask, block_size, layout))
+    args = _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
+                         key_lengths, block_mask, block_size, layout)
+    if _eager(q):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _Eager.apply(q, k, v, *args)
+        return _forward(q, k, v, *args)      # (no graph to record)
+    return attention_forward_op(q, k, v, *args)
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", deterministic=False,

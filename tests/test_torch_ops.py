@@ -116,15 +116,16 @@ def test_compile_fullgraph_matches_eager():
     """torch.compile(fullgraph=True) with AOT autograd (backend aot_eager: no C++ compiler
     needed) through attention (dropout with a seed drawn in the graph, lse returned) and
     flash_attn_func (the (B, N, H, d) layout, GQA): the same outputs and gradients as eager,
-    bitwise (the same kernels run on the same inputs)."""
+    bitwise (the same kernels run on the same inputs; deterministic=True, since on the GPU
+    fa2's atomic dQ may add in another order from one run to the next)."""
     q = _randn(2, 4, N, D, seed=1)
     kv = [_randn(2, 2, N, D, seed=s) for s in (2, 3)]
 
     def fn(q, k, v):
         o, lse = nt.attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                              causal=True, dropout_p=0.25, return_lse=True)
+                              causal=True, dropout_p=0.25, return_lse=True, deterministic=True)
         o2 = nt.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                softmax_scale=0.3)
+                                softmax_scale=0.3, deterministic=True)
         return (o * o2.transpose(1, 2)).sum() + lse.sum()
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -315,3 +316,28 @@ def test_importing_nbflash_imports_neither_torch_nor_transformers():
     code = ("import sys, nbflash; bad = [m for m in ('torch', 'transformers') if m in "
             "sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_eager_calls_skip_the_dispatcher(monkeypatch):
+    """Eager calls on plain tensors take nbflash.torch._Eager (the ops' autograd formula without
+    the dispatcher, for host time): with the ops made to fail they still run, forward and
+    backward, and give bitwise what the ops give (the same kernels on the same arguments);
+    under torch.compile the ops run (test_compile_fullgraph_matches_eager)."""
+    q, k, v, do = (_randn(2, 2, N, D, seed=s) for s in range(4))
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o, lse = nt.attention_forward_op(*_forward_args(*leaves, causal=True, deterministic=True))
+    o.backward(do)
+    want = [o, lse] + [x.grad for x in leaves]
+
+    def fail(*args):
+        raise AssertionError("the custom op was called")
+    monkeypatch.setattr(nt, "attention_forward_op", fail)
+    monkeypatch.setattr(nt, "attention_backward_op", fail)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    o, lse = nt.attention(*leaves, causal=True, deterministic=True, return_lse=True)
+    o.backward(do)
+    got = [o, lse] + [x.grad for x in leaves]
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), want, got):
+        np.testing.assert_array_equal(_np(b), _np(a), err_msg=name)
+    with torch.no_grad():      # no graph to record: the forward alone
+        np.testing.assert_array_equal(_np(nt.attention(q, k, v, causal=True)), _np(want[0]))
