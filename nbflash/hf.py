@@ -30,7 +30,7 @@ What the attention function does with what transformers passes:
   are refused (issue 17); attention weights are never returned (None, as SDPA's).
 
 transformers hands the projections over as (B, H, N, d) views of (B, N, H, d) tensors: they go
-to the op in that (B, N, H, d) order, the fa2 and tc kernels read them in place
+to the op as they are, the fa2 and tc kernels read them in place
 (nbflash.kernels.common.layouts) and the output comes back as a contiguous (B, N, H, d) tensor,
 which the model's output projection takes as it is: no copy on either side. Importing this
 module imports torch; transformers is imported by register().
@@ -90,12 +90,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     key_lengths = None
     if attention_mask is not None:
         causal, key_lengths = _mask_options(attention_mask, B, Nq, Nk)
-    # (B, H, N, d) views of (B, N, H, d) projections go as the latter (see the module docstring)
-    layout = "bnhd" if query.transpose(1, 2).is_contiguous() else "bhnd"
-    q, k, v = (x.transpose(1, 2) if layout == "bnhd" else x for x in (query, key, value))
-    o, _ = nbtorch._attention(q, k, v, layout, causal, scaling, impl, deterministic,
+    # (B, H, N, d) views of (B, N, H, d) projections, read in place: o comes back in q's
+    # memory, so its (B, N, H, d) transpose is contiguous (see the module docstring)
+    o, _ = nbtorch._attention(query, key, value, "bhnd", causal, scaling, impl, deterministic,
                               dropout_p=dropout, key_lengths=key_lengths)
-    return (o if layout == "bnhd" else o.transpose(1, 2)), None
+    return o.transpose(1, 2), None
 
 
 def _mask_options(mask, B, Nq, Nk):
