@@ -454,8 +454,9 @@ def _laid_out(xp, x, d):
     lay = _layouts.layout_of(x)
     if lay is None or (xp is np and not x.flags.writeable):
         return None
-    if lay == _layouts.BNHD and (d * x.itemsize) % 16:
-        return None
+    if lay == _layouts.BNHD and ((d * x.itemsize) % 16
+                                 or xp is np and x.__array_interface__["data"][0] % 16):
+        return None       # (NumPy too: the simulator decides as the GPU would)
     if xp is not np and x.data.ptr % 16:
         return None
     return lay

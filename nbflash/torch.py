@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import api, impls, inputs
+from .kernels.common.layouts import layout_of
 from .errors import InputError
 
 #: the orders of the ops' tensor dimensions: (batch, heads, seqlen, head_dim), nbflash's and
@@ -145,8 +146,8 @@ def _backward_grads(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     """(dq, dk, dv) of nbflash.attention_backward, in `layout`. An upstream gradient in
     another memory layout than o's (a broadcast view, of loss = o.sum() say) is copied into
     o's once here, so that the call takes the fast path."""
-    if _memory_layout(_to_kernel(do, layout), impl) != _memory_layout(_to_kernel(o, layout),
-                                                                       impl):
+    lay = layout_of(_to_kernel(do, layout))
+    if lay is None or lay != layout_of(_to_kernel(o, layout)) or do.data_ptr() % 16:
         do = torch.empty_like(o).copy_(do)
     grads = api.attention_backward(
         *(_to_kernel(x, layout) for x in (do, q, k, v, o)), lse.contiguous(), causal=causal,
@@ -193,8 +194,8 @@ class _Eager(torch.autograd.Function):
     functions behind the ops (_forward, _backward_grads) on the same arguments, so the same
     kernels and results; a custom op's autograd dispatch costs more host time than the rest of
     a call (on a 2-core CPU, 2026-12-01: 62 µs of 88 per forward with the kernels stubbed
-    out). :func:`_attention` takes it for plain tensors outside torch.compile and torch.func's
-    transforms, the ops otherwise (traced graphs, fake and other tensor subclasses). Its
+    out). :func:`_attention` takes it for plain tensors outside torch.compile and dispatch
+    modes, the ops otherwise (traced graphs, fake and other tensor subclasses). Its
     forward takes ctx (no setup_context: with one, each apply binds the arguments through
     inspect.signature, tens of µs)."""
 
@@ -205,6 +206,7 @@ class _Eager(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable   # (as the op: a double backward raises)
     def backward(ctx, do, _dlse):
         q, k, v, o, lse, key_lengths, block_mask, seed = ctx.saved_tensors
         dq, dk, dv = _backward_grads(do, q, k, v, o, lse, key_lengths, block_mask, seed,
@@ -212,13 +214,14 @@ class _Eager(torch.autograd.Function):
         return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
 
 
-_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda x: False)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 
 
 def _eager(q):
-    """Whether a call on q takes :class:`_Eager`: a plain tensor, not under torch.compile nor
-    a torch.func transform."""
-    return type(q) is torch.Tensor and not torch.compiler.is_compiling() and not _wrapped(q)
+    """Whether a call on q takes :class:`_Eager`: a plain tensor, not under torch.compile and
+    with no dispatch mode active (make_fx's tracing, FlopCounterMode and the like see the op)."""
+    return type(q) is torch.Tensor and not torch.compiler.is_compiling() \
+        and _dispatch_modes() == 0
 
 
 # -- the options as op arguments -------------------------------------------------------------

@@ -341,3 +341,18 @@ def test_eager_calls_skip_the_dispatcher(monkeypatch):
         np.testing.assert_array_equal(_np(b), _np(a), err_msg=name)
     with torch.no_grad():      # no graph to record: the forward alone
         np.testing.assert_array_equal(_np(nt.attention(q, k, v, causal=True)), _np(want[0]))
+
+
+def test_the_eager_path_keeps_the_ops_semantics():
+    """What the ops do, _Eager does too: a double backward raises (no second-order formula,
+    not a silently missing term), and under a dispatch mode (make_fx's tracing) the op is
+    what the trace records, not a constant computed on the way."""
+    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: PLC0415
+    q, k, v = (_randn(1, 2, N, D, seed=s).requires_grad_(True) for s in range(3))
+    o = nt.attention(q, k, v, causal=True)
+    (dq,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError):
+        (dq.square().sum() + o.sum()).backward()
+    traced = make_fx(lambda q, k, v: nt.attention(q, k, v, causal=True))(
+        *(x.detach() for x in (q, k, v)))
+    assert any("nbflash.attention_forward" in str(n.target) for n in traced.graph.nodes)
