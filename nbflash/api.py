@@ -141,7 +141,7 @@ def _plain(masking):
 
 def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
                       block_rule=None, dropout_p=0.0, seed=None, offset=0, key_lengths=None,
-                      block_mask=None, block_size=None):
+                      block_mask=None, block_size=None, softcap=0.0):
     """Attention forward: returns (o, lse).
 
     q: (B, H, Nq, d); k, v: (B, H_kv, Nk, d) with H_kv = H, or fewer heads dividing H
@@ -186,12 +186,16 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     H200) skip exactly the masked blocks. nbflash.sparsity builds the paper's patterns.
 
     A row that sees no key (masked by any of these) gets o = 0 and lse = -inf.
+
+    softcap (naive, fa2, tc): 0 (off), or a positive number: the scores become
+    softcap·tanh(τ q·kᵀ / softcap) before the masks and the softmax (Gemma 2's softcapping),
+    and the backward takes the factor 1 - tanh² of its derivative.
     Raises nbflash.InputError, naming the problem, before any kernel runs.
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
-                   block_mask=block_mask, block_size=block_size)
+                   block_mask=block_mask, block_size=block_size, softcap=softcap)
     key = _fast_key((q, k, v), ("fwd", causal, softmax_scale, impl, M, block_rule, dropout_p,
-                                block_size)) if _plain(masking) else None
+                                block_size, softcap)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
     if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
         _, seed, offset = inputs.check_dropout(dropout_p, seed, offset)
@@ -209,14 +213,15 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
               block_rule=None, **options):
     """Attention output softmax(τ q kᵀ) v; see :func:`attention_forward` for the arguments
-    (`options`: dropout_p, seed, offset, key_lengths, block_mask, block_size)."""
+    (`options`: dropout_p, seed, offset, key_lengths, block_mask, block_size, softcap)."""
     return attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, impl=impl,
                              M=M, block_rule=block_rule, **options)[0]
 
 
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, impl="auto",
                        M=None, block_rule=None, deterministic=False, dropout_p=0.0, seed=None,
-                       offset=0, key_lengths=None, block_mask=None, block_size=None):
+                       offset=0, key_lengths=None, block_mask=None, block_size=None,
+                       softcap=0.0):
     """Attention backward: returns (dq, dk, dv) for upstream gradient do = dL/do.
 
     o and lse are what :func:`attention_forward` returned for the same q, k, v and options
@@ -234,10 +239,10 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     on the GPU). fa1 and naive are always deterministic.
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
-                   block_mask=block_mask, block_size=block_size)
+                   block_mask=block_mask, block_size=block_size, softcap=softcap)
     key = _fast_key((do, q, k, v, o, lse),
                     ("bwd", causal, softmax_scale, impl, M, block_rule, deterministic, dropout_p,
-                     block_size)) if _plain(masking) else None
+                     block_size, softcap)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
     if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
         _, seed, offset = inputs.check_dropout(dropout_p, seed, offset)

@@ -26,8 +26,9 @@ What the attention function does with what transformers passes:
   grouped-query kernels (no repeat_interleave, which transformers' SDPA path may do), dk and
   dv summed over each group inside them;
 - scaling becomes softmax_scale; dropout becomes dropout_p, with a seed from torch's generator;
-- sliding_window, softcap, attention sinks (s_aux) and packed-sequence lengths (cu_seq_lens_*)
-  are refused (issue 17); attention weights are never returned (None, as SDPA's).
+- softcap (Gemma 2's attn_logit_softcapping) is nbflash's softcap;
+- sliding_window, attention sinks (s_aux) and packed-sequence lengths (cu_seq_lens_*) are
+  refused (issue 17); attention weights are never returned (None, as SDPA's).
 
 transformers hands the projections over as (B, H, N, d) views of (B, N, H, d) tensors: they go
 to the op as they are, the fa2 and tc kernels read them in place
@@ -46,7 +47,7 @@ from .errors import InputError
 _LAST_MASK = []
 
 #: keyword arguments of transformers' attention calls that ask for what nbflash lacks
-_REFUSED = {"sliding_window": "sliding-window attention", "softcap": "softcapping",
+_REFUSED = {"sliding_window": "sliding-window attention",
             "s_aux": "attention sinks", "sinks": "attention sinks",
             "cu_seq_lens_q": "packed variable-length sequences",
             "cu_seq_lens_k": "packed variable-length sequences"}
@@ -93,7 +94,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     # (B, H, N, d) views of (B, N, H, d) projections, read in place: o comes back in q's
     # memory, so its (B, N, H, d) transpose is contiguous (see the module docstring)
     o, _ = nbtorch._attention(query, key, value, "bhnd", causal, scaling, impl, deterministic,
-                              dropout_p=dropout, key_lengths=key_lengths)
+                              dropout_p=dropout, key_lengths=key_lengths,
+                              softcap=kwargs.get("softcap") or 0.0)
     return o.transpose(1, 2), None
 
 

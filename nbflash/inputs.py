@@ -70,6 +70,7 @@ class Problem:
     #: the layouts (nbflash.kernels.common.layouts) of the query-shaped arrays and of the
     #: key-shaped ones as the checks hand them over: both "bhnd" unless the impl takes others
     layouts: tuple = (_layouts.BHND, _layouts.BHND)
+    softcap: float = 0.0         # scores softcap·tanh(score / softcap); 0: off
 
     @property
     def kv_heads(self):
@@ -85,7 +86,7 @@ class Problem:
         """The mask and dropout options, as nbflash.naive takes them."""
         return dict(dropout_p=self.dropout_p, seed=self.seed, offset=self.offset,
                     key_lengths=self.key_lengths, block_mask=self.block_mask,
-                    block_size=self.block_size)
+                    block_size=self.block_size, softcap=self.softcap)
 
     def options(self):
         """(Layout, (key_lengths, block_mask, seed, offset)): the options as the kernels' plans
@@ -344,6 +345,19 @@ def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+def check_softcap(impl, softcap):
+    """softcap as a float: 0 (off), or a positive finite number, for an impl that takes it."""
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(
+            softcap, (int, float, np.integer, np.floating)) or not math.isfinite(softcap) \
+            or softcap < 0:
+        raise InputError(f"softcap must be 0 (off) or a positive finite number; got {softcap!r}")
+    if softcap and not impl.softcap:
+        others = [i.name for i in impls.REGISTRY.values() if i.softcap]
+        raise InputError(f"impl={impl.name!r} does not take softcap (softcapping runs with "
+                         f"{_names(others, ' or ')})")
+    return float(softcap)
+
+
 def check_dropout(dropout_p, seed, offset):
     """(p, seed, offset) of a valid dropout request."""
     if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(
@@ -523,16 +537,17 @@ def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causa
     key_lengths = _check_key_lengths(xp, masking["key_lengths"], B, Nk)
     block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
                                                masking["block_size"], B, H, Nq, Nk)
+    softcap = check_softcap(impl, masking["softcap"])
     tiles = impl.check(d, pass_, p > 0, **{k: v for k, v in own.items()
                                            if k in impl.own_options}) if impl.check else None
     return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl.name, xp, to_host, tiles,
                    torch, stream, p, seed, offset, key_lengths, block_mask, block_size,
-                   bf16_dtype, H_kv)
+                   bf16_dtype, H_kv, softcap=softcap)
 
 
-#: the mask and dropout options of the public functions, and their defaults
+#: the mask, dropout and softcap options of the public functions, and their defaults
 MASKING = dict(dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
-               block_size=None)
+               block_size=None, softcap=0.0)
 
 
 def _known_impl(impl):

@@ -158,9 +158,11 @@ def _float32_range(xp, S):
     return xp.where(xp.abs(S) > FLOAT32_MAX, xp.copysign(np.inf, S), S)
 
 
-def _scores(q, k, vis, scale):
+def _scores(q, k, vis, scale, softcap=0.0, with_tanh=False):
     """S = τ Q Kᵀ in the accumulation dtype, hidden entries -inf; in float64, entries beyond
-    float32's range ±inf (the scores' range in every impl: see the module docstring)."""
+    float32's range ±inf (the scores' range in every impl: see the module docstring). softcap:
+    S = softcap·tanh(τ Q Kᵀ / softcap) instead; with_tanh: (S, that tanh or None), the tanh
+    for the backward's factor 1 - tanh²."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
     S = _mm(q, _t(k)).astype(acc)
@@ -168,9 +170,13 @@ def _scores(q, k, vis, scale):
         S = _float32_range(xp, _float32_range(xp, S) * acc(scale))
     else:
         S = S * acc(scale)
+    T = None
+    if softcap:
+        T = xp.tanh(S / acc(softcap))
+        S = acc(softcap) * T
     if vis is not None:
         S = xp.where(vis, S, acc(-np.inf))
-    return S
+    return (S, T) if with_tanh else S
 
 
 def _scale(q, softmax_scale):
@@ -230,14 +236,14 @@ def _group_sum(x, group):
     return x.reshape((B, H // group, group) + x.shape[2:]).sum(axis=2)
 
 
-def _forward_rows(q, k, v, vis, z, scale):
+def _forward_rows(q, k, v, vis, z, scale, softcap=0.0):
     """(o, lse) of the rows of q given, with their masks, by the non-finite rule (module
     docstring): rows that see no key 0 and -inf; otherwise IEEE softmax over the visible keys,
     so that a NaN score, a +inf one, or visible scores that are all -inf make the row NaN."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
     with _ieee(xp):
-        S = _scores(q, k, vis, scale)
+        S = _scores(q, k, vis, scale, softcap)
         sees = _sees_a_key(vis, S.shape, xp)
         m = xp.where(sees, S.max(axis=-1, keepdims=True), acc(0))   # NaN if a score is NaN
         E = xp.exp(S - m)                          # NaN where m is ±inf (inf - inf)
@@ -252,9 +258,10 @@ def _forward_rows(q, k, v, vis, z, scale):
 
 def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0, seed=None,
                       offset=0, keep=None, key_lengths=None, block_mask=None, block_size=None,
-                      row_chunk=None):
+                      row_chunk=None, softcap=0.0):
     """(o, lse): o in q's dtype, lse (B, H, Nq) in float32 (float64 for float64 inputs).
-    lse is the softmax's, before dropout.
+    lse is the softmax's, before dropout. softcap > 0: scores softcap·tanh(τ q·k / softcap)
+    (Gemma 2's softcapping; 0: off).
 
     row_chunk: None (the baseline: every matrix N x N at once), or the number of query rows
     computed at a time (see the module docstring: the same results, in memory bounded by
@@ -266,14 +273,15 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.
     k, v = (_repeat_kv(x, group) for x in _unread_keys_zeroed(k, v, key_lengths))
     if row_chunk is None:
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
-        return _forward_rows(q, k, v, vis, z, scale)
+        return _forward_rows(q, k, v, vis, z, scale, softcap)
     xp = array_module(q)
     Nq = q.shape[2]
     o = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
     lse = xp.empty(q.shape[:-1], dtype=_acc_dtype(q.dtype))
     for rows in row_chunks(Nq, row_chunk):
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, rows=rows, **masking)
-        o[..., rows, :], lse[..., rows] = _forward_rows(q[..., rows, :], k, v, vis, z, scale)
+        o[..., rows, :], lse[..., rows] = _forward_rows(q[..., rows, :], k, v, vis, z, scale,
+                                                        softcap)
         del vis, z
     return o, lse
 
@@ -291,13 +299,13 @@ def _mm_acc(a, b):
     return array_module(a).matmul(a.astype(acc), b.astype(acc))
 
 
-def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm):
+def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm, softcap=0.0):
     """(dq, dk, dv) of the rows of do, q, o and lse given, with their masks: dq finished, dk and
     dv as mm(dSᵀ, Q) (τ not applied yet) and mm((P ∘ Z/(1-p))ᵀ, dO)."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
     with _ieee(xp):
-        S = _scores(q, k, vis, scale)
+        S, T = _scores(q, k, vis, scale, softcap, with_tanh=True)
         lse = lse.astype(acc)[..., None]
         seen = lse != acc(-np.inf)          # rows that see a key (a NaN row stays NaN)
         P = xp.where(seen, xp.exp(S - xp.where(seen, lse, acc(0))), acc(0))
@@ -308,7 +316,10 @@ def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm):
         else:
             dv = mm(_t(P.astype(q.dtype)), do)
         D = (do.astype(acc) * o.astype(acc)).sum(axis=-1, keepdims=True)
-        dS = (P * (dP - D)).astype(q.dtype)
+        dS = P * (dP - D)
+        if T is not None:    # the softcap's derivative: 1 - tanh²
+            dS = dS * (acc(1) - T * T)
+        dS = dS.astype(q.dtype)
         dq = (_mm(dS, k).astype(acc) * acc(scale)).astype(q.dtype)
         dk = mm(_t(dS), q)
     return dq, dk, dv
@@ -316,7 +327,7 @@ def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm):
 
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, dropout_p=0.0,
                        seed=None, offset=0, keep=None, key_lengths=None, block_mask=None,
-                       block_size=None, row_chunk=None):
+                       block_size=None, row_chunk=None, softcap=0.0):
     """(dq, dk, dv) in the input dtype, recomputing P = exp(S - lse) and the dropout mask; dk
     and dv have k's heads (grouped-query: summed over each group's query heads).
 
@@ -331,11 +342,11 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     if row_chunk is None:
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
         if group == 1:
-            dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm)
+            dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm, softcap)
             return dq, (dk.astype(acc) * acc(scale)).astype(q.dtype), dv
         # grouped-query heads: each query head's share in float32 (float64), summed over the
         # group, rounded once
-        dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm_acc)
+        dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm_acc, softcap)
         return (dq, (_group_sum(dk, group) * acc(scale)).astype(q.dtype),
                 _group_sum(dv, group).astype(q.dtype))
     Nq = q.shape[2]
@@ -346,7 +357,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, rows=rows, **masking)
         dq[..., rows, :], dk_part, dv_part = _backward_rows(
             do[..., rows, :], q[..., rows, :], k, v, o[..., rows, :], lse[..., rows], vis, z,
-            scale, _mm_acc)
+            scale, _mm_acc, softcap)
         dk += dk_part
         dv += dv_part
         del vis, z, dk_part, dv_part

@@ -100,26 +100,27 @@ def _out_dtype(dtype):
 # tensor holding the uint64 seed's bits (_seed_tensor), so that a seed drawn from torch's
 # generator inside a compiled function stays in the graph.
 
-def _masking(key_lengths, block_mask, seed, dropout_p, offset, block_size):
+def _masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap):
     """The API's masking keyword arguments from the ops' arguments."""
     if block_size is not None:
         block_size = block_size[0] if len(block_size) == 1 else tuple(block_size)
     return dict(dropout_p=dropout_p, seed=None if seed is None else int(seed.item()) % 2**64,
                 offset=offset, key_lengths=key_lengths, block_mask=block_mask,
-                block_size=block_size)
+                block_size=block_size, softcap=softcap)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              key_lengths: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
              seed: Optional[torch.Tensor], causal: bool, softmax_scale: Optional[float],
              impl: str, deterministic: bool, dropout_p: float, offset: int,
-             block_size: Optional[List[int]], layout: str) -> Tuple[torch.Tensor, torch.Tensor]:
+             block_size: Optional[List[int]], layout: str,
+             softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of nbflash.attention_forward; o in `layout`, lse float32 (B, H, Nq).
     `deterministic` is the backward's (the autograd formula passes it on)."""
     o, lse = api.attention_forward(
         *(_to_kernel(x, layout) for x in (q, k, v)), causal=causal,
         softmax_scale=softmax_scale, impl=impl,
-        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size))
+        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap))
     return _from_kernel(o, layout), lse
 
 
@@ -129,7 +130,7 @@ attention_forward_op = torch.library.custom_op("nbflash::attention_forward", _fo
 
 @attention_forward_op.register_fake
 def _(q, k, v, key_lengths, block_mask, seed, causal, softmax_scale, impl, deterministic,
-      dropout_p, offset, block_size, layout):
+      dropout_p, offset, block_size, layout, softcap=0.0):
     q = _to_kernel(q, layout)
     o = _empty_kernel(q, _memory_layout(q, impl), _out_dtype(q.dtype))
     B, H, Nq, _ = q.shape
@@ -141,8 +142,8 @@ def _backward_grads(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                     block_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                     causal: bool, softmax_scale: Optional[float], impl: str,
                     deterministic: bool, dropout_p: float, offset: int,
-                    block_size: Optional[List[int]],
-                    layout: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    block_size: Optional[List[int]], layout: str,
+                    softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of nbflash.attention_backward, in `layout`. An upstream gradient in
     another memory layout than o's (a broadcast view, of loss = o.sum() say) is copied into
     o's once here, so that the call takes the fast path."""
@@ -152,7 +153,7 @@ def _backward_grads(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     grads = api.attention_backward(
         *(_to_kernel(x, layout) for x in (do, q, k, v, o)), lse.contiguous(), causal=causal,
         softmax_scale=softmax_scale, impl=impl, deterministic=deterministic,
-        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size))
+        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap))
     return tuple(_from_kernel(g, layout) for g in grads)
 
 
@@ -162,7 +163,7 @@ attention_backward_op = torch.library.custom_op("nbflash::attention_backward", _
 
 @attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, key_lengths, block_mask, seed, causal, softmax_scale, impl,
-      deterministic, dropout_p, offset, block_size, layout):
+      deterministic, dropout_p, offset, block_size, layout, softcap=0.0):
     q, k, v = (_to_kernel(x, layout) for x in (q, k, v))
     lk = _kv_layout(k, v, impl)
     return (_from_kernel(_empty_kernel(q, _memory_layout(q, impl)), layout),
@@ -268,7 +269,7 @@ def _block_size_arg(block_size):
 
 
 def _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
-                  key_lengths, block_mask, block_size, layout):
+                  key_lengths, block_mask, block_size, layout, softcap=0.0):
     """The ops' arguments after q, k, v, each of a type the ops' schema takes; what is not a
     tensor is checked here, the rest by nbflash's checks when the op runs (before any kernel)."""
     if softmax_scale is not None:
@@ -277,22 +278,24 @@ def _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, o
         softmax_scale = float(softmax_scale)
     if not isinstance(impl, str):
         raise InputError(f"impl must be a name (a string); got {impl!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise InputError(f"softcap must be 0 (off) or a positive finite number; got {softcap!r}")
     p, seed, offset = _seed_tensor(dropout_p, seed, offset)
     return (_tensor_option(key_lengths, "key_lengths"), _tensor_option(block_mask, "block_mask"),
             seed, bool(causal), softmax_scale, impl, bool(deterministic), p, offset,
-            _block_size_arg(block_size), layout)
+            _block_size_arg(block_size), layout, float(softcap))
 
 
 def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
                deterministic=False, dropout_p=0.0, seed=None, offset=0, key_lengths=None,
-               block_mask=None, block_size=None):
+               block_mask=None, block_size=None, softcap=0.0):
     """(o, lse) through the forward op (autograd, torch.compile), q, k, v and o in `layout`."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} must be a torch tensor; got {type(x).__name__} "
                              f"(nbflash.attention takes NumPy and CuPy arrays)")
     args = _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
-                         key_lengths, block_mask, block_size, layout)
+                         key_lengths, block_mask, block_size, layout, softcap)
     if _eager(q):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _Eager.apply(q, k, v, *args)
@@ -302,7 +305,7 @@ def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", deterministic=False,
               dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
-              block_size=None, return_lse=False, enable_gqa=False):
+              block_size=None, return_lse=False, enable_gqa=False, softcap=0.0):
     """softmax(τ q kᵀ) v for torch tensors (B, H, N, d), differentiable in q, k and v.
 
     k and v may have fewer heads H_kv dividing H (grouped-query and multi-query attention:
@@ -315,7 +318,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", determi
     (B, H, Nq) = m + log ℓ per query row; no gradient flows through lse (as in FlashAttention).
     """
     o, lse = _attention(q, k, v, "bhnd", causal, softmax_scale, impl, deterministic, dropout_p,
-                        seed, offset, key_lengths, block_mask, block_size)
+                        seed, offset, key_lengths, block_mask, block_size, softcap)
     return (o, lse) if return_lse else o
 
 
@@ -444,8 +447,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
       a multiple of 16 bytes: d a multiple of 8 in 16 bits); others are copied;
     - fewer key/value heads (MQA/GQA, H_kv dividing H): as FlashAttention's, read in place by
       the grouped-query kernels (no repeat), dk and dv summed over each group inside them;
-    - window_size other than (-1, -1), softcap, alibi_slopes (issue 17's sliding windows,
-      softcapping and ALiBi) and return_attn_probs=True (nbflash never forms P) raise
+    - softcap as FlashAttention's: the scores softcap·tanh(τ q·k / softcap);
+    - window_size other than (-1, -1), alibi_slopes (issue 17's sliding windows and ALiBi)
+      and return_attn_probs=True (nbflash never forms P) raise
       nbflash.InputError; for the softmax's lse, call nbflash.torch.attention(...,
       return_lse=True);
     - dropout: nbflash's mask, seeded from torch's default generator.
@@ -453,8 +457,6 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     missing = []
     if tuple(window_size) != (-1, -1):
         missing.append(f"window_size={tuple(window_size)} (sliding-window attention)")
-    if softcap:
-        missing.append(f"softcap={softcap} (softcapping)")
     if alibi_slopes is not None:
         missing.append("alibi_slopes (ALiBi)")
     if missing:
@@ -464,7 +466,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                          "probabilities; nbflash.torch.attention(..., return_lse=True) returns "
                          "the softmax's lse")
     return _attention(q, k, v, "bnhd", causal, softmax_scale, deterministic=deterministic,
-                      dropout_p=dropout_p)[0]
+                      dropout_p=dropout_p, softcap=softcap)[0]
 
 
 __all__ = ["attention", "sdpa", "flash_attn_func", "mask_options", "attention_forward_op",

@@ -188,7 +188,6 @@ def test_attention_function_dropout_is_nbflashs_seeded_by_torch():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sliding_window=4), r"sliding-window attention yet \(issue 17\)"),
-    (dict(softcap=30.0), "softcapping"),
     (dict(s_aux=torch.zeros(4)), "attention sinks"),
     (dict(attention_mask=torch.ones(9, dtype=torch.bool).index_fill_(0, torch.tensor(0),
                                                                      False)),
@@ -223,3 +222,14 @@ def test_llama_step_experiment_in_simulator(tmp_path, monkeypatch):
     llama_step.measure()
     assert json.loads(path.read_text())["points"] == doc["points"]
     assert llama_step.plot().exists() and "x" in llama_step.summarize(doc)
+
+
+def test_softcap_is_nbflashs():
+    """transformers' softcap keyword (Gemma 2's attn_logit_softcapping) is nbflash's softcap,
+    on the same kernels as nbflash.torch.attention (bitwise)."""
+    q, k, v = _projections()
+    got, _ = hf.attention_forward(_Module(), q, k, v, None, softcap=4.0)
+    want = nbflash.torch.attention(q, k, v, causal=True, softcap=4.0)
+    np.testing.assert_array_equal(got.cpu().numpy(), want.transpose(1, 2).cpu().numpy())
+    plain, _ = hf.attention_forward(_Module(), q, k, v, None)
+    assert np.abs(plain.cpu().numpy() - got.cpu().numpy()).max() > 1e-3

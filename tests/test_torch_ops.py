@@ -281,7 +281,7 @@ def test_sdpa_refuses_top_left_causal_with_more_queries_and_bad_groups():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(window_size=(8, 0)), r"window_size=\(8, 0\) \(sliding-window attention\).*issue 17"),
-    (dict(softcap=30.0), r"softcapping.*issue 17"),
+    (dict(softcap=-1.0), r"softcap must be 0 \(off\) or a positive"),
     (dict(alibi_slopes=torch.ones(2)), r"ALiBi.*issue 17"),
     (dict(return_attn_probs=True), "return_lse=True"),
 ])
@@ -356,3 +356,17 @@ def test_the_eager_path_keeps_the_ops_semantics():
     traced = make_fx(lambda q, k, v: nt.attention(q, k, v, causal=True))(
         *(x.detach() for x in (q, k, v)))
     assert any("nbflash.attention_forward" in str(n.target) for n in traced.graph.nodes)
+
+
+def test_flash_attn_func_softcap_is_the_apis():
+    """flash_attn_func's softcap is nbflash's (the same kernels: bitwise), differentiable."""
+    q, k, v = (_randn(1, 2, N, D, seed=s) * 3 for s in range(3))
+    leaves = [x.transpose(1, 2).clone().requires_grad_(True) for x in (q, k, v)]
+    got = nt.flash_attn_func(*leaves, causal=True, softcap=2.0, deterministic=True)
+    got.sum().backward()
+    o, lse = nbflash.attention_forward(q, k, v, causal=True, softcap=2.0)
+    grads = nbflash.attention_backward(torch.ones_like(o), q, k, v, o, lse, causal=True,
+                                       softcap=2.0, deterministic=True)
+    np.testing.assert_array_equal(_np(got.transpose(1, 2)), _np(o))
+    for x, g in zip(leaves, grads):
+        np.testing.assert_array_equal(_np(x.grad.transpose(1, 2)), _np(g))

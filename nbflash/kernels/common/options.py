@@ -1,8 +1,9 @@
 """The kernels' masking and dropout options, on the host side: what is compiled in, and the
 arguments that carry the rest (every family's kernels take them the same way).
 
-Three options change the kernels' code, so they are compile-time flags (:class:`Features`):
-dropout, key padding (key_lengths) and a block mask. Each kernel takes their arguments last, in
+Four options change the kernels' code, so they are compile-time flags (:class:`Features`):
+dropout, key padding (key_lengths), a block mask and softcapping. The softcap's two float32
+scalars come with the scales (:func:`softcap_scalars`); the others' arguments come last, in
 the same order (:meth:`Layout.scalars`): the key_lengths and block-mask arrays (placeholders when
 unused), then the mask's batch and head strides, its number of key blocks and its block size
 (bq, bk), then dropout's seed (low and high 32-bit words), offset, 16-bit threshold and 1/(1-p).
@@ -22,18 +23,21 @@ class Features(NamedTuple):
     dropout: bool = False
     padding: bool = False
     sparse: bool = False
+    softcap: bool = False
 
 
 @dataclass(frozen=True)
 class Layout:
     """Everything about the options that a compiled kernel and a launch plan depend on: the
-    features, dropout's p, and the block mask's shape (B or 1, H or 1, n_q_blocks, n_k_blocks)
-    and block size. Seeds, offsets and the arrays themselves change from call to call."""
+    features, dropout's p, the block mask's shape (B or 1, H or 1, n_q_blocks, n_k_blocks)
+    and block size, and the softcap (0: off). Seeds, offsets and the arrays themselves change
+    from call to call."""
 
     features: Features = Features()
     dropout_p: float = 0.0
     mask_shape: tuple = (1, 1, 1, 1)
     block_size: tuple = (1, 1)
+    softcap: float = 0.0
 
     def scalars(self, seed=0, offset=0):
         """The options' scalar arguments for a call with this seed and offset."""
@@ -56,16 +60,26 @@ NONE = Layout()
 
 
 def layout(dropout_p=0.0, seed=0, offset=0, key_lengths=None, block_mask=None,
-           block_size=None):
+           block_size=None, softcap=0.0):
     """(Layout, (key_lengths, block_mask, seed, offset)) of checked options (as
     nbflash.inputs.Problem.masking gives them); the arrays may be None."""
-    features = Features(dropout_p > 0, key_lengths is not None, block_mask is not None)
+    features = Features(dropout_p > 0, key_lengths is not None, block_mask is not None,
+                        softcap > 0)
     if not any(features):
         return NONE, (None, None, 0, 0)
     lay = Layout(features, float(dropout_p),
                  tuple(block_mask.shape) if features.sparse else (1, 1, 1, 1),
-                 tuple(block_size) if features.sparse else (1, 1))
+                 tuple(block_size) if features.sparse else (1, 1), float(softcap))
     return lay, (key_lengths, block_mask, seed, offset)
+
+
+def softcap_scalars(softcap, scale):
+    """The kernels' two softcap arguments: τ / softcap and softcap · log2(e), so that a score
+    s becomes softcap·tanh(τ s / softcap) in base 2 as tanh(s · first) · second (0, 0 when
+    off: not read)."""
+    if not softcap:
+        return 0.0, 0.0
+    return float(scale) / softcap, softcap * 1.4426950408889634
 
 
 def argument_types():

@@ -136,6 +136,17 @@ def row_stats(lse, delta, at, inside):
 
 
 scaled = cuda.jit(device=True, inline=True)(scaled)
+
+
+def capped(s, cap_in, cap_out):
+    """(softcap·tanh(τ s / softcap) in base 2, the tanh): the softcapped score of raw score s
+    and the tanh, whose 1 - tanh² is its derivative's factor (cap_in, cap_out:
+    nbflash.kernels.common.options.softcap_scalars)."""
+    t = math.tanh(s * cap_in)
+    return t * cap_out, t
+
+
+capped = cuda.jit(device=True, inline=True)(capped)
 row_lse = cuda.jit(device=True, inline=True)(row_lse)
 row_stats = cuda.jit(device=True, inline=True)(row_stats)
 

@@ -35,19 +35,40 @@ from ..common.masks import (ALL, bit_on, cursor_tile, first_query_block, key_blo
                             tile_status, visible)
 from ..common.options import Features
 from ..common.primitives import commit_async, wait_async_all, wait_async_all_but_1
-from ..common.softmax import LOG2E, LOG2E_LO, ONE, ZERO, clamp_nonpositive, row_stats, scaled
+from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, capped, clamp_nonpositive, row_stats,
+                              scaled)
 from .regtile import (kv_coords, make_dot_cols, make_dot_rows, make_pair_loader, make_row_store,
                       make_tile_loader, thread_coords, tile_constants)
 
 
-def p_and_ds(s, dp, sc_hi, sc_lo, lse, lse_lo, dlt):
-    """P = 2^min(s' - lse log2(e), 0) (see the module docstring) and dS = P (dP - D);
-    lse_lo = lse · LOG2E_LO."""
-    p = math.exp2(clamp_nonpositive(cuda.fma(-lse, LOG2E, scaled(s, sc_hi, sc_lo)) - lse_lo))
-    return p, p * (dp - dlt)
+def make_p_and_ds(SOFTCAP):
+    """Device function: P = 2^min(s' - lse log2(e), 0) (see the module docstring) and
+    dS = P (dP - D); lse_lo = lse · LOG2E_LO. SOFTCAP: s is the softcapped score already
+    (base 2, :func:`cap_scores`), whose tanh is s · inv_co, and dS takes the derivative's
+    factor 1 - tanh² (the chain rule through softcap·tanh(τ s / softcap))."""
+
+    def p_and_ds(s, dp, sc_hi, sc_lo, inv_co, lse, lse_lo, dlt):
+        x = s if SOFTCAP else scaled(s, sc_hi, sc_lo)
+        p = math.exp2(clamp_nonpositive(cuda.fma(-lse, LOG2E, x) - lse_lo))
+        ds = p * (dp - dlt)
+        if SOFTCAP:
+            t = s * inv_co
+            ds *= ONE - t * t
+        return p, ds
+
+    return cuda.jit(device=True, inline=True)(p_and_ds)
 
 
-p_and_ds = cuda.jit(device=True, inline=True)(p_and_ds)
+def make_cap_scores(N):
+    """Device function: the N raw scores s[0:N] softcapped in place (base 2; a pass of its
+    own before the loops that use them: inside those the body grows too large to unroll, and
+    the fragments go to local memory)."""
+
+    def cap_scores(s, cap_in, cap_out):
+        for x in range(N):
+            s[x], _ = capped(s[x], cap_in, cap_out)
+
+    return cuda.jit(device=True, inline=True)(cap_scores)
 
 
 def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
@@ -63,7 +84,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     TMQ = C // RG        # dQ rows per thread
     N_DQ = TMQ * TX
     CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
-    DROP, PAD, SPARSE = features
+    DROP, PAD, SPARSE, SOFTCAP = features
+    p_and_ds, cap_scores = make_p_and_ds(SOFTCAP), make_cap_scores(N_S)
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     # dK_j, dV_j of float32 inputs summed in two levels (each step's share on its own, then
@@ -113,8 +135,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
     def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
-                 qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk,
-                 seed_lo, seed_hi, offset, thr, drop_scale):
+                 qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, msb, msh,
+                 nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R), H / G, B) over key/value heads, T threads, t.smem_bytes("dkdv",
         dropout) of dynamic shared memory. The block walks the query tiles of each of its G
         query heads in turn (grouped-query heads: dK_j, dV_j summed over the group in
@@ -123,6 +145,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         forward's); then the options' arguments
         (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
+        inv_co = ONE / cap_out if SOFTCAP else ZERO    # a softcapped score's tanh: s / cap_out
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, b, hk, klen = kv_coords(L, Nk, key_lengths, PAD)
         k_base = b * ksb + hk * ksh
@@ -186,6 +209,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
                 st[x] = ZERO
                 dpt[x] = ZERO
             rows_dot(smem, K_OFF + rg * DS, off + cg * DS, st)
+            if SOFTCAP:
+                cap_scores(st, cap_in, cap_out)
             rows_dot(smem, V_OFF + rg * DS, do_off + cg * DS, dpt)
             if DROP:   # dropout: dP ∘ Z / (1-p) enters dS (Alg. 4 line 19) ...
                 drop_regs(dpt, bits, KEEP_OFF, rg, cg, drop_scale)
@@ -198,8 +223,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
                 for u in range(TN):
                     qr = cg + L * u               # query row within the block
                     lse_q = smem[lse_off + qr]
-                    p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, lse_q,
-                                      lse_q * LOG2E_LO, smem[d_off + qr])
+                    p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, inv_co,
+                                      lse_q, lse_q * LOG2E_LO, smem[d_off + qr])
                     if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL)
                                        and bit_on(on, a * TN + u)):
                         p = ZERO
@@ -251,7 +276,8 @@ def make_dq(t, causal, features=Features()):
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE = features
+    DROP, PAD, SPARSE, SOFTCAP = features
+    p_and_ds, cap_scores = make_p_and_ds(SOFTCAP), make_cap_scores(N_S)
     smem = t.smem_plan("dq", DROP)          # the regions' offsets, in float32 elements
     Q_OFF, DO_OFF, K_OFF, V_OFF, DS_OFF, LSE_OFF, D_OFF, KEEP_OFF = (smem.offset(n) for n in (
         "Q", "dO", "K", "V", "dS", "lse", "D", "keep"))
@@ -265,12 +291,13 @@ def make_dq(t, causal, features=Features()):
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
 
     def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn,
-               ksb, ksh, ksn, sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
-               offset, thr, drop_scale):
+               ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, msb, msh, nbk, bq, bk,
+               seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; query head h reads key/value head h // G; the
         options' arguments last (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
+        inv_co = ONE / cap_out if SOFTCAP else ZERO    # a softcapped score's tanh: s / cap_out
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
             L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
@@ -303,6 +330,8 @@ def make_dq(t, causal, features=Features()):
                 s[x] = ZERO
                 dp[x] = ZERO
             rows_dot(smem, Q_OFF + rg * DS, K_OFF + cg * DS, s)
+            if SOFTCAP:
+                cap_scores(s, cap_in, cap_out)
             rows_dot(smem, DO_OFF + rg * DS, V_OFF + cg * DS, dp)
             if DROP:   # dropout: dP ∘ Z / (1-p) enters dS
                 drop_regs(dp, bits, KEEP_OFF, rg, cg, drop_scale)
@@ -313,8 +342,8 @@ def make_dq(t, causal, features=Features()):
                 lse_r = smem[LSE_OFF + rg + RG * a]
                 dlt = smem[D_OFF + rg + RG * a]
                 for u in range(TN):
-                    p, ds = p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, lse_r,
-                                      lse_r * LOG2E_LO, dlt)
+                    p, ds = p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, inv_co,
+                                      lse_r, lse_r * LOG2E_LO, dlt)
                     if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL)
                                        and bit_on(on, a * TN + u)):
                         ds = ZERO

@@ -44,7 +44,7 @@ from ..common.masks import (ALL, bit_on, key_blocks, make_block_bits, make_tile_
 from ..common.options import Features
 from ..common.primitives import (commit_async, make_row_reduce, wait_async_all,
                                  wait_async_all_but_1)
-from ..common.softmax import NAN, NEG_INF, ZERO, finish_row, new_max, scaled
+from ..common.softmax import NAN, NEG_INF, ZERO, capped, finish_row, new_max, scaled
 from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_tile_loader,
                       thread_coords, tile_constants)
 
@@ -60,7 +60,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE = features
+    DROP, PAD, SPARSE, SOFTCAP = features
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     smem = t.smem_plan("forward", DROP)     # the regions' offsets, in float32 elements
@@ -77,13 +77,14 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
 
     def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
-                    ksn, sc_hi, sc_lo, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
-                    drop_scale):
+                    ksn, sc_hi, sc_lo, cap_in, cap_out, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
+                    offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("forward",
         dropout) of dynamic shared memory. q, o: (B, H, Nq, d); k, v: (B, H / G, Nk, d) (query
         head h reads key/value head h // G), flat in the layouts of strides qsb, qsh, qsn and
-        ksb, ksh, ksn (nbflash.kernels.common.layouts); lse: flat (B, H, Nq) float32. sc_hi + sc_lo = τ log2(e)
-        (:func:`split_scale`); then the options' arguments (nbflash.kernels.common.options)."""
+        ksb, ksh, ksn (nbflash.kernels.common.layouts); lse: flat (B, H, Nq) float32.
+        sc_hi + sc_lo = τ log2(e) (:func:`split_scale`); cap_in, cap_out: the softcap's
+        (options.softcap_scalars); then the options' arguments (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
@@ -134,6 +135,9 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             for x in range(TM * TN):
                 s[x] = ZERO
             qk(smem, Q_OFF + rg * DS, k_off + cg * DS, s)
+            if SOFTCAP:   # softcap·tanh(τ s / softcap) in base 2 (a pass of its own: inside the
+                for x in range(TM * TN):   # row loop below, that loop no longer unrolls)
+                    s[x], _ = capped(s[x], cap_in, cap_out)
             # the mask is evaluated only where the block reaches past the key length, over the
             # diagonal, or over mask blocks that are off
             on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
@@ -142,7 +146,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                 row = row0 + rg + RG * i
                 m_blk = NEG_INF
                 for u in range(TN):
-                    sc = scaled(s[i * TN + u], sc_hi, sc_lo)
+                    sc = s[i * TN + u] if SOFTCAP else scaled(s[i * TN + u], sc_hi, sc_lo)
                     if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL)
                                        and bit_on(on, i * TN + u)):
                         sc = NEG_INF

@@ -25,7 +25,8 @@ from ..common.arguments import kernel_types
 from ..common.factory import Spec, flat, kernel
 from ..common.fastlaunch import Bound
 from ..common.layouts import BHND, empty, kernel_strides
-from ..common.options import NONE, Features, OptionArguments, layout as options_layout
+from ..common.options import (NONE, Features, OptionArguments, layout as options_layout,
+                              softcap_scalars)
 from ..common.smem import check_fits
 from ..common.softmax import DELTA_THREADS, make_delta, split_scale
 from .backward import make_dkdv, make_dq
@@ -89,18 +90,19 @@ class Fa2Plan(OptionArguments):
         opt = layout.array_sizes(B)
         opt_scalars = layout.scalars()
         sc = split_scale(scale)
+        cap = softcap_scalars(layout.softcap, scale)
         tiles = dict(tiles or ())
         t = tiles.get("forward") or default_tiles("forward", d)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
                          (-(-Nq // t.R), G, B * H_kv), t.threads, t.smem_bytes("forward", drop),
-                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *strides, *sc, *opt_scalars))
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *strides, *sc, *cap, *opt_scalars))
         self.atomic = not deterministic
         acc = (nq, 4) if self.atomic else (1, 4)
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
                            (Q, Q, L, acc), (rows, d, int(self.atomic), Nq, H, *qst))
         inputs = (Q, K, K, Q, L, L)                 # q, k, v, do, lse, delta
-        grads = (Nq, Nk, H, G, *strides, *sc, float(scale))
+        grads = (Nq, Nk, H, G, *strides, *sc, float(scale), *cap)
         t = tiles.get("dkdv") or default_tiles("dkdv", d)   # (a block per key/value head)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
                           (-(-Nk // t.R), H_kv, B), t.threads, t.smem_bytes("dkdv", drop),

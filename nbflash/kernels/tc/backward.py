@@ -36,8 +36,8 @@ from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import (cursor_tile, first_query_block, key_blocks, make_group_walk,
                             make_tile_walk, mask_base)
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
-from ..common.softmax import (LOG2E, LOG2E_LO, ZERO, clamp_nonpositive, row_lse, row_stats,
-                              scaled)
+from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, capped, clamp_nonpositive, row_lse,
+                              row_stats, scaled)
 from ..common.warp import exp2, make_warp_ops
 from .fragments import (fragment_bit, kv_coords, make_async_rows, make_fragment_mask,
                         make_kv_stream, make_load_a, make_mma2, make_pack_a, make_store_rows,
@@ -67,7 +67,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     KD, NT, NVH = DP // 16, C // 8, DH // 8
     N_S, N_O = 4 * NT, 4 * NVH      # fragment array sizes (compile-time constants)
     CAUSAL, DQ = bool(causal), bool(dq)
-    DROP, PAD, SPARSE = features
+    DROP, PAD, SPARSE, SOFTCAP = features
     shared = t.smem_plan("dkdv", DROP, DQ)   # offsets in 16-bit elements (keep bits: uint32)
     K_OFF, V_OFF, DS_OFF, Q_OFF = (shared.offset(n) for n in ("K", "V", "dSt", "steps"))
     KEEP_OFF = shared.offset("keep", 4)      # dSᵀ: R keys x C queries, row stride PS
@@ -111,8 +111,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
     def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
-                qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk,
-                seed_lo, seed_hi, offset, thr, drop_scale):
+                qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, msb, msh,
+                nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R) dsplit, H / G, B) over key/value heads, T threads,
         t.smem_bytes("dkdv", dropout, dq) of dynamic shared memory; 16-bit arrays as uint16;
         delta from tc_delta; dq_acc: zeroed float32 in q's layout (a placeholder without dQ); the
@@ -217,11 +217,18 @@ def make_dkdv(t, causal, bf16, features, dq=True):
                         dp = ZERO
                     else:
                         dp *= drop_scale
-                p = exp2(clamp_nonpositive(cuda.fma(st[x], sc_hi, -lse_q)))
+                tc_ = ZERO
+                if SOFTCAP:   # softcap·tanh(τ s / softcap); dS takes its factor 1 - tanh²
+                    sx, tc_ = capped(st[x], cap_in, cap_out)
+                    p = exp2(clamp_nonpositive(sx - lse_q))
+                else:
+                    p = exp2(clamp_nonpositive(cuda.fma(st[x], sc_hi, -lse_q)))
                 if masked and not fragment_bit(vis, x):
                     p = ZERO
                 st[x] = p
                 dpt[x] = p * (dp - smemf[f + D_AT + qc])
+                if SOFTCAP:
+                    dpt[x] *= ONE - tc_ * tc_
             if DROP:   # dV takes P ∘ Z / (1-p) (Alg. 4 line 17)
                 for x in range(4 * NT):
                     qc = 8 * (x // 4) + 2 * t4 + x % 2
@@ -295,7 +302,7 @@ def make_dq(t, causal, bf16, features):
     KD, NT, NV = DP // 16, C // 8, DP // 8
     N_Q, N_S, N_O = (4 * KD if QREGS else 4), 4 * NT, 4 * NV
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE = features
+    DROP, PAD, SPARSE, SOFTCAP = features
     shared = t.smem_plan("dq", DROP)         # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, DO_OFF, KV_OFF = shared.offset("Q"), shared.offset("dO"), shared.offset("KV")
     KEEP_OFF = shared.offset("keep", 4)
@@ -315,8 +322,8 @@ def make_dq(t, causal, bf16, features):
     no_flip = uint32(0)
 
     def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn,
-              ksb, ksh, ksn, sc_hi, sc_lo, scale, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
-              offset, thr, drop_scale):
+              ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, msb, msh, nbk, bq, bk,
+              seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; 16-bit arrays as uint16 (k, v with H / G heads:
         query head h reads key/value head h // G); delta: written (D of every row, for the
@@ -423,10 +430,18 @@ def make_dq(t, causal, bf16, features):
                         dp *= drop_scale
                     else:
                         dp = ZERO
-                p = exp2(clamp_nonpositive(cuda.fma(s[x], sc_hi, -(lse_a if upper else lse_b))))
+                tc_ = ZERO
+                if SOFTCAP:   # as in the dK/dV pass
+                    sx, tc_ = capped(s[x], cap_in, cap_out)
+                    p = exp2(clamp_nonpositive(sx - (lse_a if upper else lse_b)))
+                else:
+                    p = exp2(clamp_nonpositive(cuda.fma(s[x], sc_hi,
+                                                        -(lse_a if upper else lse_b))))
                 if masked and not fragment_bit(vis, x):
                     p = ZERO
                 s[x] = p * (dp - (d_a if upper else d_b))
+                if SOFTCAP:
+                    s[x] *= ONE - tc_ * tc_
 
             # dQ_i += dS K_j: dS as A fragments (16 keys = two 8-key slices), B from K_j by
             # ldmatrix.trans

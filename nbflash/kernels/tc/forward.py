@@ -29,6 +29,8 @@ as uint16 (numba-cuda has no bfloat16 type), rows padded by 8 elements (16 bytes
 row addresses of an ldmatrix fall in different banks (nbflash.kernels.tc.tiles).
 """
 
+import math
+
 from numba import float32, uint16, uint32, uint64
 
 from ..._cuda import cuda
@@ -55,7 +57,7 @@ def make_forward(t, causal, bf16, features):
     N_Q, N_S, N_O, N_R, N_P = RM * QF, RM * SF, RM * OF, 2 * RM, 4 * RM
     N_QF = N_Q if QREGS else 4 * RM    # Q_i's fragments held: all, or one 16-dim step's
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE = features
+    DROP, PAD, SPARSE, SOFTCAP = features
     shared = t.smem_plan("forward", DROP)    # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, K_OFF, KEEP_OFF = shared.offset("Q"), shared.offset("KV"), shared.offset("keep", 4)
     STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
@@ -72,11 +74,12 @@ def make_forward(t, causal, bf16, features):
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
     start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, K_OFF, STAGE, V_IN, walk)
 
-    def softmax_row(s, m, l, mt, h, vis, masked, tid, sc):
+    def softmax_row(s, m, l, mt, h, vis, masked, tid, sc, ci, co):
         """The online softmax (FA2 Alg. 1 lines 8-10) of row g + 8h of m-tile mt: the running
         max of the scaled, visible scores (the raw scores' max times sc >= 0), P̃ = 2^(s·sc - m)
         in place of S (0 where masked), ℓ rescaled and added to; returns the factor alpha that
-        rescales the row's output."""
+        rescales the row's output. SOFTCAP: the scores are tanh(s·ci)·co (ci >= 0: increasing
+        in s, so the raw scores' max gives theirs)."""
         m_blk = NEG_INF
         for sl in range(NT):
             for e in range(2):
@@ -88,7 +91,10 @@ def make_forward(t, causal, bf16, features):
         r = 2 * mt + h
         m_blk = row_max(m_blk, tid)
         if m_blk != NEG_INF:    # (-inf · 0 would be NaN for τ = 0)
-            m_blk *= sc
+            if SOFTCAP:
+                m_blk = math.tanh(m_blk * ci) * co
+            else:
+                m_blk *= sc
         m_new, m_ref, alpha = new_max(m[r], m_blk)
         m[r] = m_new
         l_blk = ZERO
@@ -96,7 +102,10 @@ def make_forward(t, causal, bf16, features):
             for e in range(2):
                 y = 4 * sl + 2 * h + e
                 x = mt * SF + y
-                p = exp2(cuda.fma(s[x], sc, -m_ref))
+                if SOFTCAP:
+                    p = exp2(cuda.fma(math.tanh(s[x] * ci), co, -m_ref))
+                else:
+                    p = exp2(cuda.fma(s[x], sc, -m_ref))
                 if masked and not fragment_bit(vis, y):
                     p = ZERO
                 l_blk += p     # ℓ: the softmax's sum, before dropout
@@ -105,14 +114,14 @@ def make_forward(t, causal, bf16, features):
         return alpha
 
     def softmax_mtile(s, m, l, acc, mt, r0, col0, lane, tid, masked, Nq, Nk, klen, all_on,
-                      bmask, mbase, nbk, bq, bk, sc):
+                      bmask, mbase, nbk, bq, bk, sc, ci, co):
         """softmax_row for both rows of m-tile mt (r0 + g, r0 + g + 8), then its output rows
         rescaled. (One call per row rather than a loop: LLVM leaves a loop around so large a
         body rolled at d = 256, which puts the output fragments in local memory.)"""
         vis = fragment_mask(r0, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq,
                             bk) if masked else uint64(0)
-        alpha0 = softmax_row(s, m, l, mt, 0, vis, masked, tid, sc)
-        alpha1 = softmax_row(s, m, l, mt, 1, vis, masked, tid, sc)
+        alpha0 = softmax_row(s, m, l, mt, 0, vis, masked, tid, sc, ci, co)
+        alpha1 = softmax_row(s, m, l, mt, 1, vis, masked, tid, sc, ci, co)
         for vt in range(NV):
             acc[mt * OF + 4 * vt] *= alpha0
             acc[mt * OF + 4 * vt + 1] *= alpha0
@@ -144,14 +153,15 @@ def make_forward(t, causal, bf16, features):
     assert RM in (1, 2), RM
 
     def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
-                   ksn, sc_hi, sc_lo, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
-                   drop_scale):
+                   ksn, sc_hi, sc_lo, cap_in, cap_out, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
+                   offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G), T threads, t.smem_bytes("forward", dropout) of dynamic
         shared memory; q, k, v, o: 16-bit bits (uint16), (B, H, N, d) flat in the layouts of
         strides qsb, qsh, qsn and ksb, ksh, ksn (nbflash.kernels.common.layouts), k and v with
         H / G heads (query head h reads key/value head h // G; thread_coords); lse: float32.
-        sc_hi = τ log2(e) rounded to float32; sc_lo is not used (fa2's argument layout)."""
-        sc = abs(sc_hi)
+        sc_hi = τ log2(e) rounded to float32; sc_lo is not used (fa2's argument layout);
+        cap_in, cap_out: the softcap's (options.softcap_scalars; τ's sign is Q's flip)."""
+        sc, ci = abs(sc_hi), abs(cap_in)
         flip = uint32(0x80008000) if sc_hi < ZERO else uint32(0)   # -Q for τ < 0 (sign bits)
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
@@ -222,10 +232,10 @@ def make_forward(t, causal, bf16, features):
             masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) \
                 or not all_on
             softmax_mtile(s, m, l, acc, 0, row0 + wr, col0, lane, tid, masked, Nq, Nk, klen,
-                          all_on, bmask, mbase, nbk, bq, bk, sc)
+                          all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out)
             if RM == 2:   # (a call per m-tile: LLVM leaves a loop around this body rolled)
                 softmax_mtile(s, m, l, acc, 1, row0 + wr + 16, col0, lane, tid, masked, Nq,
-                              Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc)
+                              Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out)
             if DROP:   # P̃ ∘ Z / (1 - p) for O (FlashAttention Alg. 2 line 13)
                 for x in range(N_S):
                     y = x % SF

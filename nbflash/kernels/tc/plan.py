@@ -33,7 +33,7 @@ from ..common.arguments import kernel_types
 from ..common.factory import Spec, flat, kernel
 from ..common.fastlaunch import Bound
 from ..common.layouts import BHND, empty, kernel_strides
-from ..common.options import NONE, Features, OptionArguments
+from ..common.options import NONE, Features, OptionArguments, softcap_scalars
 from ..common.smem import check_fits
 from ..common.softmax import DELTA_THREADS, make_delta, split_scale
 from ..common.warp import make_warp_ops
@@ -155,16 +155,17 @@ class TcPlan(OptionArguments):
         ACC = (nq, 4) if self.atomic else (1, 4)
         opt, opt_scalars = layout.array_sizes(B), layout.scalars()
         sc = split_scale(scale)
+        cap = softcap_scalars(layout.softcap, scale)
         tiles = dict(tiles or ())
         t = tiles.get("forward") or default_tiles("forward", kd)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
                          (-(-Nq // t.rows), G, B * H_kv), t.threads,
                          t.smem_bytes("forward", drop),
-                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *strides, *sc, *opt_scalars))
+                         (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *strides, *sc, *cap, *opt_scalars))
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
                            (-(-rows // DELTA_THREADS), 1, 1), DELTA_THREADS, 0,
                            (Q, Q, L, ACC), (rows, kd, 1, Nq, H, *qst)) if self.atomic else None
-        grads = (Nq, Nk, H, G, *strides, *sc, float(scale), *opt_scalars)
+        grads = (Nq, Nk, H, G, *strides, *sc, float(scale), *cap, *opt_scalars)
         t = tiles.get("dkdv") or default_tiles("dkdv", kd)   # (a block per key/value head)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
                           (-(-Nk // t.rows) * t.dsplit, H_kv, B), t.threads,
