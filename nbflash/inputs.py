@@ -345,17 +345,23 @@ def _is_int(x):
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def check_softcap(impl, softcap):
-    """softcap as a float: 0 (off), or a positive finite number, for an impl that takes it."""
+def softcap_value(softcap):
+    """softcap as a float: 0 (off), or a positive finite number."""
     if isinstance(softcap, (bool, np.bool_)) or not isinstance(
             softcap, (int, float, np.integer, np.floating)) or not math.isfinite(softcap) \
             or softcap < 0:
         raise InputError(f"softcap must be 0 (off) or a positive finite number; got {softcap!r}")
+    return float(softcap)
+
+
+def check_softcap(impl, softcap):
+    """softcap as a float (:func:`softcap_value`), for an impl that takes it."""
+    softcap = softcap_value(softcap)
     if softcap and not impl.softcap:
         others = [i.name for i in impls.REGISTRY.values() if i.softcap]
         raise InputError(f"impl={impl.name!r} does not take softcap (softcapping runs with "
                          f"{_names(others, ' or ')})")
-    return float(softcap)
+    return softcap
 
 
 def check_dropout(dropout_p, seed, offset):
@@ -459,21 +465,16 @@ def _contiguous(xp, x):
     return x
 
 
-def _laid_out(xp, x, d):
+def _laid_out(xp, x):
     """x's layout (nbflash.kernels.common.layouts) when the fa2 and tc kernels can read it in
-    place, else None: "bhnd" as for :func:`_contiguous`; "bnhd" as well when its rows and
-    heads start at 16-byte boundaries (d·itemsize a multiple of 16, the array aligned)."""
-    if not isinstance(x, xp.ndarray):
+    place (layouts.in_place), else None; a device array off a 16-byte boundary, or a
+    read-only NumPy one (see :func:`_contiguous`), is copied in either layout."""
+    if not isinstance(x, xp.ndarray) or (xp is np and not x.flags.writeable):
         return None
-    lay = _layouts.layout_of(x)
-    if lay is None or (xp is np and not x.flags.writeable):
+    ptr = x.__array_interface__["data"][0] if xp is np else x.data.ptr
+    if xp is not np and ptr % 16:
         return None
-    if lay == _layouts.BNHD and ((d * x.itemsize) % 16
-                                 or xp is np and x.__array_interface__["data"][0] % 16):
-        return None       # (NumPy too: the simulator decides as the GPU would)
-    if xp is not np and x.data.ptr % 16:
-        return None
-    return lay
+    return _layouts.in_place(x, x.itemsize, ptr % 16 == 0)   # (NumPy too: as on the GPU)
 
 
 def _placed(xp, prob, named):
@@ -484,15 +485,13 @@ def _placed(xp, prob, named):
     contiguous, or in q's layout); for the others contiguous arrays."""
     if not impls.get(prob.impl).layouts:
         return prob, {n: _contiguous(xp, x) for n, x in named.items()}
-    lq = _laid_out(xp, named["q"], prob.d) or _layouts.BHND
-    lk = _laid_out(xp, named["k"], prob.d)
-    if lk is None or _laid_out(xp, named["v"], prob.d) != lk:
-        lk = _layouts.BHND
+    found = {n: _laid_out(xp, x) for n, x in named.items()}
+    lq = found["q"] or _layouts.BHND
+    lk = found["k"] if found["k"] is not None and found["v"] == found["k"] else _layouts.BHND
     out = {}
     for n, x in named.items():
         lay = lq if n in ("q", "do", "o") else lk
-        out[n] = x if _laid_out(xp, x, prob.d) == lay else \
-            _layouts.into(xp, lay, _contiguous(xp, x))
+        out[n] = x if found[n] == lay else _layouts.into(xp, lay, _contiguous(xp, x))
     return dataclasses.replace(prob, layouts=(lq, lk)), out
 
 

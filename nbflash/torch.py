@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import api, impls, inputs
-from .kernels.common.layouts import layout_of
+from .kernels.common.layouts import in_place, layout_of
 from .errors import InputError
 
 #: the orders of the ops' tensor dimensions: (batch, heads, seqlen, head_dim), nbflash's and
@@ -62,13 +62,10 @@ def _memory_layout(x, impl):
     view x, and so writes the outputs of x's side: what nbflash.inputs decides (x's own where
     the impl takes layouts and x's rows and heads start at 16-byte boundaries, else "bhnd"),
     for the fake implementations, which see no data."""
-    if impl != "auto" and not impls.get(impl).layouts or x.is_contiguous():
+    if impl != "auto" and not impls.get(impl).layouts:
         return "bhnd"
     size = x.element_size()
-    if x.transpose(1, 2).is_contiguous() and (x.shape[-1] * size) % 16 == 0 \
-            and (x.storage_offset() * size) % 16 == 0:
-        return "bnhd"
-    return "bhnd"
+    return in_place(x, size, (x.storage_offset() * size) % 16 == 0) or "bhnd"
 
 
 def _kv_layout(k, v, impl):
@@ -278,12 +275,11 @@ def _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, o
         softmax_scale = float(softmax_scale)
     if not isinstance(impl, str):
         raise InputError(f"impl must be a name (a string); got {impl!r}")
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise InputError(f"softcap must be 0 (off) or a positive finite number; got {softcap!r}")
+    softcap = inputs.softcap_value(softcap)
     p, seed, offset = _seed_tensor(dropout_p, seed, offset)
     return (_tensor_option(key_lengths, "key_lengths"), _tensor_option(block_mask, "block_mask"),
             seed, bool(causal), softmax_scale, impl, bool(deterministic), p, offset,
-            _block_size_arg(block_size), layout, float(softcap))
+            _block_size_arg(block_size), layout, softcap)
 
 
 def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",

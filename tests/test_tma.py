@@ -37,7 +37,7 @@ def _box_kernel(rows):
         smem = cuda.shared.array(size, uint16)
         bar = cuda.shared.array(4, uint64)
         tid = cuda.threadIdx.x
-        base = ((1024 - W.shared_byte(smem, 0) % 1024) % 1024) // 2
+        base = W.aligned_start(smem)
         if tid == 0:
             M.fence_tensormap(tmap)
             M.mbar_init(bar, 0, 1)
@@ -102,7 +102,7 @@ def _qk_kernel(N):
         smem = cuda.shared.array(size, uint16)
         bar = cuda.shared.array(4, uint64)
         tid = cuda.threadIdx.x
-        base = ((1024 - W.shared_byte(smem, 0) % 1024) % 1024) // 2
+        base = W.aligned_start(smem)
         if tid == 0:
             M.fence_tensormap(qmap)
             M.fence_tensormap(kmap)

@@ -97,7 +97,7 @@ def _kernel(N, K, bf16, swizzle, b_major="K", a_regs=False):
     def k(a_src, b_img, out):
         smem = cuda.shared.array(size, uint16)
         tid = cuda.threadIdx.x
-        base = ((1024 - W.shared_byte(smem, 0) % 1024) % 1024) // 2
+        base = W.aligned_start(smem)
         if not A_REGS:
             for i in range(tid, A_ELEMENTS, 128):
                 smem[base + i] = a_src[i]

@@ -40,6 +40,17 @@ def layout_of(x):
     return None
 
 
+def in_place(x, itemsize, aligned):
+    """x's layout where the fa2 and tc kernels read it as it lies, else None: "bhnd", or
+    "bnhd" when its rows and heads start at 16-byte boundaries (d·itemsize a multiple of 16,
+    and `aligned`: x's first element at one). nbflash.inputs decides with it, and the torch
+    ops' fake implementations predict with it."""
+    lay = layout_of(x)
+    if lay == BNHD and ((x.shape[-1] * itemsize) % 16 or not aligned):
+        return None
+    return lay
+
+
 def kernel_strides(layout, H, N, d):
     """(sb, sh, sn): where element (b, h, n, c) of an (B, H, N, d) array in `layout` is,
     b·sb + (b·H + h)·sh + n·sn + c (see the module docstring)."""

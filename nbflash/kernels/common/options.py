@@ -9,6 +9,7 @@ unused), then the mask's batch and head strides, its number of key blocks and it
 (bq, bk), then dropout's seed (low and high 32-bit words), offset, 16-bit threshold and 1/(1-p).
 """
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -79,7 +80,7 @@ def softcap_scalars(softcap, scale):
     off: not read)."""
     if not softcap:
         return 0.0, 0.0
-    return float(scale) / softcap, softcap * 1.4426950408889634
+    return float(scale) / softcap, softcap * math.log2(math.e)
 
 
 def argument_types():

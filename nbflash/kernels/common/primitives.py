@@ -219,21 +219,8 @@ if not SIMULATOR:
 
         return sig, codegen
 
-    def _plain_asm(text):
-        @intrinsic
-        def op(typingctx):
-            sig = types.void()
-
-            def codegen(context, builder, sig, args):
-                asm(builder, ir.VoidType(), text, "~{memory}", [])
-                return context.get_dummy_value()
-
-            return sig, codegen
-
-        return op
-
-    commit_async = _plain_asm("cp.async.commit_group;")
-    _WAITS = {n: _plain_asm(f"cp.async.wait_group {n};") for n in range(4)}
+    commit_async = void_statement("cp.async.commit_group;")
+    _WAITS = {n: void_statement(f"cp.async.wait_group {n};") for n in range(4)}
     wait_async_all_but_1, wait_async_all = _WAITS[1], _WAITS[0]
 
 

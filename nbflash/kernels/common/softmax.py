@@ -147,6 +147,18 @@ def capped(s, cap_in, cap_out):
 
 
 capped = cuda.jit(device=True, inline=True)(capped)
+
+
+def make_cap_scores(N):
+    """Device function: the N raw scores s[0:N] softcapped in place (base 2, :func:`capped`;
+    fa2's kernels run it as a pass of its own before the loops that use the scores: inside
+    those the body grows too large to unroll, and the register tiles go to local memory)."""
+
+    def cap_scores(s, cap_in, cap_out):
+        for x in range(N):
+            s[x], _ = capped(s[x], cap_in, cap_out)
+
+    return cuda.jit(device=True, inline=True)(cap_scores)
 row_lse = cuda.jit(device=True, inline=True)(row_lse)
 row_stats = cuda.jit(device=True, inline=True)(row_stats)
 

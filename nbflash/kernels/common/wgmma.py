@@ -23,7 +23,8 @@ wait for them. PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate
   the mma.m16n8 layout once per warp (nbflash.kernels.tc.fragments).
   :func:`make_wgmma_rs(N, bf16, b)`: the same with A's 16 columns from registers, four uint32
   per thread in mma.m16n8k16's A-fragment layout (P packed from the score fragments).
-- :func:`shared_byte` (a shared element's byte address: for aligning tiles to 1024 bytes),
+- :func:`shared_byte` (a shared element's byte address), :func:`aligned_start` (the first
+  element at a 1024-byte boundary, where swizzled tiles start),
   :func:`fence`, :func:`commit`, :func:`make_wait` (``wgmma.fence``, ``commit_group``,
   ``wait_group n``), :func:`make_fence_acc` (ties the accumulators to the point after a wait,
   so that the compiler cannot read them earlier), :func:`fence_proxy_async` (shared memory
@@ -460,3 +461,12 @@ else:
             pass
 
         return cuda.jit(device=True)(fence_acc)
+
+
+def aligned_start(smem):
+    """The index of the first 16-bit element of the shared array `smem` at a 1024-byte boundary
+    (the swizzled tiles' alignment; size `smem` 512 elements more than the tiles need)."""
+    return ((1024 - shared_byte(smem, 0) % 1024) % 1024) // 2
+
+
+aligned_start = cuda.jit(device=True, inline=True)(aligned_start)

@@ -35,8 +35,8 @@ from ..common.masks import (ALL, bit_on, cursor_tile, first_query_block, key_blo
                             tile_status, visible)
 from ..common.options import Features
 from ..common.primitives import commit_async, wait_async_all, wait_async_all_but_1
-from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, capped, clamp_nonpositive, row_stats,
-                              scaled)
+from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, clamp_nonpositive, make_cap_scores,
+                              row_stats, scaled)
 from .regtile import (kv_coords, make_dot_cols, make_dot_rows, make_pair_loader, make_row_store,
                       make_tile_loader, thread_coords, tile_constants)
 
@@ -44,7 +44,7 @@ from .regtile import (kv_coords, make_dot_cols, make_dot_rows, make_pair_loader,
 def make_p_and_ds(SOFTCAP):
     """Device function: P = 2^min(s' - lse log2(e), 0) (see the module docstring) and
     dS = P (dP - D); lse_lo = lse · LOG2E_LO. SOFTCAP: s is the softcapped score already
-    (base 2, :func:`cap_scores`), whose tanh is s · inv_co, and dS takes the derivative's
+    (base 2, softmax.make_cap_scores), whose tanh is s · inv_co, and dS takes the derivative's
     factor 1 - tanh² (the chain rule through softcap·tanh(τ s / softcap))."""
 
     def p_and_ds(s, dp, sc_hi, sc_lo, inv_co, lse, lse_lo, dlt):
@@ -58,17 +58,6 @@ def make_p_and_ds(SOFTCAP):
 
     return cuda.jit(device=True, inline=True)(p_and_ds)
 
-
-def make_cap_scores(N):
-    """Device function: the N raw scores s[0:N] softcapped in place (base 2; a pass of its
-    own before the loops that use them: inside those the body grows too large to unroll, and
-    the fragments go to local memory)."""
-
-    def cap_scores(s, cap_in, cap_out):
-        for x in range(N):
-            s[x], _ = capped(s[x], cap_in, cap_out)
-
-    return cuda.jit(device=True, inline=True)(cap_scores)
 
 
 def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):

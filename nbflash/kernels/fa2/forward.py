@@ -44,7 +44,7 @@ from ..common.masks import (ALL, bit_on, key_blocks, make_block_bits, make_tile_
 from ..common.options import Features
 from ..common.primitives import (commit_async, make_row_reduce, wait_async_all,
                                  wait_async_all_but_1)
-from ..common.softmax import NAN, NEG_INF, ZERO, capped, finish_row, new_max, scaled
+from ..common.softmax import NAN, NEG_INF, ZERO, finish_row, make_cap_scores, new_max, scaled
 from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_tile_loader,
                       thread_coords, tile_constants)
 
@@ -75,6 +75,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     check_keep_tile(DROP, C, t)
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
+    cap_scores = make_cap_scores(N_S)
 
     def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
                     ksn, sc_hi, sc_lo, cap_in, cap_out, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
@@ -135,9 +136,8 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             for x in range(TM * TN):
                 s[x] = ZERO
             qk(smem, Q_OFF + rg * DS, k_off + cg * DS, s)
-            if SOFTCAP:   # softcap·tanh(τ s / softcap) in base 2 (a pass of its own: inside the
-                for x in range(TM * TN):   # row loop below, that loop no longer unrolls)
-                    s[x], _ = capped(s[x], cap_in, cap_out)
+            if SOFTCAP:   # softcap·tanh(τ s / softcap) in base 2 (make_cap_scores)
+                cap_scores(s, cap_in, cap_out)
             # the mask is evaluated only where the block reaches past the key length, over the
             # diagonal, or over mask blocks that are off
             on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)

@@ -154,8 +154,13 @@ def local_allowance(kernel, d, options):
     with every option (`options`) or none."""
     if not options:
         return 0
-    key = min((k for k in GPU_TILES[kernel] if k >= d), default=max(GPU_TILES[kernel]))
-    return OPTIONS_LOCAL_ALLOWANCE.get((kernel, key), 0)
+    return OPTIONS_LOCAL_ALLOWANCE.get((kernel, _entry(GPU_TILES[kernel], d)), 0)
+
+
+def _entry(sizes, d):
+    """The head dim of the entry of a kernel's table that head dim d takes: the smallest one
+    >= d (head dims above the largest are refused by the input checks)."""
+    return min((k for k in sizes if k >= d), default=max(sizes))
 
 
 def tiles(kernel, d, table=None):
@@ -163,6 +168,5 @@ def tiles(kernel, d, table=None):
     this device's, TABLE): the entry of the smallest head dim >= d (head dims above the largest
     key are refused by the input checks)."""
     sizes = (table or TABLE)[kernel]
-    key = min((k for k in sizes if k >= d), default=max(sizes))
-    R, C, *rest = sizes[key]
+    R, C, *rest = sizes[_entry(sizes, d)]
     return RegTiles(R, C, d, *rest)

@@ -31,9 +31,9 @@ from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
 from ..common.tma import (fence_barrier_init, fence_tensormap, make_tma_load_3d,
                           mbar_arrive_expect_tx, mbar_init, mbar_try_wait)
 from ..common.warp import exp2, make_warp_ops, rcp_approx
-from ..common.wgmma import (KMajor, MNMajor, commit, fence, make_fence_acc, make_wait,
-                            make_wgmma, make_wgmma_rs, shared_byte)
-from ..tc.fragments import make_pack_a, make_store_rows
+from ..common.wgmma import (KMajor, MNMajor, aligned_start, commit, fence, make_fence_acc,
+                            make_wait, make_wgmma, make_wgmma_rs)
+from ..tc.fragments import make_pack_a, make_store_rows, store_lse_rows
 from .tiles import ROWS, THREADS
 
 
@@ -108,7 +108,7 @@ def make_forward(t, causal, bf16):
         bh = cuda.blockIdx.z * H + cuda.blockIdx.y
         row0 = cuda.blockIdx.x * ROWS
         wr = row0 + 16 * (tid // 32)          # this warp's first query row
-        base = ((1024 - shared_byte(smem, 0) % 1024) % 1024) // 2
+        base = aligned_start(smem)
         n_tiles = key_blocks(row0, ROWS, C, Nq, Nk, Nk, CAUSAL)
         if tid == 0:
             fence_tensormap(qmap)
@@ -188,10 +188,6 @@ def make_forward(t, causal, bf16):
         one = float32(1.0)
         store_rows(o, bh * Nq * D, D, wr, Nq, acc, 0, 0, one, one, one, lse0 == NEG_INF,
                    lse1 == NEG_INF, lane)
-        if lane % 4 == 0:
-            if r < Nq:
-                lse[bh * Nq + r] = lse0
-            if r + 8 < Nq:
-                lse[bh * Nq + r + 8] = lse1
+        store_lse_rows(lse, bh * Nq, r, Nq, lse0, lse1, lane)
 
     return fa3_forward

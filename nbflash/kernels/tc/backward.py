@@ -57,6 +57,20 @@ def make_convert(threads, bf16):
     return tc_convert
 
 
+def make_p_of(SOFTCAP):
+    """Device function: (P, tanh) of a raw score s, P = 2^min(s·sc - lse2, 0) with lse2 =
+    lse·log2 e (the module docstring); SOFTCAP: of the softcapped score, with its tanh, whose
+    1 - tanh² the caller multiplies dS by (0 without a softcap)."""
+
+    def p_of(s, sc, cap_in, cap_out, lse2):
+        if SOFTCAP:   # softcap·tanh(τ s / softcap)
+            x, t = capped(s, cap_in, cap_out)
+            return exp2(clamp_nonpositive(x - lse2)), t
+        return exp2(clamp_nonpositive(cuda.fma(s, sc, -lse2))), ZERO
+
+    return cuda.jit(device=True, inline=True)(p_of)
+
+
 def make_dkdv(t, causal, bf16, features, dq=True):
     """FA2 backward over key blocks on tensor cores for TcTiles `t` (nbflash.kernels.tc.tiles:
     16·W keys per block, C queries per step, t.dsplit blocks per key tile), dQ added atomically
@@ -68,6 +82,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     N_S, N_O = 4 * NT, 4 * NVH      # fragment array sizes (compile-time constants)
     CAUSAL, DQ = bool(causal), bool(dq)
     DROP, PAD, SPARSE, SOFTCAP = features
+    p_of = make_p_of(SOFTCAP)
     shared = t.smem_plan("dkdv", DROP, DQ)   # offsets in 16-bit elements (keep bits: uint32)
     K_OFF, V_OFF, DS_OFF, Q_OFF = (shared.offset(n) for n in ("K", "V", "dSt", "steps"))
     KEEP_OFF = shared.offset("keep", 4)      # dSᵀ: R keys x C queries, row stride PS
@@ -217,12 +232,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
                         dp = ZERO
                     else:
                         dp *= drop_scale
-                tc_ = ZERO
-                if SOFTCAP:   # softcap·tanh(τ s / softcap); dS takes its factor 1 - tanh²
-                    sx, tc_ = capped(st[x], cap_in, cap_out)
-                    p = exp2(clamp_nonpositive(sx - lse_q))
-                else:
-                    p = exp2(clamp_nonpositive(cuda.fma(st[x], sc_hi, -lse_q)))
+                p, tc_ = p_of(st[x], sc_hi, cap_in, cap_out, lse_q)
                 if masked and not fragment_bit(vis, x):
                     p = ZERO
                 st[x] = p
@@ -303,6 +313,7 @@ def make_dq(t, causal, bf16, features):
     N_Q, N_S, N_O = (4 * KD if QREGS else 4), 4 * NT, 4 * NV
     CAUSAL = bool(causal)
     DROP, PAD, SPARSE, SOFTCAP = features
+    p_of = make_p_of(SOFTCAP)
     shared = t.smem_plan("dq", DROP)         # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, DO_OFF, KV_OFF = shared.offset("Q"), shared.offset("dO"), shared.offset("KV")
     KEEP_OFF = shared.offset("keep", 4)
@@ -430,13 +441,7 @@ def make_dq(t, causal, bf16, features):
                         dp *= drop_scale
                     else:
                         dp = ZERO
-                tc_ = ZERO
-                if SOFTCAP:   # as in the dK/dV pass
-                    sx, tc_ = capped(s[x], cap_in, cap_out)
-                    p = exp2(clamp_nonpositive(sx - (lse_a if upper else lse_b)))
-                else:
-                    p = exp2(clamp_nonpositive(cuda.fma(s[x], sc_hi,
-                                                        -(lse_a if upper else lse_b))))
+                p, tc_ = p_of(s[x], sc_hi, cap_in, cap_out, lse_a if upper else lse_b)
                 if masked and not fragment_bit(vis, x):
                     p = ZERO
                 s[x] = p * (dp - (d_a if upper else d_b))

@@ -40,7 +40,8 @@ from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
 from ..common.warp import exp2, make_warp_ops
 from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_kv_stream,
-                        make_load_a, make_mma2, make_pack_a, make_store_rows, thread_coords)
+                        make_load_a, make_mma2, make_pack_a, make_store_rows, store_lse_rows,
+                        thread_coords)
 
 
 def make_forward(t, causal, bf16, features):
@@ -141,11 +142,7 @@ def make_forward(t, causal, bf16, features):
             row + 8, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
         store_rows(o, q_base, qsn, r0, Nq, acc, mt * OF, 0, float32(1.0), d0, d1, lse0 == NEG_INF,
                    lse1 == NEG_INF, lane)
-        if lane % 4 == 0:
-            if row < Nq:
-                lse[bh * Nq + row] = lse0
-            if row + 8 < Nq:
-                lse[bh * Nq + row + 8] = lse1
+        store_lse_rows(lse, bh * Nq, row, Nq, lse0, lse1, lane)
 
     softmax_row = cuda.jit(device=True, inline=True)(softmax_row)
     softmax_mtile = cuda.jit(device=True, inline=True)(softmax_mtile)

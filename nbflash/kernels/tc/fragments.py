@@ -101,6 +101,19 @@ def make_store_rows(D, WIDTH, pack):
     return cuda.jit(device=True, inline=True)(store)
 
 
+def store_lse_rows(lse, at, row, n, lse0, lse1, lane):
+    """lse of rows `row` and row + 8 (those below n) of a warp's m-tile, held by each row's
+    four lanes, written once by the first of them at lse[at + row], lse[at + row + 8]."""
+    if lane % 4 == 0:
+        if row < n:
+            lse[at + row] = lse0
+        if row + 8 < n:
+            lse[at + row + 8] = lse1
+
+
+store_lse_rows = cuda.jit(device=True, inline=True)(store_lse_rows)
+
+
 def make_load_a(ldsm):
     """Device function: dst[x:x+4] = the A fragment (16 rows x 16 columns) of a shared tile at
     element `at` (ldmatrix.x4), each word XOR `flip` (0x80008000 negates both halves: the
