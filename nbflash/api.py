@@ -141,7 +141,7 @@ def _plain(masking):
 
 def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
                       block_rule=None, dropout_p=0.0, seed=None, offset=0, key_lengths=None,
-                      block_mask=None, block_size=None, softcap=0.0):
+                      block_mask=None, block_size=None, softcap=0.0, window_size=(-1, -1)):
     """Attention forward: returns (o, lse).
 
     q: (B, H, Nq, d); k, v: (B, H_kv, Nk, d) with H_kv = H, or fewer heads dividing H
@@ -190,12 +190,18 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     softcap (naive, fa2, tc): 0 (off), or a positive number: the scores become
     softcap·tanh(τ q·kᵀ / softcap) before the masks and the softmax (Gemma 2's softcapping),
     and the backward takes the factor 1 - tanh² of its derivative.
+    window_size (naive, fa2, tc): a sliding window (left, right), FlashAttention's: query i
+    sees key j only when i + Nk - Nq - left <= j <= i + Nk - Nq + right, a side of -1
+    unbounded (the default (-1, -1): no window); with causal both apply (the window's right
+    side is then 0). Mistral's window of W keys with causal masking is (W - 1, 0). The
+    kernels skip the tiles outside every row's window, as they skip the causal mask's.
     Raises nbflash.InputError, naming the problem, before any kernel runs.
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
-                   block_mask=block_mask, block_size=block_size, softcap=softcap)
+                   block_mask=block_mask, block_size=block_size, softcap=softcap,
+                   window_size=window_size)
     key = _fast_key((q, k, v), ("fwd", causal, softmax_scale, impl, M, block_rule, dropout_p,
-                                block_size, softcap)) if _plain(masking) else None
+                                block_size, softcap, window_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
     if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
         _, seed, offset = inputs.check_dropout(dropout_p, seed, offset)
@@ -213,7 +219,8 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
               block_rule=None, **options):
     """Attention output softmax(τ q kᵀ) v; see :func:`attention_forward` for the arguments
-    (`options`: dropout_p, seed, offset, key_lengths, block_mask, block_size, softcap)."""
+    (`options`: dropout_p, seed, offset, key_lengths, block_mask, block_size, softcap,
+    window_size)."""
     return attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, impl=impl,
                              M=M, block_rule=block_rule, **options)[0]
 
@@ -221,7 +228,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, impl="auto",
                        M=None, block_rule=None, deterministic=False, dropout_p=0.0, seed=None,
                        offset=0, key_lengths=None, block_mask=None, block_size=None,
-                       softcap=0.0):
+                       softcap=0.0, window_size=(-1, -1)):
     """Attention backward: returns (dq, dk, dv) for upstream gradient do = dL/do.
 
     o and lse are what :func:`attention_forward` returned for the same q, k, v and options
@@ -239,10 +246,11 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     on the GPU). fa1 and naive are always deterministic.
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
-                   block_mask=block_mask, block_size=block_size, softcap=softcap)
+                   block_mask=block_mask, block_size=block_size, softcap=softcap,
+                   window_size=window_size)
     key = _fast_key((do, q, k, v, o, lse),
                     ("bwd", causal, softmax_scale, impl, M, block_rule, deterministic, dropout_p,
-                     block_size, softcap)) if _plain(masking) else None
+                     block_size, softcap, window_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
     if plan is not None:   # the cached checks saw dropout_p; seed and offset are checked here
         _, seed, offset = inputs.check_dropout(dropout_p, seed, offset)

@@ -18,17 +18,21 @@ What the attention function does with what transformers passes:
   attention; nbflash's causal mask is bottom-right aligned, which is transformers' alignment
   with a cache (the new queries are the last positions);
 - a mask (4-D, boolean, or additive with 0 and -inf / finfo.min): it must be a right-padding key
-  mask, alone or with the causal mask (nbflash.torch.mask_options), and becomes key_lengths;
-  left padding, packed sequences, sliding windows and biases are refused with
-  nbflash.InputError. The mask is read on the host once per mask tensor (all layers share one);
-  that read is a graph break under torch.compile, which compiles the no-mask call whole;
+  mask, alone or with the causal mask, and inside the layer's sliding window where it has one
+  (nbflash.torch.mask_options), and becomes key_lengths; left padding, packed sequences and
+  biases are refused with nbflash.InputError. The mask is read on the host once per mask
+  tensor (all layers of one kind share one); that read is a graph break under torch.compile,
+  which compiles the no-mask call whole;
 - grouped-query heads (fewer key/value heads): passed as they are, read in place by nbflash's
   grouped-query kernels (no repeat_interleave, which transformers' SDPA path may do), dk and
   dv summed over each group inside them;
 - scaling becomes softmax_scale; dropout becomes dropout_p, with a seed from torch's generator;
 - softcap (Gemma 2's attn_logit_softcapping) is nbflash's softcap;
-- sliding_window, attention sinks (s_aux) and packed-sequence lengths (cu_seq_lens_*) are
-  refused (issue 17); attention weights are never returned (None, as SDPA's).
+- sliding_window W (Mistral, Gemma 2 and 3, Qwen's sliding layers) is nbflash's window_size
+  (W - 1, W - 1), as transformers passes it to FlashAttention (with the causal mask: each query
+  sees itself and the W - 1 keys before it, transformers' sliding-window mask);
+- attention sinks (s_aux) and packed-sequence lengths (cu_seq_lens_*) are refused (issue 17);
+  attention weights are never returned (None, as SDPA's).
 
 transformers hands the projections over as (B, H, N, d) views of (B, N, H, d) tensors: they go
 to the op as they are, the fa2 and tc kernels read them in place
@@ -42,13 +46,14 @@ import weakref
 from . import torch as nbtorch
 from .errors import InputError
 
-#: the last mask read, (weak reference, (version, B, Nq, Nk), its options): the layers of one
-#: forward share one mask tensor, so it is read once
+#: the last masks read, [(weak reference, (version, B, Nq, Nk, window), its options)], newest
+#: first: the layers of one forward share one mask tensor per kind of layer (full and sliding,
+#: alternating in Gemma 2 and 3), so each is read once
 _LAST_MASK = []
+_MASKS_KEPT = 4
 
 #: keyword arguments of transformers' attention calls that ask for what nbflash lacks
-_REFUSED = {"sliding_window": "sliding-window attention",
-            "s_aux": "attention sinks", "sinks": "attention sinks",
+_REFUSED = {"s_aux": "attention sinks", "sinks": "attention sinks",
             "cu_seq_lens_q": "packed variable-length sequences",
             "cu_seq_lens_k": "packed variable-length sequences"}
 
@@ -89,28 +94,35 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     Nk = key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     key_lengths = None
+    window = (-1, -1)
+    sliding = kwargs.get("sliding_window")
+    if sliding is not None:
+        if not isinstance(sliding, int) or isinstance(sliding, bool) or sliding < 1:
+            raise InputError(f"sliding_window must be a positive integer; got {sliding!r}")
+        window = (sliding - 1, sliding - 1)
     if attention_mask is not None:
-        causal, key_lengths = _mask_options(attention_mask, B, Nq, Nk)
+        causal, key_lengths = _mask_options(attention_mask, B, Nq, Nk, window)
     # (B, H, N, d) views of (B, N, H, d) projections, read in place: o comes back in q's
     # memory, so its (B, N, H, d) transpose is contiguous (see the module docstring)
     o, _ = nbtorch._attention(query, key, value, "bhnd", causal, scaling, impl, deterministic,
                               dropout_p=dropout, key_lengths=key_lengths,
-                              softcap=kwargs.get("softcap") or 0.0)
+                              softcap=kwargs.get("softcap") or 0.0, window_size=window)
     return o.transpose(1, 2), None
 
 
-def _mask_options(mask, B, Nq, Nk):
-    """nbflash.torch.mask_options of a transformers mask, remembered for the last mask tensor
-    (and its version, so a mask changed in place is read again)."""
+def _mask_options(mask, B, Nq, Nk, window):
+    """nbflash.torch.mask_options of a transformers mask (inside `window`), remembered for the
+    last few mask tensors (and their versions, so a mask changed in place is read again)."""
     import torch  # noqa: PLC0415
     if not isinstance(mask, torch.Tensor):
         raise InputError(f"the attention mask is a {type(mask).__name__}; nbflash takes a "
                          f"boolean or additive mask tensor (register() builds them)")
-    key = (mask._version, B, Nq, Nk)
-    if _LAST_MASK and _LAST_MASK[0][0]() is mask and _LAST_MASK[0][1] == key:
-        return _LAST_MASK[0][2]
-    got = nbtorch.mask_options(mask, B, Nq, Nk, additive=True)
-    _LAST_MASK[:] = [(weakref.ref(mask), key, got)]
+    key = (mask._version, B, Nq, Nk, window)
+    for ref, seen, got in _LAST_MASK:
+        if ref() is mask and seen == key:
+            return got
+    got = nbtorch.mask_options(mask, B, Nq, Nk, additive=True, window_size=window)
+    _LAST_MASK[:] = [(weakref.ref(mask), key, got)] + _LAST_MASK[:_MASKS_KEPT - 1]
     return got
 
 

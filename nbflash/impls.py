@@ -65,6 +65,8 @@ class Impl:
     layouts: bool = False
     #: takes softcap > 0 (scores softcap·tanh(score / softcap), Gemma 2's softcapping)
     softcap: bool = False
+    #: takes a sliding window (window_size other than unbounded on both sides)
+    window: bool = False
     #: fast enough for the FlashAttention-2 grid at 16k tokens (fa1, as written, is not: it
     #: would take minutes per point there)
     at_scale: bool = True
@@ -96,7 +98,7 @@ class NaivePlan:
         return dict(causal=self.causal, softmax_scale=self.scale, dropout_p=lay.dropout_p,
                     seed=seed, offset=offset, key_lengths=key_lengths, block_mask=block_mask,
                     block_size=lay.block_size if lay.features.sparse else None,
-                    softcap=lay.softcap)
+                    softcap=lay.softcap, window_size=lay.window_size())
 
     def forward(self, xp, q, k, v, stream=0, key_lengths=None, block_mask=None, seed=0,
                 offset=0):
@@ -134,7 +136,7 @@ def _tc(prob, layout, deterministic=False):
 REGISTRY = {impl.name: impl for impl in (
     Impl("naive", "naive (CuPy)", "#7f7f7f", "s",
          "standard attention with array operations (matmul, softmax, matmul): the baseline",
-         ("float32", "float16"), 2**31, gqa=True, softcap=True, plan=_naive),
+         ("float32", "float16"), 2**31, gqa=True, softcap=True, window=True, plan=_naive),
     Impl("fa1", "nbflash fa1", "#1f77b4", "o",
          "the FlashAttention paper's Algorithms 1 and 4, as written (for reading and the IO "
          "experiments)",
@@ -146,14 +148,14 @@ REGISTRY = {impl.name: impl for impl in (
     Impl("fa2", "nbflash fa2", "#d62728", "^",
          "FlashAttention-2 on CUDA cores, register-tiled, float32 math",
          ("float32", "float16"), fa2_tiles.MAX_HEAD_DIM, deterministic="optional", gqa=True,
-         layouts=True, softcap=True,
+         layouts=True, softcap=True, window=True,
          family=Family(fa2_plan.KERNELS, fa2_plan.spec, fa2_tiles.tiles,
                        ("float32", "float16")),
          check=fa2_plan.check, plan=_fa2),
     Impl("tc", "nbflash tc", "#9467bd", "D",
          "FlashAttention-2 on tensor cores (mma.sync through inline PTX), 16-bit inputs",
          ("float16", "bfloat16"), tc_tiles.MAX_HEAD_DIM, tc_tiles.HEAD_DIM_MULTIPLE,
-         deterministic="optional", gqa=True, layouts=True, softcap=True,
+         deterministic="optional", gqa=True, layouts=True, softcap=True, window=True,
          family=Family(tc_plan.KERNELS, tc_plan.spec, tc_tiles.tiles, ("float16", "bfloat16")),
          check=tc_plan.check, plan=_tc),
 )}

@@ -71,6 +71,7 @@ class Problem:
     #: key-shaped ones as the checks hand them over: both "bhnd" unless the impl takes others
     layouts: tuple = (_layouts.BHND, _layouts.BHND)
     softcap: float = 0.0         # scores softcap·tanh(score / softcap); 0: off
+    window_size: tuple = (-1, -1)   # a sliding window (left, right); -1: unbounded
 
     @property
     def kv_heads(self):
@@ -86,12 +87,13 @@ class Problem:
         """The mask and dropout options, as nbflash.naive takes them."""
         return dict(dropout_p=self.dropout_p, seed=self.seed, offset=self.offset,
                     key_lengths=self.key_lengths, block_mask=self.block_mask,
-                    block_size=self.block_size, softcap=self.softcap)
+                    block_size=self.block_size, softcap=self.softcap,
+                    window_size=self.window_size)
 
     def options(self):
         """(Layout, (key_lengths, block_mask, seed, offset)): the options as the kernels' plans
         take them (nbflash.kernels.common.options)."""
-        return _options.layout(**self.masking())
+        return _options.layout(causal=self.causal, **self.masking())
 
     def stream_context(self):
         """On torch's current stream when the inputs were torch tensors (so that CuPy's
@@ -364,6 +366,32 @@ def check_softcap(impl, softcap):
     return softcap
 
 
+def window_value(window_size):
+    """window_size as a pair of ints (left, right), each -1 (unbounded) or >= 0."""
+    bad = InputError(f"window_size must be a pair (left, right) of integers, each -1 "
+                     f"(unbounded) or >= 0; got {window_size!r}")
+    if isinstance(window_size, (str, bytes)):
+        raise bad
+    try:
+        pair = tuple(window_size)
+    except TypeError:
+        raise bad from None
+    if len(pair) != 2 or not all(_is_int(w) and w >= -1 for w in pair):
+        raise bad
+    return int(pair[0]), int(pair[1])
+
+
+def check_window(impl, window_size, causal):
+    """window_size as (left, right) (:func:`window_value`), for an impl that takes it where it
+    hides anything (not (-1, -1), nor a window without a left bound with causal masking)."""
+    window = window_value(window_size)
+    if _options.window_bounds(window, causal) is not None and not impl.window:
+        others = [i.name for i in impls.REGISTRY.values() if i.window]
+        raise InputError(f"impl={impl.name!r} does not take window_size={window} (sliding "
+                         f"windows run with {_names(others, ' or ')})")
+    return window
+
+
 def check_dropout(dropout_p, seed, offset):
     """(p, seed, offset) of a valid dropout request."""
     if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(
@@ -537,16 +565,17 @@ def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causa
     block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
                                                masking["block_size"], B, H, Nq, Nk)
     softcap = check_softcap(impl, masking["softcap"])
+    window = check_window(impl, masking["window_size"], causal)
     tiles = impl.check(d, pass_, p > 0, **{k: v for k, v in own.items()
                                            if k in impl.own_options}) if impl.check else None
     return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl.name, xp, to_host, tiles,
                    torch, stream, p, seed, offset, key_lengths, block_mask, block_size,
-                   bf16_dtype, H_kv, softcap=softcap)
+                   bf16_dtype, H_kv, softcap=softcap, window_size=window)
 
 
-#: the mask, dropout and softcap options of the public functions, and their defaults
+#: the mask, dropout, softcap and window options of the public functions, and their defaults
 MASKING = dict(dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
-               block_size=None, softcap=0.0)
+               block_size=None, softcap=0.0, window_size=(-1, -1))
 
 
 def _known_impl(impl):

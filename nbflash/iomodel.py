@@ -141,10 +141,11 @@ def _scaled(arrays, n):
 def _key_blocks(row0, rows, Nq, Nk, C, causal):
     """How many key blocks of C keys, from the first, the query rows row0 .. row0+rows-1 walk:
     all ceil(Nk/C), or with causal masking those up to the last key the last row sees. The
-    kernels' own rule (masks.key_blocks, run here as Python, without key padding): fa2 walks
-    these blocks, and they are the blocks Alg. 1 line 8's loop does not skip in fa1
+    kernels' own rule (masks.key_range, run here as Python, without key padding or a window):
+    fa2 walks these blocks, and they are the blocks Alg. 1 line 8's loop does not skip in fa1
     (masks.block_hidden)."""
-    return masks.key_blocks.py_func(row0, rows, C, Nq, Nk, Nk, causal)
+    first, end = masks.key_range.py_func(row0, rows, C, Nq, Nk, Nk, causal, False, 0, 0)
+    return max(0, end - first)
 
 
 def _rows(n, block, i):
@@ -255,7 +256,7 @@ def fa2_dkdv(Nq, Nk, d, s, causal, t, atomic):
     lse_i, D_i each), adds τ dS K_j into dQ_i with atomics (if `atomic`), writes dK_j, dV_j."""
     q_rows = 0
     for j in range(-(-Nk // t.R)):
-        first = masks.first_query_block.py_func(j * t.R, t.C, Nq, Nk, causal)
+        first = masks.query_range.py_func(j * t.R, t.R, t.C, Nq, Nk, causal, False, 0, 0)[0]
         q_rows += Nq - first * t.C
     return {"k": IO(read=Nk * d * s), "v": IO(read=Nk * d * s),
             "q": IO(read=q_rows * d * s), "do": IO(read=q_rows * d * s),

@@ -14,7 +14,8 @@ accumulating in float32 (float64 for float64), as cuBLAS does; softmax is comput
 So the float16 baseline rounds S, P and dS to float16, as a user's float16 attention would.
 
 Masks and dropout, as the kernels apply them (nbflash.attention_forward documents the options):
-MASK(S) sets to -inf every entry that the causal mask, the key lengths or the block mask hide;
+MASK(S) sets to -inf every entry that the causal mask, the sliding window, the key lengths or the
+block mask hide;
 dropout multiplies P by Z / (1 - p) after the softmax, with Z the keep mask of nbflash.rng (the
 kernels' generator, run here on whole arrays), so that
 
@@ -106,20 +107,39 @@ def causal_visible(Nq, Nk, xp=np, rows=None):
     return j <= i + (Nk - Nq)
 
 
+def window_visible(Nq, Nk, window_size, xp=np, rows=None):
+    """Boolean (Nq, Nk) (rows: those rows only, at their absolute i): key j inside query i's
+    sliding window (left, right), i + Nk - Nq - left <= j <= i + Nk - Nq + right, a side of
+    -1 unbounded (FlashAttention's window_size)."""
+    left, right = window_size
+    diag = _row_index(Nq, rows, xp)[:, None] + (Nk - Nq)
+    j = xp.arange(Nk)[None, :]
+    vis = xp.ones((diag.shape[0], Nk), dtype=bool)
+    if left >= 0:
+        vis = vis & (j >= diag - left)
+    if right >= 0:
+        vis = vis & (j <= diag + right)
+    return vis
+
+
 def keys_read(key_lengths, Nk, xp=np):
     """Boolean (B, 1, 1, Nk): key j of batch entry b is below key_lengths[b]."""
     return xp.arange(Nk).reshape(1, 1, 1, Nk) < xp.asarray(key_lengths).reshape(-1, 1, 1, 1)
 
 
 def visible(B, H, Nq, Nk, xp=np, causal=False, key_lengths=None, block_mask=None,
-            block_size=None, rows=None):
+            block_size=None, rows=None, window_size=(-1, -1)):
     """Boolean mask broadcastable to (B, H, Nq, Nk): entries that no mask hides (None: all).
+    window_size: (left, right), -1 unbounded (:func:`window_visible`; with causal, both apply).
     key_lengths: integers (B,), keys from key_lengths[b] on hidden for batch entry b.
     block_mask: (n_q_blocks, n_k_blocks) with optional leading (H,) or (B|1, H|1) axes, at
     block_size = (bq, bk). rows: a slice of the query rows (None: all): the mask of those rows
     only, visible(...)[..., rows, :] (the causal mask at their absolute row indices, the block
     mask expanded for them alone)."""
     vis = causal_visible(Nq, Nk, xp, rows) if causal else None
+    if tuple(window_size) != (-1, -1):
+        win = window_visible(Nq, Nk, window_size, xp, rows)
+        vis = win if vis is None else vis & win
     if key_lengths is not None:
         pad = keys_read(key_lengths, Nk, xp)
         vis = pad if vis is None else vis & pad
@@ -258,17 +278,19 @@ def _forward_rows(q, k, v, vis, z, scale, softcap=0.0):
 
 def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0, seed=None,
                       offset=0, keep=None, key_lengths=None, block_mask=None, block_size=None,
-                      row_chunk=None, softcap=0.0):
+                      row_chunk=None, softcap=0.0, window_size=(-1, -1)):
     """(o, lse): o in q's dtype, lse (B, H, Nq) in float32 (float64 for float64 inputs).
     lse is the softmax's, before dropout. softcap > 0: scores softcap·tanh(τ q·k / softcap)
-    (Gemma 2's softcapping; 0: off).
+    (Gemma 2's softcapping; 0: off). window_size: a sliding window (left, right), -1
+    unbounded (:func:`window_visible`).
 
     row_chunk: None (the baseline: every matrix N x N at once), or the number of query rows
     computed at a time (see the module docstring: the same results, in memory bounded by
     row_chunk x Nk per matrix). keep may also be a function of a slice of rows returning those
     rows of the mask."""
     scale = _scale(q, softmax_scale)
-    masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
+    masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size,
+                   window_size=window_size)
     group = _group(q, k)
     k, v = (_repeat_kv(x, group) for x in _unread_keys_zeroed(k, v, key_lengths))
     if row_chunk is None:
@@ -327,7 +349,7 @@ def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm, softcap=0.0):
 
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, dropout_p=0.0,
                        seed=None, offset=0, keep=None, key_lengths=None, block_mask=None,
-                       block_size=None, row_chunk=None, softcap=0.0):
+                       block_size=None, row_chunk=None, softcap=0.0, window_size=(-1, -1)):
     """(dq, dk, dv) in the input dtype, recomputing P = exp(S - lse) and the dropout mask; dk
     and dv have k's heads (grouped-query: summed over each group's query heads).
 
@@ -336,7 +358,8 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
     scale = _scale(q, softmax_scale)
-    masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
+    masking = dict(key_lengths=key_lengths, block_mask=block_mask, block_size=block_size,
+                   window_size=window_size)
     group = _group(q, k)
     k, v = (_repeat_kv(x, group) for x in _unread_keys_zeroed(k, v, key_lengths))
     if row_chunk is None:

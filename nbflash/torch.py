@@ -97,27 +97,30 @@ def _out_dtype(dtype):
 # tensor holding the uint64 seed's bits (_seed_tensor), so that a seed drawn from torch's
 # generator inside a compiled function stays in the graph.
 
-def _masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap):
+def _masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap,
+             window_size):
     """The API's masking keyword arguments from the ops' arguments."""
     if block_size is not None:
         block_size = block_size[0] if len(block_size) == 1 else tuple(block_size)
     return dict(dropout_p=dropout_p, seed=None if seed is None else int(seed.item()) % 2**64,
                 offset=offset, key_lengths=key_lengths, block_mask=block_mask,
-                block_size=block_size, softcap=softcap)
+                block_size=block_size, softcap=softcap,
+                window_size=(-1, -1) if window_size is None else tuple(window_size))
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              key_lengths: Optional[torch.Tensor], block_mask: Optional[torch.Tensor],
              seed: Optional[torch.Tensor], causal: bool, softmax_scale: Optional[float],
              impl: str, deterministic: bool, dropout_p: float, offset: int,
-             block_size: Optional[List[int]], layout: str,
-             softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+             block_size: Optional[List[int]], layout: str, softcap: float = 0.0,
+             window_size: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of nbflash.attention_forward; o in `layout`, lse float32 (B, H, Nq).
     `deterministic` is the backward's (the autograd formula passes it on)."""
     o, lse = api.attention_forward(
         *(_to_kernel(x, layout) for x in (q, k, v)), causal=causal,
         softmax_scale=softmax_scale, impl=impl,
-        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap))
+        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap,
+                   window_size))
     return _from_kernel(o, layout), lse
 
 
@@ -127,7 +130,7 @@ attention_forward_op = torch.library.custom_op("nbflash::attention_forward", _fo
 
 @attention_forward_op.register_fake
 def _(q, k, v, key_lengths, block_mask, seed, causal, softmax_scale, impl, deterministic,
-      dropout_p, offset, block_size, layout, softcap=0.0):
+      dropout_p, offset, block_size, layout, softcap=0.0, window_size=None):
     q = _to_kernel(q, layout)
     o = _empty_kernel(q, _memory_layout(q, impl), _out_dtype(q.dtype))
     B, H, Nq, _ = q.shape
@@ -139,8 +142,9 @@ def _backward_grads(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                     block_mask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
                     causal: bool, softmax_scale: Optional[float], impl: str,
                     deterministic: bool, dropout_p: float, offset: int,
-                    block_size: Optional[List[int]], layout: str,
-                    softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    block_size: Optional[List[int]], layout: str, softcap: float = 0.0,
+                    window_size: Optional[List[int]] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of nbflash.attention_backward, in `layout`. An upstream gradient in
     another memory layout than o's (a broadcast view, of loss = o.sum() say) is copied into
     o's once here, so that the call takes the fast path."""
@@ -150,7 +154,8 @@ def _backward_grads(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     grads = api.attention_backward(
         *(_to_kernel(x, layout) for x in (do, q, k, v, o)), lse.contiguous(), causal=causal,
         softmax_scale=softmax_scale, impl=impl, deterministic=deterministic,
-        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap))
+        **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap,
+                   window_size))
     return tuple(_from_kernel(g, layout) for g in grads)
 
 
@@ -160,7 +165,7 @@ attention_backward_op = torch.library.custom_op("nbflash::attention_backward", _
 
 @attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, key_lengths, block_mask, seed, causal, softmax_scale, impl,
-      deterministic, dropout_p, offset, block_size, layout, softcap=0.0):
+      deterministic, dropout_p, offset, block_size, layout, softcap=0.0, window_size=None):
     q, k, v = (_to_kernel(x, layout) for x in (q, k, v))
     lk = _kv_layout(k, v, impl)
     return (_from_kernel(_empty_kernel(q, _memory_layout(q, impl)), layout),
@@ -266,7 +271,8 @@ def _block_size_arg(block_size):
 
 
 def _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
-                  key_lengths, block_mask, block_size, layout, softcap=0.0):
+                  key_lengths, block_mask, block_size, layout, softcap=0.0,
+                  window_size=(-1, -1)):
     """The ops' arguments after q, k, v, each of a type the ops' schema takes; what is not a
     tensor is checked here, the rest by nbflash's checks when the op runs (before any kernel)."""
     if softmax_scale is not None:
@@ -276,22 +282,24 @@ def _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, o
     if not isinstance(impl, str):
         raise InputError(f"impl must be a name (a string); got {impl!r}")
     softcap = inputs.softcap_value(softcap)
+    window = inputs.window_value(window_size)
     p, seed, offset = _seed_tensor(dropout_p, seed, offset)
     return (_tensor_option(key_lengths, "key_lengths"), _tensor_option(block_mask, "block_mask"),
             seed, bool(causal), softmax_scale, impl, bool(deterministic), p, offset,
-            _block_size_arg(block_size), layout, softcap)
+            _block_size_arg(block_size), layout, softcap,
+            None if window == (-1, -1) else list(window))
 
 
 def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
                deterministic=False, dropout_p=0.0, seed=None, offset=0, key_lengths=None,
-               block_mask=None, block_size=None, softcap=0.0):
+               block_mask=None, block_size=None, softcap=0.0, window_size=(-1, -1)):
     """(o, lse) through the forward op (autograd, torch.compile), q, k, v and o in `layout`."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} must be a torch tensor; got {type(x).__name__} "
                              f"(nbflash.attention takes NumPy and CuPy arrays)")
     args = _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
-                         key_lengths, block_mask, block_size, layout, softcap)
+                         key_lengths, block_mask, block_size, layout, softcap, window_size)
     if _eager(q):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _Eager.apply(q, k, v, *args)
@@ -301,7 +309,8 @@ def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", deterministic=False,
               dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
-              block_size=None, return_lse=False, enable_gqa=False, softcap=0.0):
+              block_size=None, return_lse=False, enable_gqa=False, softcap=0.0,
+              window_size=(-1, -1)):
     """softmax(τ q kᵀ) v for torch tensors (B, H, N, d), differentiable in q, k and v.
 
     k and v may have fewer heads H_kv dividing H (grouped-query and multi-query attention:
@@ -314,22 +323,24 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", determi
     (B, H, Nq) = m + log ℓ per query row; no gradient flows through lse (as in FlashAttention).
     """
     o, lse = _attention(q, k, v, "bhnd", causal, softmax_scale, impl, deterministic, dropout_p,
-                        seed, offset, key_lengths, block_mask, block_size, softcap)
+                        seed, offset, key_lengths, block_mask, block_size, softcap, window_size)
     return (o, lse) if return_lse else o
 
 
 # -- masks as nbflash's options --------------------------------------------------------------
 
-def mask_options(mask, B, Nq, Nk, additive=False):
+def mask_options(mask, B, Nq, Nk, additive=False, window_size=(-1, -1)):
     """(causal, key_lengths) of an attention mask that nbflash can express, else InputError.
 
     mask: broadcastable to (B, H, Nq, Nk), True (or, with additive, 0) where query i sees key j.
     nbflash expresses exactly two patterns, with key_lengths[b] keys visible in batch entry b
     (right padding): key j visible when j < key_lengths[b] (a key-padding mask), or that and
-    the causal mask, bottom-right aligned (j <= i + Nk - Nq). Heads must share the mask.
+    the causal mask, bottom-right aligned (j <= i + Nk - Nq); with window_size (left, right)
+    each of them inside that sliding window too (nbflash.attention_forward's window_size: the
+    caller passes the window on with the options found). Heads must share the mask.
     additive: a float mask added to the scores, each entry 0 (visible) or -inf or at most
     finfo.min / 2 (masked), as transformers builds them for eager attention. Anything else
-    (a bias, left padding, packed sequences, a sliding window) is refused with what was found.
+    (a bias, left padding, packed sequences, another window) is refused with what was found.
     The check reads the whole mask (a device-to-host read: not for graphs under torch.compile).
     key_lengths is None when no key is masked.
     """
@@ -359,19 +370,28 @@ def mask_options(mask, B, Nq, Nk, additive=False):
         raise InputError("the attention mask differs between heads; nbflash's masks are the "
                          "same for every head")
     visible = visible[:, 0].expand(B, Nq, Nk)
-    lengths = visible[:, -1].sum(-1)            # the last query row sees every unpadded key
     j = torch.arange(Nk, device=visible.device)
-    padding = j < lengths[:, None, None]
+    seen = visible.any(1)                       # (B, Nk): keys some query row sees
+    # the padding's length: one past the last key any row sees (0 for none)
+    lengths = torch.where(seen, j + 1, 0).amax(-1)
     i = torch.arange(Nq, device=visible.device)[:, None]
+    padding = j < lengths[:, None, None]
+    left, right = inputs.window_value(window_size)
+    if left >= 0:
+        padding = padding & (j >= i + Nk - Nq - left)
+    if right >= 0:
+        padding = padding & (j <= i + Nk - Nq + right)
     for causal, want in ((False, padding), (True, padding & (j <= i + Nk - Nq))):
         if torch.equal(visible, want.expand(B, Nq, Nk)):
             full = bool((lengths == Nk).all())
             return causal, None if full else lengths.to(torch.int32)
+    inside = "" if (left, right) == (-1, -1) else \
+        f", each inside the sliding window {(left, right)}"
     raise InputError(
-        "the attention mask is neither a right-padding key mask (batch entry b sees keys "
-        "0..L_b-1) nor that combined with the causal mask (bottom-right aligned): nbflash "
-        "cannot express it (left padding, packed sequences and sliding windows are not "
-        "supported; see issue 17)")
+        f"the attention mask is neither a right-padding key mask (batch entry b sees keys "
+        f"0..L_b-1) nor that combined with the causal mask (bottom-right aligned){inside}: "
+        f"nbflash cannot express it (left padding and packed sequences are not supported; "
+        f"see issue 17)")
 
 
 def _sdpa_heads(query, key, value, enable_gqa):
@@ -443,26 +463,22 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
       a multiple of 16 bytes: d a multiple of 8 in 16 bits); others are copied;
     - fewer key/value heads (MQA/GQA, H_kv dividing H): as FlashAttention's, read in place by
       the grouped-query kernels (no repeat), dk and dv summed over each group inside them;
-    - softcap as FlashAttention's: the scores softcap·tanh(τ q·k / softcap);
-    - window_size other than (-1, -1), alibi_slopes (issue 17's sliding windows and ALiBi)
-      and return_attn_probs=True (nbflash never forms P) raise
-      nbflash.InputError; for the softmax's lse, call nbflash.torch.attention(...,
+    - softcap and window_size as FlashAttention's: the scores softcap·tanh(τ q·k / softcap);
+      query i sees key j only when i + Nk - Nq - left <= j <= i + Nk - Nq + right for
+      window_size = (left, right), -1 unbounded;
+    - alibi_slopes (issue 17's ALiBi) and return_attn_probs=True (nbflash never forms P)
+      raise nbflash.InputError; for the softmax's lse, call nbflash.torch.attention(...,
       return_lse=True);
     - dropout: nbflash's mask, seeded from torch's default generator.
     """
-    missing = []
-    if tuple(window_size) != (-1, -1):
-        missing.append(f"window_size={tuple(window_size)} (sliding-window attention)")
     if alibi_slopes is not None:
-        missing.append("alibi_slopes (ALiBi)")
-    if missing:
-        raise InputError(f"nbflash does not take {', '.join(missing)} yet (issue 17)")
+        raise InputError("nbflash does not take alibi_slopes (ALiBi) yet (issue 17)")
     if return_attn_probs:
         raise InputError("return_attn_probs=True: nbflash never forms the attention "
                          "probabilities; nbflash.torch.attention(..., return_lse=True) returns "
                          "the softmax's lse")
     return _attention(q, k, v, "bnhd", causal, softmax_scale, deterministic=deterministic,
-                      dropout_p=dropout_p, softcap=softcap)[0]
+                      dropout_p=dropout_p, softcap=softcap, window_size=window_size)[0]
 
 
 __all__ = ["attention", "sdpa", "flash_attn_func", "mask_options", "attention_forward_op",

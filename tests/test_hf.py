@@ -187,7 +187,7 @@ def test_attention_function_dropout_is_nbflashs_seeded_by_torch():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(sliding_window=4), r"sliding-window attention yet \(issue 17\)"),
+    (dict(sliding_window=0), "sliding_window must be a positive integer"),
     (dict(s_aux=torch.zeros(4)), "attention sinks"),
     (dict(attention_mask=torch.ones(9, dtype=torch.bool).index_fill_(0, torch.tensor(0),
                                                                      False)),
@@ -233,3 +233,20 @@ def test_softcap_is_nbflashs():
     np.testing.assert_array_equal(got.cpu().numpy(), want.transpose(1, 2).cpu().numpy())
     plain, _ = hf.attention_forward(_Module(), q, k, v, None)
     assert np.abs(plain.cpu().numpy() - got.cpu().numpy()).max() > 1e-3
+
+
+def test_sliding_window_is_nbflashs_window():
+    """transformers' sliding_window W is window_size (W - 1, W - 1) with the causal mask: with
+    its sliding-window mask (here with right padding) as SDPA with that mask, and without a
+    mask the same as nbflash.torch.attention with window_size (W - 1, 0)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
+    q, k, v = _projections()
+    i, j = torch.arange(9, device=DEVICE)[:, None], torch.arange(9, device=DEVICE)
+    lengths = torch.tensor([9, 6], device=DEVICE)
+    mask = (j < lengths[:, None, None, None]) & (j <= i) & (j > i - 3)  # W = 3, as transformers
+    want, _ = sdpa_attention_forward(_Module(), q, k, v, mask, scaling=0.3)
+    got, _ = hf.attention_forward(_Module(), q, k, v, mask, scaling=0.3, sliding_window=3)
+    np.testing.assert_allclose(got.cpu().numpy(), want.cpu().numpy(), atol=2e-6)
+    got, _ = hf.attention_forward(_Module(), q, k, v, None, sliding_window=3)
+    want = nbflash.torch.attention(q, k, v, causal=True, window_size=(2, 0))
+    np.testing.assert_array_equal(got.cpu().numpy(), want.transpose(1, 2).cpu().numpy())

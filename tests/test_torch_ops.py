@@ -280,7 +280,7 @@ def test_sdpa_refuses_top_left_causal_with_more_queries_and_bad_groups():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(window_size=(8, 0)), r"window_size=\(8, 0\) \(sliding-window attention\).*issue 17"),
+    (dict(window_size=(8, -2)), r"window_size must be a pair \(left, right\)"),
     (dict(softcap=-1.0), r"softcap must be 0 \(off\) or a positive"),
     (dict(alibi_slopes=torch.ones(2)), r"ALiBi.*issue 17"),
     (dict(return_attn_probs=True), "return_lse=True"),
@@ -370,3 +370,36 @@ def test_flash_attn_func_softcap_is_the_apis():
     np.testing.assert_array_equal(_np(got.transpose(1, 2)), _np(o))
     for x, g in zip(leaves, grads):
         np.testing.assert_array_equal(_np(x.grad.transpose(1, 2)), _np(g))
+
+
+def test_flash_attn_func_window_is_the_apis():
+    """flash_attn_func's window_size is nbflash's (the same kernels: bitwise), differentiable;
+    nbflash.torch.attention takes it too."""
+    q, k, v = (_randn(1, 2, N, D, seed=s) for s in range(3))
+    leaves = [x.transpose(1, 2).clone().requires_grad_(True) for x in (q, k, v)]
+    got = nt.flash_attn_func(*leaves, causal=True, window_size=(3, 0), deterministic=True)
+    got.sum().backward()
+    o, lse = nbflash.attention_forward(q, k, v, causal=True, window_size=(3, 0))
+    grads = nbflash.attention_backward(torch.ones_like(o), q, k, v, o, lse, causal=True,
+                                       window_size=(3, 0), deterministic=True)
+    np.testing.assert_array_equal(_np(got.transpose(1, 2)), _np(o))
+    for x, g in zip(leaves, grads):
+        np.testing.assert_array_equal(_np(x.grad.transpose(1, 2)), _np(g))
+    np.testing.assert_array_equal(_np(nt.attention(q, k, v, window_size=(2, 1))),
+                                  _np(nbflash.attention(q, k, v, window_size=(2, 1))))
+
+
+def test_mask_options_find_a_sliding_window():
+    """A right-padding mask inside a sliding window, causal or not, is that window's
+    (causal, key_lengths); without the window it is refused, naming the window."""
+    B, Nq, Nk = 2, 6, 9
+    i, j = torch.arange(Nq)[:, None], torch.arange(Nk)
+    lengths = torch.tensor([9, 5])
+    pad = j < lengths[:, None, None]
+    window = (j >= i + Nk - Nq - 2) & (j <= i + Nk - Nq + 1)
+    for causal in (False, True):
+        mask = pad & window & ((j <= i + Nk - Nq) | (not causal))
+        got_causal, kl = nt.mask_options(mask[:, None], B, Nq, Nk, window_size=(2, 1))
+        assert got_causal == causal and kl.tolist() == [9, 5]
+    with pytest.raises(nbflash.InputError, match=r"inside the sliding window \(2, 2\)"):
+        nt.mask_options((pad & window)[:, None], B, Nq, Nk, window_size=(2, 2))

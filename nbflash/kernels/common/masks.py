@@ -5,9 +5,12 @@ over a block's tiles that skips them (:func:`make_tile_walk`).
 A key column `col` is visible to query row `row` when both are inside their sequences (col below
 the key length `klen` of the row's batch entry: Nk, or key_lengths[b] with a padding mask), if
 causal col <= row + Nk - Nq (bottom-right alignment over the full lengths, as in
-FlashAttention 2), and, with a block mask, the mask block of (row, col) is on. Tiles that the
-causal mask or the key length hides entirely, or whose mask blocks are all off, are skipped by
-the kernels: nothing is loaded or computed for them. The functions below say which.
+FlashAttention 2), with a sliding window row + Nk - Nq - left <= col <= row + Nk - Nq + right
+(nbflash.kernels.common.options.window_bounds: the kernels' `window` flag, with the causal
+mask folded into right), and, with a block mask, the mask block of (row, col) is on. Tiles that
+the causal mask, the window or the key length hides entirely, or whose mask blocks are all
+off, are skipped by the kernels: nothing is loaded or computed for them. The functions below
+say which.
 """
 
 import numpy as np
@@ -16,10 +19,21 @@ from numba import int64, uint32, uint64
 from ..._cuda import cuda
 
 
-def visible(row, col, Nq, Nk, klen, causal):
-    """MASK of Algorithm 2 and the padding mask: is key `col` visible to query `row`? (Also false
-    past the ends.)"""
-    return row < Nq and col < klen and (not causal or col <= row + Nk - Nq)
+def visible(row, col, Nq, Nk, klen, causal, window, left, right):
+    """MASK of Algorithm 2, the padding mask and the window: is key `col` visible to query
+    `row`? (Also false past the ends.)"""
+    diag = row + Nk - Nq        # the key on the row's diagonal (bottom-right aligned)
+    return row < Nq and col < klen and (not causal or col <= diag) and (
+        not window or diag - left <= col <= diag + right)
+
+
+def band_cuts(row0, rows, col0, cols, Nq, Nk, causal, window, left, right):
+    """Does the causal mask or the window hide entries of the tile of rows row0 ..
+    row0+rows-1 and keys col0 .. col0+cols-1 (so that its entries must be masked one by one)?
+    Tiles they hide entirely are never computed (:func:`key_range`, :func:`query_range`)."""
+    diag0 = row0 + Nk - Nq
+    return (causal and col0 + cols - 1 > diag0) or (window and (
+        col0 + cols - 1 > diag0 + right or col0 < diag0 + rows - 1 - left))
 
 
 def block_on(bmask, base, nbk, bq, bk, row, col):
@@ -103,15 +117,22 @@ def block_hidden(i, j, Br, Bc, Nq, Nk):
     return j * Bc > last_row + Nk - Nq
 
 
-def key_blocks(row0, rows, C, Nq, Nk, klen, causal):
-    """How many key blocks of C keys, from the first, the query rows row0 .. row0+rows-1 walk:
-    those below the key length klen, and with causal masking only those up to the last key the
-    last row sees."""
-    n = (klen + C - 1) // C
+def key_range(row0, rows, C, Nq, Nk, klen, causal, window, left, right):
+    """(first, end): the key blocks of C keys that the query rows row0 .. row0+rows-1 walk,
+    first .. end-1 (none when end <= first): those below the key length klen, with causal
+    masking only those up to the last key the last row sees, and with a window only those from
+    the first key the first row sees to the last key the last row sees."""
+    end = (klen + C - 1) // C
+    last_row = min(row0 + rows - 1, Nq - 1)
     if causal:
-        last_key = min(row0 + rows - 1, Nq - 1) + Nk - Nq
-        n = min(n, last_key // C + 1) if last_key >= 0 else 0
-    return n
+        last_key = last_row + Nk - Nq
+        end = min(end, last_key // C + 1) if last_key >= 0 else 0
+    first = 0
+    if window:
+        last_key = last_row + Nk - Nq + right
+        end = min(end, last_key // C + 1) if last_key >= 0 else 0
+        first = max(0, row0 + Nk - Nq - left) // C
+    return first, end
 
 
 def mask_base(b, bh, H, msb, msh):
@@ -120,25 +141,37 @@ def mask_base(b, bh, H, msb, msh):
     return b * msb + (bh - b * H) * msh
 
 
-def first_query_block(key0, C, Nq, Nk, causal):
-    """The first query block of C rows that sees any of the keys from key0 on (with causal
-    masking the blocks before it see none of them)."""
-    return max(0, (key0 - Nk + Nq) // C) if causal else 0
+def query_range(key0, cols, C, Nq, Nk, causal, window, left, right):
+    """(first, end): the query blocks of C rows, first .. end-1, that see any of the keys
+    key0 .. key0+cols-1 (none when end <= first): with causal masking the blocks before first
+    see none of them, with a window neither do those before first nor those from end on."""
+    first = max(0, (key0 - Nk + Nq) // C) if causal else 0
+    end = (Nq + C - 1) // C
+    if window:
+        first = max(first, max(0, key0 - Nk + Nq - right) // C)
+        last_row = key0 + cols - 1 - Nk + Nq + left      # the last row that sees key0+cols-1
+        end = min(end, last_row // C + 1) if last_row >= 0 else 0
+    return first, end
 
 
-def sees_a_key(row, Nq, Nk, klen, causal, sparse, bmask, base, nbk, bq, bk):
+def sees_a_key(row, Nq, Nk, klen, causal, window, left, right, sparse, bmask, base, nbk, bq, bk):
     """Does query `row` see any key at all? Decided by the masks alone (the key length, the causal
-    mask, the block mask's row of blocks), never by the scores: a row that sees none gets o = 0
-    and lse = -inf, one whose visible scores are all -inf gets NaN (the non-finite rule of
-    nbflash.kernels.common.softmax). The kernels ask only for rows that ended with ℓ = 0."""
+    mask, the window, the block mask's row of blocks), never by the scores: a row that sees none
+    gets o = 0 and lse = -inf, one whose visible scores are all -inf gets NaN (the non-finite
+    rule of nbflash.kernels.common.softmax). The kernels ask only for rows that ended with
+    ℓ = 0."""
     last = klen - 1                     # the last key the row may see
+    first = 0                           # and the first
     if causal:
         last = min(last, row + Nk - Nq)
-    if row >= Nq or last < 0:
+    if window:
+        last = min(last, row + Nk - Nq + right)
+        first = max(first, row + Nk - Nq - left)
+    if row >= Nq or last < first:
         return False
     if not sparse:
         return True
-    for j in range(nbk):
+    for j in range(first // bk, nbk):
         if j * bk > last:
             break
         if bmask[base + (row // bq) * nbk + j] != 0:
@@ -147,14 +180,15 @@ def sees_a_key(row, Nq, Nk, klen, causal, sparse, bmask, base, nbk, bq, bk):
 
 
 visible = cuda.jit(device=True, inline=True)(visible)
+band_cuts = cuda.jit(device=True, inline=True)(band_cuts)
 sees_a_key = cuda.jit(device=True, inline=True)(sees_a_key)
 block_on = cuda.jit(device=True, inline=True)(block_on)
 tile_status = cuda.jit(device=True, inline=True)(tile_status)
 bit_on = cuda.jit(device=True, inline=True)(bit_on)
 next_tile = cuda.jit(device=True, inline=True)(next_tile)
 block_hidden = cuda.jit(device=True, inline=True)(block_hidden)
-key_blocks = cuda.jit(device=True, inline=True)(key_blocks)
-first_query_block = cuda.jit(device=True, inline=True)(first_query_block)
+key_range = cuda.jit(device=True, inline=True)(key_range)
+query_range = cuda.jit(device=True, inline=True)(query_range)
 mask_base = cuda.jit(device=True, inline=True)(mask_base)
 
 
@@ -175,20 +209,20 @@ def make_group_walk(walk):
     key/value head's group (grouped-query heads), one head after the other, as one walk over
     cursors c = g·n_steps + i (query head hk·G + g, as b*H + h; its query tile i:
     :func:`cursor_tile`), so that a block's pipeline runs on across the heads and its loop
-    carries one cursor, as with one head. group_walk(c, first, n_steps, G, hk, b, H, msb, msh,
-    key0, bmask, nbk, bq, bk, Nq, klen) -> (c', all_on): the first cursor c' >= c whose tile
-    the block computes (tiles before `first`, and with a block mask its empty ones, skipped:
-    `walk`, a :func:`make_tile_walk` over query tiles), and whether all its mask blocks are
-    on; (G·n_steps, True) when none is left."""
+    carries one cursor, as with one head. group_walk(c, first, last, n_steps, G, hk, b, H, msb,
+    msh, key0, bmask, nbk, bq, bk, Nq, klen) -> (c', all_on): the first cursor c' >= c whose
+    tile the block computes (tiles before `first` and from `last` on, :func:`query_range`, and
+    with a block mask its empty ones skipped: `walk`, a :func:`make_tile_walk` over query
+    tiles), and whether all its mask blocks are on; (G·n_steps, True) when none is left."""
 
-    def group_walk(c, first, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk, bq, bk, Nq,
-                   klen):
+    def group_walk(c, first, last, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk, bq, bk,
+                   Nq, klen):
         end = G * n_steps
         while c < end:
             g, i = cursor_tile(c, n_steps)
-            i, all_on = walk(max(i, first), n_steps, key0, bmask,
+            i, all_on = walk(max(i, first), last, key0, bmask,
                              mask_base(b, hk * G + g, H, msb, msh), nbk, bq, bk, Nq, klen)
-            if i < n_steps:
+            if i < last:
                 return g * n_steps + i, all_on
             c = (g + 1) * n_steps
         return end, True

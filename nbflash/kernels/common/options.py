@@ -1,12 +1,13 @@
 """The kernels' masking and dropout options, on the host side: what is compiled in, and the
 arguments that carry the rest (every family's kernels take them the same way).
 
-Four options change the kernels' code, so they are compile-time flags (:class:`Features`):
-dropout, key padding (key_lengths), a block mask and softcapping. The softcap's two float32
-scalars come with the scales (:func:`softcap_scalars`); the others' arguments come last, in
-the same order (:meth:`Layout.scalars`): the key_lengths and block-mask arrays (placeholders when
-unused), then the mask's batch and head strides, its number of key blocks and its block size
-(bq, bk), then dropout's seed (low and high 32-bit words), offset, 16-bit threshold and 1/(1-p).
+Five options change the kernels' code, so they are compile-time flags (:class:`Features`):
+dropout, key padding (key_lengths), a block mask, softcapping and a sliding window. The
+softcap's two float32 scalars come with the scales (:func:`softcap_scalars`); the others'
+arguments come last, in the same order (:meth:`Layout.scalars`): the key_lengths and block-mask
+arrays (placeholders when unused), then the window's two bounds (:func:`window_bounds`), the
+mask's batch and head strides, its number of key blocks and its block size (bq, bk), then
+dropout's seed (low and high 32-bit words), offset, 16-bit threshold and 1/(1-p).
 """
 
 import math
@@ -25,20 +26,53 @@ class Features(NamedTuple):
     padding: bool = False
     sparse: bool = False
     softcap: bool = False
+    window: bool = False
+
+
+#: a window side without a bound: further than any key is from any query (and small enough
+#: that row + UNBOUNDED stays far inside int32 and int64)
+UNBOUNDED = 2**30
+
+
+def window_bounds(window_size, causal):
+    """The kernels' window arguments (left, right) for window_size = (left, right) (-1:
+    unbounded; checked by nbflash.inputs) and the causal flag: query row i sees key j when
+    i + Nk - Nq - left <= j <= i + Nk - Nq + right, an unbounded side as :data:`UNBOUNDED`,
+    the causal mask folded into right (the kernels then compile without their causal flag).
+    None when nothing is left for a window to hide: no bound, or causal with no left bound."""
+    left, right = window_size
+    if causal:
+        right = 0
+    if left < 0 and right < 0 or causal and left < 0:
+        return None
+    return (UNBOUNDED if left < 0 else int(left), UNBOUNDED if right < 0 else int(right))
 
 
 @dataclass(frozen=True)
 class Layout:
     """Everything about the options that a compiled kernel and a launch plan depend on: the
     features, dropout's p, the block mask's shape (B or 1, H or 1, n_q_blocks, n_k_blocks)
-    and block size, and the softcap (0: off). Seeds, offsets and the arrays themselves change
-    from call to call."""
+    and block size, the softcap (0: off) and the window's (left, right) (:func:`window_bounds`;
+    unused without the window feature). Seeds, offsets and the arrays themselves change from
+    call to call."""
 
     features: Features = Features()
     dropout_p: float = 0.0
     mask_shape: tuple = (1, 1, 1, 1)
     block_size: tuple = (1, 1)
     softcap: float = 0.0
+    window: tuple = (UNBOUNDED, UNBOUNDED)
+
+    def window_size(self):
+        """The window as nbflash.naive takes it, (left, right) with -1 unbounded (the causal
+        mask folded in, as in the kernels' bounds)."""
+        if not self.features.window:
+            return (-1, -1)
+        return tuple(-1 if w == UNBOUNDED else w for w in self.window)
+
+    def causal_kernels(self, causal):
+        """The kernels' causal flag for a causal call: off with a window, which holds it."""
+        return bool(causal) and not self.features.window
 
     def scalars(self, seed=0, offset=0):
         """The options' scalar arguments for a call with this seed and offset."""
@@ -47,8 +81,8 @@ class Layout:
         msh = nbq * nbk if Hm > 1 else 0
         lo, hi = rng.seed_words(seed)
         p = self.dropout_p
-        return (msb, msh, nbk, *self.block_size, lo, hi, int(offset), rng.threshold(p),
-                1.0 / (1.0 - p))
+        return (*self.window, msb, msh, nbk, *self.block_size, lo, hi, int(offset),
+                rng.threshold(p), 1.0 / (1.0 - p))
 
     def array_sizes(self, B):
         """(items, itemsize) of the key_lengths (int32) and block-mask (uint8) arguments."""
@@ -61,16 +95,18 @@ NONE = Layout()
 
 
 def layout(dropout_p=0.0, seed=0, offset=0, key_lengths=None, block_mask=None,
-           block_size=None, softcap=0.0):
+           block_size=None, softcap=0.0, window_size=(-1, -1), causal=False):
     """(Layout, (key_lengths, block_mask, seed, offset)) of checked options (as
-    nbflash.inputs.Problem.masking gives them); the arrays may be None."""
+    nbflash.inputs.Problem.masking gives them, and the causal flag); the arrays may be None."""
+    window = window_bounds(window_size, causal)
     features = Features(dropout_p > 0, key_lengths is not None, block_mask is not None,
-                        softcap > 0)
+                        softcap > 0, window is not None)
     if not any(features):
         return NONE, (None, None, 0, 0)
     lay = Layout(features, float(dropout_p),
                  tuple(block_mask.shape) if features.sparse else (1, 1, 1, 1),
-                 tuple(block_size) if features.sparse else (1, 1), float(softcap))
+                 tuple(block_size) if features.sparse else (1, 1), float(softcap),
+                 window or (UNBOUNDED, UNBOUNDED))
     return lay, (key_lengths, block_mask, seed, offset)
 
 
@@ -85,10 +121,10 @@ def softcap_scalars(softcap, scale):
 
 def argument_types():
     """(array types, scalar types): the Numba types of the options' arguments, in order: the
-    key_lengths (int32) and flat block-mask (uint8) arrays; 9 integers (mask strides, key
-    blocks and block size, seed words, offset, threshold) and 1/(1-p)."""
+    key_lengths (int32) and flat block-mask (uint8) arrays; 11 integers (the window's bounds,
+    mask strides, key blocks and block size, seed words, offset, threshold) and 1/(1-p)."""
     arrays = (types.Array(types.int32, 1, "C"), types.Array(types.uint8, 1, "C"))
-    return arrays, (types.int64,) * 9 + (types.float32,)
+    return arrays, (types.int64,) * 11 + (types.float32,)
 
 
 class OptionArguments:

@@ -32,8 +32,8 @@ def make_backward(tiles, causal, cast_dq, opts):
     shape = tiles.smem_plan("backward").shape  # each shared array's shape
     SH_Q, SH_K, SH_S, SH_ROW, SH_DK = (shape(n) for n in ("Qi", "Kj", "P", "lse_i", "dKj"))
 
-    def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale, key_lengths, bmask, msb,
-                     msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale, key_lengths, bmask, left,
+                     right, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """FlashAttention backward, Algorithm 4, from the saved lse.
 
         P_ij = diag(ℓ_i)^-1 exp(S_ij - m_i) is computed as exp(S_ij - lse_i), lse = m + log ℓ.
@@ -112,7 +112,7 @@ def make_backward(tiles, causal, cast_dq, opts):
                     c = e % BC
                     row = i * BR + r
                     col = j * BC + c
-                    if visible(row, col, Nq, Nk, klen, CAUSAL) and (
+                    if visible(row, col, Nq, Nk, klen, CAUSAL, False, 0, 0) and (
                             all_on or block_on(bmask, mbase, nbk, bq, bk, row, col)):
                         s = ZERO
                         dp = ZERO

@@ -58,8 +58,8 @@ def make_forward(tiles, causal, cast_output, opts):
     SH_Q, SH_K, SH_V, SH_O, SH_S, SH_ROW = (shape(n) for n in
                                             ("Qi", "Kj", "Vj", "Oi", "S", "keep"))
 
-    def fa1_forward(q, k, v, o_acc, o, m, l, scale, key_lengths, bmask, msb, msh, nbk, bq, bk,
-                    seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa1_forward(q, k, v, o_acc, o, m, l, scale, key_lengths, bmask, left, right, msb, msh,
+                    nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """FlashAttention forward, Algorithm 1 with Algorithm 2's scaling and masking.
 
         Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.
@@ -121,8 +121,9 @@ def make_forward(tiles, causal, cast_output, opts):
                 for e in range(tid, BR * BC, T):
                     r = e // BC
                     c = e % BC
-                    if visible(i * BR + r, j * BC + c, Nq, Nk, klen, CAUSAL) and (
-                            all_on or block_on(bmask, mbase, nbk, bq, bk, i * BR + r, j * BC + c)):
+                    if visible(i * BR + r, j * BC + c, Nq, Nk, klen, CAUSAL, False, 0, 0) \
+                            and (all_on or block_on(bmask, mbase, nbk, bq, bk, i * BR + r,
+                                                    j * BC + c)):
                         s = ZERO
                         for x in range(D):
                             s += Qi[r, x] * Kj[c, x]
@@ -193,7 +194,8 @@ def make_forward(tiles, causal, cast_output, opts):
             l_r = l[b, h, r]
             if l_r != ZERO:
                 m[b, h, r] = m[b, h, r] + math.log(l_r)
-            elif sees_a_key(r, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk):
+            elif sees_a_key(r, Nq, Nk, klen, CAUSAL, False, 0, 0, SPARSE, bmask, mbase, nbk, bq,
+                            bk):
                 m[b, h, r] = NAN
                 for x in range(D):
                     o_acc[b, h, r, x] = NAN

@@ -30,8 +30,8 @@ from numba import float32, uint32
 
 from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_drop, make_keep_tile
-from ..common.masks import (ALL, bit_on, cursor_tile, first_query_block, key_blocks,
-                            make_block_bits, make_group_walk, make_tile_walk, mask_base,
+from ..common.masks import (ALL, band_cuts, bit_on, cursor_tile, key_range, make_block_bits,
+                            make_group_walk, make_tile_walk, mask_base, query_range,
                             tile_status, visible)
 from ..common.options import Features
 from ..common.primitives import commit_async, wait_async_all, wait_async_all_but_1
@@ -73,7 +73,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     TMQ = C // RG        # dQ rows per thread
     N_DQ = TMQ * TX
     CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
-    DROP, PAD, SPARSE, SOFTCAP = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
     p_and_ds, cap_scores = make_p_and_ds(SOFTCAP), make_cap_scores(N_S)
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
@@ -124,8 +124,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
     def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
-                 qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, msb, msh,
-                 nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+                 qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right,
+                 msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R), H / G, B) over key/value heads, T threads, t.smem_bytes("dkdv",
         dropout) of dynamic shared memory. The block walks the query tiles of each of its G
         query heads in turn (grouped-query heads: dK_j, dV_j summed over the group in
@@ -152,16 +152,18 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         dpt = cuda.local.array(N_S, float32)
         dq_part = cuda.local.array(N_DQ, float32)
 
-        # causal: query blocks whose last row sees no key of this block come first; skip them.
+        # causal: query blocks whose last row sees no key of this block come first; skip them
+        # (with a window, also those from `last` on, whose first keys come after these).
         # Keys past the key length get no step (dK, dV = 0); nor do query blocks that the block
         # mask hides from these keys (Alg. 5)
-        first = first_query_block(key0, C, Nq, Nk, CAUSAL)
+        first, last = query_range(key0, R, C, Nq, Nk, CAUSAL, WINDOW, left, right)
         n_steps = (Nq + C - 1) // C if key0 < klen else first
+        last = min(last, n_steps) if WINDOW else n_steps
         # the group's query heads one after the other, as one walk over cursors
         # c = gq·n_steps + i (query head hk·G + gq, its query tile i; masks.make_group_walk)
         end = G * n_steps
-        c, all_on = group_walk(first, first, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk,
-                               bq, bk, Nq, klen)
+        c, all_on = group_walk(first, first, last, n_steps, G, hk, b, H, msb, msh, key0, bmask,
+                               nbk, bq, bk, Nq, klen)
         if STAGES == 2 and c < end:
             load_cursor(q, do, lse, delta, c, n_steps, q_group, hk, G, qsh, qsn, Nq, smem, Q_OFF,
                         tid)
@@ -172,8 +174,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
             bh = hk * G + gq
             q_base = q_group + gq * qsh
             row0 = i * C
-            c_next, next_all_on = group_walk(c + 1, first, n_steps, G, hk, b, H, msb, msh,
-                                             key0, bmask, nbk, bq, bk, Nq, klen)
+            c_next, next_all_on = group_walk(c + 1, first, last, n_steps, G, hk, b, H, msb,
+                                             msh, key0, bmask, nbk, bq, bk, Nq, klen)
             cuda.syncthreads()   # the previous step has finished with its stage, Pᵀ, dSᵀ, dS
             if STAGES == 2:
                 off = Q_OFF + (step % 2) * STAGE
@@ -206,7 +208,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
             on = block_bits(all_on, bmask, mask_base(b, bh, H, msb, msh), nbk, bq, bk, row0, key0,
                             rg, cg, Nq, klen)
             masked = row0 + C > Nq or key0 + R > klen or \
-                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or on != ALL
+                band_cuts(row0, C, key0, R, Nq, Nk, CAUSAL, WINDOW, left, right) or on != ALL
             for a in range(TM):
                 kr = rg + RG * a                  # key row within the block
                 for u in range(TN):
@@ -214,8 +216,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
                     lse_q = smem[lse_off + qr]
                     p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, inv_co,
                                       lse_q, lse_q * LOG2E_LO, smem[d_off + qr])
-                    if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL)
-                                       and bit_on(on, a * TN + u)):
+                    if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL,
+                                               WINDOW, left, right) and bit_on(on, a * TN + u)):
                         p = ZERO
                         ds = ZERO
                     smem[PT_OFF + kr * PSC + qr] = p
@@ -265,7 +267,7 @@ def make_dq(t, causal, features=Features()):
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
     p_and_ds, cap_scores = make_p_and_ds(SOFTCAP), make_cap_scores(N_S)
     smem = t.smem_plan("dq", DROP)          # the regions' offsets, in float32 elements
     Q_OFF, DO_OFF, K_OFF, V_OFF, DS_OFF, LSE_OFF, D_OFF, KEEP_OFF = (smem.offset(n) for n in (
@@ -280,8 +282,8 @@ def make_dq(t, causal, features=Features()):
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
 
     def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn,
-               ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, msb, msh, nbk, bq, bk,
-               seed_lo, seed_hi, offset, thr, drop_scale):
+               ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, msb, msh, nbk,
+               bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; query head h reads key/value head h // G; the
         options' arguments last (nbflash.kernels.common.options)."""
@@ -304,7 +306,8 @@ def make_dq(t, causal, features=Features()):
         s = cuda.local.array(N_S, float32)
         dp = cuda.local.array(N_S, float32)
 
-        for j in range(key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)):
+        j0, n_blocks = key_range(row0, R, C, Nq, Nk, klen, CAUSAL, WINDOW, left, right)
+        for j in range(j0, n_blocks):
             col0 = j * C
             any_on, all_on = tile_status(bmask, mbase, nbk, bq, bk, row0, R, col0, C, Nq,
                                          klen) if SPARSE else (True, True)
@@ -325,7 +328,8 @@ def make_dq(t, causal, features=Features()):
             if DROP:   # dropout: dP ∘ Z / (1-p) enters dS
                 drop_regs(dp, bits, KEEP_OFF, rg, cg, drop_scale)
             on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
-            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) or on != ALL
+            masked = col0 + C > klen or band_cuts(row0, R, col0, C, Nq, Nk, CAUSAL, WINDOW,
+                                                  left, right) or on != ALL
             for a in range(TM):
                 row = row0 + rg + RG * a
                 lse_r = smem[LSE_OFF + rg + RG * a]
@@ -333,8 +337,8 @@ def make_dq(t, causal, features=Features()):
                 for u in range(TN):
                     p, ds = p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, inv_co,
                                       lse_r, lse_r * LOG2E_LO, dlt)
-                    if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL)
-                                       and bit_on(on, a * TN + u)):
+                    if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL,
+                                               WINDOW, left, right) and bit_on(on, a * TN + u)):
                         ds = ZERO
                     smem[DS_OFF + (rg + RG * a) * PS + cg + L * u] = ds
             cuda.syncthreads()

@@ -39,8 +39,8 @@ from numba import float32, uint32
 
 from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_drop, make_keep_tile
-from ..common.masks import (ALL, bit_on, key_blocks, make_block_bits, make_tile_walk, sees_a_key,
-                           visible)
+from ..common.masks import (ALL, band_cuts, bit_on, key_range, make_block_bits, make_tile_walk,
+                           sees_a_key, visible)
 from ..common.options import Features
 from ..common.primitives import (commit_async, make_row_reduce, wait_async_all,
                                  wait_async_all_but_1)
@@ -60,7 +60,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     smem = t.smem_plan("forward", DROP)     # the regions' offsets, in float32 elements
@@ -78,14 +78,15 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     cap_scores = make_cap_scores(N_S)
 
     def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
-                    ksn, sc_hi, sc_lo, cap_in, cap_out, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
-                    offset, thr, drop_scale):
+                    ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, msb, msh, nbk, bq, bk,
+                    seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("forward",
         dropout) of dynamic shared memory. q, o: (B, H, Nq, d); k, v: (B, H / G, Nk, d) (query
         head h reads key/value head h // G), flat in the layouts of strides qsb, qsh, qsn and
         ksb, ksh, ksn (nbflash.kernels.common.layouts); lse: flat (B, H, Nq) float32.
         sc_hi + sc_lo = τ log2(e) (:func:`split_scale`); cap_in, cap_out: the softcap's
-        (options.softcap_scalars); then the options' arguments (nbflash.kernels.common.options)."""
+        (options.softcap_scalars); then the options' arguments (nbflash.kernels.common.options:
+        the window's bounds first)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
         tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
@@ -103,10 +104,11 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             acc[x] = ZERO
         s = cuda.local.array(N_S, float32)
 
-        # key blocks past the key length, and with causal masking those after the last key the
-        # block's last row sees, are skipped; so are those the block mask hides (Alg. 5)
-        n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
-        j, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        # key blocks past the key length, with causal masking those after the last key the
+        # block's last row sees, and with a window those outside the block's rows' windows are
+        # skipped; so are those the block mask hides (Alg. 5)
+        j, n_blocks = key_range(row0, R, C, Nq, Nk, klen, CAUSAL, WINDOW, left, right)
+        j, all_on = walk(j, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         if STAGES == 2 and j < n_blocks:   # the first block into stage 0
             load_kv(k, v, k_base, ksn, j * C, klen, smem, K_OFF, tid)
             commit_async()
@@ -141,14 +143,15 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             # the mask is evaluated only where the block reaches past the key length, over the
             # diagonal, or over mask blocks that are off
             on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
-            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) or on != ALL
+            masked = col0 + C > klen or band_cuts(row0, R, col0, C, Nq, Nk, CAUSAL, WINDOW,
+                                                  left, right) or on != ALL
             for i in range(TM):
                 row = row0 + rg + RG * i
                 m_blk = NEG_INF
                 for u in range(TN):
                     sc = s[i * TN + u] if SOFTCAP else scaled(s[i * TN + u], sc_hi, sc_lo)
-                    if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL)
-                                       and bit_on(on, i * TN + u)):
+                    if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL,
+                                               WINDOW, left, right) and bit_on(on, i * TN + u)):
                         sc = NEG_INF
                     s[i * TN + u] = sc
                     m_blk = max(m_blk, sc)
@@ -180,7 +183,8 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             l_row = row_sum(l[i], tid)
             if row < Nq:
                 sees = l_row != ZERO or (not SPARSE and sees_a_key(
-                    row, Nq, Nk, klen, CAUSAL, False, bmask, mbase, nbk, bq, bk))
+                    row, Nq, Nk, klen, CAUSAL, WINDOW, left, right, False, bmask, mbase, nbk,
+                    bq, bk))
                 div, lse_row = finish_row(m[i], l_row, sees)
                 if SPARSE and l_row == ZERO:
                     empty |= uint32(1) << uint32(i)
@@ -197,7 +201,8 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             for i in range(TM):
                 row = row0 + rg + RG * i
                 if (empty >> uint32(i)) & uint32(1) != 0 and sees_a_key(
-                        row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk):
+                        row, Nq, Nk, klen, CAUSAL, WINDOW, left, right, SPARSE, bmask, mbase,
+                        nbk, bq, bk):
                     for u in range(TX4):
                         for e in range(4):
                             col = u * 4 * L + 4 * cg + e

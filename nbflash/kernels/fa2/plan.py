@@ -75,7 +75,7 @@ class Fa2Plan(OptionArguments):
 
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, deterministic, tiles,
                  layout=NONE, kv_heads=None, layouts=(BHND, BHND)):
-        causal = bool(causal)
+        causal = layout.causal_kernels(causal)     # (a window holds the causal mask)
         H_kv = H if kv_heads is None else kv_heads    # grouped-query: G = H / H_kv per group
         G = H // H_kv
         self.q_shape, self.k_shape, self.lse_shape = (B, H, Nq, d), (B, H_kv, Nk, d), (B, H, Nq)

@@ -25,7 +25,7 @@ masks), grouped-query heads and τ <= 0 are not taken yet (the plan refuses them
 from numba import float32, uint16, uint32, uint64
 
 from ..._cuda import cuda
-from ..common.masks import key_blocks, sees_a_key, visible
+from ..common.masks import key_range, sees_a_key, visible
 from ..common.groups import make_quad_reduce
 from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
 from ..common.tma import (fence_barrier_init, fence_tensormap, make_tma_load_3d,
@@ -73,7 +73,8 @@ def make_forward(t, causal, bf16):
         for sl in range(C // 8):
             for e in range(2):
                 x = 4 * sl + 2 * h + e
-                if masked and not visible(r, col0 + 8 * sl + 2 * t4 + e, Nq, Nk, Nk, CAUSAL):
+                if masked and not visible(r, col0 + 8 * sl + 2 * t4 + e, Nq, Nk, Nk, CAUSAL,
+                                          False, 0, 0):
                     s[x] = NEG_INF
                 m_blk = max(m_blk, s[x])
         m_blk = row_max(m_blk, tid)
@@ -109,7 +110,7 @@ def make_forward(t, causal, bf16):
         row0 = cuda.blockIdx.x * ROWS
         wr = row0 + 16 * (tid // 32)          # this warp's first query row
         base = aligned_start(smem)
-        n_tiles = key_blocks(row0, ROWS, C, Nq, Nk, Nk, CAUSAL)
+        n_tiles = key_range(row0, ROWS, C, Nq, Nk, Nk, CAUSAL, False, 0, 0)[1]
         if tid == 0:
             fence_tensormap(qmap)
             fence_tensormap(kmap)
@@ -174,9 +175,9 @@ def make_forward(t, causal, bf16):
         l0 = row_sum(l[0], tid)
         l1 = row_sum(l[1], tid)
         d0, lse0 = finish_row(m[0], l0, l0 != ZERO or sees_a_key(
-            r, Nq, Nk, Nk, CAUSAL, False, lse, 0, 0, 1, 1))
+            r, Nq, Nk, Nk, CAUSAL, False, 0, 0, False, lse, 0, 0, 1, 1))
         d1, lse1 = finish_row(m[1], l1, l1 != ZERO or sees_a_key(
-            r + 8, Nq, Nk, Nk, CAUSAL, False, lse, 0, 0, 1, 1))
+            r + 8, Nq, Nk, Nk, CAUSAL, False, 0, 0, False, lse, 0, 0, 1, 1))
         # (1/ℓ by rcp.approx and the divisors passed as 1: an IEEE division is a subroutine
         # call, and a call anywhere in the kernel makes ptxas serialise its wgmma)
         inv0, inv1 = rcp_approx(d0), rcp_approx(d1)

@@ -33,8 +33,8 @@ from numba import float32, uint16, uint32, uint64
 
 from ..._cuda import SIMULATOR, cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
-from ..common.masks import (cursor_tile, first_query_block, key_blocks, make_group_walk,
-                            make_tile_walk, mask_base)
+from ..common.masks import (band_cuts, cursor_tile, key_range, make_group_walk, make_tile_walk,
+                            mask_base, query_range)
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, capped, clamp_nonpositive, row_lse,
                               row_stats, scaled)
@@ -81,7 +81,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     KD, NT, NVH = DP // 16, C // 8, DH // 8
     N_S, N_O = 4 * NT, 4 * NVH      # fragment array sizes (compile-time constants)
     CAUSAL, DQ = bool(causal), bool(dq)
-    DROP, PAD, SPARSE, SOFTCAP = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
     p_of = make_p_of(SOFTCAP)
     shared = t.smem_plan("dkdv", DROP, DQ)   # offsets in 16-bit elements (keep bits: uint32)
     K_OFF, V_OFF, DS_OFF, Q_OFF = (shared.offset(n) for n in ("K", "V", "dSt", "steps"))
@@ -96,7 +96,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     load_rows = make_async_rows(C, D, DP, DS, T)
     load_kv = make_async_rows(R, D, DP, DS, T)
     wait_tile = make_wait_async(STAGES - 2)
-    fragment_mask = make_fragment_mask(NT, True, CAUSAL, SPARSE)
+    fragment_mask = make_fragment_mask(NT, True, CAUSAL, SPARSE, WINDOW)
     fill_keep, tile_kept = make_keep_tile(C, R, T), make_tile_kept(R)
     check_keep_tile(DROP, R, t)
     store_rows = make_store_rows(D, DH, pack)
@@ -126,8 +126,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
     def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
-                qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, msb, msh,
-                nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+                qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right,
+                msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R) dsplit, H / G, B) over key/value heads, T threads,
         t.smem_bytes("dkdv", dropout, dq) of dynamic shared memory; 16-bit arrays as uint16;
         delta from tc_delta; dq_acc: zeroed float32 in q's layout (a placeholder without dQ); the
@@ -159,24 +159,27 @@ def make_dkdv(t, causal, bf16, features, dq=True):
         dpt = cuda.local.array(N_S, float32)    # dPᵀ, then dSᵀ
         dq = cuda.local.array(8, float32)
 
-        first = first_query_block(key0, C, Nq, Nk, CAUSAL)
+        # the query tiles that see these keys (query_range; with causal masking and a window
+        # those before `first`, with a window those from `last` on, see none)
+        first, last = query_range(key0, R, C, Nq, Nk, CAUSAL, WINDOW, left, right)
         n_steps = (Nq + C - 1) // C if key0 < klen else first
+        last = min(last, n_steps) if WINDOW else n_steps
         # the group's query heads one after the other: one walk over cursors c = gq·n_steps + i
         # (query head hk·G + gq, its query tile i; group_walk), so that the pipeline runs on
         # across the heads and the loop carries no more than with one head
         end = G * n_steps
-        il, _ = group_walk(first, first, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk, bq,
-                           bk, Nq, klen)
+        il, _ = group_walk(first, first, last, n_steps, G, hk, b, H, msb, msh, key0, bmask, nbk,
+                           bq, bk, Nq, klen)
         ic, all_on = il, True
         if il < end:
-            ic, all_on = group_walk(first, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
-                                    nbk, bq, bk, Nq, klen)
+            ic, all_on = group_walk(first, first, last, n_steps, G, hk, b, H, msb, msh, key0,
+                                    bmask, nbk, bq, bk, Nq, klen)
         for s_ in range(STAGES - 1):
             if il < end:
                 load_cursor(q, do, lse, delta, il, n_steps, b, hk, G, qsb, qsh, qsn, Nq, smem,
                             smemf, Q_OFF + s_ * STAGE, tid)
-                il, _ = group_walk(il + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
-                                   nbk, bq, bk, Nq, klen)
+                il, _ = group_walk(il + 1, first, last, n_steps, G, hk, b, H, msb, msh, key0,
+                                   bmask, nbk, bq, bk, Nq, klen)
             commit_async()
 
         step = 0
@@ -193,8 +196,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
             if il < end:
                 load_cursor(q, do, lse, delta, il, n_steps, b, hk, G, qsb, qsh, qsn, Nq, smem,
                             smemf, nxt, tid)
-                il, _ = group_walk(il + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
-                                   nbk, bq, bk, Nq, klen)
+                il, _ = group_walk(il + 1, first, last, n_steps, G, hk, b, H, msb, msh, key0,
+                                   bmask, nbk, bq, bk, Nq, klen)
             commit_async()
             if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
                 fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
@@ -219,10 +222,10 @@ def make_dkdv(t, causal, bf16, features, dq=True):
                     mma2(dpt, x, v0, v1, v2, v3, b0, b1, b2, b3)
 
             masked = row0 + C > Nq or key0 + R > klen or \
-                (CAUSAL and key0 + R - 1 > row0 + Nk - Nq) or not all_on
+                band_cuts(row0, C, key0, R, Nq, Nk, CAUSAL, WINDOW, left, right) or not all_on
             vis = fragment_mask(wkey0, row0, lane, Nq, Nk, klen, all_on, bmask,
-                                mask_base(b, bh, H, msb, msh), nbk, bq, bk) if masked \
-                else uint64(0)
+                                mask_base(b, bh, H, msb, msh), nbk, bq, bk, left,
+                                right) if masked else uint64(0)
             for x in range(4 * NT):   # Pᵀ from lse; dSᵀ = Pᵀ ∘ (dPᵀ ∘ Z/(1-p) - D)
                 qc = 8 * (x // 4) + 2 * t4 + x % 2        # query column within the step
                 lse_q = smemf[f + qc]                      # lse·log2 e
@@ -288,8 +291,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
                             cx = col + 8 * (x // 4) + 2 * t4 + x % 2
                             if own and row < Nq and cx < D:
                                 cuda.atomic.add(dq_acc, q_base + row * qsn + cx, dq[x] * scale)
-            ic, all_on = group_walk(ic + 1, first, n_steps, G, hk, b, H, msb, msh, key0, bmask,
-                                    nbk, bq, bk, Nq, klen)
+            ic, all_on = group_walk(ic + 1, first, last, n_steps, G, hk, b, H, msb, msh, key0,
+                                    bmask, nbk, bq, bk, Nq, klen)
             step += 1
 
         one = float32(1.0)   # dK_j = τ Σ_i dS_ijᵀ Q_i, dV_j = Σ_i P̃_ijᵀ dO_i, written once
@@ -312,7 +315,7 @@ def make_dq(t, causal, bf16, features):
     KD, NT, NV = DP // 16, C // 8, DP // 8
     N_Q, N_S, N_O = (4 * KD if QREGS else 4), 4 * NT, 4 * NV
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
     p_of = make_p_of(SOFTCAP)
     shared = t.smem_plan("dq", DROP)         # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, DO_OFF, KV_OFF = shared.offset("Q"), shared.offset("dO"), shared.offset("KV")
@@ -324,7 +327,7 @@ def make_dq(t, causal, bf16, features):
     load_q = make_async_rows(R, D, DP, DS, T)
     load_a, pack_a = make_load_a(ldsm), make_pack_a(pack)
     wait_q = make_wait_async(STAGES - 1)
-    fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE)
+    fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE, WINDOW)
     fill_keep, tile_kept = make_keep_tile(R, C, T), make_tile_kept(C)
     check_keep_tile(DROP, C, t)
     store_rows = make_store_rows(D, DP, pack)
@@ -333,8 +336,8 @@ def make_dq(t, causal, bf16, features):
     no_flip = uint32(0)
 
     def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn,
-              ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, msb, msh, nbk, bq, bk,
-              seed_lo, seed_hi, offset, thr, drop_scale):
+              ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, msb, msh, nbk,
+              bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; 16-bit arrays as uint16 (k, v with H / G heads:
         query head h reads key/value head h // G); delta: written (D of every row, for the
@@ -353,9 +356,9 @@ def make_dq(t, causal, bf16, features):
         load_q(q, q_base, qsn, row0, Nq, smem, Q_OFF, tid)
         load_q(do, q_base, qsn, row0, Nq, smem, DO_OFF, tid)
         commit_async()
-        n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
-        jl, _ = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        jc, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        j0, n_blocks = key_range(row0, R, C, Nq, Nk, klen, CAUSAL, WINDOW, left, right)
+        jl, _ = walk(j0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        jc, all_on = walk(j0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         jl = start_kv(k, v, k_base, ksn, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
                       bk, Nq)
 
@@ -428,10 +431,10 @@ def make_dq(t, causal, bf16, features):
                     mma2(dpv, 8 * np2, df[a], df[a + 1], df[a + 2], df[a + 3], b0, b1, b2,
                          b3)
 
-            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) \
-                or not all_on
+            masked = col0 + C > klen or band_cuts(row0, R, col0, C, Nq, Nk, CAUSAL, WINDOW,
+                                                  left, right) or not all_on
             vis = fragment_mask(row0 + wr, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk,
-                                bq, bk) if masked else uint64(0)
+                                bq, bk, left, right) if masked else uint64(0)
             for x in range(N_S):   # P from lse; dS = P ∘ (dP ∘ Z/(1-p) - D)
                 upper = (x // 2) % 2 == 0
                 dp = dpv[x]

@@ -35,7 +35,7 @@ from numba import float32, uint16, uint32, uint64
 
 from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
-from ..common.masks import key_blocks, make_tile_walk, sees_a_key
+from ..common.masks import band_cuts, key_range, make_tile_walk, sees_a_key
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
 from ..common.warp import exp2, make_warp_ops
@@ -58,7 +58,7 @@ def make_forward(t, causal, bf16, features):
     N_Q, N_S, N_O, N_R, N_P = RM * QF, RM * SF, RM * OF, 2 * RM, 4 * RM
     N_QF = N_Q if QREGS else 4 * RM    # Q_i's fragments held: all, or one 16-dim step's
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
     shared = t.smem_plan("forward", DROP)    # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, K_OFF, KEEP_OFF = shared.offset("Q"), shared.offset("KV"), shared.offset("keep", 4)
     STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
@@ -68,7 +68,7 @@ def make_forward(t, causal, bf16, features):
     load_a, pack_a = make_load_a(ldsm), make_pack_a(pack)
     wait_q = make_wait_async(STAGES - 1)
     row_max, row_sum = make_row_reduce(4, T)
-    fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE)
+    fragment_mask = make_fragment_mask(NT, False, CAUSAL, SPARSE, WINDOW)
     fill_keep, tile_kept = make_keep_tile(R, C, T), make_tile_kept(C)
     check_keep_tile(DROP, C, t)
     store_rows = make_store_rows(D, DP, pack)
@@ -115,12 +115,12 @@ def make_forward(t, causal, bf16, features):
         return alpha
 
     def softmax_mtile(s, m, l, acc, mt, r0, col0, lane, tid, masked, Nq, Nk, klen, all_on,
-                      bmask, mbase, nbk, bq, bk, sc, ci, co):
+                      bmask, mbase, nbk, bq, bk, sc, ci, co, left, right):
         """softmax_row for both rows of m-tile mt (r0 + g, r0 + g + 8), then its output rows
         rescaled. (One call per row rather than a loop: LLVM leaves a loop around so large a
         body rolled at d = 256, which puts the output fragments in local memory.)"""
         vis = fragment_mask(r0, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq,
-                            bk) if masked else uint64(0)
+                            bk, left, right) if masked else uint64(0)
         alpha0 = softmax_row(s, m, l, mt, 0, vis, masked, tid, sc, ci, co)
         alpha1 = softmax_row(s, m, l, mt, 1, vis, masked, tid, sc, ci, co)
         for vt in range(NV):
@@ -130,16 +130,18 @@ def make_forward(t, causal, bf16, features):
             acc[mt * OF + 4 * vt + 3] *= alpha1
 
     def finish_mtile(o, lse, m, l, acc, mt, q_base, qsn, bh, r0, Nq, Nk, klen, bmask, mbase,
-                     nbk, bq, bk, lane, tid):
+                     nbk, bq, bk, lane, tid, left, right):
         """O = diag(ℓ)^-1 O and lse = m + log ℓ of m-tile mt (rows r0 + g, r0 + g + 8); rows
         that see no key get 0 and -inf, non-finite scores NaN (finish_row)."""
         row = r0 + lane // 4
         l0 = row_sum(l[2 * mt], tid)
         l1 = row_sum(l[2 * mt + 1], tid)
         d0, lse0 = finish_row(m[2 * mt], l0, l0 != ZERO or sees_a_key(
-            row, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
+            row, Nq, Nk, klen, CAUSAL, WINDOW, left, right, SPARSE, bmask, mbase, nbk, bq,
+            bk))
         d1, lse1 = finish_row(m[2 * mt + 1], l1, l1 != ZERO or sees_a_key(
-            row + 8, Nq, Nk, klen, CAUSAL, SPARSE, bmask, mbase, nbk, bq, bk))
+            row + 8, Nq, Nk, klen, CAUSAL, WINDOW, left, right, SPARSE, bmask, mbase, nbk, bq,
+            bk))
         store_rows(o, q_base, qsn, r0, Nq, acc, mt * OF, 0, float32(1.0), d0, d1, lse0 == NEG_INF,
                    lse1 == NEG_INF, lane)
         store_lse_rows(lse, bh * Nq, row, Nq, lse0, lse1, lane)
@@ -150,8 +152,8 @@ def make_forward(t, causal, bf16, features):
     assert RM in (1, 2), RM
 
     def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
-                   ksn, sc_hi, sc_lo, cap_in, cap_out, msb, msh, nbk, bq, bk, seed_lo, seed_hi,
-                   offset, thr, drop_scale):
+                   ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, msb, msh, nbk, bq, bk,
+                   seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G), T threads, t.smem_bytes("forward", dropout) of dynamic
         shared memory; q, k, v, o: 16-bit bits (uint16), (B, H, N, d) flat in the layouts of
         strides qsb, qsh, qsn and ksb, ksh, ksn (nbflash.kernels.common.layouts), k and v with
@@ -170,11 +172,11 @@ def make_forward(t, causal, bf16, features):
 
         load_q(q, q_base, qsn, row0, Nq, smem, Q_OFF, tid)
         commit_async()
-        n_blocks = key_blocks(row0, R, C, Nq, Nk, klen, CAUSAL)
+        j0, n_blocks = key_range(row0, R, C, Nq, Nk, klen, CAUSAL, WINDOW, left, right)
         # the tile walks (Alg. 5 skips tiles whose mask blocks are all off): jl is the next tile
         # to load, jc the next to compute; both visit the same tiles
-        jl, _ = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
-        jc, all_on = walk(0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        jl, _ = walk(j0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
+        jc, all_on = walk(j0, n_blocks, row0, bmask, mbase, nbk, bq, bk, Nq, klen)
         jl = start_kv(k, v, k_base, ksn, klen, smem, tid, jl, n_blocks, row0, bmask, mbase, nbk, bq,
                       bk, Nq)                 # the first STAGES - 1 tiles in flight
 
@@ -226,13 +228,14 @@ def make_forward(t, causal, bf16, features):
                         x = mt * SF + 8 * np2
                         mma2(s, x, qf[a], qf[a + 1], qf[a + 2], qf[a + 3], b0, b1, b2, b3)
 
-            masked = col0 + C > klen or (CAUSAL and col0 + C - 1 > row0 + Nk - Nq) \
-                or not all_on
+            masked = col0 + C > klen or band_cuts(row0, R, col0, C, Nq, Nk, CAUSAL, WINDOW,
+                                                  left, right) or not all_on
             softmax_mtile(s, m, l, acc, 0, row0 + wr, col0, lane, tid, masked, Nq, Nk, klen,
-                          all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out)
+                          all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out, left, right)
             if RM == 2:   # (a call per m-tile: LLVM leaves a loop around this body rolled)
                 softmax_mtile(s, m, l, acc, 1, row0 + wr + 16, col0, lane, tid, masked, Nq,
-                              Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out)
+                              Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out, left,
+                              right)
             if DROP:   # P̃ ∘ Z / (1 - p) for O (FlashAttention Alg. 2 line 13)
                 for x in range(N_S):
                     y = x % SF
@@ -258,9 +261,9 @@ def make_forward(t, causal, bf16, features):
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
         finish_mtile(o, lse, m, l, acc, 0, q_base, qsn, bh, row0 + wr, Nq, Nk, klen, bmask, mbase,
-                     nbk, bq, bk, lane, tid)
+                     nbk, bq, bk, lane, tid, left, right)
         if RM == 2:
             finish_mtile(o, lse, m, l, acc, 1, q_base, qsn, bh, row0 + wr + 16, Nq, Nk, klen, bmask,
-                         mbase, nbk, bq, bk, lane, tid)
+                         mbase, nbk, bq, bk, lane, tid, left, right)
 
     return tc_forward

@@ -220,15 +220,16 @@ thread_coords = cuda.jit(device=True, inline=True)(thread_coords)
 kv_coords = cuda.jit(device=True, inline=True)(kv_coords)
 
 
-def make_fragment_mask(NT, TRANSPOSED, CAUSAL, SPARSE):
+def make_fragment_mask(NT, TRANSPOSED, CAUSAL, SPARSE, WINDOW=False):
     """Device function: a 64-bit word whose bit x says whether entry x of a warp's score
     fragments (rows r0 + g + 8h, columns c0 + 8·slice + 2t + e) is visible: inside the
-    sequences, not hidden by the causal mask, and (unless `all_on`) in a mask block that is on.
+    sequences, not hidden by the causal mask or the window (its bounds `left`, `right`), and
+    (unless `all_on`) in a mask block that is on.
     TRANSPOSED: rows are keys and columns queries (the dK/dV pass). Computed once per tile that
     needs it, so that the score loops only test bits."""
     assert 4 * NT <= 64
 
-    def mask(r0, c0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq, bk):
+    def mask(r0, c0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq, bk, left, right):
         g, t = lane // 4, lane % 4
         bits = uint64(0)
         for s in range(NT):
@@ -237,7 +238,7 @@ def make_fragment_mask(NT, TRANSPOSED, CAUSAL, SPARSE):
                     a = r0 + g + 8 * h
                     c = c0 + 8 * s + 2 * t + e
                     row, col = (c, a) if TRANSPOSED else (a, c)
-                    on = visible(row, col, Nq, Nk, klen, CAUSAL)
+                    on = visible(row, col, Nq, Nk, klen, CAUSAL, WINDOW, left, right)
                     if on and SPARSE and not all_on:
                         on = block_on(bmask, mbase, nbk, bq, bk, row, col)
                     if on:

@@ -135,7 +135,7 @@ class TcPlan(OptionArguments):
 
     def __init__(self, B, H, Nq, Nk, d, dtype, causal, scale, tiles, layout=NONE,
                  deterministic=False, dq_pass=None, kv_heads=None, layouts=(BHND, BHND)):
-        causal = bool(causal)
+        causal = layout.causal_kernels(causal)     # (a window holds the causal mask)
         H_kv = H if kv_heads is None else kv_heads    # grouped-query: G = H / H_kv per group
         G = H // H_kv
         self.d, kd = d, kernel_head_dim(d)            # kd: the kernels' head dim
