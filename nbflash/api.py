@@ -136,12 +136,14 @@ def _plan_call(prob, deterministic=False):
 def _plain(masking):
     """True when no array option is given: only then does a call take the fast path (an array's
     contents are not part of the key)."""
-    return masking["key_lengths"] is None and masking["block_mask"] is None
+    return masking["key_lengths"] is None and masking["block_mask"] is None \
+        and masking["alibi_slopes"] is None
 
 
 def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
                       block_rule=None, dropout_p=0.0, seed=None, offset=0, key_lengths=None,
-                      block_mask=None, block_size=None, softcap=0.0, window_size=(-1, -1)):
+                      block_mask=None, block_size=None, softcap=0.0, window_size=(-1, -1),
+                      alibi_slopes=None):
     """Attention forward: returns (o, lse).
 
     q: (B, H, Nq, d); k, v: (B, H_kv, Nk, d) with H_kv = H, or fewer heads dividing H
@@ -195,11 +197,15 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, impl="auto",
     unbounded (the default (-1, -1): no window); with causal both apply (the window's right
     side is then 0). Mistral's window of W keys with causal masking is (W - 1, 0). The
     kernels skip the tiles outside every row's window, as they skip the causal mask's.
+    alibi_slopes (naive, fa2, tc): ALiBi, numbers of shape (H,) or (B, H) (float32 in the
+    kernels): the bias -slope[b, h]·|i + Nk - Nq - j| is added to the scores after the
+    softcap (FlashAttention's alibi_slopes; the ALiBi paper's slopes are 2^(-8 (h + 1) / H)
+    for H a power of two).
     Raises nbflash.InputError, naming the problem, before any kernel runs.
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
                    block_mask=block_mask, block_size=block_size, softcap=softcap,
-                   window_size=window_size)
+                   window_size=window_size, alibi_slopes=alibi_slopes)
     key = _fast_key((q, k, v), ("fwd", causal, softmax_scale, impl, M, block_rule, dropout_p,
                                 block_size, softcap, window_size)) if _plain(masking) else None
     plan = _CHECKED.get(key) if key is not None else None
@@ -220,7 +226,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
               block_rule=None, **options):
     """Attention output softmax(τ q kᵀ) v; see :func:`attention_forward` for the arguments
     (`options`: dropout_p, seed, offset, key_lengths, block_mask, block_size, softcap,
-    window_size)."""
+    window_size, alibi_slopes)."""
     return attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, impl=impl,
                              M=M, block_rule=block_rule, **options)[0]
 
@@ -228,7 +234,7 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", M=None,
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, impl="auto",
                        M=None, block_rule=None, deterministic=False, dropout_p=0.0, seed=None,
                        offset=0, key_lengths=None, block_mask=None, block_size=None,
-                       softcap=0.0, window_size=(-1, -1)):
+                       softcap=0.0, window_size=(-1, -1), alibi_slopes=None):
     """Attention backward: returns (dq, dk, dv) for upstream gradient do = dL/do.
 
     o and lse are what :func:`attention_forward` returned for the same q, k, v and options
@@ -247,7 +253,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     """
     masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, key_lengths=key_lengths,
                    block_mask=block_mask, block_size=block_size, softcap=softcap,
-                   window_size=window_size)
+                   window_size=window_size, alibi_slopes=alibi_slopes)
     key = _fast_key((do, q, k, v, o, lse),
                     ("bwd", causal, softmax_scale, impl, M, block_rule, deterministic, dropout_p,
                      block_size, softcap, window_size)) if _plain(masking) else None

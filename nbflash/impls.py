@@ -67,6 +67,8 @@ class Impl:
     softcap: bool = False
     #: takes a sliding window (window_size other than unbounded on both sides)
     window: bool = False
+    #: takes ALiBi's per-head slopes (alibi_slopes)
+    alibi: bool = False
     #: fast enough for the FlashAttention-2 grid at 16k tokens (fa1, as written, is not: it
     #: would take minutes per point there)
     at_scale: bool = True
@@ -93,22 +95,23 @@ class NaivePlan:
     def __init__(self, causal, scale, layout):
         self.causal, self.scale, self.layout = causal, scale, layout
 
-    def _masking(self, key_lengths, block_mask, seed, offset):
+    def _masking(self, key_lengths, block_mask, seed, offset, alibi_slopes):
         lay = self.layout
         return dict(causal=self.causal, softmax_scale=self.scale, dropout_p=lay.dropout_p,
                     seed=seed, offset=offset, key_lengths=key_lengths, block_mask=block_mask,
                     block_size=lay.block_size if lay.features.sparse else None,
-                    softcap=lay.softcap, window_size=lay.window_size())
+                    softcap=lay.softcap, window_size=lay.window_size(),
+                    alibi_slopes=alibi_slopes)
 
     def forward(self, xp, q, k, v, stream=0, key_lengths=None, block_mask=None, seed=0,
-                offset=0):
+                offset=0, alibi_slopes=None):
         return naive.attention_forward(q, k, v, **self._masking(key_lengths, block_mask, seed,
-                                                                 offset))
+                                                                 offset, alibi_slopes))
 
     def backward(self, xp, do, q, k, v, o, lse, stream=0, key_lengths=None, block_mask=None,
-                 seed=0, offset=0):
+                 seed=0, offset=0, alibi_slopes=None):
         return naive.attention_backward(do, q, k, v, o, lse, **self._masking(
-            key_lengths, block_mask, seed, offset))
+            key_lengths, block_mask, seed, offset, alibi_slopes))
 
 
 def _naive(prob, layout, deterministic=False):
@@ -136,7 +139,8 @@ def _tc(prob, layout, deterministic=False):
 REGISTRY = {impl.name: impl for impl in (
     Impl("naive", "naive (CuPy)", "#7f7f7f", "s",
          "standard attention with array operations (matmul, softmax, matmul): the baseline",
-         ("float32", "float16"), 2**31, gqa=True, softcap=True, window=True, plan=_naive),
+         ("float32", "float16"), 2**31, gqa=True, softcap=True, window=True, alibi=True,
+         plan=_naive),
     Impl("fa1", "nbflash fa1", "#1f77b4", "o",
          "the FlashAttention paper's Algorithms 1 and 4, as written (for reading and the IO "
          "experiments)",
@@ -148,7 +152,7 @@ REGISTRY = {impl.name: impl for impl in (
     Impl("fa2", "nbflash fa2", "#d62728", "^",
          "FlashAttention-2 on CUDA cores, register-tiled, float32 math",
          ("float32", "float16"), fa2_tiles.MAX_HEAD_DIM, deterministic="optional", gqa=True,
-         layouts=True, softcap=True, window=True,
+         layouts=True, softcap=True, window=True, alibi=True,
          family=Family(fa2_plan.KERNELS, fa2_plan.spec, fa2_tiles.tiles,
                        ("float32", "float16")),
          check=fa2_plan.check, plan=_fa2),
@@ -156,7 +160,7 @@ REGISTRY = {impl.name: impl for impl in (
          "FlashAttention-2 on tensor cores (mma.sync through inline PTX), 16-bit inputs",
          ("float16", "bfloat16"), tc_tiles.MAX_HEAD_DIM, tc_tiles.HEAD_DIM_MULTIPLE,
          deterministic="optional", gqa=True, layouts=True, softcap=True, window=True,
-         family=Family(tc_plan.KERNELS, tc_plan.spec, tc_tiles.tiles, ("float16", "bfloat16")),
+         alibi=True, family=Family(tc_plan.KERNELS, tc_plan.spec, tc_tiles.tiles, ("float16", "bfloat16")),
          check=tc_plan.check, plan=_tc),
 )}
 

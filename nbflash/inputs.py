@@ -72,6 +72,7 @@ class Problem:
     layouts: tuple = (_layouts.BHND, _layouts.BHND)
     softcap: float = 0.0         # scores softcap·tanh(score / softcap); 0: off
     window_size: tuple = (-1, -1)   # a sliding window (left, right); -1: unbounded
+    alibi_slopes: object = None     # float32 (H,) or (B, H) device array: ALiBi's slopes
 
     @property
     def kv_heads(self):
@@ -88,7 +89,7 @@ class Problem:
         return dict(dropout_p=self.dropout_p, seed=self.seed, offset=self.offset,
                     key_lengths=self.key_lengths, block_mask=self.block_mask,
                     block_size=self.block_size, softcap=self.softcap,
-                    window_size=self.window_size)
+                    window_size=self.window_size, alibi_slopes=self.alibi_slopes)
 
     def options(self):
         """(Layout, (key_lengths, block_mask, seed, offset)): the options as the kernels' plans
@@ -392,6 +393,27 @@ def check_window(impl, window_size, causal):
     return window
 
 
+def _check_alibi(xp, impl, alibi_slopes, B, H):
+    """alibi_slopes as a contiguous float32 (H,) or (B, H) array of `xp` with finite values,
+    for an impl that takes them; None stays None."""
+    if alibi_slopes is None:
+        return None
+    if not impl.alibi:
+        others = [i.name for i in impls.REGISTRY.values() if i.alibi]
+        raise InputError(f"impl={impl.name!r} does not take alibi_slopes (ALiBi runs with "
+                         f"{_names(others, ' or ')})")
+    slopes = _small_array(xp, alibi_slopes, "alibi_slopes")
+    if slopes.dtype.kind not in "fiu":
+        raise InputError(f"alibi_slopes must be numbers; got dtype {slopes.dtype}")
+    if tuple(slopes.shape) not in ((H,), (B, H)):
+        raise InputError(f"alibi_slopes has shape {tuple(slopes.shape)}; expected (H,) = ({H},) "
+                         f"or (B, H) = ({B}, {H})")
+    slopes = xp.ascontiguousarray(slopes.astype(xp.float32))
+    if not bool(xp.isfinite(slopes).all()):
+        raise InputError("alibi_slopes must be finite (float32)")
+    return slopes
+
+
 def check_dropout(dropout_p, seed, offset):
     """(p, seed, offset) of a valid dropout request."""
     if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(
@@ -566,16 +588,18 @@ def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causa
                                                masking["block_size"], B, H, Nq, Nk)
     softcap = check_softcap(impl, masking["softcap"])
     window = check_window(impl, masking["window_size"], causal)
+    alibi = _check_alibi(xp, impl, masking["alibi_slopes"], B, H)
     tiles = impl.check(d, pass_, p > 0, **{k: v for k, v in own.items()
                                            if k in impl.own_options}) if impl.check else None
     return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl.name, xp, to_host, tiles,
                    torch, stream, p, seed, offset, key_lengths, block_mask, block_size,
-                   bf16_dtype, H_kv, softcap=softcap, window_size=window)
+                   bf16_dtype, H_kv, softcap=softcap, window_size=window, alibi_slopes=alibi)
 
 
-#: the mask, dropout, softcap and window options of the public functions, and their defaults
+#: the mask, dropout, softcap, window and ALiBi options of the public functions, and their
+#: defaults
 MASKING = dict(dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
-               block_size=None, softcap=0.0, window_size=(-1, -1))
+               block_size=None, softcap=0.0, window_size=(-1, -1), alibi_slopes=None)
 
 
 def _known_impl(impl):

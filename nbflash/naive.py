@@ -178,11 +178,20 @@ def _float32_range(xp, S):
     return xp.where(xp.abs(S) > FLOAT32_MAX, xp.copysign(np.inf, S), S)
 
 
-def _scores(q, k, vis, scale, softcap=0.0, with_tanh=False):
+def alibi_bias(alibi_slopes, Nq, Nk, xp=np, rows=None):
+    """ALiBi's bias, broadcastable to (B, H, Nq, Nk) (rows: those query rows only, at their
+    absolute i): -slope[b, h]·|i + Nk - Nq - j| for slopes of shape (H,) or (B, H)."""
+    slopes = xp.asarray(alibi_slopes)
+    slopes = slopes.reshape((1,) * (2 - slopes.ndim) + slopes.shape)[..., None, None]
+    dist = xp.abs(_row_index(Nq, rows, xp)[:, None] + (Nk - Nq) - xp.arange(Nk)[None, :])
+    return -slopes * dist
+
+
+def _scores(q, k, vis, scale, softcap=0.0, with_tanh=False, bias=None):
     """S = τ Q Kᵀ in the accumulation dtype, hidden entries -inf; in float64, entries beyond
     float32's range ±inf (the scores' range in every impl: see the module docstring). softcap:
     S = softcap·tanh(τ Q Kᵀ / softcap) instead; with_tanh: (S, that tanh or None), the tanh
-    for the backward's factor 1 - tanh²."""
+    for the backward's factor 1 - tanh². bias: added after the softcap (ALiBi's, alibi_bias)."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
     S = _mm(q, _t(k)).astype(acc)
@@ -194,6 +203,8 @@ def _scores(q, k, vis, scale, softcap=0.0, with_tanh=False):
     if softcap:
         T = xp.tanh(S / acc(softcap))
         S = acc(softcap) * T
+    if bias is not None:
+        S = S + bias.astype(acc)
     if vis is not None:
         S = xp.where(vis, S, acc(-np.inf))
     return (S, T) if with_tanh else S
@@ -256,14 +267,21 @@ def _group_sum(x, group):
     return x.reshape((B, H // group, group) + x.shape[2:]).sum(axis=2)
 
 
-def _forward_rows(q, k, v, vis, z, scale, softcap=0.0):
+def _bias(alibi_slopes, q, k, rows=None):
+    """ALiBi's bias for the query rows `rows` of the problem of q and k, or None."""
+    if alibi_slopes is None:
+        return None
+    return alibi_bias(alibi_slopes, q.shape[2], k.shape[2], array_module(q), rows)
+
+
+def _forward_rows(q, k, v, vis, z, scale, softcap=0.0, bias=None):
     """(o, lse) of the rows of q given, with their masks, by the non-finite rule (module
     docstring): rows that see no key 0 and -inf; otherwise IEEE softmax over the visible keys,
     so that a NaN score, a +inf one, or visible scores that are all -inf make the row NaN."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
     with _ieee(xp):
-        S = _scores(q, k, vis, scale, softcap)
+        S = _scores(q, k, vis, scale, softcap, bias=bias)
         sees = _sees_a_key(vis, S.shape, xp)
         m = xp.where(sees, S.max(axis=-1, keepdims=True), acc(0))   # NaN if a score is NaN
         E = xp.exp(S - m)                          # NaN where m is ±inf (inf - inf)
@@ -278,11 +296,12 @@ def _forward_rows(q, k, v, vis, z, scale, softcap=0.0):
 
 def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0, seed=None,
                       offset=0, keep=None, key_lengths=None, block_mask=None, block_size=None,
-                      row_chunk=None, softcap=0.0, window_size=(-1, -1)):
+                      row_chunk=None, softcap=0.0, window_size=(-1, -1), alibi_slopes=None):
     """(o, lse): o in q's dtype, lse (B, H, Nq) in float32 (float64 for float64 inputs).
     lse is the softmax's, before dropout. softcap > 0: scores softcap·tanh(τ q·k / softcap)
     (Gemma 2's softcapping; 0: off). window_size: a sliding window (left, right), -1
-    unbounded (:func:`window_visible`).
+    unbounded (:func:`window_visible`). alibi_slopes: (H,) or (B, H), ALiBi's bias
+    (:func:`alibi_bias`) added to the scores after the softcap.
 
     row_chunk: None (the baseline: every matrix N x N at once), or the number of query rows
     computed at a time (see the module docstring: the same results, in memory bounded by
@@ -295,7 +314,7 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.
     k, v = (_repeat_kv(x, group) for x in _unread_keys_zeroed(k, v, key_lengths))
     if row_chunk is None:
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
-        return _forward_rows(q, k, v, vis, z, scale, softcap)
+        return _forward_rows(q, k, v, vis, z, scale, softcap, _bias(alibi_slopes, q, k))
     xp = array_module(q)
     Nq = q.shape[2]
     o = xp.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype)
@@ -303,7 +322,7 @@ def attention_forward(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.
     for rows in row_chunks(Nq, row_chunk):
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, rows=rows, **masking)
         o[..., rows, :], lse[..., rows] = _forward_rows(q[..., rows, :], k, v, vis, z, scale,
-                                                        softcap)
+                                                        softcap, _bias(alibi_slopes, q, k, rows))
         del vis, z
     return o, lse
 
@@ -321,13 +340,13 @@ def _mm_acc(a, b):
     return array_module(a).matmul(a.astype(acc), b.astype(acc))
 
 
-def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm, softcap=0.0):
+def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm, softcap=0.0, bias=None):
     """(dq, dk, dv) of the rows of do, q, o and lse given, with their masks: dq finished, dk and
     dv as mm(dSᵀ, Q) (τ not applied yet) and mm((P ∘ Z/(1-p))ᵀ, dO)."""
     xp = array_module(q)
     acc = _acc_dtype(q.dtype)
     with _ieee(xp):
-        S, T = _scores(q, k, vis, scale, softcap, with_tanh=True)
+        S, T = _scores(q, k, vis, scale, softcap, with_tanh=True, bias=bias)
         lse = lse.astype(acc)[..., None]
         seen = lse != acc(-np.inf)          # rows that see a key (a NaN row stays NaN)
         P = xp.where(seen, xp.exp(S - xp.where(seen, lse, acc(0))), acc(0))
@@ -349,7 +368,8 @@ def _backward_rows(do, q, k, v, o, lse, vis, z, scale, mm, softcap=0.0):
 
 def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None, dropout_p=0.0,
                        seed=None, offset=0, keep=None, key_lengths=None, block_mask=None,
-                       block_size=None, row_chunk=None, softcap=0.0, window_size=(-1, -1)):
+                       block_size=None, row_chunk=None, softcap=0.0, window_size=(-1, -1),
+                       alibi_slopes=None):
     """(dq, dk, dv) in the input dtype, recomputing P = exp(S - lse) and the dropout mask; dk
     and dv have k's heads (grouped-query: summed over each group's query heads).
 
@@ -365,11 +385,13 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
     if row_chunk is None:
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, **masking)
         if group == 1:
-            dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm, softcap)
+            dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm, softcap,
+                                        _bias(alibi_slopes, q, k))
             return dq, (dk.astype(acc) * acc(scale)).astype(q.dtype), dv
         # grouped-query heads: each query head's share in float32 (float64), summed over the
         # group, rounded once
-        dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm_acc, softcap)
+        dq, dk, dv = _backward_rows(do, q, k, v, o, lse, vis, z, scale, _mm_acc, softcap,
+                                    _bias(alibi_slopes, q, k))
         return (dq, (_group_sum(dk, group) * acc(scale)).astype(q.dtype),
                 _group_sum(dv, group).astype(q.dtype))
     Nq = q.shape[2]
@@ -380,7 +402,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
         vis, z = _masks(q, k, causal, dropout_p, seed, offset, keep, rows=rows, **masking)
         dq[..., rows, :], dk_part, dv_part = _backward_rows(
             do[..., rows, :], q[..., rows, :], k, v, o[..., rows, :], lse[..., rows], vis, z,
-            scale, _mm_acc, softcap)
+            scale, _mm_acc, softcap, _bias(alibi_slopes, q, k, rows))
         dk += dk_part
         dv += dv_part
         del vis, z, dk_part, dv_part

@@ -1,6 +1,7 @@
 """Compile-only: every fa1 variant the tests use, fa2 with the simulator's tiles, and the GPU's
 default tiles of every registered kernel family (nbflash.devtools.compilecheck.variants: as the
-benchmark runs them; fa1 and fa2 also with dropout, key padding and a block mask), compiled for
+benchmark runs them, tc in float16 only; fa1 and fa2 also with dropout, key padding and a block
+mask; the simulator's fa2 and tc also with softcap, window and ALiBi), compiled for
 sm_90 without a GPU (NVVM -> PTX -> nvJitLink), with the compiler's resource report checked: no
 stack frame, no spills, no local memory, exactly the static shared memory fa1's shared-memory
 plan counts (fa2, tc: none; their dynamic shared memory within what an sm_90 block may opt in
@@ -45,20 +46,24 @@ from nbflash.kernels.fa1 import tiles as fa1_tiles
 from nbflash.kernels.tc import tiles as tc_tiles
 from nbflash.kernels.fa2 import plan as fa2_plan, tiles as fa2_tiles
 from nbflash.kernels.common.options import Features
-CAP_WINDOW = Features(softcap=True, window=True)   # softcapping's and the window's code
-cases, head_dims = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+CAP_WINDOW = Features(softcap=True, window=True, alibi=True)   # the softcap's, window's, ALiBi's
+cases, head_dims, family = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 variants = []
 for M, d, rule, causal, dtype in cases:
     for kernel in ("forward", "backward"):
         m = M if M is not None else fa1_tiles.default_M(d, kernel, rule)
         tiles = fa1_tiles.tiles_for(m, d, rule, fa1_tiles.SIM_THREADS)
         variants.append(cc.Variant("fa1", kernel, tiles, causal, dtype))
-if head_dims:   # every registered family's GPU kernels as benchmarked, fa1 at more head dims
-    variants += cc.variants(None, (64, 128))
-    variants += cc.variants(["fa1"], tuple(d for d in head_dims if d not in (64, 128)))
-    # with dropout, key padding and a block mask (causal: the most masking code); tc's take
-    # local memory with options (see docs/tensor-cores.md)
+if head_dims and family == "fa2":   # fa2's GPU kernels as benchmarked, and with
+    # dropout, key padding and a block mask (causal: the most masking code)
+    variants += cc.variants(["fa2"], (64, 128))
     variants += cc.variants(["fa2"], (64, 128), causal=(True,), features=cc.ALL_OPTIONS)
+elif head_dims:   # tc's (float16: bfloat16's kernels differ in their conversions alone, and
+    # their reports were the same as float16's at every GPU tile on 2026-12-01) and
+    # fa1's, fa1 at more head dims; tc's take local memory with options (docs/tensor-cores.md)
+    variants += cc.variants(["tc"], (64, 128), dtypes=("float16",))
+    variants += cc.variants(["fa1"], (64, 128))
+    variants += cc.variants(["fa1"], tuple(d for d in head_dims if d not in (64, 128)))
     variants += cc.variants(["fa1"], (64,), dtypes=("float16",), causal=(True,),
                             features=cc.ALL_OPTIONS)
 else:
@@ -83,11 +88,14 @@ RESERVED_SMEM = 1024
 SM90_SMEM_OPTIN = 232448
 
 
-def compile_reports(cases, head_dims):
+def compile_reports(cases, head_dims, family=""):
+    """The reports of SCRIPT's variants: fa1's of `cases` and the simulator's fa2 and tc
+    variants, or with head_dims the GPU's default variants of `family` ("fa2"; "tc": tc's and
+    fa1's)."""
     env = {**os.environ, "NBFLASH_DEVICE": "compile"}
     done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(cases),
-                           json.dumps(head_dims)], env=env, capture_output=True, text=True,
-                          timeout=900)
+                           json.dumps(head_dims), family], env=env, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -104,12 +112,15 @@ def _allowance(label):
     return tc_tiles.local_allowance(name[3:], d)
 
 
-@pytest.mark.parametrize("which", ["simulator-test variants", "gpu default variants"])
+@pytest.mark.parametrize("which", ["simulator-test variants", "gpu default variants: fa2",
+                                   "gpu default variants: tc and fa1"])
 def test_kernels_compile_for_sm90_without_spills(which):
+    """(Three tests, so that two workers share the minutes of compiling.)"""
     if which.startswith("sim"):
         reports = compile_reports(SIM_CASES, [])
     else:
-        reports = compile_reports([], list(GPU_HEAD_DIMS))
+        reports = compile_reports([], list(GPU_HEAD_DIMS),
+                                  "fa2" if which.endswith("fa2") else "tc")
     assert reports
     bad = []
     for r in reports:

@@ -92,10 +92,11 @@ def test_window_matches_the_reference(impl, dtype, d, Nq, Nk, causal, window):
 
 @runs_kernels
 def test_window_with_every_option():
-    """tc's atomic backward (d = 128 in the simulator's table) with dropout, key padding, a
-    block mask and softcapping; fa2's deterministic backward with key padding."""
+    """tc's dQ pass (d = 32 in the simulator's table; its atomic backward with a window:
+    tests/test_alibi.py) with dropout, key padding, a block mask and softcapping; fa2's
+    deterministic backward with key padding."""
     kl, bm = np.array([19, 7]), np.array([[1, 0, 1], [1, 1, 1]], bool)
-    check("tc", np.float16, 2, 2, 2, 12, 19, 128, True, (6, -1), dropout_p=0.2, seed=11,
+    check("tc", np.float16, 2, 2, 2, 12, 19, 32, True, (6, -1), dropout_p=0.2, seed=11,
           key_lengths=kl, block_mask=bm, block_size=(8, 8), softcap=3.0)
     check("fa2", np.float32, 2, 2, 1, 12, 19, 16, False, (3, 4), key_lengths=kl,
           deterministic=True)

@@ -1,12 +1,13 @@
 """The kernels' masking and dropout options, on the host side: what is compiled in, and the
 arguments that carry the rest (every family's kernels take them the same way).
 
-Five options change the kernels' code, so they are compile-time flags (:class:`Features`):
-dropout, key padding (key_lengths), a block mask, softcapping and a sliding window. The
+Six options change the kernels' code, so they are compile-time flags (:class:`Features`):
+dropout, key padding (key_lengths), a block mask, softcapping, a sliding window and ALiBi. The
 softcap's two float32 scalars come with the scales (:func:`softcap_scalars`); the others'
-arguments come last, in the same order (:meth:`Layout.scalars`): the key_lengths and block-mask
-arrays (placeholders when unused), then the window's two bounds (:func:`window_bounds`), the
-mask's batch and head strides, its number of key blocks and its block size (bq, bk), then
+arguments come last, in the same order (:meth:`Layout.scalars`): the key_lengths, block-mask
+and ALiBi-slope arrays (placeholders when unused), then the window's two bounds
+(:func:`window_bounds`), the slopes' batch stride (H for slopes of shape (B, H), 0 for (H,)),
+the mask's batch and head strides, its number of key blocks and its block size (bq, bk), then
 dropout's seed (low and high 32-bit words), offset, 16-bit threshold and 1/(1-p).
 """
 
@@ -27,6 +28,7 @@ class Features(NamedTuple):
     sparse: bool = False
     softcap: bool = False
     window: bool = False
+    alibi: bool = False
 
 
 #: a window side without a bound: further than any key is from any query (and small enough
@@ -62,6 +64,7 @@ class Layout:
     block_size: tuple = (1, 1)
     softcap: float = 0.0
     window: tuple = (UNBOUNDED, UNBOUNDED)
+    alibi_shape: tuple = ()       # the slopes' shape, (H,) or (B, H); () without ALiBi
 
     def window_size(self):
         """The window as nbflash.naive takes it, (left, right) with -1 unbounded (the causal
@@ -81,33 +84,37 @@ class Layout:
         msh = nbq * nbk if Hm > 1 else 0
         lo, hi = rng.seed_words(seed)
         p = self.dropout_p
-        return (*self.window, msb, msh, nbk, *self.block_size, lo, hi, int(offset),
+        asb = self.alibi_shape[-1] if len(self.alibi_shape) == 2 else 0
+        return (*self.window, asb, msb, msh, nbk, *self.block_size, lo, hi, int(offset),
                 rng.threshold(p), 1.0 / (1.0 - p))
 
     def array_sizes(self, B):
-        """(items, itemsize) of the key_lengths (int32) and block-mask (uint8) arguments."""
+        """(items, itemsize) of the key_lengths (int32), block-mask (uint8) and ALiBi-slope
+        (float32) arguments."""
         Bm, Hm, nbq, nbk = self.mask_shape
         return ((B if self.features.padding else 1, 4),
-                (Bm * Hm * nbq * nbk if self.features.sparse else 1, 1))
+                (Bm * Hm * nbq * nbk if self.features.sparse else 1, 1),
+                (math.prod(self.alibi_shape) if self.features.alibi else 1, 4))
 
 
 NONE = Layout()
 
 
 def layout(dropout_p=0.0, seed=0, offset=0, key_lengths=None, block_mask=None,
-           block_size=None, softcap=0.0, window_size=(-1, -1), causal=False):
-    """(Layout, (key_lengths, block_mask, seed, offset)) of checked options (as
+           block_size=None, softcap=0.0, window_size=(-1, -1), causal=False, alibi_slopes=None):
+    """(Layout, (key_lengths, block_mask, seed, offset, alibi_slopes)) of checked options (as
     nbflash.inputs.Problem.masking gives them, and the causal flag); the arrays may be None."""
     window = window_bounds(window_size, causal)
     features = Features(dropout_p > 0, key_lengths is not None, block_mask is not None,
-                        softcap > 0, window is not None)
+                        softcap > 0, window is not None, alibi_slopes is not None)
     if not any(features):
-        return NONE, (None, None, 0, 0)
+        return NONE, (None, None, 0, 0, None)
     lay = Layout(features, float(dropout_p),
                  tuple(block_mask.shape) if features.sparse else (1, 1, 1, 1),
                  tuple(block_size) if features.sparse else (1, 1), float(softcap),
-                 window or (UNBOUNDED, UNBOUNDED))
-    return lay, (key_lengths, block_mask, seed, offset)
+                 window or (UNBOUNDED, UNBOUNDED),
+                 tuple(alibi_slopes.shape) if features.alibi else ())
+    return lay, (key_lengths, block_mask, seed, offset, alibi_slopes)
 
 
 def softcap_scalars(softcap, scale):
@@ -121,10 +128,12 @@ def softcap_scalars(softcap, scale):
 
 def argument_types():
     """(array types, scalar types): the Numba types of the options' arguments, in order: the
-    key_lengths (int32) and flat block-mask (uint8) arrays; 11 integers (the window's bounds,
-    mask strides, key blocks and block size, seed words, offset, threshold) and 1/(1-p)."""
-    arrays = (types.Array(types.int32, 1, "C"), types.Array(types.uint8, 1, "C"))
-    return arrays, (types.int64,) * 11 + (types.float32,)
+    key_lengths (int32), flat block-mask (uint8) and flat ALiBi-slope (float32) arrays; 12
+    integers (the window's bounds, the slopes' batch stride, mask strides, key blocks and block
+    size, seed words, offset, threshold) and 1/(1-p)."""
+    arrays = (types.Array(types.int32, 1, "C"), types.Array(types.uint8, 1, "C"),
+              types.Array(types.float32, 1, "C"))
+    return arrays, (types.int64,) * 12 + (types.float32,)
 
 
 class OptionArguments:
@@ -134,18 +143,20 @@ class OptionArguments:
 
     _placeholders = None
 
-    def option_arrays(self, xp, key_lengths, block_mask):
-        """(key_lengths, flat block mask), placeholders where off."""
+    def option_arrays(self, xp, key_lengths, block_mask, alibi_slopes=None):
+        """(key_lengths, flat block mask, flat ALiBi slopes), placeholders where off."""
         if self._placeholders is None:
-            self._placeholders = (xp.zeros(1, xp.int32), xp.zeros(1, xp.uint8))
+            self._placeholders = (xp.zeros(1, xp.int32), xp.zeros(1, xp.uint8),
+                                  xp.zeros(1, xp.float32))
         return (self._placeholders[0] if key_lengths is None else key_lengths,
-                self._placeholders[1] if block_mask is None else block_mask.reshape(-1))
+                self._placeholders[1] if block_mask is None else block_mask.reshape(-1),
+                self._placeholders[2] if alibi_slopes is None else alibi_slopes.reshape(-1))
 
-    def options(self, xp, key_lengths, block_mask, seed, offset):
+    def options(self, xp, key_lengths, block_mask, seed, offset, alibi_slopes=None):
         """(the options' arrays, their scalars): the scalars for this call's seed and offset
         where they matter (dropout; packed anew at each launch), else None (the plan's packed
         scalars stand)."""
-        arrays = self.option_arrays(xp, key_lengths, block_mask)
+        arrays = self.option_arrays(xp, key_lengths, block_mask, alibi_slopes)
         if not self.layout.features.dropout:
             return arrays, None
         return arrays, self.layout.scalars(seed, offset)

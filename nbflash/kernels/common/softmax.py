@@ -149,6 +149,24 @@ def capped(s, cap_in, cap_out):
 capped = cuda.jit(device=True, inline=True)(capped)
 
 
+def alibi_slope(slopes, bh, H, asb):
+    """ALiBi's slope of query head bh (= b·H + h) in base 2, slope·log2 e: slopes is flat
+    (B, H) with batch stride asb = H, or (H,) with asb = 0."""
+    b = int64(uint32(bh) // uint32(H))
+    return slopes[b * asb + bh - b * H] * LOG2E
+
+
+def alibi_bias(slope2, row, col, Nq, Nk):
+    """ALiBi's bias of query `row` and key `col` in base 2, -slope·log2 e·|row + Nk - Nq - col|
+    (the distance from the row's bottom-right-aligned diagonal), added to the (softcapped)
+    score."""
+    return -slope2 * float32(abs(row + Nk - Nq - col))
+
+
+alibi_slope = cuda.jit(device=True, inline=True)(alibi_slope)
+alibi_bias = cuda.jit(device=True, inline=True)(alibi_bias)
+
+
 def make_cap_scores(N):
     """Device function: the N raw scores s[0:N] softcapped in place (base 2, :func:`capped`;
     fa2's kernels run it as a pass of its own before the loops that use the scores: inside

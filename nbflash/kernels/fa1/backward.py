@@ -32,8 +32,9 @@ def make_backward(tiles, causal, cast_dq, opts):
     shape = tiles.smem_plan("backward").shape  # each shared array's shape
     SH_Q, SH_K, SH_S, SH_ROW, SH_DK = (shape(n) for n in ("Qi", "Kj", "P", "lse_i", "dKj"))
 
-    def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale, key_lengths, bmask, left,
-                     right, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa1_backward(q, k, v, o, do, lse, dq_acc, dq, dk, dv, scale, key_lengths, bmask, slopes,
+                     left, right, asb, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr,
+                     drop_scale):
         """FlashAttention backward, Algorithm 4, from the saved lse.
 
         P_ij = diag(ℓ_i)^-1 exp(S_ij - m_i) is computed as exp(S_ij - lse_i), lse = m + log ℓ.

@@ -58,8 +58,8 @@ def make_forward(tiles, causal, cast_output, opts):
     SH_Q, SH_K, SH_V, SH_O, SH_S, SH_ROW = (shape(n) for n in
                                             ("Qi", "Kj", "Vj", "Oi", "S", "keep"))
 
-    def fa1_forward(q, k, v, o_acc, o, m, l, scale, key_lengths, bmask, left, right, msb, msh,
-                    nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa1_forward(q, k, v, o_acc, o, m, l, scale, key_lengths, bmask, slopes, left, right, asb,
+                    msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """FlashAttention forward, Algorithm 1 with Algorithm 2's scaling and masking.
 
         Grid: B*H blocks, block b*H + h computes head (b, h). Block: T threads.

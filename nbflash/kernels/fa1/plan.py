@@ -97,7 +97,7 @@ class Fa1Plan(OptionArguments):
         return (*self.option_arrays(xp, key_lengths, block_mask), *ints, xp.float32(drop_scale))
 
     def forward(self, xp, q, k, v, stream=0, key_lengths=None, block_mask=None, seed=0,
-                offset=0):
+                offset=0, alibi_slopes=None):
         """Algorithm 1; returns (o, lse)."""
         B, H, Nq, d = q.shape
         f32 = xp.float32
@@ -115,7 +115,7 @@ class Fa1Plan(OptionArguments):
         return (o if cast else o_acc), m
 
     def backward(self, xp, do, q, k, v, o, lse, stream=0, key_lengths=None, block_mask=None,
-                 seed=0, offset=0):
+                 seed=0, offset=0, alibi_slopes=None):
         """Algorithm 4; returns (dq, dk, dv)."""
         B, H = q.shape[:2]
         f32 = xp.float32

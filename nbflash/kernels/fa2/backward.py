@@ -35,20 +35,23 @@ from ..common.masks import (ALL, band_cuts, bit_on, cursor_tile, key_range, make
                             tile_status, visible)
 from ..common.options import Features
 from ..common.primitives import commit_async, wait_async_all, wait_async_all_but_1
-from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, clamp_nonpositive, make_cap_scores,
-                              row_stats, scaled)
+from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, alibi_bias, alibi_slope,
+                              clamp_nonpositive, make_cap_scores, row_stats, scaled)
 from .regtile import (kv_coords, make_dot_cols, make_dot_rows, make_pair_loader, make_row_store,
                       make_tile_loader, thread_coords, tile_constants)
 
 
-def make_p_and_ds(SOFTCAP):
+def make_p_and_ds(SOFTCAP, ALIBI=False):
     """Device function: P = 2^min(s' - lse log2(e), 0) (see the module docstring) and
     dS = P (dP - D); lse_lo = lse · LOG2E_LO. SOFTCAP: s is the softcapped score already
     (base 2, softmax.make_cap_scores), whose tanh is s · inv_co, and dS takes the derivative's
-    factor 1 - tanh² (the chain rule through softcap·tanh(τ s / softcap))."""
+    factor 1 - tanh² (the chain rule through softcap·tanh(τ s / softcap)). ALIBI: s' takes
+    ALiBi's `bias` too (base 2, softmax.alibi_bias: a constant of the score, so dS as without)."""
 
-    def p_and_ds(s, dp, sc_hi, sc_lo, inv_co, lse, lse_lo, dlt):
+    def p_and_ds(s, dp, sc_hi, sc_lo, inv_co, lse, lse_lo, dlt, bias):
         x = s if SOFTCAP else scaled(s, sc_hi, sc_lo)
+        if ALIBI:
+            x += bias
         p = math.exp2(clamp_nonpositive(cuda.fma(-lse, LOG2E, x) - lse_lo))
         ds = p * (dp - dlt)
         if SOFTCAP:
@@ -73,8 +76,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     TMQ = C // RG        # dQ rows per thread
     N_DQ = TMQ * TX
     CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
-    p_and_ds, cap_scores = make_p_and_ds(SOFTCAP), make_cap_scores(N_S)
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    p_and_ds, cap_scores = make_p_and_ds(SOFTCAP, ALIBI), make_cap_scores(N_S)
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     # dK_j, dV_j of float32 inputs summed in two levels (each step's share on its own, then
@@ -123,9 +126,9 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
 
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
-    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
+    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, slopes, Nq, Nk, H, G,
                  qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right,
-                 msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+                 asb, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R), H / G, B) over key/value heads, T threads, t.smem_bytes("dkdv",
         dropout) of dynamic shared memory. The block walks the query tiles of each of its G
         query heads in turn (grouped-query heads: dK_j, dV_j summed over the group in
@@ -172,6 +175,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         while c < end:
             gq, i = cursor_tile(c, n_steps)   # this step's query head and tile
             bh = hk * G + gq
+            slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
             q_base = q_group + gq * qsh
             row0 = i * C
             c_next, next_all_on = group_walk(c + 1, first, last, n_steps, G, hk, b, H, msb,
@@ -214,8 +218,9 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
                 for u in range(TN):
                     qr = cg + L * u               # query row within the block
                     lse_q = smem[lse_off + qr]
+                    bias = alibi_bias(slope2, row0 + qr, key0 + kr, Nq, Nk) if ALIBI else ZERO
                     p, ds = p_and_ds(st[a * TN + u], dpt[a * TN + u], sc_hi, sc_lo, inv_co,
-                                      lse_q, lse_q * LOG2E_LO, smem[d_off + qr])
+                                      lse_q, lse_q * LOG2E_LO, smem[d_off + qr], bias)
                     if masked and not (visible(row0 + qr, key0 + kr, Nq, Nk, klen, CAUSAL,
                                                WINDOW, left, right) and bit_on(on, a * TN + u)):
                         p = ZERO
@@ -267,8 +272,8 @@ def make_dq(t, causal, features=Features()):
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
-    p_and_ds, cap_scores = make_p_and_ds(SOFTCAP), make_cap_scores(N_S)
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    p_and_ds, cap_scores = make_p_and_ds(SOFTCAP, ALIBI), make_cap_scores(N_S)
     smem = t.smem_plan("dq", DROP)          # the regions' offsets, in float32 elements
     Q_OFF, DO_OFF, K_OFF, V_OFF, DS_OFF, LSE_OFF, D_OFF, KEEP_OFF = (smem.offset(n) for n in (
         "Q", "dO", "K", "V", "dS", "lse", "D", "keep"))
@@ -281,8 +286,8 @@ def make_dq(t, causal, features=Features()):
     check_keep_tile(DROP, C, t)
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
 
-    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn,
-               ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, msb, msh, nbk,
+    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh, qsn,
+               ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, asb, msb, msh, nbk,
                bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; query head h reads key/value head h // G; the
@@ -293,6 +298,7 @@ def make_dq(t, causal, features=Features()):
         tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
             L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
         row0 = cuda.blockIdx.x * R
+        slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
 
         load_q(q, do, q_base, qsn, row0, Nq, smem, Q_OFF, tid)
         for r in range(tid, R, T):              # lse_i and D_i, see row_stats
@@ -335,8 +341,10 @@ def make_dq(t, causal, features=Features()):
                 lse_r = smem[LSE_OFF + rg + RG * a]
                 dlt = smem[D_OFF + rg + RG * a]
                 for u in range(TN):
+                    bias = alibi_bias(slope2, row, col0 + cg + L * u, Nq, Nk) if ALIBI \
+                        else ZERO
                     p, ds = p_and_ds(s[a * TN + u], dp[a * TN + u], sc_hi, sc_lo, inv_co,
-                                      lse_r, lse_r * LOG2E_LO, dlt)
+                                      lse_r, lse_r * LOG2E_LO, dlt, bias)
                     if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL,
                                                WINDOW, left, right) and bit_on(on, a * TN + u)):
                         ds = ZERO

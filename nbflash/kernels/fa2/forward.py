@@ -44,7 +44,8 @@ from ..common.masks import (ALL, band_cuts, bit_on, key_range, make_block_bits, 
 from ..common.options import Features
 from ..common.primitives import (commit_async, make_row_reduce, wait_async_all,
                                  wait_async_all_but_1)
-from ..common.softmax import NAN, NEG_INF, ZERO, finish_row, make_cap_scores, new_max, scaled
+from ..common.softmax import (NAN, NEG_INF, ZERO, alibi_bias, alibi_slope, finish_row,
+                              make_cap_scores, new_max, scaled)
 from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_tile_loader,
                       thread_coords, tile_constants)
 
@@ -60,7 +61,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     smem = t.smem_plan("forward", DROP)     # the regions' offsets, in float32 elements
@@ -77,9 +78,9 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
     cap_scores = make_cap_scores(N_S)
 
-    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
-                    ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, msb, msh, nbk, bq, bk,
-                    seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh, qsn, ksb,
+                    ksh, ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, asb, msb, msh, nbk, bq,
+                    bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("forward",
         dropout) of dynamic shared memory. q, o: (B, H, Nq, d); k, v: (B, H / G, Nk, d) (query
         head h reads key/value head h // G), flat in the layouts of strides qsb, qsh, qsn and
@@ -92,6 +93,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
         tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
             L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
         row0 = cuda.blockIdx.x * R
+        slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
 
         load_q(q, q_base, qsn, row0, Nq, smem, Q_OFF, tid)          # Q_i, once
         m = cuda.local.array(TM, float32)                       # running max (base 2)
@@ -150,6 +152,8 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                 m_blk = NEG_INF
                 for u in range(TN):
                     sc = s[i * TN + u] if SOFTCAP else scaled(s[i * TN + u], sc_hi, sc_lo)
+                    if ALIBI:   # the bias after the softcap
+                        sc += alibi_bias(slope2, row, col0 + cg + L * u, Nq, Nk)
                     if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL,
                                                WINDOW, left, right) and bit_on(on, i * TN + u)):
                         sc = NEG_INF

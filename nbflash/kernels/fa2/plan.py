@@ -112,20 +112,23 @@ class Fa2Plan(OptionArguments):
             kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.R), G, B * H_kv),
             t.threads, t.smem_bytes("dq", drop), inputs + (Q, *opt), grads + opt_scalars)
 
-    def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
+    def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0,
+                alibi_slopes=None):
         """FA2 Algorithm 1 on checked arrays in the plan's layouts; returns (o, lse)."""
         o = empty(xp, self.q_layout, self.q_shape, self.dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
-        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
+        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset,
+                                    alibi_slopes)
         self.fwd(stream, flat((q, k, v, o, lse, *opt)), self.with_options(self.fwd, scalars))
         return o, lse
 
     def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
-                 seed=0, offset=0):
+                 seed=0, offset=0, alibi_slopes=None):
         """FA2 Algorithm 2 on checked arrays in the plan's layouts (do and o in q's); returns
         (dq, dk, dv)."""
         f32 = xp.float32
-        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
+        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset,
+                                    alibi_slopes)
         delta = xp.empty(self.lse_shape, f32)
         dk = empty(xp, self.k_layout, self.k_shape, self.dtype)
         dv = empty(xp, self.k_layout, self.k_shape, self.dtype)

@@ -36,8 +36,8 @@ from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import (band_cuts, cursor_tile, key_range, make_group_walk, make_tile_walk,
                             mask_base, query_range)
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
-from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, capped, clamp_nonpositive, row_lse,
-                              row_stats, scaled)
+from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, alibi_bias, alibi_slope, capped,
+                              clamp_nonpositive, row_lse, row_stats, scaled)
 from ..common.warp import exp2, make_warp_ops
 from .fragments import (fragment_bit, kv_coords, make_async_rows, make_fragment_mask,
                         make_kv_stream, make_load_a, make_mma2, make_pack_a, make_store_rows,
@@ -57,15 +57,20 @@ def make_convert(threads, bf16):
     return tc_convert
 
 
-def make_p_of(SOFTCAP):
+def make_p_of(SOFTCAP, ALIBI=False):
     """Device function: (P, tanh) of a raw score s, P = 2^min(s·sc - lse2, 0) with lse2 =
     lse·log2 e (the module docstring); SOFTCAP: of the softcapped score, with its tanh, whose
-    1 - tanh² the caller multiplies dS by (0 without a softcap)."""
+    1 - tanh² the caller multiplies dS by (0 without a softcap); ALIBI: the score plus ALiBi's
+    `bias` (base 2, softmax.alibi_bias)."""
 
-    def p_of(s, sc, cap_in, cap_out, lse2):
+    def p_of(s, sc, cap_in, cap_out, lse2, bias):
         if SOFTCAP:   # softcap·tanh(τ s / softcap)
             x, t = capped(s, cap_in, cap_out)
+            if ALIBI:
+                x += bias
             return exp2(clamp_nonpositive(x - lse2)), t
+        if ALIBI:
+            return exp2(clamp_nonpositive(cuda.fma(s, sc, bias) - lse2)), ZERO
         return exp2(clamp_nonpositive(cuda.fma(s, sc, -lse2))), ZERO
 
     return cuda.jit(device=True, inline=True)(p_of)
@@ -81,8 +86,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     KD, NT, NVH = DP // 16, C // 8, DH // 8
     N_S, N_O = 4 * NT, 4 * NVH      # fragment array sizes (compile-time constants)
     CAUSAL, DQ = bool(causal), bool(dq)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
-    p_of = make_p_of(SOFTCAP)
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    p_of = make_p_of(SOFTCAP, ALIBI)
     shared = t.smem_plan("dkdv", DROP, DQ)   # offsets in 16-bit elements (keep bits: uint32)
     K_OFF, V_OFF, DS_OFF, Q_OFF = (shared.offset(n) for n in ("K", "V", "dSt", "steps"))
     KEEP_OFF = shared.offset("keep", 4)      # dSᵀ: R keys x C queries, row stride PS
@@ -125,9 +130,9 @@ def make_dkdv(t, causal, bf16, features, dq=True):
 
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
-    def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, Nq, Nk, H, G,
+    def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, slopes, Nq, Nk, H, G,
                 qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right,
-                msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+                asb, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R) dsplit, H / G, B) over key/value heads, T threads,
         t.smem_bytes("dkdv", dropout, dq) of dynamic shared memory; 16-bit arrays as uint16;
         delta from tc_delta; dq_acc: zeroed float32 in q's layout (a placeholder without dQ); the
@@ -186,6 +191,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
         while ic < end:
             gq, i = cursor_tile(ic, n_steps)   # this step's query head and tile
             bh = hk * G + gq
+            slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
             q_base = b * qsb + bh * qsh
             row0 = i * C
             wait_tile()
@@ -235,7 +241,9 @@ def make_dkdv(t, causal, bf16, features, dq=True):
                         dp = ZERO
                     else:
                         dp *= drop_scale
-                p, tc_ = p_of(st[x], sc_hi, cap_in, cap_out, lse_q)
+                bias = alibi_bias(slope2, row0 + qc, wkey0 + g + 8 * ((x // 2) % 2), Nq,
+                                  Nk) if ALIBI else ZERO
+                p, tc_ = p_of(st[x], sc_hi, cap_in, cap_out, lse_q, bias)
                 if masked and not fragment_bit(vis, x):
                     p = ZERO
                 st[x] = p
@@ -315,8 +323,8 @@ def make_dq(t, causal, bf16, features):
     KD, NT, NV = DP // 16, C // 8, DP // 8
     N_Q, N_S, N_O = (4 * KD if QREGS else 4), 4 * NT, 4 * NV
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
-    p_of = make_p_of(SOFTCAP)
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    p_of = make_p_of(SOFTCAP, ALIBI)
     shared = t.smem_plan("dq", DROP)         # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, DO_OFF, KV_OFF = shared.offset("Q"), shared.offset("dO"), shared.offset("KV")
     KEEP_OFF = shared.offset("keep", 4)
@@ -335,9 +343,9 @@ def make_dq(t, causal, bf16, features):
     start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, KV_OFF, STAGE, V_IN, walk)
     no_flip = uint32(0)
 
-    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn,
-              ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, msb, msh, nbk,
-              bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh,
+              qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, asb, msb, msh,
+              nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; 16-bit arrays as uint16 (k, v with H / G heads:
         query head h reads key/value head h // G); delta: written (D of every row, for the
@@ -350,6 +358,7 @@ def make_dq(t, causal, bf16, features):
         mi = lane // 8
         row0 = cuda.blockIdx.x * R
         wr = 16 * warp                           # this warp's first query row in the block
+        slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Kᵀ, Vᵀ)
 
@@ -444,7 +453,10 @@ def make_dq(t, causal, bf16, features):
                         dp *= drop_scale
                     else:
                         dp = ZERO
-                p, tc_ = p_of(s[x], sc_hi, cap_in, cap_out, lse_a if upper else lse_b)
+                bias = alibi_bias(slope2, row0 + wr + g + 8 * ((x // 2) % 2),
+                                  col0 + 8 * (x // 4) + 2 * t4 + x % 2, Nq, Nk) if ALIBI \
+                    else ZERO
+                p, tc_ = p_of(s[x], sc_hi, cap_in, cap_out, lse_a if upper else lse_b, bias)
                 if masked and not fragment_bit(vis, x):
                     p = ZERO
                 s[x] = p * (dp - (d_a if upper else d_b))

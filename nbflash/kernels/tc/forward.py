@@ -37,7 +37,7 @@ from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import band_cuts, key_range, make_tile_walk, sees_a_key
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
-from ..common.softmax import NEG_INF, ZERO, finish_row, new_max
+from ..common.softmax import NEG_INF, ZERO, alibi_bias, alibi_slope, finish_row, new_max
 from ..common.warp import exp2, make_warp_ops
 from .fragments import (fragment_bit, make_async_rows, make_fragment_mask, make_kv_stream,
                         make_load_a, make_mma2, make_pack_a, make_store_rows, store_lse_rows,
@@ -58,7 +58,7 @@ def make_forward(t, causal, bf16, features):
     N_Q, N_S, N_O, N_R, N_P = RM * QF, RM * SF, RM * OF, 2 * RM, 4 * RM
     N_QF = N_Q if QREGS else 4 * RM    # Q_i's fragments held: all, or one 16-dim step's
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
     shared = t.smem_plan("forward", DROP)    # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, K_OFF, KEEP_OFF = shared.offset("Q"), shared.offset("KV"), shared.offset("keep", 4)
     STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
@@ -75,12 +75,39 @@ def make_forward(t, causal, bf16, features):
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
     start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, K_OFF, STAGE, V_IN, walk)
 
-    def softmax_row(s, m, l, mt, h, vis, masked, tid, sc, ci, co):
-        """The online softmax (FA2 Alg. 1 lines 8-10) of row g + 8h of m-tile mt: the running
-        max of the scaled, visible scores (the raw scores' max times sc >= 0), P̃ = 2^(s·sc - m)
-        in place of S (0 where masked), ℓ rescaled and added to; returns the factor alpha that
-        rescales the row's output. SOFTCAP: the scores are tanh(s·ci)·co (ci >= 0: increasing
-        in s, so the raw scores' max gives theirs)."""
+    def softmax_row(s, m, l, mt, h, vis, masked, tid, sc, ci, co, slope2, row, col0, Nq, Nk):
+        """The online softmax (FA2 Alg. 1 lines 8-10) of row g + 8h of m-tile mt (query `row`):
+        the running max of the scaled, visible scores (the raw scores' max times sc >= 0),
+        P̃ = 2^(s·sc - m) in place of S (0 where masked), ℓ rescaled and added to; returns the
+        factor alpha that rescales the row's output. SOFTCAP: the scores are tanh(s·ci)·co
+        (ci >= 0: increasing in s, so the raw scores' max gives theirs). ALIBI: each score takes
+        its own bias (softmax.alibi_bias, base 2), so the scores are scaled and biased first and
+        their max taken after."""
+        if ALIBI:
+            t4 = tid % 4
+            m_blk = NEG_INF
+            for sl in range(NT):
+                for e in range(2):
+                    y = 4 * sl + 2 * h + e
+                    x = mt * SF + y
+                    z = math.tanh(s[x] * ci) * co if SOFTCAP else s[x] * sc
+                    z += alibi_bias(slope2, row, col0 + 8 * sl + 2 * t4 + e, Nq, Nk)
+                    if masked and not fragment_bit(vis, y):
+                        z = NEG_INF
+                    s[x] = z
+                    m_blk = max(m_blk, z)
+            r = 2 * mt + h
+            m_new, m_ref, alpha = new_max(m[r], row_max(m_blk, tid))
+            m[r] = m_new
+            l_blk = ZERO
+            for sl in range(NT):
+                for e in range(2):
+                    x = mt * SF + 4 * sl + 2 * h + e
+                    p = exp2(s[x] - m_ref)      # (0 where masked: 2^-inf)
+                    l_blk += p
+                    s[x] = p
+            l[r] = l[r] * alpha + l_blk
+            return alpha
         m_blk = NEG_INF
         for sl in range(NT):
             for e in range(2):
@@ -115,14 +142,17 @@ def make_forward(t, causal, bf16, features):
         return alpha
 
     def softmax_mtile(s, m, l, acc, mt, r0, col0, lane, tid, masked, Nq, Nk, klen, all_on,
-                      bmask, mbase, nbk, bq, bk, sc, ci, co, left, right):
+                      bmask, mbase, nbk, bq, bk, sc, ci, co, left, right, slope2):
         """softmax_row for both rows of m-tile mt (r0 + g, r0 + g + 8), then its output rows
         rescaled. (One call per row rather than a loop: LLVM leaves a loop around so large a
         body rolled at d = 256, which puts the output fragments in local memory.)"""
         vis = fragment_mask(r0, col0, lane, Nq, Nk, klen, all_on, bmask, mbase, nbk, bq,
                             bk, left, right) if masked else uint64(0)
-        alpha0 = softmax_row(s, m, l, mt, 0, vis, masked, tid, sc, ci, co)
-        alpha1 = softmax_row(s, m, l, mt, 1, vis, masked, tid, sc, ci, co)
+        row = r0 + lane // 4
+        alpha0 = softmax_row(s, m, l, mt, 0, vis, masked, tid, sc, ci, co, slope2, row, col0,
+                             Nq, Nk)
+        alpha1 = softmax_row(s, m, l, mt, 1, vis, masked, tid, sc, ci, co, slope2, row + 8,
+                             col0, Nq, Nk)
         for vt in range(NV):
             acc[mt * OF + 4 * vt] *= alpha0
             acc[mt * OF + 4 * vt + 1] *= alpha0
@@ -151,8 +181,8 @@ def make_forward(t, causal, bf16, features):
     finish_mtile = cuda.jit(device=True, inline=True)(finish_mtile)
     assert RM in (1, 2), RM
 
-    def tc_forward(q, k, v, o, lse, key_lengths, bmask, Nq, Nk, H, G, qsb, qsh, qsn, ksb, ksh,
-                   ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, msb, msh, nbk, bq, bk,
+    def tc_forward(q, k, v, o, lse, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh, qsn, ksb,
+                   ksh, ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, asb, msb, msh, nbk, bq, bk,
                    seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G), T threads, t.smem_bytes("forward", dropout) of dynamic
         shared memory; q, k, v, o: 16-bit bits (uint16), (B, H, N, d) flat in the layouts of
@@ -168,6 +198,7 @@ def make_forward(t, causal, bf16, features):
             H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
         g, t4 = lane // 4, lane % 4
         row0 = cuda.blockIdx.x * R
+        slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
         wr = 16 * RM * warp                    # this warp's first query row in the block
 
         load_q(q, q_base, qsn, row0, Nq, smem, Q_OFF, tid)
@@ -231,11 +262,12 @@ def make_forward(t, causal, bf16, features):
             masked = col0 + C > klen or band_cuts(row0, R, col0, C, Nq, Nk, CAUSAL, WINDOW,
                                                   left, right) or not all_on
             softmax_mtile(s, m, l, acc, 0, row0 + wr, col0, lane, tid, masked, Nq, Nk, klen,
-                          all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out, left, right)
+                          all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out, left, right,
+                          slope2)
             if RM == 2:   # (a call per m-tile: LLVM leaves a loop around this body rolled)
                 softmax_mtile(s, m, l, acc, 1, row0 + wr + 16, col0, lane, tid, masked, Nq,
                               Nk, klen, all_on, bmask, mbase, nbk, bq, bk, sc, ci, cap_out, left,
-                              right)
+                              right, slope2)
             if DROP:   # P̃ ∘ Z / (1 - p) for O (FlashAttention Alg. 2 line 13)
                 for x in range(N_S):
                     y = x % SF

@@ -179,22 +179,25 @@ class TcPlan(OptionArguments):
             kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.rows), G, B * H_kv),
             t.threads, t.smem_bytes("dq", drop), (Q, K, K, Q, Q, L, L, Q, *opt), grads)
 
-    def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0):
+    def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0,
+                alibi_slopes=None):
         """FA2 Algorithm 1 on tensor cores; returns (o, lse)."""
         kd, dtype = self.q_shape[-1], q.dtype
         q, k, v = (_bits(xp, _padded(xp, x, kd)) for x in (q, k, v))
         o = _empty16(xp, self.q_layout, self.q_shape, dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
-        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
+        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset,
+                                    alibi_slopes)
         self.fwd(stream, flat((q, k, v, o, lse, *opt)), self.with_options(self.fwd, scalars))
         return _as(_cut(xp, o, self.d), dtype), lse
 
     def backward(self, xp, do, q, k, v, o, lse, stream, key_lengths=None, block_mask=None,
-                 seed=0, offset=0):
+                 seed=0, offset=0, alibi_slopes=None):
         """FA2 Algorithm 2 on tensor cores (do and o in q's layout); returns (dq, dk, dv)."""
         kd, dtype = self.q_shape[-1], q.dtype
         do, q, k, v, o = (_bits(xp, _padded(xp, x, kd)) for x in (do, q, k, v, o))
-        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset)
+        opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset,
+                                    alibi_slopes)
         delta = xp.empty(self.lse_shape, xp.float32)
         if self.atomic:
             dq_acc = empty(xp, self.q_layout, self.q_shape, xp.float32)
