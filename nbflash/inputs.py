@@ -92,8 +92,8 @@ class Problem:
                     window_size=self.window_size, alibi_slopes=self.alibi_slopes)
 
     def options(self):
-        """(Layout, (key_lengths, block_mask, seed, offset)): the options as the kernels' plans
-        take them (nbflash.kernels.common.options)."""
+        """(Layout, (key_lengths, block_mask, seed, offset, alibi_slopes)): the options as the
+        kernels' plans take them (nbflash.kernels.common.options)."""
         return _options.layout(causal=self.causal, **self.masking())
 
     def stream_context(self):

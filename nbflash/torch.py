@@ -93,19 +93,21 @@ def _out_dtype(dtype):
 # -- the custom ops --------------------------------------------------------------------------
 #
 # Options that are not tensors are op arguments of schema types (bool, float, int, str, int[]);
-# key_lengths, block_mask and the dropout seed are tensors or None. The seed travels as an int64
+# key_lengths, block_mask, the dropout seed and (last) ALiBi's slopes are tensors or None. The
+# seed travels as an int64
 # tensor holding the uint64 seed's bits (_seed_tensor), so that a seed drawn from torch's
 # generator inside a compiled function stays in the graph.
 
 def _masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap,
-             window_size):
+             window_size, alibi_slopes):
     """The API's masking keyword arguments from the ops' arguments."""
     if block_size is not None:
         block_size = block_size[0] if len(block_size) == 1 else tuple(block_size)
     return dict(dropout_p=dropout_p, seed=None if seed is None else int(seed.item()) % 2**64,
                 offset=offset, key_lengths=key_lengths, block_mask=block_mask,
                 block_size=block_size, softcap=softcap,
-                window_size=(-1, -1) if window_size is None else tuple(window_size))
+                window_size=(-1, -1) if window_size is None else tuple(window_size),
+                alibi_slopes=alibi_slopes)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -113,14 +115,15 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              seed: Optional[torch.Tensor], causal: bool, softmax_scale: Optional[float],
              impl: str, deterministic: bool, dropout_p: float, offset: int,
              block_size: Optional[List[int]], layout: str, softcap: float = 0.0,
-             window_size: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+             window_size: Optional[List[int]] = None,
+             alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(o, lse) of nbflash.attention_forward; o in `layout`, lse float32 (B, H, Nq).
     `deterministic` is the backward's (the autograd formula passes it on)."""
     o, lse = api.attention_forward(
         *(_to_kernel(x, layout) for x in (q, k, v)), causal=causal,
         softmax_scale=softmax_scale, impl=impl,
         **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap,
-                   window_size))
+                   window_size, alibi_slopes))
     return _from_kernel(o, layout), lse
 
 
@@ -130,7 +133,7 @@ attention_forward_op = torch.library.custom_op("nbflash::attention_forward", _fo
 
 @attention_forward_op.register_fake
 def _(q, k, v, key_lengths, block_mask, seed, causal, softmax_scale, impl, deterministic,
-      dropout_p, offset, block_size, layout, softcap=0.0, window_size=None):
+      dropout_p, offset, block_size, layout, softcap=0.0, window_size=None, alibi_slopes=None):
     q = _to_kernel(q, layout)
     o = _empty_kernel(q, _memory_layout(q, impl), _out_dtype(q.dtype))
     B, H, Nq, _ = q.shape
@@ -143,7 +146,8 @@ def _backward_grads(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                     causal: bool, softmax_scale: Optional[float], impl: str,
                     deterministic: bool, dropout_p: float, offset: int,
                     block_size: Optional[List[int]], layout: str, softcap: float = 0.0,
-                    window_size: Optional[List[int]] = None
+                    window_size: Optional[List[int]] = None,
+                    alibi_slopes: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of nbflash.attention_backward, in `layout`. An upstream gradient in
     another memory layout than o's (a broadcast view, of loss = o.sum() say) is copied into
@@ -155,7 +159,7 @@ def _backward_grads(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         *(_to_kernel(x, layout) for x in (do, q, k, v, o)), lse.contiguous(), causal=causal,
         softmax_scale=softmax_scale, impl=impl, deterministic=deterministic,
         **_masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap,
-                   window_size))
+                   window_size, alibi_slopes))
     return tuple(_from_kernel(g, layout) for g in grads)
 
 
@@ -165,7 +169,8 @@ attention_backward_op = torch.library.custom_op("nbflash::attention_backward", _
 
 @attention_backward_op.register_fake
 def _(do, q, k, v, o, lse, key_lengths, block_mask, seed, causal, softmax_scale, impl,
-      deterministic, dropout_p, offset, block_size, layout, softcap=0.0, window_size=None):
+      deterministic, dropout_p, offset, block_size, layout, softcap=0.0, window_size=None,
+      alibi_slopes=None):
     q, k, v = (_to_kernel(x, layout) for x in (q, k, v))
     lk = _kv_layout(k, v, impl)
     return (_from_kernel(_empty_kernel(q, _memory_layout(q, impl)), layout),
@@ -173,9 +178,9 @@ def _(do, q, k, v, o, lse, key_lengths, block_mask, seed, causal, softmax_scale,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_lengths, block_mask, seed, *options = inputs
+    q, k, v, key_lengths, block_mask, seed, *options, alibi_slopes = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_lengths, block_mask, seed)
+    ctx.save_for_backward(q, k, v, o, lse, key_lengths, block_mask, seed, alibi_slopes)
     ctx.options = options
     # lse comes out for the caller to read; no gradient flows back through it (as in
     # FlashAttention: the backward kernels take dO only)
@@ -183,10 +188,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, key_lengths, block_mask, seed = ctx.saved_tensors
+    q, k, v, o, lse, key_lengths, block_mask, seed, alibi_slopes = ctx.saved_tensors
     dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, key_lengths, block_mask, seed,
-                                       *ctx.options)
-    return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
+                                       *ctx.options, alibi_slopes)
+    return (dq, dk, dv) + (None,) * (4 + len(ctx.options))
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -211,10 +216,10 @@ class _Eager(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable   # (as the op: a double backward raises)
     def backward(ctx, do, _dlse):
-        q, k, v, o, lse, key_lengths, block_mask, seed = ctx.saved_tensors
+        q, k, v, o, lse, key_lengths, block_mask, seed, alibi_slopes = ctx.saved_tensors
         dq, dk, dv = _backward_grads(do, q, k, v, o, lse, key_lengths, block_mask, seed,
-                                     *ctx.options)
-        return (dq, dk, dv) + (None,) * (3 + len(ctx.options))
+                                     *ctx.options, alibi_slopes)
+        return (dq, dk, dv) + (None,) * (4 + len(ctx.options))
 
 
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
@@ -272,7 +277,7 @@ def _block_size_arg(block_size):
 
 def _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
                   key_lengths, block_mask, block_size, layout, softcap=0.0,
-                  window_size=(-1, -1)):
+                  window_size=(-1, -1), alibi_slopes=None):
     """The ops' arguments after q, k, v, each of a type the ops' schema takes; what is not a
     tensor is checked here, the rest by nbflash's checks when the op runs (before any kernel)."""
     if softmax_scale is not None:
@@ -287,19 +292,22 @@ def _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, o
     return (_tensor_option(key_lengths, "key_lengths"), _tensor_option(block_mask, "block_mask"),
             seed, bool(causal), softmax_scale, impl, bool(deterministic), p, offset,
             _block_size_arg(block_size), layout, softcap,
-            None if window == (-1, -1) else list(window))
+            None if window == (-1, -1) else list(window),
+            _tensor_option(alibi_slopes, "alibi_slopes"))
 
 
 def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
                deterministic=False, dropout_p=0.0, seed=None, offset=0, key_lengths=None,
-               block_mask=None, block_size=None, softcap=0.0, window_size=(-1, -1)):
+               block_mask=None, block_size=None, softcap=0.0, window_size=(-1, -1),
+               alibi_slopes=None):
     """(o, lse) through the forward op (autograd, torch.compile), q, k, v and o in `layout`."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} must be a torch tensor; got {type(x).__name__} "
                              f"(nbflash.attention takes NumPy and CuPy arrays)")
     args = _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
-                         key_lengths, block_mask, block_size, layout, softcap, window_size)
+                         key_lengths, block_mask, block_size, layout, softcap, window_size,
+                         alibi_slopes)
     if _eager(q):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _Eager.apply(q, k, v, *args)
@@ -310,7 +318,7 @@ def _attention(q, k, v, layout, causal=False, softmax_scale=None, impl="auto",
 def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", deterministic=False,
               dropout_p=0.0, seed=None, offset=0, key_lengths=None, block_mask=None,
               block_size=None, return_lse=False, enable_gqa=False, softcap=0.0,
-              window_size=(-1, -1)):
+              window_size=(-1, -1), alibi_slopes=None):
     """softmax(τ q kᵀ) v for torch tensors (B, H, N, d), differentiable in q, k and v.
 
     k and v may have fewer heads H_kv dividing H (grouped-query and multi-query attention:
@@ -323,7 +331,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, impl="auto", determi
     (B, H, Nq) = m + log ℓ per query row; no gradient flows through lse (as in FlashAttention).
     """
     o, lse = _attention(q, k, v, "bhnd", causal, softmax_scale, impl, deterministic, dropout_p,
-                        seed, offset, key_lengths, block_mask, block_size, softcap, window_size)
+                        seed, offset, key_lengths, block_mask, block_size, softcap, window_size,
+                        alibi_slopes)
     return (o, lse) if return_lse else o
 
 
@@ -466,19 +475,19 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     - softcap and window_size as FlashAttention's: the scores softcap·tanh(τ q·k / softcap);
       query i sees key j only when i + Nk - Nq - left <= j <= i + Nk - Nq + right for
       window_size = (left, right), -1 unbounded;
-    - alibi_slopes (issue 17's ALiBi) and return_attn_probs=True (nbflash never forms P)
-      raise nbflash.InputError; for the softmax's lse, call nbflash.torch.attention(...,
-      return_lse=True);
+    - alibi_slopes as FlashAttention's: (H,) or (B, H), the bias -slope·|i + Nk - Nq - j|
+      added to the scores;
+    - return_attn_probs=True (nbflash never forms P) raises nbflash.InputError; for the
+      softmax's lse, call nbflash.torch.attention(..., return_lse=True);
     - dropout: nbflash's mask, seeded from torch's default generator.
     """
-    if alibi_slopes is not None:
-        raise InputError("nbflash does not take alibi_slopes (ALiBi) yet (issue 17)")
     if return_attn_probs:
         raise InputError("return_attn_probs=True: nbflash never forms the attention "
                          "probabilities; nbflash.torch.attention(..., return_lse=True) returns "
                          "the softmax's lse")
     return _attention(q, k, v, "bnhd", causal, softmax_scale, deterministic=deterministic,
-                      dropout_p=dropout_p, softcap=softcap, window_size=window_size)[0]
+                      dropout_p=dropout_p, softcap=softcap, window_size=window_size,
+                      alibi_slopes=alibi_slopes)[0]
 
 
 __all__ = ["attention", "sdpa", "flash_attn_func", "mask_options", "attention_forward_op",

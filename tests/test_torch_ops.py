@@ -76,13 +76,15 @@ def _assert_as_torch(fn, q, k, v, do, **sdpa_kwargs):
 def test_opcheck_forward_and_backward():
     """torch.library.opcheck: schema, autograd registration, fake tensors against the real op
     (shapes, dtypes, strides), and AOT dispatch with dynamic shapes, for both layouts with
-    options (causal, key_lengths, dropout with a seed of 64 bits, deterministic dq)."""
+    options (causal, key_lengths, dropout with a seed of 64 bits, deterministic dq, softcap, a
+    window, ALiBi slopes)."""
     q, k, v = (_randn(1, 2, N, D, seed=i) for i in range(3))
     seed = torch.tensor(-5, dtype=torch.int64)      # the uint64 seed 2**64 - 5
     cases = [_forward_args(q, k, v, causal=True),
              _forward_args(*(x.transpose(1, 2).contiguous() for x in (q, k, v)),
                            key_lengths=torch.tensor([N - 3]), seed=seed, dropout_p=0.2,
-                           offset=3, deterministic=True, layout="bnhd")]
+                           offset=3, deterministic=True, layout="bnhd", softcap=2.0,
+                           window_size=[3, 1], alibi_slopes=torch.tensor([0.5, 0.25]))]
     for args in cases:
         torch.library.opcheck(nt.attention_forward_op, args)
     o, lse = nt.attention_forward_op(*cases[0])
@@ -282,7 +284,7 @@ def test_sdpa_refuses_top_left_causal_with_more_queries_and_bad_groups():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(window_size=(8, -2)), r"window_size must be a pair \(left, right\)"),
     (dict(softcap=-1.0), r"softcap must be 0 \(off\) or a positive"),
-    (dict(alibi_slopes=torch.ones(2)), r"ALiBi.*issue 17"),
+    (dict(alibi_slopes=torch.ones(3)), r"alibi_slopes has shape \(3,\); expected \(H,\)"),
     (dict(return_attn_probs=True), "return_lse=True"),
 ])
 def test_flash_attn_func_refuses(kwargs, match):
@@ -387,6 +389,22 @@ def test_flash_attn_func_window_is_the_apis():
         np.testing.assert_array_equal(_np(x.grad.transpose(1, 2)), _np(g))
     np.testing.assert_array_equal(_np(nt.attention(q, k, v, window_size=(2, 1))),
                                   _np(nbflash.attention(q, k, v, window_size=(2, 1))))
+
+
+def test_flash_attn_func_alibi_is_the_apis():
+    """flash_attn_func's alibi_slopes (H,) and (B, H) are nbflash's (bitwise), differentiable
+    (the slopes saved for the backward)."""
+    q, k, v = (_randn(2, 2, N, D, seed=s) for s in range(3))
+    for slopes in (torch.tensor([0.5, 0.25]), torch.tensor([[0.5, 0.25], [0.1, 1.0]])):
+        leaves = [x.transpose(1, 2).clone().requires_grad_(True) for x in (q, k, v)]
+        got = nt.flash_attn_func(*leaves, causal=True, alibi_slopes=slopes, deterministic=True)
+        got.sum().backward()
+        o, lse = nbflash.attention_forward(q, k, v, causal=True, alibi_slopes=slopes)
+        grads = nbflash.attention_backward(torch.ones_like(o), q, k, v, o, lse, causal=True,
+                                           alibi_slopes=slopes, deterministic=True)
+        np.testing.assert_array_equal(_np(got.transpose(1, 2)), _np(o))
+        for x, g in zip(leaves, grads):
+            np.testing.assert_array_equal(_np(x.grad.transpose(1, 2)), _np(g))
 
 
 def test_mask_options_find_a_sliding_window():

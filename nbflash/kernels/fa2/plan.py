@@ -163,11 +163,11 @@ def run_forward(xp, q, k, v, *, causal, scale, stream=0, tiles=None, masking=Non
     instead of the default (the tile sweeps and the tests use it); returns (o, lse). `masking`:
     the mask and dropout options as nbflash.inputs.Problem.masking gives them."""
     B, H, Nq, d = q.shape
-    lay, (key_lengths, block_mask, seed, offset) = options_layout(**(masking or {}))
+    lay, args = options_layout(causal=causal, **(masking or {}))
     p = plan_for(B, H, Nq, k.shape[2], d, str(q.dtype), bool(causal), float(scale),
                  tiles=(("forward", tiles),) if tiles else None, layout=lay,
                  kv_heads=k.shape[1])
-    return p.forward(xp, q, k, v, stream, key_lengths, block_mask, seed, offset)
+    return p.forward(xp, q, k, v, stream, *args)
 
 
 def run_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False, stream=0,
@@ -175,8 +175,8 @@ def run_backward(xp, do, q, k, v, o, lse, *, causal, scale, deterministic=False,
     """FA2 backward on contiguous, checked arrays; returns (dq, dk, dv). `tiles`: optional
     {"dkdv": RegTiles, "dq": RegTiles} instead of the defaults."""
     B, H, Nq, d = q.shape
-    lay, (key_lengths, block_mask, seed, offset) = options_layout(**(masking or {}))
+    lay, args = options_layout(causal=causal, **(masking or {}))
     p = plan_for(B, H, Nq, k.shape[2], d, str(q.dtype), bool(causal), float(scale),
                  bool(deterministic), tuple(sorted(tiles.items())) if tiles else None, lay,
                  k.shape[1])
-    return p.backward(xp, do, q, k, v, o, lse, stream, key_lengths, block_mask, seed, offset)
+    return p.backward(xp, do, q, k, v, o, lse, stream, *args)
