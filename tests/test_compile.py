@@ -72,8 +72,8 @@ else:
             t = fa2_tiles.tiles(kind, d, fa2_tiles.SIM_TILES)
             variants += [cc.Variant("fa2", kind, t, c, "float32") for c in (False, True)]
             variants.append(cc.Variant("fa2", kind, t, True, "float16", cc.ALL_OPTIONS))
-        t = fa2_tiles.tiles(kind, 40, fa2_tiles.SIM_TILES)
-        variants.append(cc.Variant("fa2", kind, t, False, "float32", CAP_WINDOW))
+            if d == 40:
+                variants.append(cc.Variant("fa2", kind, t, False, "float32", CAP_WINDOW))
     for kind in ("forward", "dkdv", "dq"):
         t = tc_tiles.tiles(kind, 32, tc_tiles.SIM_TILES)
         variants.append(cc.Variant("tc", kind, t, False, "float16", CAP_WINDOW))

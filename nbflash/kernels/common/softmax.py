@@ -167,6 +167,22 @@ alibi_slope = cuda.jit(device=True, inline=True)(alibi_slope)
 alibi_bias = cuda.jit(device=True, inline=True)(alibi_bias)
 
 
+def make_bias_scores(TM, TN, RG, L, SCALED):
+    """Device function: ALiBi's bias (:func:`alibi_bias`) added in place to a thread's
+    register tile of scores s[i·TN + u] (query row0 + RG·i, key col0 + L·u), scaled to base 2
+    first unless SCALED (the softcap's pass scaled them). fa2's forward runs it as a pass of its
+    own, as make_cap_scores: inside the row loops the bias kept them from unrolling (320-448
+    bytes of stack at sm_90)."""
+
+    def bias_scores(s, sc_hi, sc_lo, slope2, row0, col0, Nq, Nk):
+        for i in range(TM):
+            for u in range(TN):
+                x = s[i * TN + u] if SCALED else scaled(s[i * TN + u], sc_hi, sc_lo)
+                s[i * TN + u] = x + alibi_bias(slope2, row0 + RG * i, col0 + L * u, Nq, Nk)
+
+    return cuda.jit(device=True, inline=True)(bias_scores)
+
+
 def make_cap_scores(N):
     """Device function: the N raw scores s[0:N] softcapped in place (base 2, :func:`capped`;
     fa2's kernels run it as a pass of its own before the loops that use the scores: inside

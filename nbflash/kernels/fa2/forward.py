@@ -44,8 +44,8 @@ from ..common.masks import (ALL, band_cuts, bit_on, key_range, make_block_bits, 
 from ..common.options import Features
 from ..common.primitives import (commit_async, make_row_reduce, wait_async_all,
                                  wait_async_all_but_1)
-from ..common.softmax import (NAN, NEG_INF, ZERO, alibi_bias, alibi_slope, finish_row,
-                              make_cap_scores, new_max, scaled)
+from ..common.softmax import (NAN, NEG_INF, ZERO, alibi_slope, finish_row,
+                              make_bias_scores, make_cap_scores, new_max, scaled)
 from .regtile import (make_dot_cols, make_dot_rows, make_pair_loader, make_tile_loader,
                       thread_coords, tile_constants)
 
@@ -77,6 +77,8 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
     walk = make_tile_walk(R, C, True, SPARSE)   # the key tiles, empty ones skipped (Alg. 5)
     cap_scores = make_cap_scores(N_S)
+    bias_scores = make_bias_scores(TM, TN, RG, L, SOFTCAP)
+    SCALED = SOFTCAP or ALIBI      # the scores are in base 2 after those passes
 
     def fa2_forward(q, k, v, o, lse, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh, qsn, ksb,
                     ksh, ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, asb, msb, msh, nbk, bq,
@@ -142,6 +144,8 @@ def make_forward(t, causal, dtype="float32", features=Features()):
             qk(smem, Q_OFF + rg * DS, k_off + cg * DS, s)
             if SOFTCAP:   # softcap·tanh(τ s / softcap) in base 2 (make_cap_scores)
                 cap_scores(s, cap_in, cap_out)
+            if ALIBI:     # and ALiBi's bias after it (make_bias_scores)
+                bias_scores(s, sc_hi, sc_lo, slope2, row0 + rg, col0 + cg, Nq, Nk)
             # the mask is evaluated only where the block reaches past the key length, over the
             # diagonal, or over mask blocks that are off
             on = block_bits(all_on, bmask, mbase, nbk, bq, bk, row0, col0, rg, cg, Nq, klen)
@@ -151,9 +155,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                 row = row0 + rg + RG * i
                 m_blk = NEG_INF
                 for u in range(TN):
-                    sc = s[i * TN + u] if SOFTCAP else scaled(s[i * TN + u], sc_hi, sc_lo)
-                    if ALIBI:   # the bias after the softcap
-                        sc += alibi_bias(slope2, row, col0 + cg + L * u, Nq, Nk)
+                    sc = s[i * TN + u] if SCALED else scaled(s[i * TN + u], sc_hi, sc_lo)
                     if masked and not (visible(row, col0 + cg + L * u, Nq, Nk, klen, CAUSAL,
                                                WINDOW, left, right) and bit_on(on, i * TN + u)):
                         sc = NEG_INF
