@@ -139,3 +139,35 @@ def naive_bf16(q, k, v, do, causal, scale):
     dq = round_(f32(scale) * (ds @ k))
     dk = round_(f32(scale) * (ds.swapaxes(-1, -2) @ q))
     return {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+
+def assert_reference_is_autograd(torch, q, k, v, do, scores, **options):
+    """The float64 reference (nbflash.naive with `options`) against torch's autograd of the
+    formula: scores(tq, tk) -> S (torch, masked entries -inf), then softmax(S) v; o and lse to
+    1e-13, the gradients to 1e-12. Returns the reference's o."""
+    o, lse = naive.attention_forward(q, k, v, **options)
+    grads = naive.attention_backward(do, q, k, v, o, lse, **options)
+    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+    S = scores(tq, tk)
+    want = torch.softmax(S, -1) @ tv
+    want.backward(torch.tensor(do))
+    np.testing.assert_allclose(o, want.detach().numpy(), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(lse, torch.logsumexp(S, -1).detach().numpy(), rtol=0, atol=1e-13)
+    for got, x in zip(grads, (tq, tk, tv)):
+        np.testing.assert_allclose(got, x.grad.numpy(), rtol=0, atol=1e-12)
+    return o
+
+
+def check_option(impl, dtype, B, H, H_kv, Nq, Nk, d, causal, scale=None, data_seed=5,
+                 spread=1.0, what="", deterministic=False, **opts):
+    """An impl with the API options `opts` against the float64 reference under the tolerance
+    rule, the naive baseline in the test's dtype as the yardstick (inputs from
+    default_rng(data_seed), standard deviation `spread`); returns (got, ref)."""
+    rng = np.random.default_rng(data_seed)
+    q, do = (randn(rng, (B, H, Nq, d), dtype, spread) for _ in range(2))
+    k, v = (randn(rng, (B, H_kv, Nk, d), dtype, spread) for _ in range(2))
+    ref = reference(q, k, v, do, causal, scale, **reference_options(opts, B, H, Nq, Nk))
+    got = run(impl, q, k, v, do, causal, scale, deterministic, **opts)
+    base = run("naive", q, k, v, do, causal, scale, **opts)
+    assert_close(got, base, ref, dtype, f"{impl} {what}")
+    return got, ref

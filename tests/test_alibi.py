@@ -12,7 +12,7 @@ import pytest
 
 import nbflash
 from nbflash import MODE, naive
-from support import assert_close, randn, reference, reference_options, run
+from support import assert_reference_is_autograd, check_option
 
 runs_kernels = pytest.mark.skipif(MODE == "compile", reason="runs kernels")
 
@@ -32,35 +32,21 @@ def test_the_reference_is_the_formula_and_its_autograd():
     k, v = (rng.standard_normal((B, H, Nk, d)) * 2 for _ in range(2))
     slopes = rng.uniform(0.05, 1.0, (B, H))
     cap, tau = 4.0, 0.6
-    o, lse = naive.attention_forward(q, k, v, causal=True, softmax_scale=tau, softcap=cap,
-                                     alibi_slopes=slopes)
-    grads = naive.attention_backward(do, q, k, v, o, lse, causal=True, softmax_scale=tau,
-                                     softcap=cap, alibi_slopes=slopes)
-    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
-    S = cap * torch.tanh(tau * tq @ tk.transpose(-1, -2) / cap)
     i, j = torch.arange(Nq)[:, None], torch.arange(Nk)[None, :]
-    S = S - torch.tensor(slopes)[..., None, None] * (i + Nk - Nq - j).abs()
-    S = S.masked_fill(j > i + Nk - Nq, float("-inf"))
-    want = torch.softmax(S, -1) @ tv
-    want.backward(torch.tensor(do))
-    np.testing.assert_allclose(o, want.detach().numpy(), rtol=0, atol=1e-13)
-    np.testing.assert_allclose(lse, torch.logsumexp(S, -1).detach().numpy(), rtol=0, atol=1e-13)
-    for got, x in zip(grads, (tq, tk, tv)):
-        np.testing.assert_allclose(got, x.grad.numpy(), rtol=0, atol=1e-12)
+
+    def scores(tq, tk):
+        S = cap * torch.tanh(tau * tq @ tk.transpose(-1, -2) / cap)
+        S = S - torch.tensor(slopes)[..., None, None] * (i + Nk - Nq - j).abs()
+        return S.masked_fill(j > i + Nk - Nq, float("-inf"))
+    o = assert_reference_is_autograd(torch, q, k, v, do, scores, causal=True,
+                                     softmax_scale=tau, softcap=cap, alibi_slopes=slopes)
     plain = naive.attention_forward(q, k, v, causal=True, softmax_scale=tau, softcap=cap)[0]
     assert np.abs(plain - o).max() > 0.01      # the bias changes the result here
 
 
 def check(impl, dtype, B, H, H_kv, Nq, Nk, d, causal, slopes, scale=None, **opts):
-    rng = np.random.default_rng(7)
-    q, do = (randn(rng, (B, H, Nq, d), dtype) for _ in range(2))
-    k, v = (randn(rng, (B, H_kv, Nk, d), dtype) for _ in range(2))
-    opts = dict(opts, alibi_slopes=np.asarray(slopes, np.float32))
-    det = opts.pop("deterministic", False)
-    ref = reference(q, k, v, do, causal, scale, **reference_options(opts, B, H, Nq, Nk))
-    got = run(impl, q, k, v, do, causal, scale, det, **opts)
-    base = run("naive", q, k, v, do, causal, scale, **opts)
-    assert_close(got, base, ref, dtype, f"{impl} alibi")
+    got, _ = check_option(impl, dtype, B, H, H_kv, Nq, Nk, d, causal, scale, data_seed=7,
+                          what="alibi", alibi_slopes=np.asarray(slopes, np.float32), **opts)
     for name, x in got.items():
         assert not np.isnan(x).any(), f"NaN in {name}"
 

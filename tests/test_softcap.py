@@ -13,8 +13,7 @@ import pytest
 
 import nbflash
 from nbflash import MODE, naive
-from support import (assert_close, assert_masked_rows, randn, reference, reference_options,
-                     run)
+from support import assert_masked_rows, assert_reference_is_autograd, check_option
 
 runs_kernels = pytest.mark.skipif(MODE == "compile", reason="runs kernels")
 
@@ -25,31 +24,19 @@ def test_the_reference_is_the_formula_and_its_autograd():
     q, k, v, do = (rng.standard_normal(s) * 2 for s in ((1, 2, 9, 8), (1, 2, 13, 8),
                                                         (1, 2, 13, 8), (1, 2, 9, 8)))
     cap, tau = 3.0, 0.7
-    o, lse = naive.attention_forward(q, k, v, causal=True, softmax_scale=tau, softcap=cap)
-    grads = naive.attention_backward(do, q, k, v, o, lse, causal=True, softmax_scale=tau,
-                                     softcap=cap)
-    tq, tk, tv = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
-    S = cap * torch.tanh(tau * tq @ tk.transpose(-1, -2) / cap)
-    S = S.masked_fill(~torch.ones(9, 13, dtype=torch.bool).tril(13 - 9), float("-inf"))
-    want = torch.softmax(S, -1) @ tv
-    want.backward(torch.tensor(do))
-    np.testing.assert_allclose(o, want.detach().numpy(), rtol=0, atol=1e-13)
-    np.testing.assert_allclose(lse, torch.logsumexp(S, -1).detach().numpy(), rtol=0, atol=1e-13)
-    for got, x in zip(grads, (tq, tk, tv)):
-        np.testing.assert_allclose(got, x.grad.numpy(), rtol=0, atol=1e-12)
+
+    def scores(tq, tk):
+        S = cap * torch.tanh(tau * tq @ tk.transpose(-1, -2) / cap)
+        return S.masked_fill(~torch.ones(9, 13, dtype=torch.bool).tril(13 - 9), float("-inf"))
+    o = assert_reference_is_autograd(torch, q, k, v, do, scores, causal=True,
+                                     softmax_scale=tau, softcap=cap)
     plain = naive.attention_forward(q, k, v, causal=True, softmax_scale=tau)[0]
     assert np.abs(plain - o).max() > 0.01      # the cap changes the result here
 
 
 def check(impl, dtype, B, H, H_kv, Nq, Nk, d, causal, softcap, scale=None, **opts):
-    rng = np.random.default_rng(5)
-    q, do = (randn(rng, (B, H, Nq, d), dtype, 2.0) for _ in range(2))
-    k, v = (randn(rng, (B, H_kv, Nk, d), dtype, 2.0) for _ in range(2))
-    opts = dict(opts, softcap=softcap)
-    ref = reference(q, k, v, do, causal, scale, **reference_options(opts, B, H, Nq, Nk))
-    got = run(impl, q, k, v, do, causal, scale, **opts)
-    base = run("naive", q, k, v, do, causal, scale, **opts)
-    assert_close(got, base, ref, dtype, f"{impl} softcap={softcap}")
+    got, _ = check_option(impl, dtype, B, H, H_kv, Nq, Nk, d, causal, scale, spread=2.0,
+                          what=f"softcap={softcap}", softcap=softcap, **opts)
     assert_masked_rows(got, Nq, Nk, causal)
 
 

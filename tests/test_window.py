@@ -14,7 +14,7 @@ import pytest
 
 import nbflash
 from nbflash import MODE, naive
-from support import assert_close, randn, reference, reference_options, run
+from support import check_option, randn, reference, run
 
 runs_kernels = pytest.mark.skipif(MODE == "compile", reason="runs kernels")
 
@@ -54,15 +54,8 @@ def test_the_reference_window_is_a_block_mask_of_single_entries():
 
 
 def check(impl, dtype, B, H, H_kv, Nq, Nk, d, causal, window, scale=None, **opts):
-    rng = np.random.default_rng(5)
-    q, do = (randn(rng, (B, H, Nq, d), dtype) for _ in range(2))
-    k, v = (randn(rng, (B, H_kv, Nk, d), dtype) for _ in range(2))
-    opts = dict(opts, window_size=window)
-    det = opts.pop("deterministic", False)
-    ref = reference(q, k, v, do, causal, scale, **reference_options(opts, B, H, Nq, Nk))
-    got = run(impl, q, k, v, do, causal, scale, det, **opts)
-    base = run("naive", q, k, v, do, causal, scale, **opts)
-    assert_close(got, base, ref, dtype, f"{impl} window={window}")
+    got, ref = check_option(impl, dtype, B, H, H_kv, Nq, Nk, d, causal, scale,
+                            what=f"window={window}", window_size=window, **opts)
     assert_rows_without_keys(got, ref)
     return got, ref
 

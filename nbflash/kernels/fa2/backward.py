@@ -41,7 +41,7 @@ from .regtile import (kv_coords, make_dot_cols, make_dot_rows, make_pair_loader,
                       make_tile_loader, thread_coords, tile_constants)
 
 
-def make_p_and_ds(SOFTCAP, ALIBI=False):
+def make_p_and_ds(SOFTCAP, ALIBI):
     """Device function: P = 2^min(s' - lse log2(e), 0) (see the module docstring) and
     dS = P (dP - D); lse_lo = lse · LOG2E_LO. SOFTCAP: s is the softcapped score already
     (base 2, softmax.make_cap_scores), whose tanh is s · inv_co, and dS takes the derivative's

@@ -57,7 +57,7 @@ def make_convert(threads, bf16):
     return tc_convert
 
 
-def make_p_of(SOFTCAP, ALIBI=False):
+def make_p_of(SOFTCAP, ALIBI):
     """Device function: (P, tanh) of a raw score s, P = 2^min(s·sc - lse2, 0) with lse2 =
     lse·log2 e (the module docstring); SOFTCAP: of the softcapped score, with its tanh, whose
     1 - tanh² the caller multiplies dS by (0 without a softcap); ALIBI: the score plus ALiBi's

@@ -220,7 +220,7 @@ thread_coords = cuda.jit(device=True, inline=True)(thread_coords)
 kv_coords = cuda.jit(device=True, inline=True)(kv_coords)
 
 
-def make_fragment_mask(NT, TRANSPOSED, CAUSAL, SPARSE, WINDOW=False):
+def make_fragment_mask(NT, TRANSPOSED, CAUSAL, SPARSE, WINDOW):
     """Device function: a 64-bit word whose bit x says whether entry x of a warp's score
     fragments (rows r0 + g + 8h, columns c0 + 8·slice + 2t + e) is visible: inside the
     sequences, not hidden by the causal mask or the window (its bounds `left`, `right`), and
