@@ -1,8 +1,10 @@
 """The kernels' masking and dropout options, on the host side: what is compiled in, and the
 arguments that carry the rest (every family's kernels take them the same way).
 
-Six options change the kernels' code, so they are compile-time flags (:class:`Features`):
-dropout, key padding (key_lengths), a block mask, softcapping, a sliding window and ALiBi. The
+Seven options change the kernels' code, so they are compile-time flags (:class:`Features`):
+dropout, key padding (key_lengths), a block mask, softcapping, a sliding window, ALiBi and
+packed variable-length batches (varlen: the key_lengths argument then holds the batch's two
+cu_seqlens interleaved, nbflash.kernels.common.packed; the grids cover its longest sequence). The
 softcap's two float32 scalars come with the scales (:func:`softcap_scalars`); the others'
 arguments come last, in the same order (:meth:`Layout.scalars`): the key_lengths, block-mask
 and ALiBi-slope arrays (placeholders when unused), then the window's two bounds
@@ -29,6 +31,7 @@ class Features(NamedTuple):
     softcap: bool = False
     window: bool = False
     alibi: bool = False
+    varlen: bool = False
 
 
 #: a window side without a bound: further than any key is from any query (and small enough
@@ -65,6 +68,8 @@ class Layout:
     softcap: float = 0.0
     window: tuple = (UNBOUNDED, UNBOUNDED)
     alibi_shape: tuple = ()       # the slopes' shape, (H,) or (B, H); () without ALiBi
+    #: a packed batch's (sequences, max_seqlen_q, max_seqlen_k); () for a padded batch
+    packed: tuple = ()
 
     def window_size(self):
         """The window as nbflash.naive takes it, (left, right) with -1 unbounded (the causal
@@ -89,10 +94,11 @@ class Layout:
                 rng.threshold(p), 1.0 / (1.0 - p))
 
     def array_sizes(self, B):
-        """(items, itemsize) of the key_lengths (int32), block-mask (uint8) and ALiBi-slope
-        (float32) arguments."""
+        """(items, itemsize) of the key_lengths (int32; a packed batch's interleaved
+        cu_seqlens), block-mask (uint8) and ALiBi-slope (float32) arguments."""
         Bm, Hm, nbq, nbk = self.mask_shape
-        return ((B if self.features.padding else 1, 4),
+        lengths = 2 * B + 2 if self.features.varlen else B if self.features.padding else 1
+        return ((lengths, 4),
                 (Bm * Hm * nbq * nbk if self.features.sparse else 1, 1),
                 (math.prod(self.alibi_shape) if self.features.alibi else 1, 4))
 
@@ -101,19 +107,26 @@ NONE = Layout()
 
 
 def layout(dropout_p=0.0, seed=0, offset=0, key_lengths=None, block_mask=None,
-           block_size=None, softcap=0.0, window_size=(-1, -1), causal=False, alibi_slopes=None):
+           block_size=None, softcap=0.0, window_size=(-1, -1), causal=False, alibi_slopes=None,
+           packed=None):
     """(Layout, (key_lengths, block_mask, seed, offset, alibi_slopes)) of checked options (as
-    nbflash.inputs.Problem.masking gives them, and the causal flag); the arrays may be None."""
+    nbflash.inputs.Problem.masking gives them, and the causal flag); the arrays may be None.
+    packed: a packed batch's (cu_seqlens interleaved, (sequences, max_seqlen_q,
+    max_seqlen_k)), its cu_seqlens then in key_lengths' place (key_lengths None); or None."""
     window = window_bounds(window_size, causal)
-    features = Features(dropout_p > 0, key_lengths is not None, block_mask is not None,
-                        softcap > 0, window is not None, alibi_slopes is not None)
+    if packed is not None:
+        key_lengths, packed = packed
+    features = Features(dropout_p > 0, key_lengths is not None and packed is None,
+                        block_mask is not None, softcap > 0, window is not None,
+                        alibi_slopes is not None, packed is not None)
     if not any(features):
         return NONE, (None, None, 0, 0, None)
     lay = Layout(features, float(dropout_p),
                  tuple(block_mask.shape) if features.sparse else (1, 1, 1, 1),
                  tuple(block_size) if features.sparse else (1, 1), float(softcap),
                  window or (UNBOUNDED, UNBOUNDED),
-                 tuple(alibi_slopes.shape) if features.alibi else ())
+                 tuple(alibi_slopes.shape) if features.alibi else (),
+                 tuple(packed) if features.varlen else ())
     return lay, (key_lengths, block_mask, seed, offset, alibi_slopes)
 
 

@@ -33,6 +33,7 @@ from ..common.dropout import check_keep_tile, make_drop, make_keep_tile
 from ..common.masks import (ALL, band_cuts, bit_on, cursor_tile, key_range, make_block_bits,
                             make_group_walk, make_tile_walk, mask_base, query_range,
                             tile_status, visible)
+from ..common.packed import head_base, lse_base
 from ..common.options import Features
 from ..common.primitives import commit_async, wait_async_all, wait_async_all_but_1
 from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, alibi_bias, alibi_slope,
@@ -76,7 +77,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     TMQ = C // RG        # dQ rows per thread
     N_DQ = TMQ * TX
     CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
     p_and_ds, cap_scores = make_p_and_ds(SOFTCAP, ALIBI), make_cap_scores(N_S)
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
@@ -105,29 +106,31 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
     group_walk = make_group_walk(walk)           # ... of each query head of the group
 
-    def load_step(q, do, lse, delta, q_base, qsn, bh, row0, Nq, smem, off, tid):
-        """Q_i, dO_i (rows qsn apart), lse_i and D_i (see row_stats) to `off`."""
+    def load_step(q, do, lse, delta, q_base, qsn, lse_at, row0, Nq, smem, off, tid):
+        """Q_i, dO_i (rows qsn apart), lse_i and D_i (see row_stats; the head's row 0 at
+        lse_at) to `off`."""
         load_q(q, do, q_base, qsn, row0, Nq, smem, off, tid)
         for r in range(tid, C, T):
             row = row0 + r
-            lse_r, dlt = row_stats(lse, delta, bh * Nq + row, row < Nq)
+            lse_r, dlt = row_stats(lse, delta, lse_at + row, row < Nq)
             smem[off + LSE_IN + r] = lse_r
             smem[off + D_IN + r] = dlt
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
 
-    def load_cursor(q, do, lse, delta, c, n_steps, q_group, hk, G, qsh, qsn, Nq, smem, off,
-                    tid):
+    def load_cursor(q, do, lse, delta, c, n_steps, q_group, lse_group, NqA, qsh, qsn, Nq, smem,
+                    off, tid):
         """load_step for the tile of cursor c (nbflash.kernels.common.masks.cursor_tile);
-        q_group: where the group's first query head starts."""
+        q_group, lse_group: where the group's first query head starts, and its lse (a head's
+        lse NqA further on)."""
         g, i = cursor_tile(c, n_steps)
-        load_step(q, do, lse, delta, q_group + g * qsh, qsn, hk * G + g, i * C, Nq, smem, off,
-                  tid)
+        load_step(q, do, lse, delta, q_group + g * qsh, qsn, lse_group + g * NqA, i * C, Nq,
+                  smem, off, tid)
 
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
-    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, slopes, Nq, Nk, H, G,
-                 qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right,
+    def fa2_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, slopes, NqA, NkA, H,
+                 G, qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right,
                  asb, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R), H / G, B) over key/value heads, T threads, t.smem_bytes("dkdv",
         dropout) of dynamic shared memory. The block walks the query tiles of each of its G
@@ -139,10 +142,14 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         smem = cuda.shared.array(0, float32)
         inv_co = ONE / cap_out if SOFTCAP else ZERO    # a softcapped score's tanh: s / cap_out
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, b, hk, klen = kv_coords(L, Nk, key_lengths, PAD)
-        k_base = b * ksb + hk * ksh
-        q_group = b * qsb + hk * G * qsh      # the group's first query head
+        tid, rg, cg, b, hk, klen, q0, Nq, k0, Nk = kv_coords(L, NqA, NkA, key_lengths, PAD,
+                                                             VARLEN)
         key0 = cuda.blockIdx.x * R
+        if VARLEN and key0 >= Nk:    # past its sequence's keys (a packed batch)
+            return
+        k_base = head_base(b, hk, cuda.gridDim.y, ksb, ksh, ksn, k0, VARLEN)
+        q_group = head_base(b, hk * G, H, qsb, qsh, qsn, q0, VARLEN)   # the group's first
+        lse_group = lse_base(b, hk * G, H, NqA, q0, VARLEN)             # query head
 
         load_kv(k, v, k_base, ksn, key0, klen, smem, K_OFF, tid)
         dk_acc = cuda.local.array(N_ACC, float32)
@@ -168,8 +175,8 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         c, all_on = group_walk(first, first, last, n_steps, G, hk, b, H, msb, msh, key0, bmask,
                                nbk, bq, bk, Nq, klen)
         if STAGES == 2 and c < end:
-            load_cursor(q, do, lse, delta, c, n_steps, q_group, hk, G, qsh, qsn, Nq, smem, Q_OFF,
-                        tid)
+            load_cursor(q, do, lse, delta, c, n_steps, q_group, lse_group, NqA, qsh, qsn, Nq, smem,
+                        Q_OFF, tid)
             commit_async()
         step = 0
         while c < end:
@@ -184,15 +191,16 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
             if STAGES == 2:
                 off = Q_OFF + (step % 2) * STAGE
                 if c_next < end:
-                    load_cursor(q, do, lse, delta, c_next, n_steps, q_group, hk, G, qsh, qsn,
-                                Nq, smem, Q_OFF + ((step + 1) % 2) * STAGE, tid)
+                    load_cursor(q, do, lse, delta, c_next, n_steps, q_group, lse_group, NqA, qsh,
+                                qsn, Nq, smem, Q_OFF + ((step + 1) % 2) * STAGE, tid)
                     commit_async()
                     wait_async_all_but_1()
                 else:
                     wait_async_all()
             else:
                 off = Q_OFF
-                load_step(q, do, lse, delta, q_base, qsn, bh, row0, Nq, smem, off, tid)
+                load_step(q, do, lse, delta, q_base, qsn, lse_group + gq * NqA, row0, Nq, smem,
+                          off, tid)
             if DROP:   # the forward's keep bits, drawn again (Alg. 4 line 14)
                 fill_keep(bits, KEEP_OFF, row0, key0, bh, seed_lo, seed_hi, offset, thr, tid)
             do_off = off + DO_IN
@@ -272,7 +280,7 @@ def make_dq(t, causal, features=Features()):
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
     p_and_ds, cap_scores = make_p_and_ds(SOFTCAP, ALIBI), make_cap_scores(N_S)
     smem = t.smem_plan("dq", DROP)          # the regions' offsets, in float32 elements
     Q_OFF, DO_OFF, K_OFF, V_OFF, DS_OFF, LSE_OFF, D_OFF, KEEP_OFF = (smem.offset(n) for n in (
@@ -286,24 +294,26 @@ def make_dq(t, causal, features=Features()):
     check_keep_tile(DROP, C, t)
     block_bits = make_block_bits(TM, TN, RG, L, SPARSE)
 
-    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh, qsn,
-               ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, asb, msb, msh, nbk,
-               bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa2_dq(q, k, v, do, lse, delta, dq, key_lengths, bmask, slopes, NqA, NkA, H, G, qsb, qsh,
+               qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, asb, msb,
+               msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; query head h reads key/value head h // G; the
         options' arguments last (nbflash.kernels.common.options)."""
         smem = cuda.shared.array(0, float32)
         inv_co = ONE / cap_out if SOFTCAP else ZERO    # a softcapped score's tanh: s / cap_out
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
-            L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
+        tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq, Nk, lse_at = thread_coords(
+            L, H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh, ksn)
         row0 = cuda.blockIdx.x * R
+        if VARLEN and row0 >= Nq:    # past its sequence's queries (a packed batch)
+            return
         slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
 
         load_q(q, do, q_base, qsn, row0, Nq, smem, Q_OFF, tid)
         for r in range(tid, R, T):              # lse_i and D_i, see row_stats
             row = row0 + r
-            lse_r, dlt = row_stats(lse, delta, bh * Nq + row, row < Nq)
+            lse_r, dlt = row_stats(lse, delta, lse_at + row, row < Nq)
             smem[LSE_OFF + r] = lse_r
             smem[D_OFF + r] = dlt
         acc = cuda.local.array(N_ACC, float32)

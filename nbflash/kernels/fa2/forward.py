@@ -61,7 +61,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     N_S, N_ACC = TM * TN, TM * TX       # local array sizes (compile-time constants)
     PS = t.ps(C)
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     smem = t.smem_plan("forward", DROP)     # the regions' offsets, in float32 elements
@@ -80,21 +80,25 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     bias_scores = make_bias_scores(TM, TN, RG, L, SOFTCAP)
     SCALED = SOFTCAP or ALIBI      # the scores are in base 2 after those passes
 
-    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh, qsn, ksb,
-                    ksh, ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, asb, msb, msh, nbk, bq,
-                    bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def fa2_forward(q, k, v, o, lse, key_lengths, bmask, slopes, NqA, NkA, H, G, qsb, qsh, qsn,
+                    ksb, ksh, ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, asb, msb, msh, nbk,
+                    bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("forward",
         dropout) of dynamic shared memory. q, o: (B, H, Nq, d); k, v: (B, H / G, Nk, d) (query
         head h reads key/value head h // G), flat in the layouts of strides qsb, qsh, qsn and
-        ksb, ksh, ksn (nbflash.kernels.common.layouts); lse: flat (B, H, Nq) float32.
+        ksb, ksh, ksn (nbflash.kernels.common.layouts); lse: flat (B, H, Nq) float32. NqA, NkA:
+        the arrays' rows (Nq, Nk; a packed batch's total_q, total_k, its grid over
+        max_seqlen_q: nbflash.kernels.common.packed).
         sc_hi + sc_lo = τ log2(e) (:func:`split_scale`); cap_in, cap_out: the softcap's
         (options.softcap_scalars); then the options' arguments (nbflash.kernels.common.options:
         the window's bounds first)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base, klen, mbase = thread_coords(
-            L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
+        tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq, Nk, lse_at = thread_coords(
+            L, H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh, ksn)
         row0 = cuda.blockIdx.x * R
+        if VARLEN and row0 >= Nq:    # past its sequence's queries (a packed batch)
+            return
         slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
 
         load_q(q, q_base, qsn, row0, Nq, smem, Q_OFF, tid)          # Q_i, once
@@ -202,7 +206,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                             o[q_base + row * qsn + col] = ZERO if lse_row == NEG_INF \
                                 else acc[i * TX + 4 * u + e] / div
                 if cg == 0:
-                    lse[bh * Nq + row] = lse_row
+                    lse[lse_at + row] = lse_row
         if SPARSE and empty != 0:
             for i in range(TM):
                 row = row0 + rg + RG * i
@@ -215,6 +219,6 @@ def make_forward(t, causal, dtype="float32", features=Features()):
                             if col < D:
                                 o[q_base + row * qsn + col] = NAN
                     if cg == 0:
-                        lse[bh * Nq + row] = NAN
+                        lse[lse_at + row] = NAN
 
     return fa2_forward

@@ -87,14 +87,17 @@ class Fa2Plan(OptionArguments):
         io = 2 if dtype == "float16" else 4
         nq, nk, rows = B * H * Nq * d, B * H_kv * Nk * d, B * H * Nq
         Q, K, L = (nq, io), (nk, io), (rows, 4)     # (items, itemsize) of q-, k-, lse-shaped
-        opt = layout.array_sizes(B)
+        # the grids' batch entries and rows: a packed batch's sequences and longest ones
+        seqs, grid_q, grid_k = layout.packed or (B, Nq, Nk)
+        opt = layout.array_sizes(seqs)
         opt_scalars = layout.scalars()
         sc = split_scale(scale)
         cap = softcap_scalars(layout.softcap, scale)
         tiles = dict(tiles or ())
         t = tiles.get("forward") or default_tiles("forward", d)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
-                         (-(-Nq // t.R), G, B * H_kv), t.threads, t.smem_bytes("forward", drop),
+                         (-(-grid_q // t.R), G, seqs * H_kv), t.threads,
+                         t.smem_bytes("forward", drop),
                          (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *strides, *sc, *cap, *opt_scalars))
         self.atomic = not deterministic
         acc = (nq, 4) if self.atomic else (1, 4)
@@ -105,11 +108,11 @@ class Fa2Plan(OptionArguments):
         grads = (Nq, Nk, H, G, *strides, *sc, float(scale), *cap)
         t = tiles.get("dkdv") or default_tiles("dkdv", d)   # (a block per key/value head)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
-                          (-(-Nk // t.R), H_kv, B), t.threads, t.smem_bytes("dkdv", drop),
+                          (-(-grid_k // t.R), H_kv, seqs), t.threads, t.smem_bytes("dkdv", drop),
                           inputs + (acc, K, K, *opt), grads + opt_scalars)
         t = tiles.get("dq") or default_tiles("dq", d)
         self.dq = None if self.atomic else Bound(
-            kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.R), G, B * H_kv),
+            kernel(spec, "dq", t, causal, dtype, features), (-(-grid_q // t.R), G, seqs * H_kv),
             t.threads, t.smem_bytes("dq", drop), inputs + (Q, *opt), grads + opt_scalars)
 
     def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0,

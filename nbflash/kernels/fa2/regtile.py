@@ -14,9 +14,10 @@ For tm x tn register tiles each step loads tm + tn 16-byte vectors and does 4·t
 The loops have compile-time trip counts, so the accumulators and operands stay in registers.
 """
 
-from numba import float32, int64, uint32
+from numba import float32
 
 from ..._cuda import cuda
+from ..common.packed import head_base, key_coords, lse_base, query_coords
 from ..common.primitives import copy16_async, load4, store4
 from ..common.softmax import ZERO
 
@@ -29,32 +30,32 @@ def tile_constants(t):
             t.ds, max(t.dp, 4 * t.d4))
 
 
-def thread_coords(L, H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh):
-    """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase). Thread tid is lane cg
-    of row group rg of its block's register tiles. The grid (x, G, B·H_kv) is over query heads
-    grouped by key/value head: the block works on key/value head hk = b*H_kv + h // G (z),
-    whose k-shaped rows start at k_base, and on its query head bh = hk·G + y = b*H + h, whose
-    q-shaped rows start at q_base (the layouts' strides qsb, qsh and ksb, ksh:
-    nbflash.kernels.common.layouts; b = bh // H is one 32-bit division). klen: the key length
-    of batch entry b (key_lengths[b] with PAD, else Nk); mbase: the offset of the head's block
+def thread_coords(L, H, G, Nq, Nk, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh,
+                  ksn):
+    """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq_b, Nk_b, lse_at).
+    Thread tid is lane cg of row group rg of its block's register tiles. The grid (x, G, B·H_kv)
+    is over query heads grouped by key/value head (nbflash.kernels.common.packed.query_coords):
+    the block works on key/value head hk = b*H_kv + h // G (z), whose k-shaped rows start at
+    k_base, and on its query head bh = hk·G + y = b*H + h, whose q-shaped rows start at q_base
+    and its lse at lse_at (the layouts' strides: nbflash.kernels.common.layouts). Nq_b, Nk_b:
+    the rows of batch entry b (of sequence b of a packed batch, VARLEN); klen: the keys its
+    rows may see (key_lengths[b] with PAD, else Nk_b); mbase: the offset of the head's block
     mask (batch and head strides msb, msh)."""
     tid = cuda.threadIdx.x
-    hk = cuda.blockIdx.z
-    bh = hk * G + cuda.blockIdx.y
-    b = int64(uint32(bh) // uint32(H))
-    klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return (tid, tid // L, tid % L, bh, b * qsb + bh * qsh, b * ksb + hk * ksh, klen,
-            b * msb + (bh - b * H) * msh)
+    bh, b, hk, q0, nq, k0, nk, klen = query_coords(H, G, Nq, Nk, key_lengths, PAD, VARLEN)
+    return (tid, tid // L, tid % L, bh, head_base(b, bh, H, qsb, qsh, qsn, q0, VARLEN),
+            head_base(b, hk, H // G, ksb, ksh, ksn, k0, VARLEN), klen,
+            b * msb + (bh - b * H) * msh, nq, nk, lse_base(b, bh, H, Nq, q0, VARLEN))
 
 
-def kv_coords(L, Nk, key_lengths, PAD):
-    """Where a thread of a dK/dV block is: (tid, rg, cg, b, hk, klen). The grid is
-    (x, h_kv, b) over key/value heads: the block owns key/value head hk = b*H_kv + h_kv (its
-    query heads are hk·G .. hk·G + G - 1, as b*H + h); klen as in :func:`thread_coords`."""
+def kv_coords(L, Nq, Nk, key_lengths, PAD, VARLEN):
+    """Where a thread of a dK/dV block is: (tid, rg, cg, b, hk, klen, q0, Nq_b, k0, Nk_b). The
+    grid is (x, h_kv, b) over key/value heads: the block owns key/value head hk = b*H_kv + h_kv
+    (its query heads are hk·G .. hk·G + G - 1, as b*H + h); klen as in :func:`thread_coords`;
+    q0, k0: the first rows of sequence b (packed batches; else 0)."""
     tid = cuda.threadIdx.x
-    b = cuda.blockIdx.z
-    klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return tid, tid // L, tid % L, b, b * cuda.gridDim.y + cuda.blockIdx.y, klen
+    b, hk, q0, nq, k0, nk, klen = key_coords(Nq, Nk, key_lengths, PAD, VARLEN)
+    return tid, tid // L, tid % L, b, hk, klen, q0, nq, k0, nk
 
 
 thread_coords = cuda.jit(device=True, inline=True)(thread_coords)

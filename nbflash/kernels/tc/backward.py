@@ -35,6 +35,7 @@ from ..._cuda import SIMULATOR, cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import (band_cuts, cursor_tile, key_range, make_group_walk, make_tile_walk,
                             mask_base, query_range)
+from ..common.packed import head_base, lse_base
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, alibi_bias, alibi_slope, capped,
                               clamp_nonpositive, row_lse, row_stats, scaled)
@@ -86,7 +87,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     KD, NT, NVH = DP // 16, C // 8, DH // 8
     N_S, N_O = 4 * NT, 4 * NVH      # fragment array sizes (compile-time constants)
     CAUSAL, DQ = bool(causal), bool(dq)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
     p_of = make_p_of(SOFTCAP, ALIBI)
     shared = t.smem_plan("dkdv", DROP, DQ)   # offsets in 16-bit elements (keep bits: uint32)
     K_OFF, V_OFF, DS_OFF, Q_OFF = (shared.offset(n) for n in ("K", "V", "dSt", "steps"))
@@ -108,30 +109,30 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     walk = make_tile_walk(C, R, False, SPARSE)   # the query tiles, empty ones skipped (Alg. 5)
     group_walk = make_group_walk(walk)           # ... of each query head of the group
 
-    def load_step(q, do, lse, delta, q_base, qsn, bh, row0, Nq, smem, smemf, off, tid):
+    def load_step(q, do, lse, delta, q_base, qsn, lse_at, row0, Nq, smem, smemf, off, tid):
         """Q_i, dO_i by cp.async, lse_i and D_i (see row_stats) by plain loads."""
         load_rows(q, q_base, qsn, row0, Nq, smem, off, tid)
         load_rows(do, q_base, qsn, row0, Nq, smem, off + DO_IN, tid)
         f = (off + LSE_IN) // 2
         for r in range(tid, C, T):   # lse in base 2 (lse·log2 e, in two parts), and D
-            lse_r, dlt = row_stats(lse, delta, bh * Nq + row0 + r, row0 + r < Nq)
+            lse_r, dlt = row_stats(lse, delta, lse_at + row0 + r, row0 + r < Nq)
             smemf[f + r] = scaled(lse_r, LOG2E, LOG2E_LO)
             smemf[f + D_AT + r] = dlt
 
     load_step = cuda.jit(device=True, inline=True)(load_step)
 
-    def load_cursor(q, do, lse, delta, c, n_steps, b, hk, G, qsb, qsh, qsn, Nq, smem, smemf,
-                    off, tid):
+    def load_cursor(q, do, lse, delta, c, n_steps, b, hk, G, H, qsb, qsh, qsn, q0, NqA, Nq,
+                    smem, smemf, off, tid):
         """load_step for the tile of cursor c (nbflash.kernels.common.masks.cursor_tile)."""
         g, i = cursor_tile(c, n_steps)
         bh = hk * G + g
-        load_step(q, do, lse, delta, b * qsb + bh * qsh, qsn, bh, i * C, Nq, smem, smemf, off,
-                  tid)
+        load_step(q, do, lse, delta, head_base(b, bh, H, qsb, qsh, qsn, q0, VARLEN), qsn,
+                  lse_base(b, bh, H, NqA, q0, VARLEN), i * C, Nq, smem, smemf, off, tid)
 
     load_cursor = cuda.jit(device=True, inline=True)(load_cursor)
 
-    def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, slopes, Nq, Nk, H, G,
-                qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right,
+    def tc_dkdv(q, k, v, do, lse, delta, dq_acc, dk, dv, key_lengths, bmask, slopes, NqA, NkA, H,
+                G, qsb, qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right,
                 asb, msb, msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nk/R) dsplit, H / G, B) over key/value heads, T threads,
         t.smem_bytes("dkdv", dropout, dq) of dynamic shared memory; 16-bit arrays as uint16;
@@ -142,15 +143,18 @@ def make_dkdv(t, causal, bf16, features, dq=True):
         smem = cuda.shared.array(0, uint16)
         smemf = cuda.shared.array(0, float32)    # the same memory: lse_i, D_i
         bits = cuda.shared.array(0, uint32)      # and dropout's keep bits at KEEP_OFF
-        tid, warp, lane, b, hk, klen = kv_coords(Nk, key_lengths, PAD)
+        tid, warp, lane, b, hk, klen, q0, Nq, k0, Nk = kv_coords(NqA, NkA, key_lengths, PAD,
+                                                                 VARLEN)
         g, t4 = lane // 4, lane % 4
         mi = lane // 8
         key0 = (cuda.blockIdx.x // SPLIT) * R
         c0 = (cuda.blockIdx.x % SPLIT) * DH      # the first of this block's columns
         wkey0 = key0 + 16 * warp
+        if VARLEN and key0 >= Nk:    # past its sequence's keys (a packed batch)
+            return
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A, and ldmatrix.trans B
         b_lane = (lane % 8 + 8 * (mi // 2)) * DS + 8 * (mi % 2)    # B from rows (Qᵀ, dOᵀ)
-        k_base = b * ksb + hk * ksh
+        k_base = head_base(b, hk, cuda.gridDim.y, ksb, ksh, ksn, k0, VARLEN)
 
         load_kv(k, k_base, ksn, key0, klen, smem, K_OFF, tid)
         load_kv(v, k_base, ksn, key0, klen, smem, V_OFF, tid)
@@ -181,8 +185,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
                                     bmask, nbk, bq, bk, Nq, klen)
         for s_ in range(STAGES - 1):
             if il < end:
-                load_cursor(q, do, lse, delta, il, n_steps, b, hk, G, qsb, qsh, qsn, Nq, smem,
-                            smemf, Q_OFF + s_ * STAGE, tid)
+                load_cursor(q, do, lse, delta, il, n_steps, b, hk, G, H, qsb, qsh, qsn, q0, NqA,
+                            Nq, smem, smemf, Q_OFF + s_ * STAGE, tid)
                 il, _ = group_walk(il + 1, first, last, n_steps, G, hk, b, H, msb, msh, key0,
                                    bmask, nbk, bq, bk, Nq, klen)
             commit_async()
@@ -192,7 +196,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
             gq, i = cursor_tile(ic, n_steps)   # this step's query head and tile
             bh = hk * G + gq
             slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
-            q_base = b * qsb + bh * qsh
+            q_base = head_base(b, bh, H, qsb, qsh, qsn, q0, VARLEN)
             row0 = i * C
             wait_tile()
             cuda.syncthreads()   # step's Q_i, dO_i are in; the previous step is done with dSᵀ
@@ -200,8 +204,8 @@ def make_dkdv(t, causal, bf16, features, dq=True):
             off = Q_OFF + (step % STAGES) * STAGE
             nxt = Q_OFF + ((step + STAGES - 1) % STAGES) * STAGE
             if il < end:
-                load_cursor(q, do, lse, delta, il, n_steps, b, hk, G, qsb, qsh, qsn, Nq, smem,
-                            smemf, nxt, tid)
+                load_cursor(q, do, lse, delta, il, n_steps, b, hk, G, H, qsb, qsh, qsn, q0, NqA,
+                            Nq, smem, smemf, nxt, tid)
                 il, _ = group_walk(il + 1, first, last, n_steps, G, hk, b, H, msb, msh, key0,
                                    bmask, nbk, bq, bk, Nq, klen)
             commit_async()
@@ -323,7 +327,7 @@ def make_dq(t, causal, bf16, features):
     KD, NT, NV = DP // 16, C // 8, DP // 8
     N_Q, N_S, N_O = (4 * KD if QREGS else 4), 4 * NT, 4 * NV
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
     p_of = make_p_of(SOFTCAP, ALIBI)
     shared = t.smem_plan("dq", DROP)         # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, DO_OFF, KV_OFF = shared.offset("Q"), shared.offset("dO"), shared.offset("KV")
@@ -343,20 +347,22 @@ def make_dq(t, causal, bf16, features):
     start_kv, next_kv = make_kv_stream(C, D, DP, DS, T, STAGES, KV_OFF, STAGE, V_IN, walk)
     no_flip = uint32(0)
 
-    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh,
-              qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, asb, msb, msh,
-              nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
+    def tc_dq(q, k, v, do, o, lse, delta, dq, key_lengths, bmask, slopes, NqA, NkA, H, G, qsb,
+              qsh, qsn, ksb, ksh, ksn, sc_hi, sc_lo, scale, cap_in, cap_out, left, right, asb, msb,
+              msh, nbk, bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G) (thread_coords), T threads, t.smem_bytes("dq",
         dropout) of dynamic shared memory; 16-bit arrays as uint16 (k, v with H / G heads:
         query head h reads key/value head h // G); delta: written (D of every row, for the
         dK/dV pass)."""
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, warp, lane, bh, klen, mbase, q_base, k_base = thread_coords(
-            H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
+        tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq, Nk, lse_at = thread_coords(
+            H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh, ksn)
         g, t4 = lane // 4, lane % 4
         mi = lane // 8
         row0 = cuda.blockIdx.x * R
+        if VARLEN and row0 >= Nq:    # past its sequence's queries (a packed batch)
+            return
         wr = 16 * warp                           # this warp's first query row in the block
         slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
         a_lane = (lane % 8 + 8 * (mi % 2)) * DS + 8 * (mi // 2)    # A and ldmatrix.trans B
@@ -373,8 +379,8 @@ def make_dq(t, causal, bf16, features):
 
         # this lane's two rows (g, g + 8): lse in base 2 (in two parts)
         ra = row0 + wr + g
-        lse_a = scaled(row_lse(lse, bh * Nq + ra, ra < Nq), LOG2E, LOG2E_LO)
-        lse_b = scaled(row_lse(lse, bh * Nq + ra + 8, ra + 8 < Nq), LOG2E, LOG2E_LO)
+        lse_a = scaled(row_lse(lse, lse_at + ra, ra < Nq), LOG2E, LOG2E_LO)
+        lse_b = scaled(row_lse(lse, lse_at + ra + 8, ra + 8 < Nq), LOG2E, LOG2E_LO)
         wait_q()
         cuda.syncthreads()
         # and D = rowsum(dO ∘ O) (FA2 Algorithm 2, line 4), here rather than in a kernel of its
@@ -399,9 +405,9 @@ def make_dq(t, causal, bf16, features):
         d_b = row_sum(pb, tid)
         if t4 == 0:
             if ra < Nq:
-                delta[bh * Nq + ra] = d_a
+                delta[lse_at + ra] = d_a
             if ra + 8 < Nq:
-                delta[bh * Nq + ra + 8] = d_b
+                delta[lse_at + ra + 8] = d_b
         qf = cuda.local.array(N_Q, uint32)    # Q_i's and dO_i's A fragments
         df = cuda.local.array(N_Q, uint32)
         if QREGS:

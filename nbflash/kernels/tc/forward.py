@@ -58,7 +58,7 @@ def make_forward(t, causal, bf16, features):
     N_Q, N_S, N_O, N_R, N_P = RM * QF, RM * SF, RM * OF, 2 * RM, 4 * RM
     N_QF = N_Q if QREGS else 4 * RM    # Q_i's fragments held: all, or one 16-dim step's
     CAUSAL = bool(causal)
-    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI = features
+    DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
     shared = t.smem_plan("forward", DROP)    # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, K_OFF, KEEP_OFF = shared.offset("Q"), shared.offset("KV"), shared.offset("keep", 4)
     STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
@@ -159,7 +159,7 @@ def make_forward(t, causal, bf16, features):
             acc[mt * OF + 4 * vt + 2] *= alpha1
             acc[mt * OF + 4 * vt + 3] *= alpha1
 
-    def finish_mtile(o, lse, m, l, acc, mt, q_base, qsn, bh, r0, Nq, Nk, klen, bmask, mbase,
+    def finish_mtile(o, lse, m, l, acc, mt, q_base, qsn, lse_at, r0, Nq, Nk, klen, bmask, mbase,
                      nbk, bq, bk, lane, tid, left, right):
         """O = diag(ℓ)^-1 O and lse = m + log ℓ of m-tile mt (rows r0 + g, r0 + g + 8); rows
         that see no key get 0 and -inf, non-finite scores NaN (finish_row)."""
@@ -174,30 +174,34 @@ def make_forward(t, causal, bf16, features):
             bk))
         store_rows(o, q_base, qsn, r0, Nq, acc, mt * OF, 0, float32(1.0), d0, d1, lse0 == NEG_INF,
                    lse1 == NEG_INF, lane)
-        store_lse_rows(lse, bh * Nq, row, Nq, lse0, lse1, lane)
+        store_lse_rows(lse, lse_at, row, Nq, lse0, lse1, lane)
 
     softmax_row = cuda.jit(device=True, inline=True)(softmax_row)
     softmax_mtile = cuda.jit(device=True, inline=True)(softmax_mtile)
     finish_mtile = cuda.jit(device=True, inline=True)(finish_mtile)
     assert RM in (1, 2), RM
 
-    def tc_forward(q, k, v, o, lse, key_lengths, bmask, slopes, Nq, Nk, H, G, qsb, qsh, qsn, ksb,
-                   ksh, ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, asb, msb, msh, nbk, bq, bk,
-                   seed_lo, seed_hi, offset, thr, drop_scale):
+    def tc_forward(q, k, v, o, lse, key_lengths, bmask, slopes, NqA, NkA, H, G, qsb, qsh, qsn,
+                   ksb, ksh, ksn, sc_hi, sc_lo, cap_in, cap_out, left, right, asb, msb, msh, nbk,
+                   bq, bk, seed_lo, seed_hi, offset, thr, drop_scale):
         """Grid (ceil(Nq/R), G, B·H / G), T threads, t.smem_bytes("forward", dropout) of dynamic
         shared memory; q, k, v, o: 16-bit bits (uint16), (B, H, N, d) flat in the layouts of
         strides qsb, qsh, qsn and ksb, ksh, ksn (nbflash.kernels.common.layouts), k and v with
         H / G heads (query head h reads key/value head h // G; thread_coords); lse: float32.
+        NqA, NkA: the arrays' rows (Nq, Nk; a packed batch's total_q, total_k, its grid over
+        max_seqlen_q: nbflash.kernels.common.packed).
         sc_hi = τ log2(e) rounded to float32; sc_lo is not used (fa2's argument layout);
         cap_in, cap_out: the softcap's (options.softcap_scalars; τ's sign is Q's flip)."""
         sc, ci = abs(sc_hi), abs(cap_in)
         flip = uint32(0x80008000) if sc_hi < ZERO else uint32(0)   # -Q for τ < 0 (sign bits)
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, warp, lane, bh, klen, mbase, q_base, k_base = thread_coords(
-            H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh)
+        tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq, Nk, lse_at = thread_coords(
+            H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh, ksn)
         g, t4 = lane // 4, lane % 4
         row0 = cuda.blockIdx.x * R
+        if VARLEN and row0 >= Nq:    # past its sequence's queries (a packed batch)
+            return
         slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)
         wr = 16 * RM * warp                    # this warp's first query row in the block
 
@@ -292,10 +296,10 @@ def make_forward(t, causal, bf16, features):
             step += 1
 
         # O_i = diag(ℓ)^-1 O_i, written once; lse = m + log ℓ (natural log)
-        finish_mtile(o, lse, m, l, acc, 0, q_base, qsn, bh, row0 + wr, Nq, Nk, klen, bmask, mbase,
-                     nbk, bq, bk, lane, tid, left, right)
+        finish_mtile(o, lse, m, l, acc, 0, q_base, qsn, lse_at, row0 + wr, Nq, Nk, klen, bmask,
+                     mbase, nbk, bq, bk, lane, tid, left, right)
         if RM == 2:
-            finish_mtile(o, lse, m, l, acc, 1, q_base, qsn, bh, row0 + wr + 16, Nq, Nk, klen, bmask,
-                         mbase, nbk, bq, bk, lane, tid, left, right)
+            finish_mtile(o, lse, m, l, acc, 1, q_base, qsn, lse_at, row0 + wr + 16, Nq, Nk, klen,
+                         bmask, mbase, nbk, bq, bk, lane, tid, left, right)
 
     return tc_forward

@@ -10,10 +10,11 @@ through pipeline stages by :func:`make_kv_stream`), fragments out to global memo
 warp's fragments (:func:`make_fragment_mask`).
 """
 
-from numba import float32, int64, uint32, uint64
+from numba import float32, uint64
 
 from ..._cuda import cuda
 from ..common.masks import block_on, visible
+from ..common.packed import head_base, key_coords, lse_base, query_coords
 from ..common.primitives import commit_async, copy16_async, make_wait_async
 from ..common.warp import split16
 
@@ -192,28 +193,29 @@ def make_mma2(mma):
     return cuda.jit(device=True, inline=True)(mma2)
 
 
-def thread_coords(H, G, Nk, key_lengths, msb, msh, PAD, qsb, qsh, ksb, ksh):
-    """(tid, warp, lane, bh, klen, mbase, q_base, k_base) of the calling thread of the forward
-    or the dQ pass, whose grid (x, G, B·H_kv) is over query heads grouped by key/value head (as
-    fa2's thread_coords): query head bh = b*H + h, key/value head hk = b*H_kv + h // G; q_base
-    and k_base: where their row 0 is (the layouts' strides qsb, qsh and ksb, ksh)."""
+def thread_coords(H, G, Nq, Nk, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh,
+                  ksn):
+    """(tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq_b, Nk_b, lse_at) of the calling
+    thread of the forward or the dQ pass, whose grid (x, G, B·H_kv) is over query heads grouped
+    by key/value head (nbflash.kernels.common.packed.query_coords): query head bh = b*H + h,
+    key/value head hk = b*H_kv + h // G; q_base and k_base: where their row 0 is (the layouts'
+    strides), lse_at: where their row 0's lse is; Nq_b, Nk_b: the rows of batch entry b (of
+    sequence b of a packed batch, VARLEN)."""
     tid = cuda.threadIdx.x
-    hk = cuda.blockIdx.z
-    bh = hk * G + cuda.blockIdx.y
-    b = int64(uint32(bh) // uint32(H))
-    klen = min(Nk, key_lengths[b]) if PAD else Nk
+    bh, b, hk, q0, nq, k0, nk, klen = query_coords(H, G, Nq, Nk, key_lengths, PAD, VARLEN)
     return (tid, tid // 32, tid % 32, bh, klen, b * msb + (bh - b * H) * msh,
-            b * qsb + bh * qsh, b * ksb + hk * ksh)
+            head_base(b, bh, H, qsb, qsh, qsn, q0, VARLEN),
+            head_base(b, hk, H // G, ksb, ksh, ksn, k0, VARLEN), nq, nk,
+            lse_base(b, bh, H, Nq, q0, VARLEN))
 
 
-def kv_coords(Nk, key_lengths, PAD):
-    """(tid, warp, lane, b, hk, klen) of a thread of a dK/dV block, whose grid (x, h_kv, b) is
-    over key/value heads: hk = b*H_kv + h_kv (its query heads are hk·G .. hk·G + G - 1, as
-    b*H + h)."""
+def kv_coords(Nq, Nk, key_lengths, PAD, VARLEN):
+    """(tid, warp, lane, b, hk, klen, q0, Nq_b, k0, Nk_b) of a thread of a dK/dV block, whose
+    grid (x, h_kv, b) is over key/value heads: hk = b*H_kv + h_kv (its query heads are hk·G ..
+    hk·G + G - 1, as b*H + h); q0, k0: the first rows of sequence b (packed batches; else 0)."""
     tid = cuda.threadIdx.x
-    b = cuda.blockIdx.z
-    klen = min(Nk, key_lengths[b]) if PAD else Nk
-    return tid, tid // 32, tid % 32, b, b * cuda.gridDim.y + cuda.blockIdx.y, klen
+    b, hk, q0, nq, k0, nk, klen = key_coords(Nq, Nk, key_lengths, PAD, VARLEN)
+    return tid, tid // 32, tid % 32, b, hk, klen, q0, nq, k0, nk
 
 
 thread_coords = cuda.jit(device=True, inline=True)(thread_coords)

@@ -153,13 +153,15 @@ class TcPlan(OptionArguments):
         nq, nk, rows = B * H * Nq * kd, B * H_kv * Nk * kd, B * H * Nq
         Q, K, L = (nq, 2), (nk, 2), (rows, 4)
         ACC = (nq, 4) if self.atomic else (1, 4)
-        opt, opt_scalars = layout.array_sizes(B), layout.scalars()
+        # the grids' batch entries and rows: a packed batch's sequences and longest ones
+        seqs, grid_q, grid_k = layout.packed or (B, Nq, Nk)
+        opt, opt_scalars = layout.array_sizes(seqs), layout.scalars()
         sc = split_scale(scale)
         cap = softcap_scalars(layout.softcap, scale)
         tiles = dict(tiles or ())
         t = tiles.get("forward") or default_tiles("forward", kd)
         self.fwd = Bound(kernel(spec, "forward", t, causal, dtype, features),
-                         (-(-Nq // t.rows), G, B * H_kv), t.threads,
+                         (-(-grid_q // t.rows), G, seqs * H_kv), t.threads,
                          t.smem_bytes("forward", drop),
                          (Q, K, K, Q, L, *opt), (Nq, Nk, H, G, *strides, *sc, *cap, *opt_scalars))
         self.delta = Bound(kernel(spec, "delta", None, False, dtype),
@@ -168,7 +170,7 @@ class TcPlan(OptionArguments):
         grads = (Nq, Nk, H, G, *strides, *sc, float(scale), *cap, *opt_scalars)
         t = tiles.get("dkdv") or default_tiles("dkdv", kd)   # (a block per key/value head)
         self.dkdv = Bound(kernel(spec, "dkdv", t, causal, dtype, features, self.atomic),
-                          (-(-Nk // t.rows) * t.dsplit, H_kv, B), t.threads,
+                          (-(-grid_k // t.rows) * t.dsplit, H_kv, seqs), t.threads,
                           t.smem_bytes("dkdv", drop, self.atomic),
                           (Q, K, K, Q, L, L, ACC, K, K, *opt), grads)
         self.convert = Bound(kernel(spec, "convert", None, False, dtype),
@@ -176,7 +178,7 @@ class TcPlan(OptionArguments):
                              (ACC, Q), (nq // 2,)) if self.atomic else None
         t = tiles.get("dq") or default_tiles("dq", kd)
         self.dq = None if self.atomic else Bound(
-            kernel(spec, "dq", t, causal, dtype, features), (-(-Nq // t.rows), G, B * H_kv),
+            kernel(spec, "dq", t, causal, dtype, features), (-(-grid_q // t.rows), G, seqs * H_kv),
             t.threads, t.smem_bytes("dq", drop), (Q, K, K, Q, Q, L, L, Q, *opt), grads)
 
     def forward(self, xp, q, k, v, stream, key_lengths=None, block_mask=None, seed=0, offset=0,
