@@ -293,3 +293,83 @@ def dropout_mask(B, H, Nq, Nk, dropout_p, seed, offset=0):
         import numpy as xp  # noqa: PLC0415
         stream = 0
     return _dropout_mask(xp, B, H, Nq, Nk, p, seed, offset, stream)
+
+
+def _no_rows(prob, q, v, pass_arrays=None):
+    """The results of a packed batch without a query or without a key (total_q or total_k 0;
+    no kernel runs): o = 0, lse = -inf; or for the backward (pass_arrays: q, k, v) zeros."""
+    xp = prob.xp
+    if pass_arrays is not None:
+        return tuple(xp.zeros(x.shape, x.dtype) for x in pass_arrays)
+    return (xp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype),
+            xp.full(q.shape[:-1], -float("inf"), xp.float32))
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
+                             max_seqlen_k=None, *, causal=False, softmax_scale=None,
+                             impl="auto", dropout_p=0.0, seed=None, offset=0, softcap=0.0,
+                             window_size=(-1, -1), alibi_slopes=None):
+    """Attention forward over a packed batch of variable-length sequences (FlashAttention's
+    flash_attn_varlen_func): returns (o, lse).
+
+    q: (total_q, H, d); k, v: (total_k, H_kv, d) (H_kv dividing H, as in
+    :func:`attention_forward`); sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1
+    of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1] - 1 of k and v. cu_seqlens_q and
+    cu_seqlens_k: integers of shape (B + 1,), 0 first, nondecreasing, ending at total_q and
+    total_k (a sequence of length 0 is allowed; FlashAttention's int32 cu_seqlens, on the
+    device or the host). max_seqlen_q, max_seqlen_k: the longest sequences' lengths, or larger
+    (the grids cover that many rows, so a fixed bound keeps one launch plan across batches);
+    None: read from cu_seqlens. o: (total_q, H, d) in q's dtype; lse: float32 (H, total_q).
+
+    Each sequence attends to its own keys only, as a batch entry of
+    :func:`attention_forward` would: the causal mask and the window bottom-right aligned to
+    its lengths, ALiBi's slopes (H,) or (B, H) (row b for sequence b), dropout's mask that of
+    batch entry b of a batch of B sequences. No work is spent on padding: the kernels' grids
+    cover the longest sequence, and the blocks past a shorter one's end return at once.
+    naive, fa2 and tc take it (impl="auto": tc for 16-bit inputs, fa2 for float32); fa1
+    refuses. Checking cu_seqlens reads them back to the host once per call.
+    """
+    masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, softcap=softcap,
+                   window_size=window_size, alibi_slopes=alibi_slopes)
+    prob, (q, k, v) = inputs.check_varlen_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+        softmax_scale=softmax_scale, impl=impl, **masking)
+    with prob.stream_context():
+        if prob.Nq == 0 or prob.Nk == 0:
+            out = _no_rows(prob, q, v)
+        else:
+            plan, args = _plan_call(prob)
+            out = plan.forward(prob.xp, q, k, v, prob.stream, *args)
+    o, lse = prob.outputs(out)
+    return inputs.unbatch_view(o), lse[0]
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                     **options):
+    """The output o of :func:`attention_varlen_forward` (same arguments)."""
+    return attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, **options)[0]
+
+
+def attention_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q=None, max_seqlen_k=None, *, causal=False,
+                              softmax_scale=None, impl="auto", deterministic=False,
+                              dropout_p=0.0, seed=None, offset=0, softcap=0.0,
+                              window_size=(-1, -1), alibi_slopes=None):
+    """The backward of :func:`attention_varlen_forward`: (dq, dk, dv) of q's and k's shapes
+    for upstream gradient do (total_q, H, d), o and lse (H, total_q) as the forward returned
+    them with the same options (:func:`attention_backward` says the rest; deterministic too).
+    Keys of a sequence without queries, and rows without keys, get zero gradients."""
+    masking = dict(dropout_p=dropout_p, seed=seed, offset=offset, softcap=softcap,
+                   window_size=window_size, alibi_slopes=alibi_slopes)
+    prob, arrays = inputs.check_varlen_backward(
+        do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal=causal, softmax_scale=softmax_scale, impl=impl, deterministic=deterministic,
+        **masking)
+    with prob.stream_context():
+        if prob.Nq == 0 or prob.Nk == 0:
+            out = _no_rows(prob, None, None, arrays[1:4])
+        else:
+            plan, args = _plan_call(prob, deterministic)
+            out = plan.backward(prob.xp, *arrays, prob.stream, *args)
+    return tuple(inputs.unbatch_view(x) for x in prob.outputs(out))

@@ -31,8 +31,14 @@ What the attention function does with what transformers passes:
 - sliding_window W (Mistral, Gemma 2 and 3, Qwen's sliding layers) is nbflash's window_size
   (W - 1, W - 1), as transformers passes it to FlashAttention (with the causal mask: each query
   sees itself and the W - 1 keys before it, transformers' sliding-window mask);
-- attention sinks (s_aux) and packed-sequence lengths (cu_seq_lens_*) are refused (issue 17);
-  attention weights are never returned (None, as SDPA's).
+- packed sequences (padding-free batches: transformers' cu_seq_lens_q, cu_seq_lens_k and
+  max_length_q, max_length_k, as DataCollatorWithFlattening's batches bring them) run as
+  nbflash.torch.attention_varlen over the batch of one that holds them, each sequence
+  attending to itself alone (causal per sequence); a mask beside them is ignored, as the
+  lengths say what it would (transformers builds the block-diagonal mask of the same
+  sequences);
+- attention sinks (s_aux) are refused; attention weights are never returned (None, as
+  SDPA's).
 
 transformers hands the projections over as (B, H, N, d) views of (B, N, H, d) tensors: they go
 to the op as they are, the fa2 and tc kernels read them in place
@@ -53,9 +59,7 @@ _LAST_MASK = []
 _MASKS_KEPT = 4
 
 #: keyword arguments of transformers' attention calls that ask for what nbflash lacks
-_REFUSED = {"s_aux": "attention sinks", "sinks": "attention sinks",
-            "cu_seq_lens_q": "packed variable-length sequences",
-            "cu_seq_lens_k": "packed variable-length sequences"}
+_REFUSED = {"s_aux": "attention sinks", "sinks": "attention sinks"}
 
 
 def register(name="nbattn", impl="auto", deterministic=False):
@@ -89,7 +93,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     (B, H_kv, Nk, d) in, (attention output (B, Nq, H, d), None) out."""
     refused = sorted({what for arg, what in _REFUSED.items() if kwargs.get(arg) is not None})
     if refused:
-        raise InputError(f"nbflash does not take {', '.join(refused)} yet (issue 17)")
+        raise InputError(f"nbflash does not take {', '.join(refused)}")
     B, Nq = query.shape[0], query.shape[2]
     Nk = key.shape[2]
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
@@ -100,6 +104,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         if not isinstance(sliding, int) or isinstance(sliding, bool) or sliding < 1:
             raise InputError(f"sliding_window must be a positive integer; got {sliding!r}")
         window = (sliding - 1, sliding - 1)
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        return _packed(query, key, value, causal, scaling, impl, deterministic, dropout,
+                       window, kwargs), None
     if attention_mask is not None:
         causal, key_lengths = _mask_options(attention_mask, B, Nq, Nk, window)
     # (B, H, N, d) views of (B, N, H, d) projections, read in place: o comes back in q's
@@ -108,6 +115,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                               dropout_p=dropout, key_lengths=key_lengths,
                               softcap=kwargs.get("softcap") or 0.0, window_size=window)
     return o.transpose(1, 2), None
+
+
+def _packed(query, key, value, causal, scaling, impl, deterministic, dropout, window, kwargs):
+    """The attention output (1, total_q, H, d) of a padding-free batch: the (1, H, total, d)
+    projections as the packed (total, H, d) tensors of nbflash.torch.attention_varlen."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None:
+        raise InputError("cu_seq_lens_q and cu_seq_lens_k come together (a packed batch's "
+                         "query and key offsets); got one of them")
+    if query.shape[0] != 1:
+        raise InputError(f"packed sequences (cu_seq_lens_*) come as a batch of one holding "
+                         f"them all; got batch {query.shape[0]}")
+    lengths = [kwargs.get(n) for n in ("max_length_q", "max_length_k")]
+    lengths = [None if n is None else int(n) for n in lengths]   # (a 0-d tensor, or an int)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))   # (total, H, d) views
+    o = nbtorch.attention_varlen(q, k, v, cu_q, cu_k, *lengths, causal=causal,
+                                 softmax_scale=scaling, impl=impl, deterministic=deterministic,
+                                 dropout_p=dropout, softcap=kwargs.get("softcap") or 0.0,
+                                 window_size=window)
+    return o[None]
 
 
 def _mask_options(mask, B, Nq, Nk, window):

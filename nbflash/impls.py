@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from . import naive
 from .errors import InputError
+from .kernels.common.layouts import BHND, empty
 from .kernels.fa1 import plan as fa1_plan, tiles as fa1_tiles
 from .kernels.fa2 import plan as fa2_plan, tiles as fa2_tiles
 from .kernels.tc import plan as tc_plan, tiles as tc_tiles
@@ -69,6 +70,10 @@ class Impl:
     window: bool = False
     #: takes ALiBi's per-head slopes (alibi_slopes)
     alibi: bool = False
+    #: takes packed variable-length batches (nbflash.attention_varlen*)
+    varlen: bool = False
+    #: takes v with a head dim of its own (d_v != d; the kernels' impls through ValuePadding)
+    value_dim: bool = False
     #: fast enough for the FlashAttention-2 grid at 16k tokens (fa1, as written, is not: it
     #: would take minutes per point there)
     at_scale: bool = True
@@ -103,15 +108,71 @@ class NaivePlan:
                     softcap=lay.softcap, window_size=lay.window_size(),
                     alibi_slopes=alibi_slopes)
 
+    def _varlen(self, key_lengths, seed, offset, alibi_slopes):
+        """A packed batch's cu_seqlens (key_lengths holds them interleaved:
+        nbflash.kernels.common.packed) and options, as nbflash.naive's varlen functions take
+        them."""
+        opts = self._masking(None, None, seed, offset, alibi_slopes)
+        for name in ("key_lengths", "block_mask", "block_size"):
+            del opts[name]
+        return (key_lengths[0::2], key_lengths[1::2]), opts
+
     def forward(self, xp, q, k, v, stream=0, key_lengths=None, block_mask=None, seed=0,
                 offset=0, alibi_slopes=None):
+        if self.layout.features.varlen:     # (1, H, total, d) views of the packed arrays
+            cu, opts = self._varlen(key_lengths, seed, offset, alibi_slopes)
+            o, lse = naive.attention_varlen_forward(*(x[0].swapaxes(0, 1) for x in (q, k, v)),
+                                                    *cu, **opts)
+            return o[None].swapaxes(1, 2), lse[None]
         return naive.attention_forward(q, k, v, **self._masking(key_lengths, block_mask, seed,
                                                                  offset, alibi_slopes))
 
     def backward(self, xp, do, q, k, v, o, lse, stream=0, key_lengths=None, block_mask=None,
                  seed=0, offset=0, alibi_slopes=None):
+        if self.layout.features.varlen:
+            cu, opts = self._varlen(key_lengths, seed, offset, alibi_slopes)
+            grads = naive.attention_varlen_backward(
+                *(x[0].swapaxes(0, 1) for x in (do, q, k, v, o)), lse[0], *cu, **opts)
+            return tuple(g[None].swapaxes(1, 2) for g in grads)
         return naive.attention_backward(do, q, k, v, o, lse, **self._masking(
             key_lengths, block_mask, seed, offset, alibi_slopes))
+
+
+class ValuePadding:
+    """A kernel plan at head dim D = max(d, d_v) behind a call whose v has a head dim d_v of
+    its own (e.g. 192 / 128): q and k (d columns) and v (d_v) are copied with zero columns up
+    to D, contiguous, so that q·kᵀ and P V are unchanged and the padded columns of o, dq, dk
+    and dv are zeros, which are cut (FlashAttention's Python layer pads head dims the same
+    way). The price is the narrower side's padded columns, read and multiplied: for 192 / 128,
+    V's and O's 64 more columns. Outputs come back in the call's layouts."""
+
+    def __init__(self, plan, d, d_v, layouts):
+        self.plan, self.d, self.d_v, self.layouts = plan, d, d_v, layouts
+        self.D = max(d, d_v)
+
+    def _pad(self, xp, x):
+        out = xp.zeros(tuple(x.shape[:-1]) + (self.D,), x.dtype)
+        out[..., :x.shape[-1]] = x
+        return out
+
+    def _cut(self, xp, x, n, layout):
+        if x.ndim != 4:
+            return x
+        out = empty(xp, layout, tuple(x.shape[:-1]) + (n,), x.dtype)
+        out[...] = x[..., :n]
+        return out
+
+    def forward(self, xp, q, k, v, stream=0, *args, **kwargs):
+        o, lse = self.plan.forward(xp, *(self._pad(xp, x) for x in (q, k, v)), stream, *args,
+                                   **kwargs)
+        return self._cut(xp, o, self.d_v, self.layouts[0]), lse
+
+    def backward(self, xp, do, q, k, v, o, lse, stream=0, *args, **kwargs):
+        grads = self.plan.backward(xp, *(self._pad(xp, x) for x in (do, q, k, v, o)), lse,
+                                   stream, *args, **kwargs)
+        lq, lk = self.layouts
+        return tuple(self._cut(xp, g, n, lay) for g, n, lay in
+                     zip(grads, (self.d, self.d, self.d_v), (lq, lk, lk)))
 
 
 def _naive(prob, layout, deterministic=False):
@@ -122,17 +183,30 @@ def _fa1(prob, layout, deterministic=False):
     return fa1_plan.Fa1Plan(prob.tiles, prob.causal, prob.scale, layout)
 
 
-def _fa2(prob, layout, deterministic=False):
-    return fa2_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
+def _padded_values(make):
+    """A kernel impl's plan function, behind :class:`ValuePadding` where v's head dim is its
+    own (the kernels then read contiguous padded copies)."""
+    def plan(prob, layout, deterministic=False):
+        if prob.d_v is None:
+            return make(prob, layout, deterministic, prob.d, prob.layouts)
+        return ValuePadding(make(prob, layout, deterministic, prob.kernel_dim, (BHND, BHND)),
+                            prob.d, prob.d_v, prob.layouts)
+    return plan
+
+
+@_padded_values
+def _fa2(prob, layout, deterministic, d, layouts):
+    return fa2_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, d, prob.dtype_name,
                              prob.causal, prob.scale, bool(deterministic), layout=layout,
-                             kv_heads=prob.kv_heads, layouts=prob.layouts)
+                             kv_heads=prob.kv_heads, layouts=layouts)
 
 
-def _tc(prob, layout, deterministic=False):
-    return tc_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, prob.d, prob.dtype_name,
+@_padded_values
+def _tc(prob, layout, deterministic, d, layouts):
+    return tc_plan.plan_for(prob.B, prob.H, prob.Nq, prob.Nk, d, prob.dtype_name,
                             prob.causal, prob.scale, layout=layout,
                             deterministic=bool(deterministic), kv_heads=prob.kv_heads,
-                            layouts=prob.layouts)
+                            layouts=layouts)
 
 
 #: every implementation, in the order tables list them
@@ -140,7 +214,7 @@ REGISTRY = {impl.name: impl for impl in (
     Impl("naive", "naive (CuPy)", "#7f7f7f", "s",
          "standard attention with array operations (matmul, softmax, matmul): the baseline",
          ("float32", "float16"), 2**31, gqa=True, softcap=True, window=True, alibi=True,
-         plan=_naive),
+         varlen=True, value_dim=True, plan=_naive),
     Impl("fa1", "nbflash fa1", "#1f77b4", "o",
          "the FlashAttention paper's Algorithms 1 and 4, as written (for reading and the IO "
          "experiments)",
@@ -152,7 +226,7 @@ REGISTRY = {impl.name: impl for impl in (
     Impl("fa2", "nbflash fa2", "#d62728", "^",
          "FlashAttention-2 on CUDA cores, register-tiled, float32 math",
          ("float32", "float16"), fa2_tiles.MAX_HEAD_DIM, deterministic="optional", gqa=True,
-         layouts=True, softcap=True, window=True, alibi=True,
+         layouts=True, softcap=True, window=True, alibi=True, varlen=True, value_dim=True,
          family=Family(fa2_plan.KERNELS, fa2_plan.spec, fa2_tiles.tiles,
                        ("float32", "float16")),
          check=fa2_plan.check, plan=_fa2),
@@ -160,7 +234,8 @@ REGISTRY = {impl.name: impl for impl in (
          "FlashAttention-2 on tensor cores (mma.sync through inline PTX), 16-bit inputs",
          ("float16", "bfloat16"), tc_tiles.MAX_HEAD_DIM, tc_tiles.HEAD_DIM_MULTIPLE,
          deterministic="optional", gqa=True, layouts=True, softcap=True, window=True,
-         alibi=True, family=Family(tc_plan.KERNELS, tc_plan.spec, tc_tiles.tiles, ("float16", "bfloat16")),
+         alibi=True, varlen=True, value_dim=True,
+         family=Family(tc_plan.KERNELS, tc_plan.spec, tc_tiles.tiles, ("float16", "bfloat16")),
          check=tc_plan.check, plan=_tc),
 )}
 

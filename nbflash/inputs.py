@@ -73,6 +73,22 @@ class Problem:
     softcap: float = 0.0         # scores softcap·tanh(score / softcap); 0: off
     window_size: tuple = (-1, -1)   # a sliding window (left, right); -1: unbounded
     alibi_slopes: object = None     # float32 (H,) or (B, H) device array: ALiBi's slopes
+    #: a packed variable-length batch's (interleaved cu_seqlens, int32 (2B + 2,) device array,
+    #: (sequences B, max_seqlen_q, max_seqlen_k)) (nbflash.kernels.common.packed); its q, k, v
+    #: are (1, H, total, d) views, so B = 1 and Nq, Nk are total_q, total_k; None: a batch
+    packed: tuple = None
+    d_v: int = None               # v's head dim where it differs from q's and k's; None: d
+
+    @property
+    def value_dim(self):
+        """v's (and o's) head dim: d, or d_v."""
+        return self.d if self.d_v is None else self.d_v
+
+    @property
+    def kernel_dim(self):
+        """The head dim the kernels run at: max(d, d_v) (nbflash.impls.ValuePadding pads the
+        narrower side with zero columns)."""
+        return max(self.d, self.value_dim)
 
     @property
     def kv_heads(self):
@@ -94,14 +110,14 @@ class Problem:
     def options(self):
         """(Layout, (key_lengths, block_mask, seed, offset, alibi_slopes)): the options as the
         kernels' plans take them (nbflash.kernels.common.options)."""
-        return _options.layout(causal=self.causal, **self.masking())
+        return _options.layout(causal=self.causal, packed=self.packed, **self.masking())
 
     def stream_context(self):
         """On torch's current stream when the inputs were torch tensors (so that CuPy's
         allocations and the kernels are ordered with the caller's torch work)."""
         if self.torch and MODE == "gpu":
             import cupy  # noqa: PLC0415
-            return cupy.cuda.ExternalStream(self.stream)
+            return external_stream(cupy, self.stream)
         return contextlib.nullcontext()
 
     def outputs(self, arrays):
@@ -117,6 +133,27 @@ class Problem:
             arrays = tuple(a.view(self.bf16_dtype) if a.dtype == BF16_BITS else a
                            for a in arrays)
         return arrays
+
+
+class _StreamHandle:
+    """A raw CUDA stream handle behind the CUDA stream protocol (``__cuda_stream__``), which
+    CuPy 14's Stream.from_external takes."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+def external_stream(cupy, ptr):
+    """CuPy's stream object for the raw handle `ptr` (torch's current stream): through
+    Stream.from_external where CuPy has it (CuPy 14 deprecates ExternalStream), else
+    ExternalStream."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(ptr))
+    return cupy.cuda.ExternalStream(ptr)
 
 
 def _kind(x):
@@ -286,7 +323,7 @@ def _takes(names):
     return "takes" if len(names) == 1 else "take"
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, empty_rows=False):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise InputError(
@@ -302,6 +339,8 @@ def _check_qkv(q, k, v):
     B, H, Nq, d = q.shape
     for name, x in (("k", k), ("v", v)):
         for axis, what in ((0, "batch"), (3, "head_dim")):
+            if axis == 3 and name == "v":     # (v's head dim d_v may differ: the value's own)
+                continue
             if x.shape[axis] != q.shape[axis]:
                 raise InputError(f"{what} of {name} is {x.shape[axis]} but {what} of q is "
                                  f"{q.shape[axis]} (q {tuple(q.shape)}, {name} {tuple(x.shape)})")
@@ -318,8 +357,9 @@ def _check_qkv(q, k, v):
     Nk = k.shape[2]
     for what, n in (("batch", B), ("heads", H), ("heads of k and v", H_kv),
                     ("seqlen of q (Nq)", Nq),
-                    ("seqlen of k and v (Nk)", Nk), ("head_dim", d)):
-        if n == 0:
+                    ("seqlen of k and v (Nk)", Nk), ("head_dim", d),
+                    ("head_dim of v", v.shape[3])):
+        if n == 0 and not (empty_rows and what.startswith("seqlen")):
             raise InputError(f"{what} is 0: nothing to attend "
                              f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
     return B, H, Nq, Nk, d
@@ -499,6 +539,57 @@ def _check_block_mask(xp, block_mask, block_size, B, H, Nq, Nk):
     return xp.ascontiguousarray(mask), (bq, bk)
 
 
+def _check_cu_seqlens(xp, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q,
+                      total_k):
+    """A packed batch's (interleaved cu_seqlens, (B, max_seqlen_q, max_seqlen_k)) as the
+    kernels take them (nbflash.kernels.common.packed): each cu_seqlens integers of shape
+    (B + 1,), 0 first, nondecreasing, ending at the packed arrays' rows; each max_seqlen None
+    (the longest sequence's) or an integer no smaller than it (the grids cover it). One read
+    back of the lengths to the host."""
+    host = []
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        c = _small_array(xp, cu, name)
+        if c.dtype.kind not in "iu":
+            raise InputError(f"{name} must be integers; got dtype {c.dtype}")
+        if c.ndim != 1 or c.shape[0] < 2:
+            raise InputError(f"{name} has shape {tuple(c.shape)}; expected (B + 1,) with B >= 1 "
+                             "sequences: the offsets of their first rows, then the total")
+        host.append(c)
+    if host[0].shape != host[1].shape:
+        raise InputError(f"cu_seqlens_q has {host[0].shape[0]} entries but cu_seqlens_k has "
+                         f"{host[1].shape[0]}: B + 1 each, for the same B sequences")
+    both = xp.stack([c.astype(xp.int64) for c in host], axis=1)
+    both = np.asarray(both if xp is np else xp.asnumpy(both))      # (B + 1, 2), one read
+    B = both.shape[0] - 1
+    maxima = []
+    for col, (name, total, what, mx, mx_name) in enumerate((
+            ("cu_seqlens_q", total_q, "q has total_q", max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", total_k, "k and v have total_k", max_seqlen_k, "max_seqlen_k"))):
+        c = both[:, col]
+        lengths = np.diff(c)
+        if c[0] != 0:
+            raise InputError(f"{name} must start at 0; got {int(c[0])}")
+        if (lengths < 0).any():
+            b = int(np.argmax(lengths < 0))
+            raise InputError(f"{name} must be nondecreasing (sequence lengths >= 0); "
+                             f"{name}[{b + 1}] = {int(c[b + 1])} < {name}[{b}] = {int(c[b])}")
+        if c[-1] != total:
+            raise InputError(f"{name} ends at {int(c[-1])} but {what} = {total} rows")
+        longest = int(lengths.max())
+        if mx is None:
+            mx = longest
+        elif not _is_int(mx) or mx < longest:
+            raise InputError(f"{mx_name} must be an integer no smaller than the longest "
+                             f"sequence's {longest} (sequence {int(np.argmax(lengths))}); got "
+                             f"{mx!r}")
+        maxima.append(int(mx))
+    if max(total_q, total_k) >= 2**31:
+        raise InputError(f"a packed batch holds fewer than 2**31 rows (int32 cu_seqlens); got "
+                         f"total_q = {total_q}, total_k = {total_k}")
+    cu = xp.asarray(both.reshape(-1).astype(np.int32))     # cu_q[b], cu_k[b] interleaved
+    return cu, (B, *maxima)
+
+
 def _contiguous(xp, x):
     """A C-contiguous device array of x; 16-byte aligned too, as fa2 reads rows 16 bytes at a
     time (a contiguous view that starts inside an allocation may not be). In the simulator, a
@@ -570,18 +661,33 @@ def _arrays(named):
 
 
 def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causal,
-             softmax_scale, own, masking, deterministic=False, dims=None):
+             softmax_scale, own, masking, deterministic=False, dims=None, packed=None):
     """The shared checks, then the impl's own (nbflash.impls); returns the Problem. dims:
-    (B, H, Nq, Nk, d) when the caller has checked q, k, v already."""
+    (B, H, Nq, Nk, d) when the caller has checked q, k, v already. packed: a packed batch's
+    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), q, k, v its (1, H, total, d)
+    views (:func:`check_varlen_forward`)."""
     B, H, Nq, Nk, d = dims or _check_qkv(q, k, v)
     dtype = _name(q)
-    impl = impls.resolve(impl, dtype, d, bool(deterministic))
+    d_v = v.shape[3]          # v's head dim: d, or its own
+    D = max(d, d_v)           # the kernels' (nbflash.impls.ValuePadding)
+    impl = impls.resolve(impl, dtype, D, bool(deterministic))
     _check_own_options(impl, own)
-    _check_takes(impl, dtype, d)
+    if d_v != d and not impl.value_dim:
+        others = [i.name for i in impls.REGISTRY.values() if i.value_dim]
+        raise InputError(f"impl={impl.name!r} takes v with q's head_dim ({d}); got {d_v} (a "
+                         f"value head dim of its own runs with {_names(others, ' or ')})")
+    _check_takes(impl, dtype, D)
     causal, scale = _check_scalars(causal, softmax_scale, d)
     p, seed, offset = check_dropout(masking["dropout_p"], masking["seed"], masking["offset"])
     _check_deterministic(impl, deterministic, dtype, d)
     H_kv = k.shape[1]
+    if packed is not None:
+        if not impl.varlen:
+            others = [i.name for i in impls.REGISTRY.values() if i.varlen]
+            raise InputError(f"impl={impl.name!r} does not take packed variable-length batches "
+                             f"(they run with {_names(others, ' or ')})")
+        packed = _check_cu_seqlens(xp, *packed, Nq, Nk)
+        B = packed[1][0]        # the sequences, for the grids and the ALiBi slopes' shape
     _check_gqa(impl, B, H, H_kv)
     key_lengths = _check_key_lengths(xp, masking["key_lengths"], B, Nk)
     block_mask, block_size = _check_block_mask(xp, masking["block_mask"],
@@ -589,11 +695,12 @@ def _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, pass_, causa
     softcap = check_softcap(impl, masking["softcap"])
     window = check_window(impl, masking["window_size"], causal)
     alibi = _check_alibi(xp, impl, masking["alibi_slopes"], B, H)
-    tiles = impl.check(d, pass_, p > 0, **{k: v for k, v in own.items()
+    tiles = impl.check(D, pass_, p > 0, **{k: v for k, v in own.items()
                                            if k in impl.own_options}) if impl.check else None
-    return Problem(B, H, Nq, Nk, d, q.dtype, causal, scale, impl.name, xp, to_host, tiles,
-                   torch, stream, p, seed, offset, key_lengths, block_mask, block_size,
-                   bf16_dtype, H_kv, softcap=softcap, window_size=window, alibi_slopes=alibi)
+    return Problem(1 if packed else B, H, Nq, Nk, d, q.dtype, causal, scale, impl.name, xp,
+                   to_host, tiles, torch, stream, p, seed, offset, key_lengths, block_mask,
+                   block_size, bf16_dtype, H_kv, softcap=softcap, window_size=window,
+                   alibi_slopes=alibi, packed=packed, d_v=None if d_v == d else d_v)
 
 
 #: the mask, dropout, softcap, window and ALiBi options of the public functions, and their
@@ -631,9 +738,11 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
         {"do": do, "q": q, "k": k, "v": v, "o": o, "lse": lse})
     do, q, k, v, o, lse = (a[n] for n in ("do", "q", "k", "v", "o", "lse"))
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
+    want = tuple(q.shape[:3]) + (v.shape[3],)     # (B, H, Nq, d_v)
     for name, x in (("do", do), ("o", o)):
-        if tuple(x.shape) != tuple(q.shape):
-            raise InputError(f"{name} has shape {tuple(x.shape)}; expected q's {tuple(q.shape)}")
+        if tuple(x.shape) != want:
+            raise InputError(f"{name} has shape {tuple(x.shape)}; expected o's {want} (q's "
+                             f"batch, heads and rows, v's head_dim)")
         if x.dtype != q.dtype:
             raise InputError(f"{name} has dtype {_name(x)}; expected q's {_name(q)}")
     if tuple(lse.shape) != (B, H, Nq):
@@ -645,3 +754,95 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
                     deterministic, (B, H, Nq, Nk, d))
     prob, a = _placed(xp, prob, {"do": do, "q": q, "k": k, "v": v, "o": o})
     return prob, (*(a[n] for n in ("do", "q", "k", "v", "o")), _contiguous(xp, lse))
+
+
+def _check_packed(q, k, v):
+    """The shapes of a packed variable-length batch's q (total_q, H, d), k and v (total_k, H_kv,
+    d), named as FlashAttention's varlen functions name them."""
+    for name, x, rows in (("q", q, "total_q"), ("k", k, "total_k"), ("v", v, "total_k")):
+        if x.ndim != 3:
+            raise InputError(f"{name} has {x.ndim} dimensions, shape {tuple(x.shape)}; a packed "
+                             f"batch's are 3: ({rows}, heads, head_dim)")
+    if k.shape[0] != v.shape[0]:
+        raise InputError(f"k and v must have the same rows (total_k); got {k.shape[0]} and "
+                         f"{v.shape[0]}")
+    if k.shape[1] != v.shape[1]:
+        raise InputError(f"k and v must have the same number of heads; got {k.shape[1]} and "
+                         f"{v.shape[1]} (k {tuple(k.shape)}, v {tuple(v.shape)})")
+    if k.shape[2] != q.shape[2]:
+        raise InputError(f"head_dim of k is {k.shape[2]} but head_dim of q is {q.shape[2]} "
+                         f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
+    H, H_kv = q.shape[1], k.shape[1]
+    for what, n in (("heads", H), ("heads of k and v", H_kv), ("head_dim", q.shape[2]),
+                    ("head_dim of v", v.shape[2])):
+        if n == 0:
+            raise InputError(f"{what} is 0: nothing to attend (q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)})")
+    if H % H_kv:
+        raise InputError(f"heads of k and v ({H_kv}) must divide heads of q ({H}): query head "
+                         f"h reads key/value head h // (H / H_kv) (grouped-query attention; "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)})")
+
+
+def batch_view(x):
+    """A packed (total, H, d) array (NumPy, CuPy or torch) as the (1, H, total, d) batch of one
+    entry that the kernels read: a view, in layout "bnhd" (nbflash.kernels.common.layouts)."""
+    return x[None].swapaxes(1, 2)
+
+
+def unbatch_view(x):
+    """The inverse of :func:`batch_view`: (1, H, total, d) -> (total, H, d), a view."""
+    return x[0].swapaxes(0, 1)
+
+
+def check_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                         causal, softmax_scale, impl, **masking):
+    """Check a packed variable-length forward call; returns (Problem, (q, k, v)), the arrays
+    (1, H, total, d) views (:func:`batch_view`) as the impl reads them. `masking`: dropout_p,
+    seed, offset, softcap, window_size, alibi_slopes ((H,) or (B, H) for the B sequences)."""
+    _known_impl(impl)
+    xp, to_host, torch, stream, a, bf16_dtype = _arrays({"q": q, "k": k, "v": v})
+    _check_packed(a["q"], a["k"], a["v"])
+    q, k, v = (batch_view(a[n]) for n in ("q", "k", "v"))
+    prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "forward", causal,
+                    softmax_scale, {"M": None, "block_rule": None}, {**MASKING, **masking},
+                    dims=_check_qkv(q, k, v, empty_rows=True),
+                    packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    prob, a = _placed(xp, prob, {"q": q, "k": k, "v": v})
+    return prob, (a["q"], a["k"], a["v"])
+
+
+def check_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, *, causal, softmax_scale, impl, deterministic=False,
+                          **masking):
+    """Check a packed variable-length backward call (do, o as q; lse (H, total_q) float32);
+    returns (Problem, (do, q, k, v, o, lse)) as :func:`check_backward` does, the arrays as
+    (1, H, total, d) and (1, H, total_q) views."""
+    _known_impl(impl)
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise InputError(f"deterministic must be True or False; got {deterministic!r}")
+    xp, to_host, torch, stream, a, bf16_dtype = _arrays(
+        {"do": do, "q": q, "k": k, "v": v, "o": o, "lse": lse})
+    _check_packed(a["q"], a["k"], a["v"])
+    q = a["q"]
+    want = tuple(q.shape[:2]) + (a["v"].shape[2],)     # (total_q, H, d_v)
+    for name in ("do", "o"):
+        x = a[name]
+        if tuple(x.shape) != want:
+            raise InputError(f"{name} has shape {tuple(x.shape)}; expected o's {want} (q's "
+                             f"rows and heads, v's head_dim)")
+        if x.dtype != q.dtype:
+            raise InputError(f"{name} has dtype {_name(x)}; expected q's {_name(q)}")
+    lse = a["lse"]
+    if tuple(lse.shape) != (q.shape[1], q.shape[0]):
+        raise InputError(f"lse has shape {tuple(lse.shape)}; expected (H, total_q) = "
+                         f"{(q.shape[1], q.shape[0])}")
+    if lse.dtype != np.float32:
+        raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
+    do, q, k, v, o = (batch_view(a[n]) for n in ("do", "q", "k", "v", "o"))
+    prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "backward", causal,
+                    softmax_scale, {"M": None, "block_rule": None}, {**MASKING, **masking},
+                    deterministic, _check_qkv(q, k, v, empty_rows=True),
+                    packed=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    prob, a = _placed(xp, prob, {"do": do, "q": q, "k": k, "v": v, "o": o})
+    return prob, (*(a[n] for n in ("do", "q", "k", "v", "o")), _contiguous(xp, lse[None]))

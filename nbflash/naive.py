@@ -408,3 +408,85 @@ def attention_backward(do, q, k, v, o, lse, *, causal=False, softmax_scale=None,
         del vis, z, dk_part, dv_part
     dk, dv = _group_sum(dk, group), _group_sum(dv, group)
     return dq, (dk * acc(scale)).astype(q.dtype), dv.astype(q.dtype)
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    """The (query rows, key rows) slices of each sequence of a packed batch."""
+    xp = array_module(cu_seqlens_q)
+    cq, ck = (np.asarray(c if xp is np else xp.asnumpy(c)).astype(np.int64)
+              for c in (cu_seqlens_q, cu_seqlens_k))
+    return [(slice(int(cq[b]), int(cq[b + 1])), slice(int(ck[b]), int(ck[b + 1])))
+            for b in range(len(cq) - 1)]
+
+
+def _sequence_options(xp, b, n_seq, H, Nq, Nk, dropout_p, seed, offset, alibi_slopes):
+    """Sequence b's dropout keep mask (as the kernels draw it: batch entry b of n_seq) and its
+    ALiBi slopes, for a packed batch."""
+    keep = None
+    if dropout_p > 0:
+        keep = lambda rows: rng.keep_mask(xp, n_seq, H, Nq, Nk, dropout_p, seed,  # noqa: E731
+                                          offset, rows=rows, batches=slice(b, b + 1))
+    slopes = None
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[b]
+    return keep, slopes
+
+
+def _batch(x):
+    """A packed (total, H, d) array as the (1, H, total, d) batch of one entry (a view)."""
+    return x[None].swapaxes(1, 2)
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
+                             softmax_scale=None, dropout_p=0.0, seed=None, offset=0,
+                             softcap=0.0, window_size=(-1, -1), alibi_slopes=None):
+    """(o, lse) of a packed variable-length batch (FlashAttention's varlen): q (total_q, H, d),
+    k and v (total_k, H_kv, d), sequence b's rows cu_seqlens_q[b] .. cu_seqlens_q[b+1] - 1 of
+    q and cu_seqlens_k[b] .. cu_seqlens_k[b+1] - 1 of k and v; o (total_q, H, d), lse
+    (H, total_q). Each sequence is :func:`attention_forward` on its own, its causal mask and
+    window bottom-right aligned to its lengths, its dropout mask batch entry b's of a batch of
+    B sequences (as the kernels draw it), its ALiBi slopes row b of (B, H) ones."""
+    xp = array_module(q)
+    H = q.shape[1]
+    seqs = _sequences(cu_seqlens_q, cu_seqlens_k)
+    o = xp.zeros(q.shape[:2] + v.shape[-1:], dtype=q.dtype)
+    lse = xp.full((H, q.shape[0]), -np.inf, dtype=_acc_dtype(q.dtype))
+    scale = _scale(q, softmax_scale)
+    for b, (sq, sk) in enumerate(seqs):
+        nq, nk = sq.stop - sq.start, sk.stop - sk.start
+        if nq == 0 or nk == 0:      # no query, or no key to see: o = 0, lse = -inf
+            continue
+        keep, slopes = _sequence_options(xp, b, len(seqs), H, nq, nk, dropout_p, seed, offset,
+                                         alibi_slopes)
+        ob, lb = attention_forward(_batch(q[sq]), _batch(k[sk]), _batch(v[sk]), causal=causal,
+                                   softmax_scale=scale, dropout_p=dropout_p, keep=keep,
+                                   softcap=softcap, window_size=window_size, alibi_slopes=slopes)
+        o[sq] = ob[0].swapaxes(0, 1)
+        lse[:, sq] = lb[0]
+    return o, lse
+
+
+def attention_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *, causal=False,
+                              softmax_scale=None, dropout_p=0.0, seed=None, offset=0,
+                              softcap=0.0, window_size=(-1, -1), alibi_slopes=None):
+    """(dq, dk, dv) of :func:`attention_varlen_forward`, sequence by sequence (lse (H,
+    total_q)); keys of a sequence without queries, and rows without keys, get zeros."""
+    xp = array_module(q)
+    H = q.shape[1]
+    seqs = _sequences(cu_seqlens_q, cu_seqlens_k)
+    dq, dk, dv = (xp.zeros(x.shape, dtype=x.dtype) for x in (q, k, v))
+    scale = _scale(q, softmax_scale)
+    for b, (sq, sk) in enumerate(seqs):
+        nq, nk = sq.stop - sq.start, sk.stop - sk.start
+        if nq == 0 or nk == 0:
+            continue
+        keep, slopes = _sequence_options(xp, b, len(seqs), H, nq, nk, dropout_p, seed, offset,
+                                         alibi_slopes)
+        grads = attention_backward(_batch(do[sq]), _batch(q[sq]), _batch(k[sk]), _batch(v[sk]),
+                                   _batch(o[sq]), lse[None, :, sq], causal=causal,
+                                   softmax_scale=scale, dropout_p=dropout_p, keep=keep,
+                                   softcap=softcap, window_size=window_size,
+                                   alibi_slopes=slopes)
+        for out, g, s in zip((dq, dk, dv), grads, (sq, sk, sk)):
+            out[s] = g[0].swapaxes(0, 1)
+    return dq, dk, dv

@@ -74,10 +74,12 @@ def _kv_layout(k, v, impl):
     return lk if _memory_layout(v, impl) == lk else "bhnd"
 
 
-def _empty_kernel(like, memory, dtype=None):
-    """An empty (B, H, N, d) tensor shaped like `like` in the `memory` layout: the outputs of
-    the fake implementations, with the strides the real ones have."""
-    B, H, N, d = like.shape
+def _empty_kernel(like, memory, dtype=None, d=None):
+    """An empty (B, H, N, d) tensor shaped like `like` (with d columns: like's by default) in
+    the `memory` layout: the outputs of the fake implementations, with the strides the real
+    ones have."""
+    B, H, N, d0 = like.shape
+    d = d0 if d is None else d
     dtype = dtype or like.dtype
     if memory == "bnhd":
         return like.new_empty((B, N, H, d), dtype=dtype).transpose(1, 2)
@@ -135,7 +137,7 @@ attention_forward_op = torch.library.custom_op("nbflash::attention_forward", _fo
 def _(q, k, v, key_lengths, block_mask, seed, causal, softmax_scale, impl, deterministic,
       dropout_p, offset, block_size, layout, softcap=0.0, window_size=None, alibi_slopes=None):
     q = _to_kernel(q, layout)
-    o = _empty_kernel(q, _memory_layout(q, impl), _out_dtype(q.dtype))
+    o = _empty_kernel(q, _memory_layout(q, impl), _out_dtype(q.dtype), v.shape[-1])
     B, H, Nq, _ = q.shape
     return _from_kernel(o, layout), q.new_empty((B, H, Nq), dtype=torch.float32)
 
@@ -490,5 +492,172 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                       alibi_slopes=alibi_slopes)[0]
 
 
-__all__ = ["attention", "sdpa", "flash_attn_func", "mask_options", "attention_forward_op",
-           "attention_backward_op", "LAYOUTS"]
+
+# -- packed variable-length batches ----------------------------------------------------------
+#
+# Two more ops carry them (nbflash::attention_varlen_forward / _backward): q (total_q, H, d),
+# k and v (total_k, H_kv, d), cu_seqlens int tensors (B + 1,), lse (H, total_q); their outputs
+# are contiguous (the fakes say so).
+
+def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                    max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+                    seed: Optional[torch.Tensor], causal: bool, softmax_scale: Optional[float],
+                    impl: str, deterministic: bool, dropout_p: float, offset: int,
+                    softcap: float, window_size: Optional[List[int]],
+                    alibi_slopes: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of nbflash.attention_varlen_forward; o contiguous (total_q, H, d), lse float32
+    (H, total_q). `deterministic` is the backward's (the autograd formula passes it on)."""
+    o, lse = api.attention_varlen_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+        softmax_scale=softmax_scale, impl=impl,
+        **_varlen_masking(seed, dropout_p, offset, softcap, window_size, alibi_slopes))
+    return o.contiguous(), lse.contiguous()
+
+
+def _varlen_masking(seed, dropout_p, offset, softcap, window_size, alibi_slopes):
+    opts = _masking(None, None, seed, dropout_p, offset, None, softcap, window_size,
+                    alibi_slopes)
+    for name in ("key_lengths", "block_mask", "block_size"):
+        del opts[name]
+    return opts
+
+
+attention_varlen_forward_op = torch.library.custom_op("nbflash::attention_varlen_forward",
+                                                      _varlen_forward, mutates_args=())
+
+
+@attention_varlen_forward_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
+      softmax_scale, impl, deterministic, dropout_p, offset, softcap, window_size, alibi_slopes):
+    total, H, _ = q.shape
+    return (q.new_empty((total, H, v.shape[-1]), dtype=_out_dtype(q.dtype)),
+            q.new_empty((H, total), dtype=torch.float32))
+
+
+def _varlen_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     o: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int],
+                     max_seqlen_k: Optional[int], seed: Optional[torch.Tensor], causal: bool,
+                     softmax_scale: Optional[float], impl: str, deterministic: bool,
+                     dropout_p: float, offset: int, softcap: float,
+                     window_size: Optional[List[int]], alibi_slopes: Optional[torch.Tensor]
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of nbflash.attention_varlen_backward, contiguous."""
+    if not do.is_contiguous() or do.data_ptr() % 16:
+        do = torch.empty_like(o).copy_(do)
+    grads = api.attention_varlen_backward(
+        do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal=causal, softmax_scale=softmax_scale, impl=impl, deterministic=deterministic,
+        **_varlen_masking(seed, dropout_p, offset, softcap, window_size, alibi_slopes))
+    return tuple(g.contiguous() for g in grads)
+
+
+attention_varlen_backward_op = torch.library.custom_op("nbflash::attention_varlen_backward",
+                                                       _varlen_backward, mutates_args=())
+
+
+@attention_varlen_backward_op.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, causal,
+      softmax_scale, impl, deterministic, dropout_p, offset, softcap, window_size, alibi_slopes):
+    return tuple(x.new_empty(x.shape, dtype=_out_dtype(x.dtype)) for x in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, seed, *options, alibi_slopes = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_q, cu_k, seed, alibi_slopes)
+    ctx.sizes, ctx.options = (max_q, max_k), options
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_grads(ctx, do, backward):
+    q, k, v, o, lse, cu_q, cu_k, seed, alibi_slopes = ctx.saved_tensors
+    dq, dk, dv = backward(do, q, k, v, o, lse, cu_q, cu_k, *ctx.sizes, seed, *ctx.options,
+                          alibi_slopes)
+    return (dq, dk, dv) + (None,) * (6 + len(ctx.options))
+
+
+attention_varlen_forward_op.register_autograd(
+    lambda ctx, do, _dlse: _varlen_grads(ctx, do, attention_varlen_backward_op),
+    setup_context=_varlen_setup_context)
+
+
+class _VarlenEager(torch.autograd.Function):
+    """The varlen forward op's autograd formula for eager calls (as :class:`_Eager`)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _varlen_forward(*args)
+        _varlen_setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, _dlse):
+        return _varlen_grads(ctx, do, _varlen_backward)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                     *, causal=False, softmax_scale=None, impl="auto", deterministic=False,
+                     dropout_p=0.0, seed=None, offset=0, softcap=0.0, window_size=(-1, -1),
+                     alibi_slopes=None, return_lse=False):
+    """nbflash.attention_varlen for torch tensors, differentiable in q, k and v: q (total_q, H,
+    d), k and v (total_k, H_kv, d), cu_seqlens_q and cu_seqlens_k int tensors (B + 1,) (see
+    :func:`nbflash.attention_varlen_forward`). return_lse: (o, lse), lse float32 (H, total_q),
+    no gradient through it. Dropout without a seed draws one from torch's generator, as
+    :func:`attention` does."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{name} must be a torch tensor; got {type(x).__name__} "
+                             f"(nbflash.attention_varlen takes NumPy and CuPy arrays)")
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if n is not None and not _is_int(n):
+            raise InputError(f"{name} must be an integer or None; got {n!r}")
+    cu = [_tensor_option(c, name) for c, name in ((cu_seqlens_q, "cu_seqlens_q"),
+                                                  (cu_seqlens_k, "cu_seqlens_k"))]
+    for name, c in zip(("cu_seqlens_q", "cu_seqlens_k"), cu):
+        if c is None:
+            raise InputError(f"{name} is None; a packed batch needs its sequences' offsets")
+    (_, _, seed, causal, softmax_scale, impl, deterministic, p, offset, _, _, softcap, window,
+     slopes) = _op_arguments(causal, softmax_scale, impl, deterministic, dropout_p, seed, offset,
+                             None, None, None, "bnhd", softcap, window_size, alibi_slopes)
+    args = (q, k, v, *cu, None if max_seqlen_q is None else int(max_seqlen_q),
+            None if max_seqlen_k is None else int(max_seqlen_k), seed, causal, softmax_scale,
+            impl, deterministic, p, offset, softcap, window, slopes)
+    if _eager(q):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            o, lse = _VarlenEager.apply(*args)
+        else:
+            o, lse = _varlen_forward(*args)
+    else:
+        o, lse = attention_varlen_forward_op(*args)
+    return (o, lse) if return_lse else o
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None):
+    """nbflash with FlashAttention's flash_attn_varlen_func signature: q (total_q, H, d), k
+    and v (total_k, H_kv, d), cu_seqlens_q, cu_seqlens_k int32 (B + 1,), out (total_q, H, d),
+    differentiable in q, k and v; each sequence causal bottom-right aligned, as in
+    FlashAttention 2. What differs from FlashAttention's is what :func:`flash_attn_func` says,
+    and: cu_seqlens are checked (read back to the host once per call); block_table (a paged
+    KV cache) raises nbflash.InputError."""
+    if return_attn_probs:
+        raise InputError("return_attn_probs=True: nbflash never forms the attention "
+                         "probabilities; nbflash.torch.attention_varlen(..., return_lse=True) "
+                         "returns the softmax's lse")
+    if block_table is not None:
+        raise InputError("block_table (a paged KV cache) is not taken by nbflash's varlen "
+                         "attention")
+    return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            causal=causal, softmax_scale=softmax_scale,
+                            deterministic=deterministic, dropout_p=dropout_p, softcap=softcap,
+                            window_size=window_size, alibi_slopes=alibi_slopes)
+
+__all__ = ["attention", "attention_varlen", "sdpa", "flash_attn_func",
+           "flash_attn_varlen_func", "mask_options", "attention_forward_op",
+           "attention_backward_op", "attention_varlen_forward_op",
+           "attention_varlen_backward_op", "LAYOUTS"]
