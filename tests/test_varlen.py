@@ -17,6 +17,7 @@ import pytest
 
 import nbflash
 from nbflash import MODE, naive
+from nbflash._cuda import cuda
 from nbflash.errors import InputError
 from support import assert_close, host, randn, xp
 
@@ -328,3 +329,28 @@ def test_transformers_packed_sequences_are_each_sequence_alone():
             alone = model(ids[:, cu[b]:cu[b + 1]]).logits[0]
             np.testing.assert_allclose(packed[cu[b]:cu[b + 1]].cpu().numpy(),
                                        alone.cpu().numpy(), rtol=0, atol=2e-5)
+
+
+# -- the block order of packed.block_xyz (tc's causal kernels) -------------------------------
+
+@pytest.mark.skipif(MODE != "sim", reason="a simulator kernel (the GPU runs it inside tc's)")
+@pytest.mark.parametrize("order", [1, -1])
+def test_block_order_is_a_permutation_with_the_tile_slowest(order):
+    """block_xyz(±1) maps the blocks of a (5, 3, 2) grid one to one onto its coordinates, and
+    in the order of the linear block index the tile x changes slowest: every (y, z) of tile
+    t before any of the next (ascending for 1, from the last tile down for -1)."""
+    from nbflash.kernels.common.packed import block_xyz  # noqa: PLC0415
+    ORDER = order
+
+    def kernel(out):
+        x, y, z = block_xyz(ORDER)
+        lin = cuda.blockIdx.x + cuda.gridDim.x * (cuda.blockIdx.y + cuda.gridDim.y
+                                                  * cuda.blockIdx.z)
+        out[lin, 0], out[lin, 1], out[lin, 2] = x, y, z
+
+    out = np.full((30, 3), -1, np.int64)
+    cuda.jit(kernel)[(5, 3, 2), 1](out)
+    assert sorted(map(tuple, out)) == [(x, y, z) for x in range(5) for y in range(3)
+                                       for z in range(2)]
+    tiles = out[:, 0] if order == 1 else 4 - out[:, 0]
+    assert (np.diff(tiles) >= 0).all() and (np.bincount(tiles) == 6).all()

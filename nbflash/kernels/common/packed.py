@@ -16,9 +16,24 @@ Without the feature the same functions give the padded batch's offsets: batch en
 b·sb + (b·H + h)·sh, its lse at (b·H + h)·Nq.
 """
 
+import os
+
 from numba import int64, uint32
 
 from ..._cuda import cuda
+
+#: 1: tc's causal kernels start their longest blocks first (block_xyz, :func:`ordered`); 0:
+#: the hardware's order (NBFLASH_BLOCK_ORDER=0, for A/B measurements)
+ORDERED = int(os.environ.get("NBFLASH_BLOCK_ORDER", "1"))
+
+
+def ordered(causal, d):
+    """1 where a tc kernel at head dim d starts its longest blocks first (block_xyz: causal,
+    64 < d <= 128, measured at 128), else 0. At d = 64 it gained nothing on the H200 and cost
+    the forward, at its 128-register cap, 72 bytes of stack at sm_90; above 128 it has not been
+    measured; fa2's kernels keep the hardware's order (their dropout/padding/block-mask
+    variants spilled with it)."""
+    return ORDERED if causal and 64 < d <= 128 else 0
 
 
 def seq_rows(cu, b, VARLEN, Nq, Nk):
@@ -49,28 +64,59 @@ def lse_base(b, bh, H, Nq, row0, VARLEN):
     return bh * Nq
 
 
-def query_coords(H, G, Nq, Nk, cu, PAD, VARLEN):
-    """(bh, b, hk, q0, Nq_b, k0, Nk_b, klen) of the block of a forward or dQ grid (x, G, B·H_kv)
-    over query heads grouped by key/value head: query head bh = b·H + h = hk·G + y, key/value
-    head hk = b·H_kv + h // G (z), batch entry or sequence b = bh // H (one 32-bit division), its
-    rows (seq_rows), and klen, the keys its rows may see (key_lengths[b] with PAD, else Nk_b)."""
-    hk = int64(cuda.blockIdx.z)
-    bh = hk * G + cuda.blockIdx.y
+def block_xyz(ORDER):
+    """This block's grid coordinates (x, y, z): the hardware's (ORDER 0), or the tile index x
+    slowest, so that the GPU, which starts blocks in the order of their linear index (x
+    fastest), starts every head's tile t before any head's tile t + 1: ORDER = 1 in that order,
+    ORDER = -1 from the last tile down. Under the causal mask the blocks' work grows with the
+    query tile (the forward, the dQ pass: ORDER -1) or falls with the key tile (the dK/dV pass:
+    ORDER 1), so the longest blocks start first and the short ones fill the last wave (LPT
+    scheduling, as FlashAttention-3's). ORDER may be a runtime value.
+
+    Measured on the H200 (tc, fp16, B = 4, H = 32, N = 4096, d = 128, causal; 2026-12-02,
+    .ab-style A/B in one session): the forward 2.58 -> 2.47 ms, at N = 16384 (B = 1, H = 16)
+    4.75-4.90 -> 4.17; the backward with H_kv = 4 10.56-10.89 -> 9.52 (with H_kv = 8 9.84-10.10
+    -> 9.64), but with H_kv = H 9.61-9.80 -> 10.10: there the dK/dV pass's consecutive blocks
+    share their head's Q and dO in L2 in the hardware's order, so that pass keeps it for
+    G = 1."""
+    if ORDER == 0:
+        return int64(cuda.blockIdx.x), int64(cuda.blockIdx.y), int64(cuda.blockIdx.z)
+    # (32-bit arithmetic: a grid has fewer than 2^32 blocks, and a 64-bit division is a call
+    # that costs the kernels registers and stack)
+    X, Y = uint32(cuda.gridDim.x), uint32(cuda.gridDim.y)
+    lin = uint32(cuda.blockIdx.x) + X * (uint32(cuda.blockIdx.y) + Y * uint32(cuda.blockIdx.z))
+    heads = Y * uint32(cuda.gridDim.z)
+    t = lin // heads
+    r = lin - t * heads
+    y = r // Y
+    return (int64(X - uint32(1) - t) if ORDER < 0 else int64(t)), int64(r - y * Y), int64(y)
+
+
+def query_coords(H, G, Nq, Nk, cu, PAD, VARLEN, ORDER):
+    """(x, bh, b, hk, q0, Nq_b, k0, Nk_b, klen) of the block of a forward or dQ grid
+    (x, G, B·H_kv) over query heads grouped by key/value head (its coordinates block_xyz's):
+    query tile x, query head bh = b·H + h = hk·G + y, key/value head hk = b·H_kv + h // G (z),
+    batch entry or sequence b = bh // H (one 32-bit division), its rows (seq_rows), and klen,
+    the keys its rows may see (key_lengths[b] with PAD, else Nk_b)."""
+    x, y, hk = block_xyz(ORDER)
+    bh = hk * G + y
     b = int64(uint32(bh) // uint32(H))
     q0, nq, k0, nk = seq_rows(cu, b, VARLEN, Nq, Nk)
     klen = min(nk, cu[b]) if PAD else nk
-    return bh, b, hk, q0, nq, k0, nk, klen
+    return x, bh, b, hk, q0, nq, k0, nk, klen
 
 
-def key_coords(Nq, Nk, cu, PAD, VARLEN):
-    """(b, hk, q0, Nq_b, k0, Nk_b, klen) of the block of a dK/dV grid (x, H_kv, B) over
-    key/value heads: hk = b·H_kv + y, its query heads hk·G .. hk·G + G - 1 (as b·H + h)."""
-    b = int64(cuda.blockIdx.z)
+def key_coords(Nq, Nk, cu, PAD, VARLEN, ORDER):
+    """(x, b, hk, q0, Nq_b, k0, Nk_b, klen) of the block of a dK/dV grid (x, H_kv, B) over
+    key/value heads (block_xyz): key tile x (with its column split), hk = b·H_kv + y, its
+    query heads hk·G .. hk·G + G - 1 (as b·H + h)."""
+    x, y, b = block_xyz(ORDER)
     q0, nq, k0, nk = seq_rows(cu, b, VARLEN, Nq, Nk)
     klen = min(nk, cu[b]) if PAD else nk
-    return b, b * cuda.gridDim.y + cuda.blockIdx.y, q0, nq, k0, nk, klen
+    return x, b, b * cuda.gridDim.y + y, q0, nq, k0, nk, klen
 
 
+block_xyz = cuda.jit(device=True, inline=True)(block_xyz)
 seq_rows = cuda.jit(device=True, inline=True)(seq_rows)
 head_base = cuda.jit(device=True, inline=True)(head_base)
 lse_base = cuda.jit(device=True, inline=True)(lse_base)

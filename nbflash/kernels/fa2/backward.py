@@ -78,6 +78,7 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
     N_DQ = TMQ * TX
     CAUSAL, ATOMIC = bool(causal), bool(atomic_dq)
     DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
+    ORDER = 0    # the hardware's block order (tc's causal kernels change it: packed.block_xyz)
     p_and_ds, cap_scores = make_p_and_ds(SOFTCAP, ALIBI), make_cap_scores(N_S)
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
@@ -142,9 +143,9 @@ def make_dkdv(t, causal, atomic_dq, dtype="float32", features=Features()):
         smem = cuda.shared.array(0, float32)
         inv_co = ONE / cap_out if SOFTCAP else ZERO    # a softcapped score's tanh: s / cap_out
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, b, hk, klen, q0, Nq, k0, Nk = kv_coords(L, NqA, NkA, key_lengths, PAD,
-                                                             VARLEN)
-        key0 = cuda.blockIdx.x * R
+        tid, rg, cg, b, hk, klen, q0, Nq, k0, Nk, bx = kv_coords(L, NqA, NkA, key_lengths, PAD,
+                                                                 VARLEN, ORDER)
+        key0 = bx * R
         if VARLEN and key0 >= Nk:    # past its sequence's keys (a packed batch)
             return
         k_base = head_base(b, hk, cuda.gridDim.y, ksb, ksh, ksn, k0, VARLEN)
@@ -281,6 +282,7 @@ def make_dq(t, causal, features=Features()):
     PS = t.ps(C)
     CAUSAL = bool(causal)
     DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
+    ORDER = 0    # the hardware's block order (tc's causal kernels change it: packed.block_xyz)
     p_and_ds, cap_scores = make_p_and_ds(SOFTCAP, ALIBI), make_cap_scores(N_S)
     smem = t.smem_plan("dq", DROP)          # the regions' offsets, in float32 elements
     Q_OFF, DO_OFF, K_OFF, V_OFF, DS_OFF, LSE_OFF, D_OFF, KEEP_OFF = (smem.offset(n) for n in (
@@ -303,9 +305,10 @@ def make_dq(t, causal, features=Features()):
         smem = cuda.shared.array(0, float32)
         inv_co = ONE / cap_out if SOFTCAP else ZERO    # a softcapped score's tanh: s / cap_out
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq, Nk, lse_at = thread_coords(
-            L, H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh, ksn)
-        row0 = cuda.blockIdx.x * R
+        tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq, Nk, lse_at, bx = thread_coords(
+            L, H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, ORDER, qsb, qsh, qsn, ksb,
+            ksh, ksn)
+        row0 = bx * R
         if VARLEN and row0 >= Nq:    # past its sequence's queries (a packed batch)
             return
         slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)

@@ -62,6 +62,7 @@ def make_forward(t, causal, dtype="float32", features=Features()):
     PS = t.ps(C)
     CAUSAL = bool(causal)
     DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
+    ORDER = 0    # the hardware's block order (tc's causal kernels change it: packed.block_xyz)
     STAGES = t.stages
     ASYNC = STAGES == 2 and str(dtype) == "float32" and D % 4 == 0
     smem = t.smem_plan("forward", DROP)     # the regions' offsets, in float32 elements
@@ -94,9 +95,10 @@ def make_forward(t, causal, dtype="float32", features=Features()):
         the window's bounds first)."""
         smem = cuda.shared.array(0, float32)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq, Nk, lse_at = thread_coords(
-            L, H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh, ksn)
-        row0 = cuda.blockIdx.x * R
+        tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq, Nk, lse_at, bx = thread_coords(
+            L, H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, ORDER, qsb, qsh, qsn, ksb, ksh,
+            ksn)
+        row0 = bx * R
         if VARLEN and row0 >= Nq:    # past its sequence's queries (a packed batch)
             return
         slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)

@@ -30,9 +30,10 @@ def tile_constants(t):
             t.ds, max(t.dp, 4 * t.d4))
 
 
-def thread_coords(L, H, G, Nq, Nk, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh,
-                  ksn):
-    """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq_b, Nk_b, lse_at).
+def thread_coords(L, H, G, Nq, Nk, key_lengths, msb, msh, PAD, VARLEN, ORDER, qsb, qsh, qsn,
+                  ksb, ksh, ksn):
+    """Where a thread is: (tid, rg, cg, bh, q_base, k_base, klen, mbase, Nq_b, Nk_b, lse_at,
+    x), x its block's query tile (ORDER: nbflash.kernels.common.packed.block_xyz).
     Thread tid is lane cg of row group rg of its block's register tiles. The grid (x, G, B·H_kv)
     is over query heads grouped by key/value head (nbflash.kernels.common.packed.query_coords):
     the block works on key/value head hk = b*H_kv + h // G (z), whose k-shaped rows start at
@@ -42,20 +43,21 @@ def thread_coords(L, H, G, Nq, Nk, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh,
     rows may see (key_lengths[b] with PAD, else Nk_b); mbase: the offset of the head's block
     mask (batch and head strides msb, msh)."""
     tid = cuda.threadIdx.x
-    bh, b, hk, q0, nq, k0, nk, klen = query_coords(H, G, Nq, Nk, key_lengths, PAD, VARLEN)
+    x, bh, b, hk, q0, nq, k0, nk, klen = query_coords(H, G, Nq, Nk, key_lengths, PAD, VARLEN,
+                                                      ORDER)
     return (tid, tid // L, tid % L, bh, head_base(b, bh, H, qsb, qsh, qsn, q0, VARLEN),
             head_base(b, hk, H // G, ksb, ksh, ksn, k0, VARLEN), klen,
-            b * msb + (bh - b * H) * msh, nq, nk, lse_base(b, bh, H, Nq, q0, VARLEN))
+            b * msb + (bh - b * H) * msh, nq, nk, lse_base(b, bh, H, Nq, q0, VARLEN), x)
 
 
-def kv_coords(L, Nq, Nk, key_lengths, PAD, VARLEN):
-    """Where a thread of a dK/dV block is: (tid, rg, cg, b, hk, klen, q0, Nq_b, k0, Nk_b). The
+def kv_coords(L, Nq, Nk, key_lengths, PAD, VARLEN, ORDER):
+    """Where a thread of a dK/dV block is: (tid, rg, cg, b, hk, klen, q0, Nq_b, k0, Nk_b, x). The
     grid is (x, h_kv, b) over key/value heads: the block owns key/value head hk = b*H_kv + h_kv
     (its query heads are hk·G .. hk·G + G - 1, as b*H + h); klen as in :func:`thread_coords`;
-    q0, k0: the first rows of sequence b (packed batches; else 0)."""
+    q0, k0: the first rows of sequence b (packed batches; else 0); x: its key tile."""
     tid = cuda.threadIdx.x
-    b, hk, q0, nq, k0, nk, klen = key_coords(Nq, Nk, key_lengths, PAD, VARLEN)
-    return tid, tid // L, tid % L, b, hk, klen, q0, nq, k0, nk
+    x, b, hk, q0, nq, k0, nk, klen = key_coords(Nq, Nk, key_lengths, PAD, VARLEN, ORDER)
+    return tid, tid // L, tid % L, b, hk, klen, q0, nq, k0, nk, x
 
 
 thread_coords = cuda.jit(device=True, inline=True)(thread_coords)

@@ -35,7 +35,7 @@ from ..._cuda import SIMULATOR, cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import (band_cuts, cursor_tile, key_range, make_group_walk, make_tile_walk,
                             mask_base, query_range)
-from ..common.packed import head_base, lse_base
+from ..common.packed import head_base, lse_base, ordered
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import (LOG2E, LOG2E_LO, ONE, ZERO, alibi_bias, alibi_slope, capped,
                               clamp_nonpositive, row_lse, row_stats, scaled)
@@ -88,6 +88,7 @@ def make_dkdv(t, causal, bf16, features, dq=True):
     N_S, N_O = 4 * NT, 4 * NVH      # fragment array sizes (compile-time constants)
     CAUSAL, DQ = bool(causal), bool(dq)
     DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
+    ORDER = ordered(CAUSAL, D)    # the longest key tiles first (packed.block_xyz)
     p_of = make_p_of(SOFTCAP, ALIBI)
     shared = t.smem_plan("dkdv", DROP, DQ)   # offsets in 16-bit elements (keep bits: uint32)
     K_OFF, V_OFF, DS_OFF, Q_OFF = (shared.offset(n) for n in ("K", "V", "dSt", "steps"))
@@ -143,12 +144,12 @@ def make_dkdv(t, causal, bf16, features, dq=True):
         smem = cuda.shared.array(0, uint16)
         smemf = cuda.shared.array(0, float32)    # the same memory: lse_i, D_i
         bits = cuda.shared.array(0, uint32)      # and dropout's keep bits at KEEP_OFF
-        tid, warp, lane, b, hk, klen, q0, Nq, k0, Nk = kv_coords(NqA, NkA, key_lengths, PAD,
-                                                                 VARLEN)
+        tid, warp, lane, b, hk, klen, q0, Nq, k0, Nk, bx = kv_coords(NqA, NkA, key_lengths, PAD,
+                                                                     VARLEN, ORDER if G > 1 else 0)
         g, t4 = lane // 4, lane % 4
         mi = lane // 8
-        key0 = (cuda.blockIdx.x // SPLIT) * R
-        c0 = (cuda.blockIdx.x % SPLIT) * DH      # the first of this block's columns
+        key0 = (bx // SPLIT) * R
+        c0 = (bx % SPLIT) * DH      # the first of this block's columns
         wkey0 = key0 + 16 * warp
         if VARLEN and key0 >= Nk:    # past its sequence's keys (a packed batch)
             return
@@ -328,6 +329,7 @@ def make_dq(t, causal, bf16, features):
     N_Q, N_S, N_O = (4 * KD if QREGS else 4), 4 * NT, 4 * NV
     CAUSAL = bool(causal)
     DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
+    ORDER = ordered(CAUSAL, D)    # the longest key tiles first (packed.block_xyz)
     p_of = make_p_of(SOFTCAP, ALIBI)
     shared = t.smem_plan("dq", DROP)         # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, DO_OFF, KV_OFF = shared.offset("Q"), shared.offset("dO"), shared.offset("KV")
@@ -356,11 +358,12 @@ def make_dq(t, causal, bf16, features):
         dK/dV pass)."""
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq, Nk, lse_at = thread_coords(
-            H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh, ksn)
+        tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq, Nk, lse_at, bx = thread_coords(
+            H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, -ORDER, qsb, qsh, qsn, ksb, ksh,
+            ksn)
         g, t4 = lane // 4, lane % 4
         mi = lane // 8
-        row0 = cuda.blockIdx.x * R
+        row0 = bx * R
         if VARLEN and row0 >= Nq:    # past its sequence's queries (a packed batch)
             return
         wr = 16 * warp                           # this warp's first query row in the block

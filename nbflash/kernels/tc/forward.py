@@ -36,6 +36,7 @@ from numba import float32, uint16, uint32, uint64
 from ..._cuda import cuda
 from ..common.dropout import check_keep_tile, make_keep_tile, make_tile_kept
 from ..common.masks import band_cuts, key_range, make_tile_walk, sees_a_key
+from ..common.packed import ordered
 from ..common.primitives import commit_async, make_row_reduce, make_wait_async
 from ..common.softmax import NEG_INF, ZERO, alibi_bias, alibi_slope, finish_row, new_max
 from ..common.warp import exp2, make_warp_ops
@@ -59,6 +60,7 @@ def make_forward(t, causal, bf16, features):
     N_QF = N_Q if QREGS else 4 * RM    # Q_i's fragments held: all, or one 16-dim step's
     CAUSAL = bool(causal)
     DROP, PAD, SPARSE, SOFTCAP, WINDOW, ALIBI, VARLEN = features
+    ORDER = -ordered(CAUSAL, D)    # the longest query tiles first (packed.block_xyz)
     shared = t.smem_plan("forward", DROP)    # offsets in 16-bit elements (keep bits: uint32)
     Q_OFF, K_OFF, KEEP_OFF = shared.offset("Q"), shared.offset("KV"), shared.offset("keep", 4)
     STAGE, V_IN = shared.sub("KV").elements, shared.sub("KV").offset("V")   # K_j, V_j
@@ -196,10 +198,11 @@ def make_forward(t, causal, bf16, features):
         flip = uint32(0x80008000) if sc_hi < ZERO else uint32(0)   # -Q for τ < 0 (sign bits)
         smem = cuda.shared.array(0, uint16)
         bits = cuda.shared.array(0, uint32)      # the same memory: keep bits at KEEP_OFF
-        tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq, Nk, lse_at = thread_coords(
-            H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh, ksn)
+        tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq, Nk, lse_at, bx = thread_coords(
+            H, G, NqA, NkA, key_lengths, msb, msh, PAD, VARLEN, ORDER, qsb, qsh, qsn, ksb, ksh,
+            ksn)
         g, t4 = lane // 4, lane % 4
-        row0 = cuda.blockIdx.x * R
+        row0 = bx * R
         if VARLEN and row0 >= Nq:    # past its sequence's queries (a packed batch)
             return
         slope2 = alibi_slope(slopes, bh, H, asb) if ALIBI else ZERO   # (base 2)

@@ -193,29 +193,31 @@ def make_mma2(mma):
     return cuda.jit(device=True, inline=True)(mma2)
 
 
-def thread_coords(H, G, Nq, Nk, key_lengths, msb, msh, PAD, VARLEN, qsb, qsh, qsn, ksb, ksh,
-                  ksn):
-    """(tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq_b, Nk_b, lse_at) of the calling
+def thread_coords(H, G, Nq, Nk, key_lengths, msb, msh, PAD, VARLEN, ORDER, qsb, qsh, qsn, ksb,
+                  ksh, ksn):
+    """(tid, warp, lane, bh, klen, mbase, q_base, k_base, Nq_b, Nk_b, lse_at, x) of the calling
     thread of the forward or the dQ pass, whose grid (x, G, B·H_kv) is over query heads grouped
     by key/value head (nbflash.kernels.common.packed.query_coords): query head bh = b*H + h,
     key/value head hk = b*H_kv + h // G; q_base and k_base: where their row 0 is (the layouts'
     strides), lse_at: where their row 0's lse is; Nq_b, Nk_b: the rows of batch entry b (of
-    sequence b of a packed batch, VARLEN)."""
+    sequence b of a packed batch, VARLEN); x: its query tile (ORDER: packed.block_xyz)."""
     tid = cuda.threadIdx.x
-    bh, b, hk, q0, nq, k0, nk, klen = query_coords(H, G, Nq, Nk, key_lengths, PAD, VARLEN)
+    x, bh, b, hk, q0, nq, k0, nk, klen = query_coords(H, G, Nq, Nk, key_lengths, PAD, VARLEN,
+                                                      ORDER)
     return (tid, tid // 32, tid % 32, bh, klen, b * msb + (bh - b * H) * msh,
             head_base(b, bh, H, qsb, qsh, qsn, q0, VARLEN),
             head_base(b, hk, H // G, ksb, ksh, ksn, k0, VARLEN), nq, nk,
-            lse_base(b, bh, H, Nq, q0, VARLEN))
+            lse_base(b, bh, H, Nq, q0, VARLEN), x)
 
 
-def kv_coords(Nq, Nk, key_lengths, PAD, VARLEN):
-    """(tid, warp, lane, b, hk, klen, q0, Nq_b, k0, Nk_b) of a thread of a dK/dV block, whose
-    grid (x, h_kv, b) is over key/value heads: hk = b*H_kv + h_kv (its query heads are hk·G ..
-    hk·G + G - 1, as b*H + h); q0, k0: the first rows of sequence b (packed batches; else 0)."""
+def kv_coords(Nq, Nk, key_lengths, PAD, VARLEN, ORDER):
+    """(tid, warp, lane, b, hk, klen, q0, Nq_b, k0, Nk_b, x) of a thread of a dK/dV block,
+    whose grid (x, h_kv, b) is over key/value heads: hk = b*H_kv + h_kv (its query heads are
+    hk·G .. hk·G + G - 1, as b*H + h); q0, k0: the first rows of sequence b (packed batches;
+    else 0); x: its key tile and column split (ORDER: packed.block_xyz)."""
     tid = cuda.threadIdx.x
-    b, hk, q0, nq, k0, nk, klen = key_coords(Nq, Nk, key_lengths, PAD, VARLEN)
-    return tid, tid // 32, tid % 32, b, hk, klen, q0, nq, k0, nk
+    x, b, hk, q0, nq, k0, nk, klen = key_coords(Nq, Nk, key_lengths, PAD, VARLEN, ORDER)
+    return tid, tid // 32, tid % 32, b, hk, klen, q0, nq, k0, nk, x
 
 
 thread_coords = cuda.jit(device=True, inline=True)(thread_coords)
