@@ -57,7 +57,10 @@ for M, d, rule, causal, dtype in cases:
 if head_dims and family == "fa2":   # fa2's GPU kernels as benchmarked, and with
     # dropout, key padding and a block mask (causal: the most masking code)
     variants += cc.variants(["fa2"], (64, 128))
-    variants += cc.variants(["fa2"], (64, 128), causal=(True,), features=cc.ALL_OPTIONS)
+    # (in float32 only: float16's reports had the same stack and spills, registers within 2,
+    # at each of these in CI's compile on 2026-12-02)
+    variants += cc.variants(["fa2"], (64, 128), causal=(True,), features=cc.ALL_OPTIONS,
+                            dtypes=("float32",))
 elif head_dims:   # tc's (float16: bfloat16's kernels differ in their conversions alone, and
     # their reports were the same as float16's at every GPU tile on 2026-12-01) and
     # fa1's, fa1 at more head dims; tc's take local memory with options (docs/tensor-cores.md)
@@ -67,12 +70,12 @@ elif head_dims:   # tc's (float16: bfloat16's kernels differ in their conversion
     variants += cc.variants(["fa1"], (64,), dtypes=("float16",), causal=(True,),
                             features=cc.ALL_OPTIONS)
 else:
-    for d in (8, 40):
-        for kind in fa2_plan.KERNELS:
+    for d in (8, 40):   # (causal: its code holds the non-causal kernel's, which the GPU's
+        for kind in fa2_plan.KERNELS:     # default variants compile)
             t = fa2_tiles.tiles(kind, d, fa2_tiles.SIM_TILES)
-            variants += [cc.Variant("fa2", kind, t, c, "float32") for c in (False, True)]
-            variants.append(cc.Variant("fa2", kind, t, True, "float16", cc.ALL_OPTIONS))
+            variants.append(cc.Variant("fa2", kind, t, True, "float32"))
             if d == 40:
+                variants.append(cc.Variant("fa2", kind, t, True, "float16", cc.ALL_OPTIONS))
                 variants.append(cc.Variant("fa2", kind, t, False, "float32", CAP_WINDOW))
     for kind in ("forward", "dkdv", "dq"):
         t = tc_tiles.tiles(kind, 32, tc_tiles.SIM_TILES)

@@ -200,7 +200,7 @@ def test_gqa_refused():
     with pytest.raises(nbflash.InputError, match=r"k and v must have the same number of "
                                                  r"heads; got 2 and 1"):
         nbflash.attention(q, k, v[:, :1], impl="naive")
-    with pytest.raises(nbflash.InputError, match=r"do has shape \(1, 2, 8, 8\); expected q's"):
+    with pytest.raises(nbflash.InputError, match=r"do has shape \(1, 2, 8, 8\); expected o's"):
         nbflash.attention_backward(do[:, :2], q, k, v, do, xp.zeros((1, 4, 8), xp.float32),
                                    impl="naive")
     with pytest.raises(nbflash.InputError, match=r"lse has shape \(1, 2, 8\)"):

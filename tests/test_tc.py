@@ -43,7 +43,8 @@ def check(B, H, Nq, Nk, d, causal, data_seed=0, deterministic=False, **opts):
 @pytest.mark.parametrize("Nq,Nk,d,causal", [(37, 53, 32, True), (53, 37, 32, False),
                                             (45, 19, 48, True), (1, 17, 16, False)])
 def test_tc_matches_reference(Nq, Nk, d, causal):
-    check(1, 2, Nq, Nk, d, causal)
+    check(1, 1 if Nq * Nk > 1000 else 2, Nq, Nk, d, causal)   # (one head at the larger sizes:
+    # the simulator's time; heads are test_gqa's and test_layouts')
 
 
 def test_tc_all_options_match_reference():
