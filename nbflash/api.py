@@ -295,14 +295,16 @@ def dropout_mask(B, H, Nq, Nk, dropout_p, seed, offset=0):
     return _dropout_mask(xp, B, H, Nq, Nk, p, seed, offset, stream)
 
 
-def _no_rows(prob, q, v, pass_arrays=None):
-    """The results of a packed batch without a query or without a key (total_q or total_k 0;
-    no kernel runs): o = 0, lse = -inf; or for the backward (pass_arrays: q, k, v) zeros."""
-    xp = prob.xp
-    if pass_arrays is not None:
-        return tuple(xp.zeros(x.shape, x.dtype) for x in pass_arrays)
+def _no_rows_forward(xp, q, v):
+    """(o, lse) of a packed batch without a query or without a key (total_q or total_k 0; no
+    kernel runs): o = 0, lse = -inf."""
     return (xp.zeros(q.shape[:-1] + v.shape[-1:], q.dtype),
             xp.full(q.shape[:-1], -float("inf"), xp.float32))
+
+
+def _no_rows_backward(xp, q, k, v):
+    """(dq, dk, dv) of such a batch: zeros."""
+    return tuple(xp.zeros(x.shape, x.dtype) for x in (q, k, v))
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None,
@@ -336,7 +338,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=N
         softmax_scale=softmax_scale, impl=impl, **masking)
     with prob.stream_context():
         if prob.Nq == 0 or prob.Nk == 0:
-            out = _no_rows(prob, q, v)
+            out = _no_rows_forward(prob.xp, q, v)
         else:
             plan, args = _plan_call(prob)
             out = plan.forward(prob.xp, q, k, v, prob.stream, *args)
@@ -368,7 +370,7 @@ def attention_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
         **masking)
     with prob.stream_context():
         if prob.Nq == 0 or prob.Nk == 0:
-            out = _no_rows(prob, None, None, arrays[1:4])
+            out = _no_rows_backward(prob.xp, *arrays[1:4])
         else:
             plan, args = _plan_call(prob, deterministic)
             out = plan.backward(prob.xp, *arrays, prob.stream, *args)

@@ -156,8 +156,7 @@ class ValuePadding:
         return out
 
     def _cut(self, xp, x, n, layout):
-        if x.ndim != 4:
-            return x
+        """x's first n columns, in `layout`."""
         out = empty(xp, layout, tuple(x.shape[:-1]) + (n,), x.dtype)
         out[...] = x[..., :n]
         return out

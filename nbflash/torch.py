@@ -401,8 +401,8 @@ def mask_options(mask, B, Nq, Nk, additive=False, window_size=(-1, -1)):
     raise InputError(
         f"the attention mask is neither a right-padding key mask (batch entry b sees keys "
         f"0..L_b-1) nor that combined with the causal mask (bottom-right aligned){inside}: "
-        f"nbflash cannot express it (left padding and packed sequences are not supported; "
-        f"see issue 17)")
+        f"nbflash cannot express it as a mask (left padding is not supported; packed "
+        f"sequences run through nbflash.torch.attention_varlen with their cu_seqlens)")
 
 
 def _sdpa_heads(query, key, value, enable_gqa):
