@@ -57,6 +57,14 @@ def test_small_and_odd_head_dims(d, impl, causal):
           **({"M": 12 * d} if fa(impl) else {}))
 
 
+@pytest.mark.parametrize("d,causal,opts", [(136, True, {}),
+                                           (256, False, {"deterministic": True})])
+def test_fa2_head_dims_above_128(d, causal, opts):
+    """fa2's table entry for head dims 129-256 (the simulator's tiles; the GPU's at
+    test_gpu_fa2_head_dims_above_128): the atomic backward and the dQ pass."""
+    check(1, 1, 9, 14, d, np.float32, causal, impl="fa2", **opts)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_more_rows_per_tile_than_threads(causal):
     # seed rule, M = 200, d = 2: Br = 25 rows, more than the simulator's 16 threads per block
@@ -202,6 +210,15 @@ def test_gpu_deterministic(d, causal, impl):
                                     for i in kernel_impls(np.float16, d)])
 def test_gpu_other_head_dims_noncontiguous(d, impl):
     check(3, 5, 777, 1031, d, np.float16, True, noncontiguous=True, impl=impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [160, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_fa2_head_dims_above_128(d, dtype):
+    """fa2's GPU tiles for head dims 129-256 (not yet run on a GPU when they were added)."""
+    check(2, 4, 777, 1031, d, dtype, True, impl="fa2")
+    check(1, 2, 500, 300, d, dtype, False, impl="fa2", deterministic=True)
 
 
 def _race_cases():

@@ -220,9 +220,9 @@ def test_report_refuses_what_is_not_a_bench_file(capsys, tmp_path):
 
 
 def test_check_with_no_impl_taking_the_inputs_is_one_line(capsys):
-    """check --d 200 --impls fa2: fa2 takes head dims up to 128."""
-    assert_one_line_error(nbflash_main, ["check", "--d", "200", "--N", "4", "--impls", "fa2"],
-                          capsys, "fa2", "head_dim 200")
+    """check --d 300 --impls fa2: fa2 takes head dims up to 256."""
+    assert_one_line_error(nbflash_main, ["check", "--d", "300", "--N", "4", "--impls", "fa2"],
+                          capsys, "fa2", "head_dim 300")
 
 
 def test_input_error_escaping_a_verb_is_one_line(capsys, monkeypatch):

@@ -60,6 +60,7 @@ if head_dims and family == "fa2":   # fa2's GPU kernels as benchmarked, and with
     # had no stack or spills at 168-254 registers, as their causal ones)
     variants += cc.variants(["fa2"], (64, 128), dtypes=("float32",))
     variants += cc.variants(["fa2"], (64, 128), dtypes=("float16",), causal=(True,))
+    variants += cc.variants(["fa2"], (256,), dtypes=("float32",), causal=(True,))  # (untuned)
     # (in float32 only: float16's reports had the same stack and spills, registers within 2,
     # at each of these in CI's compile on 2026-12-02)
     variants += cc.variants(["fa2"], (64, 128), causal=(True,), features=cc.ALL_OPTIONS,
