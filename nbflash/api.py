@@ -11,6 +11,11 @@ other layouts, and the other impls, get contiguous copies.
 Causal masking is bottom-right aligned, as in FlashAttention 2: query i sees key j when
 j <= i + Nk - Nq. With Nq > Nk the first Nq - Nk queries see no key at all; their output is 0,
 their lse is -inf and their gradients are 0 (no NaN anywhere).
+
+Packed variable-length batches (FlashAttention's varlen functions) have their own three,
+:func:`attention_varlen_forward`, :func:`attention_varlen` and :func:`attention_varlen_backward`:
+q (total_q, H, d), k and v (total_k, H_kv, d), the sequences' offsets in cu_seqlens; the kernels
+read them as one (1, H, total, d) batch (nbflash.kernels.common.packed).
 """
 
 import sys
