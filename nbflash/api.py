@@ -23,7 +23,7 @@ import sys
 from . import impls, inputs
 from ._cuda import ON_GPU
 from .kernels.common.dropout import dropout_mask as _dropout_mask
-from .kernels.common.layouts import BHND, BNHD
+from .kernels.common.layouts import BHND, BNHD, unbatch_view
 
 #: plans of calls that passed the checks, by what the checks depend on (see _fast_key);
 #: emptied when it reaches _CHECKED_MAX entries (e.g. a model with many sequence lengths)
@@ -348,7 +348,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=N
             plan, args = _plan_call(prob)
             out = plan.forward(prob.xp, q, k, v, prob.stream, *args)
     o, lse = prob.outputs(out)
-    return inputs.unbatch_view(o), lse[0]
+    return unbatch_view(o), lse[0]
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
@@ -379,4 +379,4 @@ def attention_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
         else:
             plan, args = _plan_call(prob, deterministic)
             out = plan.backward(prob.xp, *arrays, prob.stream, *args)
-    return tuple(inputs.unbatch_view(x) for x in prob.outputs(out))
+    return tuple(map(unbatch_view, prob.outputs(out)))

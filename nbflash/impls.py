@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from . import naive
 from .errors import InputError
-from .kernels.common.layouts import BHND, empty
+from .kernels.common.layouts import BHND, batch_view, into, padded, unbatch_view
 from .kernels.fa1 import plan as fa1_plan, tiles as fa1_tiles
 from .kernels.fa2 import plan as fa2_plan, tiles as fa2_tiles
 from .kernels.tc import plan as tc_plan, tiles as tc_tiles
@@ -100,30 +100,31 @@ class NaivePlan:
     def __init__(self, causal, scale, layout):
         self.causal, self.scale, self.layout = causal, scale, layout
 
-    def _masking(self, key_lengths, block_mask, seed, offset, alibi_slopes):
+    def _options(self, seed, offset, alibi_slopes):
+        """The options a padded and a packed batch share, as nbflash.naive takes them."""
         lay = self.layout
         return dict(causal=self.causal, softmax_scale=self.scale, dropout_p=lay.dropout_p,
-                    seed=seed, offset=offset, key_lengths=key_lengths, block_mask=block_mask,
-                    block_size=lay.block_size if lay.features.sparse else None,
-                    softcap=lay.softcap, window_size=lay.window_size(),
-                    alibi_slopes=alibi_slopes)
+                    seed=seed, offset=offset, softcap=lay.softcap,
+                    window_size=lay.window_size(), alibi_slopes=alibi_slopes)
+
+    def _masking(self, key_lengths, block_mask, seed, offset, alibi_slopes):
+        lay = self.layout
+        return dict(self._options(seed, offset, alibi_slopes), key_lengths=key_lengths,
+                    block_mask=block_mask,
+                    block_size=lay.block_size if lay.features.sparse else None)
 
     def _varlen(self, key_lengths, seed, offset, alibi_slopes):
         """A packed batch's cu_seqlens (key_lengths holds them interleaved:
         nbflash.kernels.common.packed) and options, as nbflash.naive's varlen functions take
         them."""
-        opts = self._masking(None, None, seed, offset, alibi_slopes)
-        for name in ("key_lengths", "block_mask", "block_size"):
-            del opts[name]
-        return (key_lengths[0::2], key_lengths[1::2]), opts
+        return (key_lengths[0::2], key_lengths[1::2]), self._options(seed, offset, alibi_slopes)
 
     def forward(self, xp, q, k, v, stream=0, key_lengths=None, block_mask=None, seed=0,
                 offset=0, alibi_slopes=None):
         if self.layout.features.varlen:     # (1, H, total, d) views of the packed arrays
             cu, opts = self._varlen(key_lengths, seed, offset, alibi_slopes)
-            o, lse = naive.attention_varlen_forward(*(x[0].swapaxes(0, 1) for x in (q, k, v)),
-                                                    *cu, **opts)
-            return o[None].swapaxes(1, 2), lse[None]
+            o, lse = naive.attention_varlen_forward(*map(unbatch_view, (q, k, v)), *cu, **opts)
+            return batch_view(o), lse[None]
         return naive.attention_forward(q, k, v, **self._masking(key_lengths, block_mask, seed,
                                                                  offset, alibi_slopes))
 
@@ -131,9 +132,9 @@ class NaivePlan:
                  seed=0, offset=0, alibi_slopes=None):
         if self.layout.features.varlen:
             cu, opts = self._varlen(key_lengths, seed, offset, alibi_slopes)
-            grads = naive.attention_varlen_backward(
-                *(x[0].swapaxes(0, 1) for x in (do, q, k, v, o)), lse[0], *cu, **opts)
-            return tuple(g[None].swapaxes(1, 2) for g in grads)
+            grads = naive.attention_varlen_backward(*map(unbatch_view, (do, q, k, v, o)),
+                                                    lse[0], *cu, **opts)
+            return tuple(map(batch_view, grads))
         return naive.attention_backward(do, q, k, v, o, lse, **self._masking(
             key_lengths, block_mask, seed, offset, alibi_slopes))
 
@@ -151,15 +152,13 @@ class ValuePadding:
         self.D = max(d, d_v)
 
     def _pad(self, xp, x):
-        out = xp.zeros(tuple(x.shape[:-1]) + (self.D,), x.dtype)
-        out[..., :x.shape[-1]] = x
-        return out
+        """x with zero columns up to D, contiguous (the inner plan's layouts)."""
+        return into(xp, BHND, padded(xp, x, self.D))
 
-    def _cut(self, xp, x, n, layout):
+    @staticmethod
+    def _cut(xp, x, n, layout):
         """x's first n columns, in `layout`."""
-        out = empty(xp, layout, tuple(x.shape[:-1]) + (n,), x.dtype)
-        out[...] = x[..., :n]
-        return out
+        return into(xp, layout, x[..., :n])
 
     def forward(self, xp, q, k, v, stream=0, *args, **kwargs):
         o, lse = self.plan.forward(xp, *(self._pad(xp, x) for x in (q, k, v)), stream, *args,

@@ -727,6 +727,22 @@ def check_forward(q, k, v, *, causal, softmax_scale, impl, M=None, block_rule=No
     return prob, (a["q"], a["k"], a["v"])
 
 
+def _check_forward_outputs(do, o, lse, q, want, q_axes, lse_name, lse_shape):
+    """do and o of o's shape `want` (q's `q_axes`, v's head_dim) and q's dtype, lse float32 of
+    `lse_shape` (named `lse_name`), as the forward returned them."""
+    for name, x in (("do", do), ("o", o)):
+        if tuple(x.shape) != want:
+            raise InputError(f"{name} has shape {tuple(x.shape)}; expected o's {want} (q's "
+                             f"{q_axes}, v's head_dim)")
+        if x.dtype != q.dtype:
+            raise InputError(f"{name} has dtype {_name(x)}; expected q's {_name(q)}")
+    if tuple(lse.shape) != tuple(lse_shape):
+        raise InputError(f"lse has shape {tuple(lse.shape)}; expected {lse_name} = "
+                         f"{tuple(lse_shape)}")
+    if lse.dtype != np.float32:
+        raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
+
+
 def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
                    block_rule=None, deterministic=False, **masking):
     """Check a backward call; returns (Problem, (do, q, k, v, o, lse)), the arrays as the impl
@@ -738,17 +754,8 @@ def check_backward(do, q, k, v, o, lse, *, causal, softmax_scale, impl, M=None,
         {"do": do, "q": q, "k": k, "v": v, "o": o, "lse": lse})
     do, q, k, v, o, lse = (a[n] for n in ("do", "q", "k", "v", "o", "lse"))
     B, H, Nq, Nk, d = _check_qkv(q, k, v)
-    want = tuple(q.shape[:3]) + (v.shape[3],)     # (B, H, Nq, d_v)
-    for name, x in (("do", do), ("o", o)):
-        if tuple(x.shape) != want:
-            raise InputError(f"{name} has shape {tuple(x.shape)}; expected o's {want} (q's "
-                             f"batch, heads and rows, v's head_dim)")
-        if x.dtype != q.dtype:
-            raise InputError(f"{name} has dtype {_name(x)}; expected q's {_name(q)}")
-    if tuple(lse.shape) != (B, H, Nq):
-        raise InputError(f"lse has shape {tuple(lse.shape)}; expected (B, H, Nq) = {(B, H, Nq)}")
-    if lse.dtype != np.float32:
-        raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
+    _check_forward_outputs(do, o, lse, q, tuple(q.shape[:3]) + (v.shape[3],),
+                           "batch, heads and rows", "(B, H, Nq)", (B, H, Nq))
     prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "backward", causal,
                     softmax_scale, {"M": M, "block_rule": block_rule}, {**MASKING, **masking},
                     deterministic, (B, H, Nq, Nk, d))
@@ -784,26 +791,15 @@ def _check_packed(q, k, v):
                          f"q {tuple(q.shape)}, k {tuple(k.shape)})")
 
 
-def batch_view(x):
-    """A packed (total, H, d) array (NumPy, CuPy or torch) as the (1, H, total, d) batch of one
-    entry that the kernels read: a view, in layout "bnhd" (nbflash.kernels.common.layouts)."""
-    return x[None].swapaxes(1, 2)
-
-
-def unbatch_view(x):
-    """The inverse of :func:`batch_view`: (1, H, total, d) -> (total, H, d), a view."""
-    return x[0].swapaxes(0, 1)
-
-
 def check_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                          causal, softmax_scale, impl, **masking):
     """Check a packed variable-length forward call; returns (Problem, (q, k, v)), the arrays
-    (1, H, total, d) views (:func:`batch_view`) as the impl reads them. `masking`: dropout_p,
+    (1, H, total, d) views (layouts.batch_view) as the impl reads them. `masking`: dropout_p,
     seed, offset, softcap, window_size, alibi_slopes ((H,) or (B, H) for the B sequences)."""
     _known_impl(impl)
     xp, to_host, torch, stream, a, bf16_dtype = _arrays({"q": q, "k": k, "v": v})
     _check_packed(a["q"], a["k"], a["v"])
-    q, k, v = (batch_view(a[n]) for n in ("q", "k", "v"))
+    q, k, v = (_layouts.batch_view(a[n]) for n in ("q", "k", "v"))
     prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "forward", causal,
                     softmax_scale, {"M": None, "block_rule": None}, {**MASKING, **masking},
                     dims=_check_qkv(q, k, v, empty_rows=True),
@@ -825,21 +821,10 @@ def check_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_s
         {"do": do, "q": q, "k": k, "v": v, "o": o, "lse": lse})
     _check_packed(a["q"], a["k"], a["v"])
     q = a["q"]
-    want = tuple(q.shape[:2]) + (a["v"].shape[2],)     # (total_q, H, d_v)
-    for name in ("do", "o"):
-        x = a[name]
-        if tuple(x.shape) != want:
-            raise InputError(f"{name} has shape {tuple(x.shape)}; expected o's {want} (q's "
-                             f"rows and heads, v's head_dim)")
-        if x.dtype != q.dtype:
-            raise InputError(f"{name} has dtype {_name(x)}; expected q's {_name(q)}")
+    _check_forward_outputs(a["do"], a["o"], a["lse"], q, tuple(q.shape[:2]) + (a["v"].shape[2],),
+                           "rows and heads", "(H, total_q)", (q.shape[1], q.shape[0]))
     lse = a["lse"]
-    if tuple(lse.shape) != (q.shape[1], q.shape[0]):
-        raise InputError(f"lse has shape {tuple(lse.shape)}; expected (H, total_q) = "
-                         f"{(q.shape[1], q.shape[0])}")
-    if lse.dtype != np.float32:
-        raise InputError(f"lse has dtype {lse.dtype}; expected float32, as the forward returns")
-    do, q, k, v, o = (batch_view(a[n]) for n in ("do", "q", "k", "v", "o"))
+    do, q, k, v, o = (_layouts.batch_view(a[n]) for n in ("do", "q", "k", "v", "o"))
     prob = _problem(xp, to_host, torch, stream, bf16_dtype, q, k, v, impl, "backward", causal,
                     softmax_scale, {"M": None, "block_rule": None}, {**MASKING, **masking},
                     deterministic, _check_qkv(q, k, v, empty_rows=True),

@@ -67,6 +67,7 @@ import math
 import numpy as np
 
 from . import rng, sparsity
+from .kernels.common.layouts import batch_view, unbatch_view
 
 
 def array_module(x):
@@ -432,11 +433,6 @@ def _sequence_options(xp, b, n_seq, H, Nq, Nk, dropout_p, seed, offset, alibi_sl
     return keep, slopes
 
 
-def _batch(x):
-    """A packed (total, H, d) array as the (1, H, total, d) batch of one entry (a view)."""
-    return x[None].swapaxes(1, 2)
-
-
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False,
                              softmax_scale=None, dropout_p=0.0, seed=None, offset=0,
                              softcap=0.0, window_size=(-1, -1), alibi_slopes=None):
@@ -458,10 +454,11 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=Fals
             continue
         keep, slopes = _sequence_options(xp, b, len(seqs), H, nq, nk, dropout_p, seed, offset,
                                          alibi_slopes)
-        ob, lb = attention_forward(_batch(q[sq]), _batch(k[sk]), _batch(v[sk]), causal=causal,
-                                   softmax_scale=scale, dropout_p=dropout_p, keep=keep,
-                                   softcap=softcap, window_size=window_size, alibi_slopes=slopes)
-        o[sq] = ob[0].swapaxes(0, 1)
+        ob, lb = attention_forward(batch_view(q[sq]), batch_view(k[sk]), batch_view(v[sk]),
+                                   causal=causal, softmax_scale=scale, dropout_p=dropout_p,
+                                   keep=keep, softcap=softcap, window_size=window_size,
+                                   alibi_slopes=slopes)
+        o[sq] = unbatch_view(ob)
         lse[:, sq] = lb[0]
     return o, lse
 
@@ -482,11 +479,12 @@ def attention_varlen_backward(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, *
             continue
         keep, slopes = _sequence_options(xp, b, len(seqs), H, nq, nk, dropout_p, seed, offset,
                                          alibi_slopes)
-        grads = attention_backward(_batch(do[sq]), _batch(q[sq]), _batch(k[sk]), _batch(v[sk]),
-                                   _batch(o[sq]), lse[None, :, sq], causal=causal,
+        grads = attention_backward(*(batch_view(x[s]) for x, s in ((do, sq), (q, sq), (k, sk),
+                                                                  (v, sk), (o, sq))),
+                                   lse[None, :, sq], causal=causal,
                                    softmax_scale=scale, dropout_p=dropout_p, keep=keep,
                                    softcap=softcap, window_size=window_size,
                                    alibi_slopes=slopes)
         for out, g, s in zip((dq, dk, dv), grads, (sq, sk, sk)):
-            out[s] = g[0].swapaxes(0, 1)
+            out[s] = unbatch_view(g)
     return dq, dk, dv

@@ -100,16 +100,22 @@ def _out_dtype(dtype):
 # tensor holding the uint64 seed's bits (_seed_tensor), so that a seed drawn from torch's
 # generator inside a compiled function stays in the graph.
 
+def _varlen_masking(seed, dropout_p, offset, softcap, window_size, alibi_slopes):
+    """The API's keyword arguments for the options a padded and a packed batch share, from the
+    ops' arguments."""
+    return dict(dropout_p=dropout_p, seed=None if seed is None else int(seed.item()) % 2**64,
+                offset=offset, softcap=softcap,
+                window_size=(-1, -1) if window_size is None else tuple(window_size),
+                alibi_slopes=alibi_slopes)
+
+
 def _masking(key_lengths, block_mask, seed, dropout_p, offset, block_size, softcap,
              window_size, alibi_slopes):
     """The API's masking keyword arguments from the ops' arguments."""
     if block_size is not None:
         block_size = block_size[0] if len(block_size) == 1 else tuple(block_size)
-    return dict(dropout_p=dropout_p, seed=None if seed is None else int(seed.item()) % 2**64,
-                offset=offset, key_lengths=key_lengths, block_mask=block_mask,
-                block_size=block_size, softcap=softcap,
-                window_size=(-1, -1) if window_size is None else tuple(window_size),
-                alibi_slopes=alibi_slopes)
+    return dict(_varlen_masking(seed, dropout_p, offset, softcap, window_size, alibi_slopes),
+                key_lengths=key_lengths, block_mask=block_mask, block_size=block_size)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -513,14 +519,6 @@ def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         softmax_scale=softmax_scale, impl=impl,
         **_varlen_masking(seed, dropout_p, offset, softcap, window_size, alibi_slopes))
     return o.contiguous(), lse.contiguous()
-
-
-def _varlen_masking(seed, dropout_p, offset, softcap, window_size, alibi_slopes):
-    opts = _masking(None, None, seed, dropout_p, offset, None, softcap, window_size,
-                    alibi_slopes)
-    for name in ("key_lengths", "block_mask", "block_size"):
-        del opts[name]
-    return opts
 
 
 attention_varlen_forward_op = torch.library.custom_op("nbflash::attention_varlen_forward",

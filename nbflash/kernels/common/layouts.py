@@ -84,3 +84,24 @@ def storage(x):
     if x.ndim == 4 and not _c_contiguous(x):
         x = x.swapaxes(1, 2)
     return x.reshape(-1)
+
+
+def padded(xp, x, d):
+    """x (..., d0) with zero columns up to d (a new contiguous array), or x itself when it has
+    d columns already (FlashAttention's Python layer pads head dims the same way)."""
+    if x.shape[-1] == d:
+        return x
+    out = xp.zeros(tuple(x.shape[:-1]) + (d,), x.dtype)
+    out[..., :x.shape[-1]] = x
+    return out
+
+
+def batch_view(x):
+    """A packed (total, H, d) array (NumPy, CuPy or torch) as the (1, H, total, d) batch of one
+    entry that the kernels read: a view, in layout "bnhd"."""
+    return x[None].swapaxes(1, 2)
+
+
+def unbatch_view(x):
+    """The inverse of :func:`batch_view`: (1, H, total, d) -> (total, H, d), a view."""
+    return x[0].swapaxes(0, 1)

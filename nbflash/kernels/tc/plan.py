@@ -32,7 +32,7 @@ from ..._cuda import SIMULATOR
 from ..common.arguments import kernel_types
 from ..common.factory import Spec, flat, kernel
 from ..common.fastlaunch import Bound
-from ..common.layouts import BHND, empty, kernel_strides
+from ..common.layouts import BHND, empty, kernel_strides, padded
 from ..common.options import NONE, Features, OptionArguments, softcap_scalars
 from ..common.smem import check_fits
 from ..common.softmax import DELTA_THREADS, make_delta, split_scale
@@ -108,15 +108,6 @@ def _as(x, dtype):
     return x if x.dtype == dtype else x.view(dtype)
 
 
-def _padded(xp, x, d):
-    """x (..., d0) with zero columns up to d (a new contiguous array), or x itself."""
-    if x.shape[-1] == d:
-        return x
-    out = xp.zeros(x.shape[:-1] + (d,), x.dtype)
-    out[..., :x.shape[-1]] = x
-    return out
-
-
 def _cut(xp, x, d):
     """x's first d columns as a contiguous array (x itself when it has d)."""
     return x if x.shape[-1] == d else xp.ascontiguousarray(x[..., :d])
@@ -185,7 +176,7 @@ class TcPlan(OptionArguments):
                 alibi_slopes=None):
         """FA2 Algorithm 1 on tensor cores; returns (o, lse)."""
         kd, dtype = self.q_shape[-1], q.dtype
-        q, k, v = (_bits(xp, _padded(xp, x, kd)) for x in (q, k, v))
+        q, k, v = (_bits(xp, padded(xp, x, kd)) for x in (q, k, v))
         o = _empty16(xp, self.q_layout, self.q_shape, dtype)
         lse = xp.empty(self.lse_shape, xp.float32)
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset,
@@ -197,7 +188,7 @@ class TcPlan(OptionArguments):
                  seed=0, offset=0, alibi_slopes=None):
         """FA2 Algorithm 2 on tensor cores (do and o in q's layout); returns (dq, dk, dv)."""
         kd, dtype = self.q_shape[-1], q.dtype
-        do, q, k, v, o = (_bits(xp, _padded(xp, x, kd)) for x in (do, q, k, v, o))
+        do, q, k, v, o = (_bits(xp, padded(xp, x, kd)) for x in (do, q, k, v, o))
         opt, scalars = self.options(xp, key_lengths, block_mask, seed, offset,
                                     alibi_slopes)
         delta = xp.empty(self.lse_shape, xp.float32)
